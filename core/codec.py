@@ -1,0 +1,317 @@
+"""Frame codecs: zstd with size guards, byte planes, positions, values and quantisation.
+
+Every function here is pure: bytes or tensors in, bytes or tensors out. The formats are
+specified in ``docs/format.md``; golden-byte tests pin them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+
+from core.constants import MAX_FRAME_BYTES, ZSTD_LEVEL
+from core.errors import InvalidArgument, InvalidDelta
+
+# --------------------------------------------------------------------------- zstd
+
+
+def zstd_compress(data: bytes | bytearray | memoryview, level: int = ZSTD_LEVEL) -> bytes:
+    """One zstd frame with its content size recorded (readers check it before inflating)."""
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+
+
+def zstd_decompress(frame: bytes | memoryview, expected_size: int) -> bytes:
+    """Inflate one frame whose declared size must equal ``expected_size`` (no zstd bombs)."""
+    if expected_size > MAX_FRAME_BYTES:
+        raise InvalidDelta(f"a frame claims {expected_size} bytes, over the limit")
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        raise InvalidDelta("a frame is not a zstd frame") from None
+    if declared != expected_size:
+        raise InvalidDelta(f"a frame declares {declared} bytes where {expected_size} were expected")
+    if expected_size == 0:
+        return b""
+    try:
+        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected_size)
+    except zstandard.ZstdError as exc:
+        raise InvalidDelta(f"a frame does not decompress ({exc})") from None
+    if len(out) != expected_size:
+        raise InvalidDelta("a frame inflated to the wrong size")
+    return out
+
+
+# --------------------------------------------------------------------------- byte planes
+
+
+def to_planes(arr: np.ndarray) -> bytes:
+    """Little-endian bytes of an array, grouped by byte significance (plane 0 first).
+
+    Values that are small or share exponents leave whole planes nearly constant, which zstd
+    then squeezes.
+    """
+    width = arr.dtype.itemsize
+    raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
+    return raw.view(np.uint8).reshape(-1, width).T.tobytes()
+
+
+def from_planes(buf: bytes, dtype: np.dtype, n: int) -> np.ndarray:
+    """Inverse of :func:`to_planes`. # (n,)"""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    width = dtype.itemsize
+    if len(buf) != n * width:
+        raise InvalidDelta(f"plane data has {len(buf)} bytes, expected {n * width}")
+    planes = np.frombuffer(buf, dtype=np.uint8).reshape(width, n)
+    return np.ascontiguousarray(planes.T).view(dtype).reshape(n)
+
+
+# --------------------------------------------------------------------------- positions
+
+
+@dataclass(frozen=True)
+class Coded:
+    """A coded frame before zstd: its coding name, raw bytes and parameters."""
+
+    coding: str
+    raw: bytes
+    params: dict[str, int]
+
+
+def _gap_width(max_gap: int) -> int:
+    for w in (1, 2, 4, 8):
+        if max_gap < 1 << (8 * w):
+            return w
+    raise InvalidArgument("gap does not fit in 64 bits")
+
+
+def encode_positions(
+    positions: np.ndarray, numel: int, level: int = ZSTD_LEVEL
+) -> tuple[str, bytes, dict[str, int]]:
+    """Code sorted flat positions of kept entries, as gaps or as a bitmap, whichever is smaller.
+
+    Args:
+        positions: strictly increasing int64 indices in ``[0, numel)``. # (n,)
+        numel: number of entries in the tensor.
+
+    Returns:
+        (coding, zstd frame, params) with coding ``"gaps"`` (params: ``width``) or ``"bitmap"``.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    n = positions.size
+    gaps = np.diff(positions, prepend=-1) - 1  # ≥ 0
+    width = _gap_width(int(gaps.max()) if n else 0)
+    gap_frame = zstd_compress(to_planes(gaps.astype(f"<u{width}")), level)
+    mask = np.zeros(numel, dtype=np.uint8)
+    mask[positions] = 1
+    bitmap_frame = zstd_compress(np.packbits(mask, bitorder="little").tobytes(), level)
+    if len(bitmap_frame) < len(gap_frame):
+        return "bitmap", bitmap_frame, {}
+    return "gaps", gap_frame, {"width": width}
+
+
+def decode_positions(
+    coding: str, frame: bytes, params: dict[str, int], nnz: int, numel: int
+) -> np.ndarray:
+    """Inverse of :func:`encode_positions`. # (nnz,) int64"""
+    if coding == "gaps":
+        width = int(params.get("width", 0))
+        if width not in (1, 2, 4, 8):
+            raise InvalidDelta(f"unknown gap width {width}")
+        gaps = from_planes(zstd_decompress(frame, nnz * width), np.dtype(f"<u{width}"), nnz)
+        positions = np.cumsum(gaps.astype(np.int64) + 1) - 1
+    elif coding == "bitmap":
+        bits = zstd_decompress(frame, (numel + 7) // 8)
+        mask = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=numel, bitorder="little")
+        positions = np.flatnonzero(mask).astype(np.int64)
+    else:
+        raise InvalidDelta(f"unknown position coding {coding!r}")
+    if positions.size != nnz or (nnz and (positions[-1] >= numel or positions[0] < 0)):
+        raise InvalidDelta("decoded positions do not match the recorded count or shape")
+    return positions
+
+
+def pack_bitmap(mask: np.ndarray) -> bytes:
+    return np.packbits(np.asarray(mask, dtype=np.uint8), bitorder="little").tobytes()
+
+
+def unpack_bitmap(buf: bytes, n: int) -> np.ndarray:
+    if len(buf) != (n + 7) // 8:
+        raise InvalidDelta("bitmap has the wrong length")
+    return np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=n, bitorder="little").astype(
+        bool
+    )
+
+
+# --------------------------------------------------------------------------- values
+
+
+def fit_codebook(mags: torch.Tensor, levels: int, iters: int = 3) -> torch.Tensor:
+    """Magnitude levels for scalar quantisation: equal-count init, then Lloyd steps.
+
+    Args:
+        mags: non-negative magnitudes. # (n,)
+        levels: number of levels L.
+
+    Returns:
+        ascending float32 levels. # (L,)
+    """
+    mags = mags.to(torch.float32).reshape(-1)
+    if mags.numel() == 0:
+        return torch.zeros(levels, dtype=torch.float32)
+    s, _ = torch.sort(mags)  # (n,)
+    n = s.numel()
+    edges = torch.linspace(0, n, levels + 1).long()
+    cb = torch.empty(levels, dtype=torch.float32)
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s.double(), 0)])
+    for j in range(levels):
+        a, b = int(edges[j]), int(edges[j + 1])
+        cb[j] = float((csum[b] - csum[a]) / (b - a)) if b > a else float(s[min(a, n - 1)])
+    for _ in range(iters):
+        mids = (cb[1:] + cb[:-1]) / 2  # (L-1,)
+        idx = torch.searchsorted(mids, s)  # (n,) sorted, so counts are contiguous
+        counts = torch.bincount(idx, minlength=levels)
+        ends = torch.cumsum(counts, 0)
+        starts = ends - counts
+        sums = csum[ends] - csum[starts]
+        nonempty = counts > 0
+        cb = torch.where(nonempty, (sums / counts.clamp(min=1)).float(), cb)
+        cb, _ = torch.sort(cb)
+    return cb
+
+
+def quantise(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sign + magnitude-level codes with a fitted codebook.
+
+    Args:
+        values: float values to store. # (n,)
+        bits: total bits per value (2, 3, 4 or 8): one sign bit, ``bits - 1`` level bits.
+
+    Returns:
+        (codes uint8 # (n,), codebook float32 # (2**(bits-1),))
+    """
+    levels = 1 << (bits - 1)
+    v = values.to(torch.float32).reshape(-1)
+    cb = fit_codebook(v.abs(), levels)
+    mids = (cb[1:] + cb[:-1]) / 2
+    level = torch.searchsorted(mids, v.abs().contiguous()).to(torch.uint8)  # (n,)
+    sign = (v < 0).to(torch.uint8) << (bits - 1)
+    return sign | level, cb
+
+
+def dequantise(codes: torch.Tensor, codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`quantise` (up to the rounding it did). # (n,) float32"""
+    levels = 1 << (bits - 1)
+    level = (codes & (levels - 1)).long()
+    if codebook.numel() != levels:
+        raise InvalidDelta("codebook has the wrong number of levels")
+    mag = codebook[level]
+    neg = (codes >> (bits - 1)) & 1
+    return torch.where(neg.bool(), -mag, mag)
+
+
+def round_values(values: torch.Tensor, coding: str, bits: int) -> torch.Tensor:
+    """What the decoder will see for ``values`` under a value coding. # (n,) float32
+
+    The search applies this inside its fitness so it optimises what will be stored.
+    """
+    if coding == "q":
+        codes, cb = quantise(values, bits)
+        return dequantise(codes, cb, bits)
+    return values.to(_FLOAT_CODINGS[coding]).to(torch.float32)
+
+
+_FLOAT_CODINGS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def value_coding_for(bits: int, prefer_bf16: bool) -> str:
+    """The value coding for a bit width: 32 → f32, 16 → f16 or bf16, else quantised ``q``."""
+    if bits == 32:
+        return "f32"
+    if bits == 16:
+        return "bf16" if prefer_bf16 else "f16"
+    if bits in (2, 3, 4, 8):
+        return "q"
+    raise InvalidArgument(f"value bits must be one of 32, 16, 8, 4, 3, 2 (got {bits})")
+
+
+def encode_values(
+    values: torch.Tensor, coding: str, bits: int, level: int = ZSTD_LEVEL
+) -> tuple[bytes, dict[str, object]]:
+    """Code kept values. Returns (zstd frame, params for the document)."""
+    v = values.to(torch.float32).reshape(-1).cpu()
+    if coding == "q":
+        codes, cb = quantise(v, bits)
+        raw = pack_codes(codes.numpy(), bits)
+        return zstd_compress(raw, level), {"bits": bits, "codebook": [float(x) for x in cb]}
+    t = v.to(_FLOAT_CODINGS[coding])
+    arr = t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).numpy()
+    return zstd_compress(to_planes(arr), level), {}
+
+
+def decode_values(coding: str, frame: bytes, params: dict[str, object], n: int) -> torch.Tensor:
+    """Inverse of :func:`encode_values`. # (n,) float32"""
+    if coding == "q":
+        bits = int(params.get("bits", 0))  # type: ignore[call-overload]
+        if bits not in (2, 3, 4, 8):
+            raise InvalidDelta(f"unknown quantisation width {bits}")
+        cb_list = params.get("codebook")
+        if not isinstance(cb_list, list):
+            raise InvalidDelta("quantised values need a codebook")
+        codes = unpack_codes(zstd_decompress(frame, packed_size(n, bits)), n, bits)
+        return dequantise(torch.from_numpy(codes), torch.tensor(cb_list, dtype=torch.float32), bits)
+    if coding not in _FLOAT_CODINGS:
+        raise InvalidDelta(f"unknown value coding {coding!r}")
+    tdtype = _FLOAT_CODINGS[coding]
+    width = torch.empty(0, dtype=tdtype).element_size()
+    np_int = {2: np.int16, 4: np.int32}[width]
+    arr = from_planes(zstd_decompress(frame, n * width), np.dtype(np_int), n)
+    return torch.from_numpy(arr.copy()).view(tdtype).to(torch.float32)
+
+
+def packed_size(n: int, bits: int) -> int:
+    return bits * ((n + 7) // 8)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Bit planes of b-bit codes: plane j holds bit j of every code, packed little-endian."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    return b"".join(np.packbits((codes >> j) & 1, bitorder="little").tobytes() for j in range(bits))
+
+
+def unpack_codes(buf: bytes, n: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`. # (n,) uint8"""
+    plane = (n + 7) // 8
+    if len(buf) != plane * bits:
+        raise InvalidDelta("packed codes have the wrong length")
+    out = np.zeros(n, dtype=np.uint8)
+    for j in range(bits):
+        chunk = np.frombuffer(buf[j * plane : (j + 1) * plane], dtype=np.uint8)
+        out |= np.unpackbits(chunk, count=n, bitorder="little") << j
+    return out
+
+
+# --------------------------------------------------------------------------- lossless
+
+_UINTS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def encode_xor(
+    ft_raw: bytes | bytearray, base_raw: bytes | bytearray, width: int, level: int = ZSTD_LEVEL
+) -> bytes:
+    """Exact delta: fine-tune bytes XOR base bytes, as byte planes, zstd."""
+    if len(ft_raw) != len(base_raw) or len(ft_raw) % width:
+        raise InvalidArgument("xor coding needs two buffers of equal size")
+    a = np.frombuffer(ft_raw, dtype=_UINTS[width])
+    b = np.frombuffer(base_raw, dtype=_UINTS[width])
+    return zstd_compress(to_planes(np.bitwise_xor(a, b)), level)
+
+
+def decode_xor(frame: bytes, base_raw: bytes | bytearray, width: int) -> bytes:
+    """Inverse of :func:`encode_xor`: the fine-tune's exact bytes."""
+    n = len(base_raw) // width
+    x = from_planes(zstd_decompress(frame, len(base_raw)), np.dtype(_UINTS[width]), n)
+    b = np.frombuffer(base_raw, dtype=_UINTS[width])
+    return np.bitwise_xor(x, b).tobytes()

@@ -1,0 +1,406 @@
+"""Compression: (base, fine-tune) → a delta file, tensor at a time.
+
+The pipeline: plan tensors → build the fitness (when a model can be evaluated) → fit the
+method → one streamed encoding pass that writes each tensor's frames, decodes them again to
+hash the reconstructed files and to score exactly what was stored → write the container.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from core import codec
+from core.checkpoint import CheckpointDir, sha256_file
+from core.constants import DTYPES, ZSTD_LEVEL
+from core.delta_format import DeltaDoc, DeltaWriter, FileEntry, TensorEntry
+from core.errors import InvalidArgument
+from core.evaluate import (
+    EVAL_KINDS,
+    Evaluator,
+    Example,
+    ModelEvaluator,
+    Score,
+    load_calibration,
+    relative_fidelity,
+)
+from core.methods import FitContext, Fitted, make_method
+from core.methods.base import Progress
+from core.reconstruct import tensor_bytes
+from core.safetensors_io import tensor_to_bytes
+from core.tensor_codec import ValueSpec, decode_sparse, encode_sparse
+from core.workspace import Workspace
+
+#: Value bit widths accepted by ``--value-bits``.
+VALUE_BITS = (32, 16, 8, 4, 3, 2, 1)
+
+
+@dataclass
+class CompressResult:
+    """What a compression produced (the CLI's ``--json`` object)."""
+
+    path: str
+    method: str
+    keep: float | None
+    value_bits: int | None
+    evaluation: str
+    stored_bytes: int
+    original_bytes: int
+    weight_bytes: int  # stored bytes that count against the weights (all but embedded aux files)
+    ratio: float
+    bits_per_param: float
+    num_params: int
+    kept: int
+    fitness_before: float | None
+    fitness_after: float | None
+    fidelity: float | None  # relative to the fine-tune (1.0 = as good)
+    metrics_after: dict[str, float] = field(default_factory=dict)
+    metrics_removed: dict[str, float] = field(default_factory=dict)
+    metrics_reference: dict[str, float] = field(default_factory=dict)
+    search_seconds: float = 0.0
+    total_seconds: float = 0.0
+    evaluations: int = 0
+    notes: list[str] = field(default_factory=list)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Frames:
+    """Frames just written, readable like a DeltaReader (for the decode-after-encode check)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def frame(self, name: str) -> bytes:
+        return self.data[name]
+
+
+class _RecordingWriter(DeltaWriter):
+    """A DeltaWriter that remembers the frames of the tensor being encoded."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        self.recent = _Frames()
+
+    def add(self, name: str, data: bytes) -> str:
+        self.recent.data[name] = data
+        return super().add(name, data)
+
+
+def build_evaluator(
+    evaluation: str,
+    ws: Workspace,
+    ft_dir: str | os.PathLike[str],
+    calibration: str | os.PathLike[str] | list[Example] | None,
+    *,
+    holdout_fraction: float = 0.25,
+    seed: int = 0,
+    device: str | None = None,
+    max_length: int = 64,
+    batch_size: int = 64,
+    max_examples: int | None = None,
+) -> ModelEvaluator | None:
+    """The fitness for an evaluation kind (None for ``weights``)."""
+    if evaluation not in EVAL_KINDS:
+        raise InvalidArgument(f"evaluation must be one of {', '.join(EVAL_KINDS)}")
+    if evaluation == "weights":
+        return None
+    if calibration is None:
+        raise InvalidArgument(f"--eval {evaluation} needs --calibration FILE.jsonl")
+    examples = (
+        calibration
+        if isinstance(calibration, list)
+        else load_calibration(calibration, need_labels=evaluation == "accuracy")
+    )
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    rnd = random.Random(seed)
+    order = list(range(len(examples)))
+    rnd.shuffle(order)
+    n_hold = int(len(examples) * holdout_fraction) if len(examples) >= 32 else 0
+    hold = [examples[i] for i in sorted(order[:n_hold])]
+    search = [examples[i] for i in sorted(order[n_hold:])]
+    return ModelEvaluator(
+        evaluation,
+        ft_dir,
+        ws.base,
+        ws.plans,
+        search,
+        holdout=hold,
+        device=device,
+        max_length=max_length,
+        batch_size=batch_size,
+    )
+
+
+def compress(
+    base_dir: str | os.PathLike[str],
+    ft_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    method: str = "magnitude",
+    keep: float = 0.01,
+    value_bits: int = 16,
+    evaluation: str = "weights",
+    calibration: str | os.PathLike[str] | list[Example] | None = None,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    device: str | None = None,
+    level: int = ZSTD_LEVEL,
+    progress: Progress | None = None,
+    evaluator: Evaluator | None = None,
+) -> CompressResult:
+    """Compress a fine-tune against its base into a delta file.
+
+    Args:
+        base_dir: the base model directory.
+        ft_dir: the fine-tuned model directory (same architecture, saved with safetensors).
+        out_path: the delta file to write (atomically).
+        method: a registered method name (``nps``, ``nps-seeded``, ``magnitude``,
+            ``magnitude-scaled``, ``dare``, ``lossless``).
+        keep: keep ratio r.
+        value_bits: 32, 16 (fp16/bf16) or 8/4/3/2/1 (quantised, sign + levels).
+        evaluation: ``fidelity``, ``accuracy`` or ``weights``.
+        calibration: JSONL path (or examples) for model evaluations.
+        seed: seed of searches and seeded masks.
+        options: extra method options (e.g. ``{"generations": 30}``).
+        device: ``cuda``/``cpu`` (default: ``cuda`` when present).
+        level: zstd level of the frames.
+        progress: callback for search progress; may raise ``Cancelled``.
+        evaluator: a prebuilt evaluator (reused across calls by benchmarks).
+
+    Returns:
+        A :class:`CompressResult`.
+
+    Example:
+        >>> compress("base/", "ft/", "ft.slim", method="dare", keep=0.02, value_bits=4)  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    if value_bits not in VALUE_BITS:
+        raise InvalidArgument(f"value bits must be one of {VALUE_BITS} (got {value_bits})")
+    m = make_method(method, **({} if method == "lossless" else {"keep": keep}), **(options or {}))
+    with Workspace(base_dir, ft_dir) as ws:
+        if evaluator is None:
+            evaluator = build_evaluator(
+                evaluation, ws, ft_dir, calibration, seed=seed, device=device
+            )
+        ctx = FitContext(
+            keep=keep, value_bits=value_bits, seed=seed, evaluator=evaluator, progress=progress
+        )
+        reference = removed = None
+        if evaluator is not None:
+            reference = evaluator.run()  # the model is loaded with the fine-tune's own weights
+            removed = _score_removed(ctx)
+        t_search = time.perf_counter()
+        fitted = m.fit(ws, ctx)
+        search_seconds = time.perf_counter() - t_search
+        if progress is not None:
+            progress({"phase": "encode"})
+        writer = _RecordingWriter(out_path)
+        try:
+            doc, kept = _encode(ws, fitted, m.name, value_bits, level, writer, ctx)
+            doc.method = {
+                "name": m.name,
+                "paper": m.paper,
+                "params": (fitted.params if fitted else {})
+                | {"value_bits": value_bits, "seed": seed},
+                "result": fitted.result if fitted else {},
+            }
+            after = evaluator.run() if evaluator is not None else None
+            if evaluator is not None:
+                ctx.evaluations += 1
+            fidelity = (
+                relative_fidelity(evaluation, after, reference) if after and reference else None
+            )
+            notes = list(fitted.notes) if fitted else []
+            doc.evaluation = {
+                "kind": evaluation,
+                "reference": reference.metrics if reference else None,
+                "removed": removed.metrics if removed else None,
+                "after": after.metrics if after else None,
+                "fitness_before": fitted.result.get("fitness_start") if fitted else None,
+                "fitness_after": after.fitness if after else None,
+                "fidelity": fidelity,
+                "search_seconds": search_seconds,
+                "evaluations": ctx.evaluations,
+                "trace": fitted.trace if fitted else [],
+                "notes": notes,
+            }
+            stored = writer.finish(doc)
+        except BaseException:
+            writer.abort()
+            raise
+    aux_bytes = sum(writer.frames[f.frame].size for f in doc.files if f.role == "aux" and f.frame)
+    original = sum(f.size for f in doc.files)
+    weight_bytes = stored - aux_bytes
+    return CompressResult(
+        path=str(out_path),
+        method=m.name,
+        keep=None if m.lossless else keep,
+        value_bits=None if m.lossless else value_bits,
+        evaluation=evaluation,
+        stored_bytes=stored,
+        original_bytes=original,
+        weight_bytes=weight_bytes,
+        ratio=original / stored if stored else 0.0,
+        bits_per_param=8 * weight_bytes / max(ws.num_params, 1),
+        num_params=ws.num_params,
+        kept=kept,
+        fitness_before=doc.evaluation["fitness_before"],
+        fitness_after=doc.evaluation["fitness_after"],
+        fidelity=doc.evaluation["fidelity"],
+        metrics_after=doc.evaluation["after"] or {},
+        metrics_removed=doc.evaluation["removed"] or {},
+        metrics_reference=doc.evaluation["reference"] or {},
+        search_seconds=search_seconds,
+        total_seconds=time.perf_counter() - t0,
+        evaluations=ctx.evaluations,
+        notes=doc.evaluation["notes"],
+        trace=doc.evaluation["trace"],
+    )
+
+
+def _score_removed(ctx: FitContext) -> Score:
+    """The fitness with the whole task vector removed (base weights + the fine-tune's heads)."""
+    return ctx.score(lambda name: None)
+
+
+def base_fingerprint(base: CheckpointDir) -> dict[str, Any]:
+    """Identity of a base: sha256 over its weight files' sha256s, plus their names and sizes."""
+    files = [
+        {"path": rel, "size": h.file_size, "sha256": sha256_file(base.root / rel)}
+        for rel, h in base.headers.items()
+    ]
+    digest = hashlib.sha256(
+        "".join(f"{f['path']}\0{f['sha256']}\n" for f in files).encode()
+    ).hexdigest()
+    return {"sha256": digest, "num_params": base.num_params, "files": files}
+
+
+def _encode(
+    ws: Workspace,
+    fitted: Fitted | None,
+    method: str,
+    value_bits: int,
+    level: int,
+    writer: _RecordingWriter,
+    ctx: FitContext,
+) -> tuple[DeltaDoc, int]:
+    """Write every frame; returns the document (without method/evaluation) and kept count."""
+    base_aux = {sha256_file(ws.base.root / rel): rel for rel in ws.base.aux_files}
+    plans = {p.name: p for p in ws.plans}
+    files: list[FileEntry] = []
+    tensors: list[TensorEntry] = []
+    kept = 0
+    for fi, (rel, header) in enumerate(ws.ft.headers.items()):
+        hasher = hashlib.sha256(header.raw)
+        entry = FileEntry(
+            path=rel,
+            role="weights",
+            size=header.file_size,
+            sha256=sha256_file(ws.ft.root / rel),
+            header_frame=writer.add(f"f{fi}.header", header.raw),
+            tensors=list(header.tensors),
+        )
+        for name in header.tensors:
+            plan = plans[name]
+            prefix = f"t{len(tensors)}"
+            te = TensorEntry(name=name, kind="dense", dtype=plan.dtype, shape=list(plan.shape))
+            writer.recent.data.clear()
+            delta_for_eval: torch.Tensor | None = None
+            if plan.kind == "dense":
+                te.frame = writer.add(
+                    f"{prefix}.data", codec.zstd_compress(tensor_to_bytes(ws.ft.get(name)), level)
+                )
+            else:
+                base_ref = ws.base.tensors[plan.base_name or ""]
+                te.base_name, te.base_dtype = plan.base_name, base_ref.info.dtype
+                tau = ws.tau(plan) if fitted is not None else None
+                if fitted is None:  # lossless
+                    _encode_lossless(ws, te, prefix, writer, level)
+                elif tau is not None and not bool(tau.any()):
+                    te.kind = "same"
+                else:
+                    assert tau is not None
+                    spec = ValueSpec.from_bits(value_bits, plan.dtype)
+                    sel = fitted.select(plan, tau, spec)
+                    encode_sparse(te, prefix, sel, spec, writer, level)
+                    kept += te.nnz
+                    if ctx.evaluator is not None:
+                        positions, values = decode_sparse(te, writer.recent)  # type: ignore[arg-type]
+                        delta_for_eval = torch.zeros(plan.numel, dtype=torch.float32)
+                        delta_for_eval[torch.from_numpy(positions)] = values
+            raw = tensor_bytes(te, writer.recent, ws.base)  # type: ignore[arg-type]
+            hasher.update(raw)
+            if (
+                ctx.evaluator is not None
+                and plan.kind == "delta"
+                and name in ctx.evaluator.tensor_names
+            ):
+                if te.kind == "same":
+                    ctx.evaluator.apply(name, torch.zeros(plan.numel))
+                elif te.kind == "lossless":
+                    ctx.evaluator.apply(name, ws.tau(plan))
+                else:
+                    ctx.evaluator.apply(name, delta_for_eval)
+            tensors.append(te)
+            del raw
+        entry.recon_sha256 = hasher.hexdigest()
+        if method == "lossless" and entry.recon_sha256 != entry.sha256:
+            raise AssertionError(f"lossless reconstruction of {rel} is not bit-identical")
+        files.append(entry)
+    for ai, rel in enumerate(ws.ft.aux_files):
+        path = ws.ft.root / rel
+        digest = sha256_file(path)
+        entry = FileEntry(path=rel, role="aux", size=path.stat().st_size, sha256=digest)
+        if digest in base_aux:
+            entry.base_path = base_aux[digest]
+        else:
+            entry.frame = writer.add(f"a{ai}.data", codec.zstd_compress(path.read_bytes(), level))
+        files.append(entry)
+    doc = DeltaDoc(
+        base=base_fingerprint(ws.base),
+        method={},
+        evaluation={},
+        stats={
+            "num_params": ws.num_params,
+            "delta_params": ws.delta_numel,
+            "kept": kept,
+            "dtypes": sorted({p.dtype for p in ws.plans}),
+        },
+        files=files,
+        tensors=tensors,
+    )
+    return doc, kept
+
+
+def _encode_lossless(
+    ws: Workspace, te: TensorEntry, prefix: str, writer: DeltaWriter, level: int
+) -> None:
+    """Exact coding of one tensor: XOR planes, or dense when the base's dtype differs."""
+    plan_dtype = te.dtype
+    base_ref = ws.base.tensors[te.base_name or ""]
+    ft_t = ws.ft.get(te.name).reshape(-1)
+    base_t = ws.base.get(base_ref.info.name).reshape(-1)
+    if base_ref.info.dtype != plan_dtype:
+        te.kind = "dense"
+        te.base_name = te.base_dtype = None
+        te.frame = writer.add(f"{prefix}.data", codec.zstd_compress(tensor_to_bytes(ft_t), level))
+        return
+    ft_bytes = tensor_to_bytes(ft_t)
+    base_bytes = tensor_to_bytes(base_t)
+    if ft_bytes == base_bytes:
+        te.kind = "same"
+        return
+    te.kind = "lossless"
+    te.frame = writer.add(
+        f"{prefix}.data", codec.encode_xor(ft_bytes, base_bytes, DTYPES[plan_dtype][0], level)
+    )

@@ -1,0 +1,49 @@
+"""Format constants, kept in one place."""
+
+from __future__ import annotations
+
+import torch
+
+#: Version of the delta container document; readers refuse versions they do not know.
+FORMAT_VERSION = 1
+#: ``__metadata__`` key of a delta container that holds the JSON document.
+METADATA_KEY = "slimstore"
+#: Magic value of the document's ``format`` field.
+FORMAT_NAME = "slimstore-delta"
+
+#: Streaming unit for file I/O and hashing.
+CHUNK_SIZE = 1 << 20
+#: Largest safetensors header we parse (the reference implementation uses 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Largest number of tensors in one safetensors file.
+MAX_TENSORS = 1_000_000
+#: Default zstd level for frames.
+ZSTD_LEVEL = 10
+#: Largest decompressed size a single frame may claim (guards against zstd bombs).
+MAX_FRAME_BYTES = 64 * 1024 * 1024 * 1024
+
+#: safetensors dtype name -> (itemsize in bytes, torch dtype)
+DTYPES: dict[str, tuple[int, torch.dtype]] = {
+    "F64": (8, torch.float64),
+    "F32": (4, torch.float32),
+    "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16),
+    "F8_E4M3": (1, torch.float8_e4m3fn),
+    "F8_E5M2": (1, torch.float8_e5m2),
+    "I64": (8, torch.int64),
+    "I32": (4, torch.int32),
+    "I16": (2, torch.int16),
+    "I8": (1, torch.int8),
+    "U64": (8, torch.uint64),
+    "U32": (4, torch.uint32),
+    "U16": (2, torch.uint16),
+    "U8": (1, torch.uint8),
+    "BOOL": (1, torch.bool),
+}
+#: dtypes whose task vectors are computed (the rest are stored verbatim).
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items()}
+
+#: Value codings for kept entries.
+VALUE_CODINGS = ("f32", "f16", "bf16")
+QUANT_BITS = (2, 3, 4, 8)

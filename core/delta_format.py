@@ -1,0 +1,216 @@
+"""The delta container: a safetensors file of U8 byte frames plus a JSON document.
+
+Any safetensors reader can list a delta and read one frame; S3 ranged GETs can fetch one
+tensor's frames. The document (``__metadata__["slimstore"]``) says how to rebuild every file of
+the fine-tune from the base. ``docs/format.md`` is the full specification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from core.constants import CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY
+from core.errors import IntegrityError, InvalidDelta, InvalidSafetensors, UnsupportedFormatVersion
+from core.safetensors_io import build_header, read_header
+
+TENSOR_KINDS = ("sparse", "dense", "same", "lossless")
+
+
+@dataclass
+class FrameRef:
+    size: int
+    sha256: str
+
+
+@dataclass
+class TensorEntry:
+    """How to rebuild one tensor of the fine-tune."""
+
+    name: str
+    kind: str  # sparse | dense | same | lossless
+    dtype: str  # the fine-tune's dtype
+    shape: list[int]
+    base_name: str | None = None
+    base_dtype: str | None = None
+    nnz: int = 0  # kept entries (sparse)
+    positions: dict[str, Any] | None = None  # sparse: how positions are coded
+    values: dict[str, Any] | None = None  # sparse: how values are coded
+    frame: str | None = None  # dense / lossless payload
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class FileEntry:
+    """One file of the fine-tune's directory."""
+
+    path: str
+    role: str  # weights | aux
+    size: int
+    sha256: str
+    recon_sha256: str | None = None  # weights: sha256 of the reconstructed file at scale 1
+    header_frame: str | None = None  # weights: the original header bytes
+    tensors: list[str] = field(default_factory=list)  # weights: tensor names in data order
+    frame: str | None = None  # aux stored in the delta
+    base_path: str | None = None  # aux identical to this base file (not stored again)
+
+
+@dataclass
+class DeltaDoc:
+    base: dict[str, Any]  # fingerprint, num_params, files
+    method: dict[str, Any]  # name, params, result (w, thresholds, ...), paper
+    evaluation: dict[str, Any]  # kind, fitness before/after, trace, search_seconds, ...
+    stats: dict[str, Any]  # num_params, kept, original_bytes, ...
+    files: list[FileEntry]
+    tensors: list[TensorEntry]
+    frames: dict[str, FrameRef] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DeltaDoc:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidDelta(f"delta document is not valid JSON ({exc.msg})") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+            raise InvalidDelta("not a Slimstore delta (no slimstore-delta document)")
+        version = raw.get("version")
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormatVersion(
+                f"delta format version {version!r} is not supported by this reader (it reads "
+                f"version {FORMAT_VERSION}); upgrade Slimstore to read it"
+            )
+        try:
+            return cls(
+                base=dict(raw["base"]),
+                method=dict(raw["method"]),
+                evaluation=dict(raw["evaluation"]),
+                stats=dict(raw["stats"]),
+                files=[FileEntry(**f) for f in raw["files"]],
+                tensors=[TensorEntry(**t) for t in raw["tensors"]],
+                frames={k: FrameRef(**v) for k, v in raw["frames"].items()},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidDelta(f"delta document is malformed ({exc})") from None
+
+    def tensor_map(self) -> dict[str, TensorEntry]:
+        return {t.name: t for t in self.tensors}
+
+
+class DeltaWriter:
+    """Collects frames into a temporary file, then writes the container atomically.
+
+    Example:
+        >>> w = DeltaWriter("out.slim")  # doctest: +SKIP
+        >>> w.add("t0.val", b"...")  # doctest: +SKIP
+        >>> w.finish(doc)  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._data: BinaryIO = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115
+        self._order: list[str] = []
+        self.frames: dict[str, FrameRef] = {}
+
+    def add(self, name: str, data: bytes) -> str:
+        if name in self.frames:
+            raise ValueError(f"frame {name!r} added twice")
+        self._data.write(data)
+        self._order.append(name)
+        self.frames[name] = FrameRef(len(data), hashlib.sha256(data).hexdigest())
+        return name
+
+    @property
+    def frame_bytes(self) -> int:
+        return sum(f.size for f in self.frames.values())
+
+    def finish(self, doc: DeltaDoc) -> int:
+        """Write the container; returns its size in bytes."""
+        doc.frames = self.frames
+        entries = [(n, "U8", (self.frames[n].size,)) for n in self._order]
+        header = build_header(entries, {METADATA_KEY: doc.to_json()})
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as out:
+            out.write(header)
+            self._data.seek(0)
+            shutil.copyfileobj(self._data, out, CHUNK_SIZE)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        self._data.close()
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        self._data.close()
+
+
+class DeltaReader:
+    """Opens a delta, validates its container and document, reads frames with hash checks."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.header = read_header(self.path)
+        except InvalidSafetensors as exc:
+            raise InvalidDelta(f"{self.path.name} is not a delta container: {exc.detail}") from None
+        meta = self.header.metadata or {}
+        if METADATA_KEY not in meta:
+            raise InvalidDelta(
+                f"{self.path.name} is a safetensors file but not a Slimstore delta "
+                "(no slimstore document); pass a file written by `slim compress`"
+            )
+        self.doc = DeltaDoc.from_json(meta[METADATA_KEY])
+        for name, ref in self.doc.frames.items():
+            info = self.header.tensors.get(name)
+            if info is None or info.dtype != "U8" or info.nbytes != ref.size:
+                raise InvalidDelta(f"frame {name!r} is missing or has the wrong size")
+        self._f: BinaryIO | None = None
+
+    @property
+    def size(self) -> int:
+        return self.header.file_size
+
+    def frame(self, name: str) -> bytes:
+        """The bytes of one frame, checked against the sha256 recorded at write time."""
+        ref = self.doc.frames.get(name)
+        if ref is None:
+            raise InvalidDelta(f"delta has no frame {name!r}")
+        info = self.header.tensors[name]
+        if self._f is None:
+            self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._f.seek(self.header.data_offset + info.start)
+        data = self._f.read(info.nbytes)
+        if len(data) != info.nbytes or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise IntegrityError(
+                f"frame {name!r} of {self.path.name} does not match its recorded sha256; "
+                "the delta is corrupted — restore it from a replica"
+            )
+        return data
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> DeltaReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,223 @@
+"""``nps-seeded``: NPS subspaces with searched keep rates and scales; positions from a seed.
+
+Our variant of NPS (Du et al., ACL 2025, https://arxiv.org/abs/2505.18713) that borrows
+DARE's free positions (Yu et al., ICML 2024, https://arxiv.org/abs/2311.03099). Each subspace
+m gets a keep rate ρ_m and a scale; an entry of subspace m is kept when its seeded draw
+u < ρ_m and stored as s_m·τ. The search starts at DARE (ρ_m = r, s_m = 1/r) and keeps the
+expected number of kept entries at r·D for every candidate, so it never buys fidelity with
+storage.
+
+Subspaces:
+- ``tensor``: tensor groups by role (embed, norm, bias, attn_in, attn_out, mlp_in, mlp_out,
+  other). The decoder knows each tensor's rate, so positions cost nothing.
+- ``magnitude``: magnitude-rank subspaces as in ``nps``. The decoder does not know an entry's
+  subspace; entries whose draw lies between the tensor's smallest and largest rate get one
+  coded bit (zstd), the rest are decided by the draw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from core import rng
+from core.errors import InvalidArgument
+from core.evaluate import Score
+from core.methods.base import FitContext, Fitted, Method, candidate_delta, check_keep, keep_count
+from core.methods.dare import DareFitted
+from core.methods.nps import default_popsize, run_cma
+from core.methods.subspaces import magnitude_subspaces, tensor_group
+from core.taskvector import TensorPlan
+from core.tensor_codec import Seeded, Selection, ValueSpec
+from core.workspace import Workspace
+
+SUBSPACE_KINDS = ("tensor", "magnitude")
+
+
+def budget_rates(a: np.ndarray, sizes: np.ndarray, k: float) -> np.ndarray:
+    """ρ_m = min(1, c·e^{a_m}) with c chosen so that Σ n_m ρ_m = k (bisection). # (M,)"""
+    e = np.exp(a)
+    lo, hi = 0.0, 1.0 / max(float(e[sizes > 0].min(initial=1.0)), 1e-300)
+    if float((sizes * np.minimum(1.0, hi * e)).sum()) <= k:
+        return np.minimum(1.0, hi * e)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if float((sizes * np.minimum(1.0, mid * e)).sum()) < k:
+            lo = mid
+        else:
+            hi = mid
+    return np.minimum(1.0, hi * e)
+
+
+class NpsSeeded(Method):
+    name = "nps-seeded"
+    paper = "https://arxiv.org/abs/2505.18713"
+    searches = True
+
+    def __init__(
+        self,
+        keep: float = 0.01,
+        subspaces: str = "tensor",
+        m: int = 8,
+        binning: str = "graded",
+        rate_bound: float = math.log(8.0),
+        scale_bound: float = math.log(4.0),
+        sigma0: float = 0.5,
+        generations: int = 20,
+        popsize: int | None = None,
+    ) -> None:
+        if subspaces not in SUBSPACE_KINDS:
+            raise InvalidArgument(f"subspaces must be one of {SUBSPACE_KINDS}")
+        self.keep = check_keep(keep)
+        self.kind = subspaces
+        self.m = m
+        self.binning = binning
+        self.rate_bound = rate_bound
+        self.scale_bound = scale_bound
+        self.sigma0 = sigma0
+        self.generations = generations
+        self.popsize = popsize
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "keep": self.keep,
+            "subspaces": self.kind,
+            "m": self.m,
+            "binning": self.binning,
+            "rate_bound": self.rate_bound,
+            "scale_bound": self.scale_bound,
+            "sigma0": self.sigma0,
+            "generations": self.generations,
+        }
+
+    def fit(self, ws: Workspace, ctx: FitContext) -> Fitted:
+        params = self.params() | {"seed": ctx.seed}
+        if ctx.evaluator is None:
+            return DareFitted(
+                params=params,
+                keep=self.keep,
+                seed=ctx.seed,
+                notes=["weights evaluation: nothing to search with; this is DARE at the same keep"],
+            )
+        taus = ws.load_taus()
+        total = sum(t.numel() for t in taus.values())
+        k = float(keep_count(self.keep, total))
+        specs = {p.name: ValueSpec.from_bits(ctx.value_bits, p.dtype) for p in ws.delta_plans}
+        keys = {p.name: rng.tensor_key(ctx.seed, p.name) for p in ws.delta_plans}
+        draws = {n: torch.from_numpy(rng.uniforms(keys[n], taus[n].numel())) for n in taus}
+        if self.kind == "tensor":
+            names = sorted({tensor_group(p.name, len(p.shape)) for p in ws.delta_plans})
+            gid = {p.name: names.index(tensor_group(p.name, len(p.shape))) for p in ws.delta_plans}
+            ids = {n: torch.full((taus[n].numel(),), gid[n], dtype=torch.uint8) for n in taus}
+            sizes = np.zeros(len(names))
+            for n in taus:
+                sizes[gid[n]] += taus[n].numel()
+            labels = names
+        else:
+            subs = magnitude_subspaces(taus, int(k), self.m, self.binning)
+            ids = subs.ids
+            sizes = subs.sizes.double().numpy()
+            labels = [f"m{i}" for i in range(subs.m)]
+        m = len(labels)
+
+        def rates_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            rho = budget_rates(x[:m], sizes, k)
+            scale = np.exp(x[m:]) / np.maximum(rho, 1e-12)
+            return rho, scale
+
+        def apply(x: np.ndarray, part: str) -> Score:
+            rho, scale = rates_scales(x)
+            rho_t = torch.tensor(rho, dtype=torch.float32)
+            scale_t = torch.tensor(scale, dtype=torch.float32)
+
+            def delta(name: str) -> torch.Tensor:
+                sid = ids[name].long()
+                mask = draws[name] < rho_t[sid]
+                return candidate_delta(
+                    taus[name].numel(), mask, taus[name][mask] * scale_t[sid[mask]], specs[name]
+                )
+
+            return ctx.score(delta, part)
+
+        x0 = np.zeros(2 * m)
+        bounds = (-max(self.rate_bound, self.scale_bound), max(self.rate_bound, self.scale_bound))
+        holdout = (
+            (lambda x: apply(x, "holdout").fitness) if "holdout" in ctx.evaluator.parts else None
+        )
+        outcome = run_cma(
+            lambda x: (
+                apply(
+                    np.concatenate(
+                        [
+                            np.clip(x[:m], -self.rate_bound, self.rate_bound),
+                            np.clip(x[m:], -self.scale_bound, self.scale_bound),
+                        ]
+                    ),
+                    "search",
+                ).fitness
+            ),
+            x0,
+            sigma0=self.sigma0,
+            bounds=bounds,
+            popsize=self.popsize or default_popsize(2 * m),
+            generations=self.generations,
+            seed=ctx.seed,
+            ctx=ctx,
+            holdout=holdout,
+        )
+        x = np.concatenate(
+            [
+                np.clip(outcome.x[:m], -self.rate_bound, self.rate_bound),
+                np.clip(outcome.x[m:], -self.scale_bound, self.scale_bound),
+            ]
+        )
+        rho, scale = rates_scales(x)
+        return SeededFitted(
+            params=params,
+            result={
+                "subspaces": labels,
+                "rates": rho.tolist(),
+                "scales": scale.tolist(),
+                "sizes": sizes.tolist(),
+                "fitness_start": outcome.before,
+                "fitness_best": outcome.fitness,
+                **outcome.holdout,
+            },
+            trace=outcome.trace,
+            seed=ctx.seed,
+            ids=ids,
+            rates=rho,
+            scales=scale,
+        )
+
+
+@dataclass
+class SeededFitted(Fitted):
+    seed: int = 0
+    ids: dict[str, torch.Tensor] | None = None
+    rates: np.ndarray | None = None
+    scales: np.ndarray | None = None
+
+    def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection:
+        assert self.ids is not None and self.rates is not None and self.scales is not None
+        key = rng.tensor_key(self.seed, plan.name)
+        sid = self.ids[plan.name].long().numpy()  # (numel,)
+        present = np.unique(sid)
+        limits = np.array([rng.rate_limit(float(r)) for r in self.rates], dtype=np.uint64)
+        lo, hi = int(limits[present].min()), int(limits[present].max())
+        sure, amb = rng.seeded_positions(key, tau.numel(), lo, hi)
+        amb_keep = None
+        if amb.size:
+            d = rng.draws53(key, 0, tau.numel())[amb]  # draws of the ambiguous entries
+            amb_keep = d < limits[sid[amb]]
+            positions = np.sort(np.concatenate([sure, amb[amb_keep]]))
+        else:
+            positions = sure
+        idx = torch.from_numpy(positions)
+        scale = torch.tensor(self.scales, dtype=torch.float32)[torch.from_numpy(sid[positions])]
+        values = (tau[idx] * scale).to(torch.float32)
+        return Selection(positions.astype(np.int64), values, Seeded(key, lo, hi, amb_keep))

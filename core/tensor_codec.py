@@ -1,0 +1,129 @@
+"""Encode one tensor's selection into frames of a delta, and decode it back.
+
+A sparse tensor is a set of kept positions and their values. Positions are either explicit
+(gap or bitmap coded) or seeded: drawn from the counter-based generator of :mod:`core.rng`,
+with one coded bit for each entry whose draw falls between the two rates ``lo`` and ``hi``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core import codec, rng
+from core.delta_format import DeltaReader, DeltaWriter, TensorEntry
+from core.errors import InvalidDelta
+
+
+@dataclass
+class Seeded:
+    """A seeded position rule: kept iff draw < lo, or lo ≤ draw < hi and its coded bit is set."""
+
+    key: int
+    lo: int  # integer draw limits, see rng.rate_limit
+    hi: int
+    ambiguous_keep: np.ndarray | None = None  # (n_ambiguous,) bool, in position order
+
+
+@dataclass
+class Selection:
+    """The kept entries of one tensor: sorted positions and the values to store there."""
+
+    positions: np.ndarray  # (nnz,) int64, strictly increasing
+    values: torch.Tensor  # (nnz,) float32
+    seeded: Seeded | None = None
+
+
+@dataclass(frozen=True)
+class ValueSpec:
+    coding: str  # f32 | f16 | bf16 | q
+    bits: int  # 32, 16, or 8/4/3/2 for q
+
+    @classmethod
+    def from_bits(cls, bits: int, dtype: str) -> ValueSpec:
+        return cls(codec.value_coding_for(bits, prefer_bf16=dtype == "BF16"), bits)
+
+    def round(self, values: torch.Tensor) -> torch.Tensor:
+        return codec.round_values(values, self.coding, self.bits)
+
+
+def encode_sparse(
+    entry: TensorEntry,
+    prefix: str,
+    sel: Selection,
+    spec: ValueSpec,
+    writer: DeltaWriter,
+    level: int,
+) -> None:
+    """Write the frames of a sparse tensor and fill ``entry``'s positions/values/nnz."""
+    entry.kind = "sparse"
+    entry.nnz = int(sel.positions.size)
+    if sel.seeded is None:
+        coding, frame, params = codec.encode_positions(sel.positions, entry.numel, level)
+        entry.positions = {
+            "mode": "explicit",
+            "coding": coding,
+            "frame": writer.add(f"{prefix}.pos", frame),
+            **params,
+        }
+    else:
+        s = sel.seeded
+        pos: dict[str, object] = {
+            "mode": "seeded",
+            "key": str(s.key),
+            "lo": str(s.lo),
+            "hi": str(s.hi),
+        }
+        if s.hi > s.lo:
+            amb = s.ambiguous_keep if s.ambiguous_keep is not None else np.zeros(0, dtype=bool)
+            pos["ambiguous"] = int(amb.size)
+            pos["frame"] = writer.add(
+                f"{prefix}.amb", codec.zstd_compress(codec.pack_bitmap(amb), level)
+            )
+        entry.positions = pos
+    frame, params2 = codec.encode_values(sel.values, spec.coding, spec.bits, level)
+    entry.values = {"coding": spec.coding, "frame": writer.add(f"{prefix}.val", frame), **params2}
+
+
+def decode_sparse(entry: TensorEntry, reader: DeltaReader) -> tuple[np.ndarray, torch.Tensor]:
+    """Positions (int64, sorted) and float32 values of a sparse tensor."""
+    pos, vals = entry.positions, entry.values
+    if pos is None or vals is None:
+        raise InvalidDelta(f"sparse tensor {entry.name!r} lacks positions or values")
+    numel = entry.numel
+    if pos.get("mode") == "explicit":
+        positions = codec.decode_positions(
+            str(pos.get("coding")), reader.frame(str(pos.get("frame"))), pos, entry.nnz, numel
+        )
+    elif pos.get("mode") == "seeded":
+        try:
+            key, lo, hi = int(pos["key"]), int(pos["lo"]), int(pos["hi"])
+        except (KeyError, ValueError):
+            raise InvalidDelta(f"seeded positions of {entry.name!r} are malformed") from None
+        sure, amb = rng.seeded_positions(key, numel, lo, hi)
+        if amb.size:
+            if int(pos.get("ambiguous", -1)) != amb.size:
+                raise InvalidDelta(f"ambiguous count of {entry.name!r} does not match its draw")
+            raw = codec.zstd_decompress(reader.frame(str(pos.get("frame"))), (amb.size + 7) // 8)
+            keep = codec.unpack_bitmap(raw, amb.size)
+            positions = np.sort(np.concatenate([sure, amb[keep]]))
+        else:
+            positions = sure
+        if positions.size != entry.nnz:
+            raise InvalidDelta(f"seeded positions of {entry.name!r} do not match its count")
+    else:
+        raise InvalidDelta(f"unknown position mode of {entry.name!r}")
+    values = codec.decode_values(
+        str(vals.get("coding")), reader.frame(str(vals.get("frame"))), vals, entry.nnz
+    )
+    return positions, values
+
+
+def dense_delta(entry: TensorEntry, reader: DeltaReader) -> torch.Tensor:
+    """A sparse tensor's decoded delta as a dense float32 tensor. # (numel,)"""
+    positions, values = decode_sparse(entry, reader)
+    out = torch.zeros(entry.numel, dtype=torch.float32)
+    out[torch.from_numpy(positions)] = values
+    return out

@@ -1,0 +1,71 @@
+"""The (base, fine-tune) pair being compressed, with tensor-at-a-time task vectors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from core.checkpoint import CheckpointDir
+from core.errors import InvalidCheckpoint
+from core.taskvector import TensorPlan, plan_tensors, task_vector
+
+
+class Workspace:
+    """Opens both directories, plans every tensor, and hands out task vectors.
+
+    Task vectors are recomputed on each pass (bounded memory) unless :meth:`load_taus` is
+    called, which keeps them all in memory for searches that evaluate a model anyway.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike[str], ft_dir: str | os.PathLike[str]) -> None:
+        self.base = CheckpointDir.open(base_dir)
+        self.ft = CheckpointDir.open(ft_dir)
+        self.plans: list[TensorPlan] = plan_tensors(self.ft, self.base)
+        self.delta_plans = [p for p in self.plans if p.kind == "delta"]
+        self._taus: dict[str, torch.Tensor] | None = None
+
+    @property
+    def num_params(self) -> int:
+        return self.ft.num_params
+
+    @property
+    def delta_numel(self) -> int:
+        return sum(p.numel for p in self.delta_plans)
+
+    def tau(self, plan: TensorPlan) -> torch.Tensor:
+        """τ of one delta tensor, float32, flat. Non-finite values are refused. # (numel,)"""
+        if self._taus is not None and plan.name in self._taus:
+            return self._taus[plan.name]
+        t = task_vector(self.ft, self.base, plan)
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidCheckpoint(
+                f"tensor {plan.name!r} has NaN or infinite values (in the fine-tune or the base); "
+                "lossy methods cannot compress it — fix the checkpoint or use --method lossless"
+            )
+        return t
+
+    def iter_taus(self) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+        for plan in self.delta_plans:
+            yield plan, self.tau(plan)
+
+    def load_taus(self) -> dict[str, torch.Tensor]:
+        """All task vectors in memory (float32, CPU), computed once."""
+        if self._taus is None:
+            taus = {}
+            for plan in self.delta_plans:
+                taus[plan.name] = self.tau(plan)
+            self._taus = taus
+        return self._taus
+
+    def close(self) -> None:
+        self.base.close()
+        self.ft.close()
+        self._taus = None
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
