@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from core.constants import CHUNK_SIZE
-from core.errors import InvalidCheckpoint, InvalidSafetensors
+from core.errors import InvalidCheckpoint, InvalidPath, InvalidSafetensors
 from core.safetensors_io import Header, SafetensorsFile, TensorInfo, read_header
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -39,15 +39,13 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def check_relpath(rel: str) -> str:
     """Normalise a relative file path and refuse traversal, absolute paths and NUL."""
     if not rel or "\x00" in rel or "\\" in rel:
-        raise InvalidCheckpoint(f"invalid file path {rel!r}")
+        raise InvalidPath(f"invalid file path {rel!r}; use a relative path with forward slashes")
     p = PurePosixPath(rel)
     if p.is_absolute() or any(part in ("..", "") for part in p.parts) or rel.startswith("/"):
-        raise InvalidCheckpoint(
-            f"file path {rel!r} must be relative and stay inside the checkpoint"
-        )
+        raise InvalidPath(f"file path {rel!r} must be relative and stay inside the checkpoint")
     norm = str(p)
-    if norm in (".",) or norm.startswith("./"):
-        raise InvalidCheckpoint(f"invalid file path {rel!r}")
+    if norm == ".":
+        raise InvalidPath(f"invalid file path {rel!r}; name a file")
     return norm
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import zstandard
 
-from core.constants import MAX_FRAME_BYTES, ZSTD_LEVEL
+from core.constants import MAX_FRAME_BYTES, QUANT_BITS, ZSTD_LEVEL
 from core.errors import InvalidArgument, InvalidDelta
 
 # --------------------------------------------------------------------------- zstd
@@ -148,8 +148,13 @@ def unpack_bitmap(buf: bytes, n: int) -> np.ndarray:
 # --------------------------------------------------------------------------- values
 
 
-def fit_codebook(mags: torch.Tensor, levels: int, iters: int = 3) -> torch.Tensor:
-    """Magnitude levels for scalar quantisation: equal-count init, then Lloyd steps.
+def fit_codebook(mags: torch.Tensor, levels: int, iters: int = 8) -> torch.Tensor:
+    """Magnitude levels for scalar quantisation (Lloyd-Max on the sorted magnitudes).
+
+    Lloyd's iterations run from two starts, equal-count levels (good at few levels) and
+    uniform levels over the range (good in heavy tails at many levels); the codebook with the
+    smaller squared error wins. Deterministic. (numpy inside: small searches are far cheaper
+    there than in a threaded torch op.)
 
     Args:
         mags: non-negative magnitudes. # (n,)
@@ -158,28 +163,51 @@ def fit_codebook(mags: torch.Tensor, levels: int, iters: int = 3) -> torch.Tenso
     Returns:
         ascending float32 levels. # (L,)
     """
-    mags = mags.to(torch.float32).reshape(-1)
-    if mags.numel() == 0:
+    s = np.sort(mags.detach().to(torch.float32).reshape(-1).cpu().numpy())  # (n,)
+    n = s.size
+    if n == 0:
         return torch.zeros(levels, dtype=torch.float32)
-    s, _ = torch.sort(mags)  # (n,)
-    n = s.numel()
-    edges = torch.linspace(0, n, levels + 1).long()
-    cb = torch.empty(levels, dtype=torch.float32)
-    csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s.double(), 0)])
-    for j in range(levels):
-        a, b = int(edges[j]), int(edges[j + 1])
-        cb[j] = float((csum[b] - csum[a]) / (b - a)) if b > a else float(s[min(a, n - 1)])
-    for _ in range(iters):
-        mids = (cb[1:] + cb[:-1]) / 2  # (L-1,)
-        idx = torch.searchsorted(mids, s)  # (n,) sorted, so counts are contiguous
-        counts = torch.bincount(idx, minlength=levels)
-        ends = torch.cumsum(counts, 0)
-        starts = ends - counts
-        sums = csum[ends] - csum[starts]
-        nonempty = counts > 0
-        cb = torch.where(nonempty, (sums / counts.clamp(min=1)).float(), cb)
-        cb, _ = torch.sort(cb)
-    return cb
+    csum = np.concatenate([[0.0], np.cumsum(s, dtype=np.float64)])
+    csq = np.concatenate([[0.0], np.cumsum(s.astype(np.float64) ** 2)])
+    edges = np.linspace(0, n, levels + 1).astype(np.int64)
+    counts0 = edges[1:] - edges[:-1]
+    equal = np.where(
+        counts0 > 0,
+        (csum[edges[1:]] - csum[edges[:-1]]) / np.maximum(counts0, 1),
+        s[np.minimum(edges[:-1], n - 1)],
+    )
+    uniform = s[0] + (s[-1] - s[0]) * (np.arange(levels) + 0.5) / levels
+    best, best_err = equal, np.inf
+    for cb in (np.sort(equal), np.sort(uniform)):
+        for _ in range(iters):
+            cb = _lloyd_step(s, cb, csum)
+        starts, ends = _runs(s, cb)
+        counts = ends - starts
+        # Σ (x − c_j)² over each level's contiguous run of sorted values
+        err = float(
+            (
+                (csq[ends] - csq[starts]) - 2 * cb * (csum[ends] - csum[starts]) + counts * cb * cb
+            ).sum()
+        )
+        if err < best_err:
+            best, best_err = cb, err
+    return torch.from_numpy(best.astype(np.float32))
+
+
+def _runs(s: np.ndarray, cb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end of each level's run in the sorted values (a value on a midpoint goes to
+    the lower level, as in :func:`quantise`)."""
+    mids = (cb[1:] + cb[:-1]) / 2
+    ends = np.concatenate([np.searchsorted(s, mids, side="right"), [s.size]])
+    starts = np.concatenate([[0], ends[:-1]])
+    return starts, ends
+
+
+def _lloyd_step(s: np.ndarray, cb: np.ndarray, csum: np.ndarray) -> np.ndarray:
+    starts, ends = _runs(s, cb)
+    counts = ends - starts
+    new = np.where(counts > 0, (csum[ends] - csum[starts]) / np.maximum(counts, 1), cb)
+    return np.sort(new)
 
 
 def quantise(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,18 +215,20 @@ def quantise(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
 
     Args:
         values: float values to store. # (n,)
-        bits: total bits per value (2, 3, 4 or 8): one sign bit, ``bits - 1`` level bits.
+        bits: total bits per value (1, 2, 3, 4 or 8): one sign bit, ``bits - 1`` level bits
+            (1 bit = sign only, one magnitude per tensor).
 
     Returns:
         (codes uint8 # (n,), codebook float32 # (2**(bits-1),))
     """
     levels = 1 << (bits - 1)
-    v = values.to(torch.float32).reshape(-1)
-    cb = fit_codebook(v.abs(), levels)
-    mids = (cb[1:] + cb[:-1]) / 2
-    level = torch.searchsorted(mids, v.abs().contiguous()).to(torch.uint8)  # (n,)
-    sign = (v < 0).to(torch.uint8) << (bits - 1)
-    return sign | level, cb
+    v = values.detach().to(torch.float32).reshape(-1).cpu().numpy()
+    cb = fit_codebook(torch.from_numpy(np.abs(v)), levels)
+    c = cb.numpy().astype(np.float64)
+    mids = (c[1:] + c[:-1]) / 2
+    level = np.searchsorted(mids, np.abs(v).astype(np.float64), side="left").astype(np.uint8)
+    sign = (v < 0).astype(np.uint8) << (bits - 1)
+    return torch.from_numpy(sign | level), cb
 
 
 def dequantise(codes: torch.Tensor, codebook: torch.Tensor, bits: int) -> torch.Tensor:
@@ -232,9 +262,9 @@ def value_coding_for(bits: int, prefer_bf16: bool) -> str:
         return "f32"
     if bits == 16:
         return "bf16" if prefer_bf16 else "f16"
-    if bits in (2, 3, 4, 8):
+    if bits in QUANT_BITS:
         return "q"
-    raise InvalidArgument(f"value bits must be one of 32, 16, 8, 4, 3, 2 (got {bits})")
+    raise InvalidArgument(f"value bits must be one of 32, 16, 8, 4, 3, 2, 1 (got {bits})")
 
 
 def encode_values(
@@ -255,7 +285,7 @@ def decode_values(coding: str, frame: bytes, params: dict[str, object], n: int) 
     """Inverse of :func:`encode_values`. # (n,) float32"""
     if coding == "q":
         bits = int(params.get("bits", 0))  # type: ignore[call-overload]
-        if bits not in (2, 3, 4, 8):
+        if bits not in QUANT_BITS:
             raise InvalidDelta(f"unknown quantisation width {bits}")
         cb_list = params.get("codebook")
         if not isinstance(cb_list, list):

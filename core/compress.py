@@ -73,28 +73,6 @@ class CompressResult:
         return asdict(self)
 
 
-class _Frames:
-    """Frames just written, readable like a DeltaReader (for the decode-after-encode check)."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    def frame(self, name: str) -> bytes:
-        return self.data[name]
-
-
-class _RecordingWriter(DeltaWriter):
-    """A DeltaWriter that remembers the frames of the tensor being encoded."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(path)
-        self.recent = _Frames()
-
-    def add(self, name: str, data: bytes) -> str:
-        self.recent.data[name] = data
-        return super().add(name, data)
-
-
 def build_evaluator(
     evaluation: str,
     ws: Workspace,
@@ -204,7 +182,7 @@ def compress(
         search_seconds = time.perf_counter() - t_search
         if progress is not None:
             progress({"phase": "encode"})
-        writer = _RecordingWriter(out_path)
+        writer = DeltaWriter(out_path)
         try:
             doc, kept = _encode(ws, fitted, m.name, value_bits, level, writer, ctx)
             doc.method = {
@@ -291,7 +269,7 @@ def _encode(
     method: str,
     value_bits: int,
     level: int,
-    writer: _RecordingWriter,
+    writer: DeltaWriter,
     ctx: FitContext,
 ) -> tuple[DeltaDoc, int]:
     """Write every frame; returns the document (without method/evaluation) and kept count."""
@@ -314,7 +292,7 @@ def _encode(
             plan = plans[name]
             prefix = f"t{len(tensors)}"
             te = TensorEntry(name=name, kind="dense", dtype=plan.dtype, shape=list(plan.shape))
-            writer.recent.data.clear()
+            writer.forget_recent()
             delta_for_eval: torch.Tensor | None = None
             if plan.kind == "dense":
                 te.frame = writer.add(
@@ -335,10 +313,10 @@ def _encode(
                     encode_sparse(te, prefix, sel, spec, writer, level)
                     kept += te.nnz
                     if ctx.evaluator is not None:
-                        positions, values = decode_sparse(te, writer.recent)  # type: ignore[arg-type]
+                        positions, values = decode_sparse(te, writer)
                         delta_for_eval = torch.zeros(plan.numel, dtype=torch.float32)
                         delta_for_eval[torch.from_numpy(positions)] = values
-            raw = tensor_bytes(te, writer.recent, ws.base)  # type: ignore[arg-type]
+            raw = tensor_bytes(te, writer, ws.base)
             hasher.update(raw)
             if (
                 ctx.evaluator is not None

@@ -46,4 +46,4 @@ TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items()}
 
 #: Value codings for kept entries.
 VALUE_CODINGS = ("f32", "f16", "bf16")
-QUANT_BITS = (2, 3, 4, 8)
+QUANT_BITS = (1, 2, 3, 4, 8)

@@ -14,13 +14,26 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
+from core.checkpoint import check_relpath
 from core.constants import CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY
-from core.errors import IntegrityError, InvalidDelta, InvalidSafetensors, UnsupportedFormatVersion
+from core.errors import (
+    IntegrityError,
+    InvalidCheckpoint,
+    InvalidDelta,
+    InvalidSafetensors,
+    UnsupportedFormatVersion,
+)
 from core.safetensors_io import build_header, read_header
 
 TENSOR_KINDS = ("sparse", "dense", "same", "lossless")
+
+
+class FrameSource(Protocol):
+    """Anything frames can be read from: a :class:`DeltaReader`, or a writer mid-encode."""
+
+    def frame(self, name: str) -> bytes: ...
 
 
 @dataclass
@@ -97,7 +110,7 @@ class DeltaDoc:
                 f"version {FORMAT_VERSION}); upgrade Slimstore to read it"
             )
         try:
-            return cls(
+            doc = cls(
                 base=dict(raw["base"]),
                 method=dict(raw["method"]),
                 evaluation=dict(raw["evaluation"]),
@@ -106,8 +119,16 @@ class DeltaDoc:
                 tensors=[TensorEntry(**t) for t in raw["tensors"]],
                 frames={k: FrameRef(**v) for k, v in raw["frames"].items()},
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidDelta(f"delta document is malformed ({exc})") from None
+        for f in doc.files:
+            try:
+                check_relpath(f.path)
+                if f.base_path is not None:
+                    check_relpath(f.base_path)
+            except InvalidCheckpoint:
+                raise InvalidDelta(f"delta names an unsafe file path {f.path!r}") from None
+        return doc
 
     def tensor_map(self) -> dict[str, TensorEntry]:
         return {t.name: t for t in self.tensors}
@@ -128,14 +149,25 @@ class DeltaWriter:
         self._data: BinaryIO = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115
         self._order: list[str] = []
         self.frames: dict[str, FrameRef] = {}
+        self._recent: dict[str, bytes] = {}
 
     def add(self, name: str, data: bytes) -> str:
         if name in self.frames:
             raise ValueError(f"frame {name!r} added twice")
+        self._recent[name] = data
         self._data.write(data)
         self._order.append(name)
         self.frames[name] = FrameRef(len(data), hashlib.sha256(data).hexdigest())
         return name
+
+    def forget_recent(self) -> None:
+        """Drop the frames kept for :meth:`frame` (call before encoding the next tensor)."""
+        self._recent.clear()
+
+    def frame(self, name: str) -> bytes:
+        """A frame added since the last :meth:`forget_recent`, so the writer can be decoded
+        like a reader (the encoder checks what it wrote and hashes the reconstruction)."""
+        return self._recent[name]
 
     @property
     def frame_bytes(self) -> int:

@@ -33,6 +33,12 @@ class InvalidCheckpoint(SlimError):
     code = "invalid_checkpoint"
 
 
+class InvalidPath(InvalidCheckpoint):
+    """A file path is absolute, escapes its directory, or holds NUL or backslashes."""
+
+    code = "invalid_path"
+
+
 class BaseMismatch(SlimError):
     """A fine-tune does not belong to the given base (no shared tensors, wrong shapes)."""
 

@@ -18,7 +18,7 @@ import torch
 from core import codec
 from core.checkpoint import CheckpointDir, check_relpath
 from core.constants import CHUNK_SIZE, DTYPES
-from core.delta_format import DeltaReader, FileEntry, TensorEntry
+from core.delta_format import DeltaReader, FileEntry, FrameSource, TensorEntry
 from core.errors import BaseMismatch, IntegrityError, InvalidDelta
 from core.safetensors_io import bytes_to_tensor, parse_header, tensor_to_bytes
 from core.tensor_codec import decode_sparse
@@ -39,7 +39,7 @@ def _base_tensor(base: CheckpointDir, entry: TensorEntry) -> torch.Tensor:
 
 
 def tensor_bytes(
-    entry: TensorEntry, reader: DeltaReader, base: CheckpointDir, scale: float = 1.0
+    entry: TensorEntry, reader: FrameSource, base: CheckpointDir, scale: float = 1.0
 ) -> bytes:
     """The bytes of one reconstructed tensor in the fine-tune's dtype."""
     if entry.dtype not in DTYPES:

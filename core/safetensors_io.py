@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -204,7 +204,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.header = read_header(self.path)
-        self._f: BinaryIO | None = None
+        self._f: BufferedReader | None = None
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -262,7 +262,7 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 
 
 def build_header(
-    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
 ) -> bytes:
     """Header bytes (length + JSON, space-padded to 8 bytes) for tensors laid out in order."""
     doc: dict[str, object] = {}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from core import codec, rng
-from core.delta_format import DeltaReader, DeltaWriter, TensorEntry
+from core.delta_format import DeltaWriter, FrameSource, TensorEntry
 from core.errors import InvalidDelta
 
 
@@ -87,7 +87,7 @@ def encode_sparse(
     entry.values = {"coding": spec.coding, "frame": writer.add(f"{prefix}.val", frame), **params2}
 
 
-def decode_sparse(entry: TensorEntry, reader: DeltaReader) -> tuple[np.ndarray, torch.Tensor]:
+def decode_sparse(entry: TensorEntry, reader: FrameSource) -> tuple[np.ndarray, torch.Tensor]:
     """Positions (int64, sorted) and float32 values of a sparse tensor."""
     pos, vals = entry.positions, entry.values
     if pos is None or vals is None:
@@ -121,7 +121,7 @@ def decode_sparse(entry: TensorEntry, reader: DeltaReader) -> tuple[np.ndarray, 
     return positions, values
 
 
-def dense_delta(entry: TensorEntry, reader: DeltaReader) -> torch.Tensor:
+def dense_delta(entry: TensorEntry, reader: FrameSource) -> torch.Tensor:
     """A sparse tensor's decoded delta as a dense float32 tensor. # (numel,)"""
     positions, values = decode_sparse(entry, reader)
     out = torch.zeros(entry.numel, dtype=torch.float32)

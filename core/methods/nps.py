@@ -175,7 +175,8 @@ class Nps(Method):
         self.preset = preset
         self.binning = binning or p["binning"]
         self.parameterisation = parameterisation or p["parameterisation"]
-        self.bounds = tuple(bounds) if bounds is not None else p["bounds"]
+        lo, hi = bounds if bounds is not None else p["bounds"]
+        self.bounds: tuple[float, float] = (float(lo), float(hi))
         self.sigma0 = float(sigma0 if sigma0 is not None else p["sigma0"])
         self.generations = int(generations)
         self.popsize = popsize

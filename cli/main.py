@@ -1,0 +1,55 @@
+"""The ``slim`` command: offline verbs, server verbs and client verbs in one parser.
+
+Each group lives in its own module with a ``register(subparsers)`` function; a verb's handler
+returns an exit code. User mistakes (any :class:`core.errors.SlimError`, and the client and
+storage errors that carry a ``code``) print one line to stderr and exit 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: Modules that add verbs; a module that is missing (not built yet) is skipped.
+VERB_MODULES = ("cli.offline", "cli.server", "cli.client")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slim",
+        description="Slimstore: keep fine-tunes as sparse task-vector deltas of their base.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for name in VERB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("slim: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors carry a stable code
+        code = getattr(exc, "code", None)
+        detail = getattr(exc, "detail", None) or str(exc)
+        if isinstance(code, str):
+            print(f"slim: error [{code}]: {detail}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Merging several deltas of one base into a new delta (the paper's "fusion" use).
+
+- ``task_arithmetic``: τ = λ Σ_i τ_i (Ilharco et al., "Editing Models with Task Arithmetic",
+  ICLR 2023, https://arxiv.org/abs/2212.04089).
+- ``ties``: trim each τ_i to its top ``density`` by magnitude (per tensor), elect the sign of
+  Σ τ_i per entry, average the entries that agree with it (disjoint mean), × λ (Yadav et al.,
+  NeurIPS 2023, https://arxiv.org/abs/2306.01708).
+
+The merged delta takes its file layout, its tensors that are not in the base (heads) and its
+non-weight files from the first delta listed; the base must be the same for every delta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core.checkpoint import CheckpointDir
+from core.compress import base_fingerprint
+from core.constants import ZSTD_LEVEL
+from core.delta_format import DeltaDoc, DeltaReader, DeltaWriter, FileEntry, TensorEntry
+from core.errors import BaseMismatch, InvalidArgument
+from core.reconstruct import check_base, tensor_bytes
+from core.safetensors_io import bytes_to_tensor
+from core.tensor_codec import Selection, ValueSpec, dense_delta, encode_sparse
+
+MERGE_METHODS = ("task_arithmetic", "ties")
+
+
+@dataclass
+class MergeResult:
+    path: str
+    method: str
+    sources: int
+    stored_bytes: int
+    kept: int
+
+
+def task_delta(entry: TensorEntry, reader: DeltaReader, base: CheckpointDir) -> torch.Tensor | None:
+    """The decoded τ of one tensor (None when it is not a base tensor). # (numel,) float32"""
+    if entry.kind == "sparse":
+        return dense_delta(entry, reader)
+    if entry.kind == "same":
+        return torch.zeros(entry.numel, dtype=torch.float32)
+    if entry.kind == "lossless":
+        ft = bytes_to_tensor(tensor_bytes(entry, reader, base), entry.dtype, (entry.numel,))
+        assert entry.base_name is not None
+        return ft.to(torch.float32) - base.get(entry.base_name).reshape(-1).to(torch.float32)
+    return None
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top ``density`` fraction of |τ| (per tensor). # (numel,)"""
+    nz = int(torch.count_nonzero(tau))
+    k = int(np.ceil(density * tau.numel()))
+    if k >= nz:
+        return tau
+    thr = torch.topk(tau.abs(), k, sorted=False).values.min()
+    return torch.where(tau.abs() >= thr, tau, torch.zeros_like(tau))
+
+
+def merge_tensors(
+    taus: list[torch.Tensor], method: str, lam: float, density: float | None
+) -> torch.Tensor:
+    """Merge one tensor's task vectors. # (numel,) float32"""
+    stack = torch.stack(taus)  # (n, numel)
+    if method == "task_arithmetic":
+        return lam * stack.sum(0)
+    if density is not None:
+        stack = torch.stack([trim(t, density) for t in stack])
+    sign = torch.sign(stack.sum(0))  # (numel,) elected sign
+    agree = (torch.sign(stack) == sign) & (stack != 0)  # (n, numel)
+    total = (stack * agree).sum(0)
+    count = agree.sum(0).clamp(min=1)
+    return lam * total / count
+
+
+def merge(
+    base_dir: str | os.PathLike[str],
+    deltas: list[str | os.PathLike[str]],
+    out_path: str | os.PathLike[str],
+    *,
+    method: str = "task_arithmetic",
+    lam: float = 1.0,
+    density: float | None = None,
+    value_bits: int = 16,
+    level: int = ZSTD_LEVEL,
+) -> MergeResult:
+    """Merge deltas of one base into a new delta.
+
+    Args:
+        base_dir: the base all deltas were made from.
+        deltas: two or more delta files.
+        out_path: the merged delta to write.
+        method: ``task_arithmetic`` or ``ties``.
+        lam: λ, the scale of the merged task vector.
+        density: TIES trim density per tensor (None keeps each delta's entries as stored).
+        value_bits: 32 or 16 for the merged values.
+
+    Raises:
+        InvalidArgument, BaseMismatch.
+    """
+    if method not in MERGE_METHODS:
+        raise InvalidArgument(f"merge method must be one of {', '.join(MERGE_METHODS)}")
+    if len(deltas) < 2:
+        raise InvalidArgument("merging needs at least two deltas")
+    if value_bits not in (16, 32):
+        raise InvalidArgument("merged values are stored with 16 or 32 bits")
+    readers = [DeltaReader(p) for p in deltas]
+    base = CheckpointDir.open(base_dir)
+    try:
+        fps = {r.doc.base.get("sha256") for r in readers}
+        if len(fps) != 1:
+            raise BaseMismatch(
+                "the deltas were made from different bases; merge deltas of one base"
+            )
+        for r in readers:
+            check_base(r, base)
+        return _merge(base, readers, out_path, method, lam, density, value_bits, level)
+    finally:
+        for r in readers:
+            r.close()
+        base.close()
+
+
+def _merge(
+    base: CheckpointDir,
+    readers: list[DeltaReader],
+    out_path: str | os.PathLike[str],
+    method: str,
+    lam: float,
+    density: float | None,
+    value_bits: int,
+    level: int,
+) -> MergeResult:
+    first = readers[0]
+    maps = [r.doc.tensor_map() for r in readers]
+    writer = DeltaWriter(out_path)
+    files: list[FileEntry] = []
+    tensors: list[TensorEntry] = []
+    kept = 0
+    try:
+        for fi, f in enumerate(first.doc.files):
+            if f.role == "aux":
+                nf = FileEntry(
+                    path=f.path, role="aux", size=f.size, sha256=f.sha256, base_path=f.base_path
+                )
+                if f.frame is not None:
+                    nf.frame = writer.add(f"a{fi}.data", first.frame(f.frame))
+                files.append(nf)
+                continue
+            assert f.header_frame is not None
+            raw_header = first.frame(f.header_frame)
+            hasher = hashlib.sha256(raw_header)
+            nf = FileEntry(
+                path=f.path,
+                role="weights",
+                size=f.size,
+                sha256="",
+                tensors=list(f.tensors),
+                header_frame=writer.add(f"f{fi}.header", raw_header),
+            )
+            for name in f.tensors:
+                src = maps[0][name]
+                prefix = f"t{len(tensors)}"
+                te = TensorEntry(
+                    name=name,
+                    kind=src.kind,
+                    dtype=src.dtype,
+                    shape=list(src.shape),
+                    base_name=src.base_name,
+                    base_dtype=src.base_dtype,
+                )
+                writer.forget_recent()
+                if src.kind == "dense":
+                    assert src.frame is not None
+                    te.frame = writer.add(f"{prefix}.data", first.frame(src.frame))
+                else:
+                    taus = []
+                    for r, mp in zip(readers, maps, strict=True):
+                        e = mp.get(name)
+                        t = (
+                            task_delta(e, r, base)
+                            if e is not None and e.shape == src.shape
+                            else None
+                        )
+                        if t is None:
+                            raise BaseMismatch(
+                                f"tensor {name!r} is not a base tensor in every delta"
+                            )
+                        taus.append(t)
+                    merged = merge_tensors(taus, method, lam, density)
+                    idx = torch.nonzero(merged).reshape(-1)
+                    spec = ValueSpec.from_bits(value_bits, src.dtype)
+                    sel = Selection(idx.numpy().astype(np.int64), merged[idx])
+                    encode_sparse(te, prefix, sel, spec, writer, level)
+                    kept += te.nnz
+                hasher.update(tensor_bytes(te, writer, base))
+                tensors.append(te)
+            nf.recon_sha256 = hasher.hexdigest()
+            nf.sha256 = (
+                nf.recon_sha256
+            )  # a merged file has no original; its identity is the rebuild
+            files.append(nf)
+        doc = DeltaDoc(
+            base=base_fingerprint(base) | {"sha256": first.doc.base.get("sha256")},
+            method={
+                "name": "merge",
+                "paper": "https://arxiv.org/abs/2306.01708",
+                "params": {
+                    "method": method,
+                    "lambda": lam,
+                    "density": density,
+                    "value_bits": value_bits,
+                    "sources": [r.doc.method.get("name") for r in readers],
+                },
+                "result": {},
+            },
+            evaluation={"kind": "weights", "notes": [f"merged from {len(readers)} deltas"]},
+            stats={"num_params": first.doc.stats.get("num_params"), "kept": kept},
+            files=files,
+            tensors=tensors,
+        )
+        stored = writer.finish(doc)
+    except BaseException:
+        writer.abort()
+        raise
+    return MergeResult(str(out_path), method, len(readers), stored, kept)

@@ -1,0 +1,136 @@
+"""Round-trip properties of the frame codecs (positions, values, quantisation, xor)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core import codec
+from core.errors import InvalidDelta
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+@st.composite
+def positions_and_numel(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+    numel = draw(st.integers(0, 5000))
+    mode = draw(st.sampled_from(["empty", "all", "single", "random", "dense", "clustered"]))
+    if numel == 0 or mode == "empty":
+        return np.zeros(0, dtype=np.int64), numel
+    if mode == "all":
+        return np.arange(numel, dtype=np.int64), numel
+    if mode == "single":
+        return np.array([draw(st.integers(0, numel - 1))], dtype=np.int64), numel
+    rate = {"random": 0.01, "dense": 0.6, "clustered": 0.1}[mode]
+    rnd = np.random.default_rng(draw(st.integers(0, 2**31)))
+    mask = rnd.random(numel) < rate
+    if mode == "clustered":
+        mask = np.repeat(mask[: numel // 8 + 1], 8)[:numel]
+    return np.flatnonzero(mask).astype(np.int64), numel
+
+
+@SETTINGS
+@given(positions_and_numel())
+def test_positions_round_trip(case: tuple[np.ndarray, int]) -> None:
+    positions, numel = case
+    coding, frame, params = codec.encode_positions(positions, numel)
+    out = codec.decode_positions(coding, frame, params, positions.size, numel)
+    assert np.array_equal(out, positions)
+
+
+def test_positions_pick_the_smaller_coding() -> None:
+    numel = 100_000
+    sparse = np.arange(0, numel, 997, dtype=np.int64)
+    dense = np.flatnonzero(np.random.default_rng(0).random(numel) < 0.5).astype(np.int64)
+    assert codec.encode_positions(sparse, numel)[0] == "gaps"
+    assert codec.encode_positions(dense, numel)[0] == "bitmap"
+
+
+def test_huge_gaps_use_wide_planes() -> None:
+    positions = np.array([0, 2**33], dtype=np.int64)
+    coding, (frame, params) = "gaps", _gaps(positions)
+    assert params["width"] == 8
+    assert np.array_equal(codec.decode_positions(coding, frame, params, 2, 2**33 + 1), positions)
+
+
+def _gaps(positions: np.ndarray) -> tuple[bytes, dict[str, int]]:
+    gaps = np.diff(positions, prepend=-1) - 1
+    return codec.zstd_compress(codec.to_planes(gaps.astype("<u8"))), {"width": 8}
+
+
+float_values = st.lists(
+    st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32), min_size=0, max_size=400
+)
+
+
+@SETTINGS
+@given(float_values, st.sampled_from(["f32", "f16", "bf16"]))
+def test_float_values_round_trip_to_their_rounding(values: list[float], coding: str) -> None:
+    t = torch.tensor(values, dtype=torch.float32)
+    frame, params = codec.encode_values(t, coding, 16 if coding != "f32" else 32)
+    out = codec.decode_values(coding, frame, params, t.numel())
+    assert torch.equal(out, codec.round_values(t, coding, 16))
+
+
+@SETTINGS
+@given(float_values, st.sampled_from([1, 2, 3, 4, 8]))
+def test_quantised_values_decode_to_what_the_search_sees(values: list[float], bits: int) -> None:
+    t = torch.tensor(values, dtype=torch.float32)
+    frame, params = codec.encode_values(t, "q", bits)
+    out = codec.decode_values("q", frame, params, t.numel())
+    assert torch.equal(out, codec.round_values(t, "q", bits))
+    if t.numel():
+        assert bool(((out == 0) | (torch.sign(out) == torch.sign(t)) | (t == 0)).all())
+
+
+def test_quantisation_error_shrinks_with_bits() -> None:
+    t = torch.randn(20_000) * torch.rand(20_000)
+    errors = [float((codec.round_values(t, "q", b) - t).norm()) for b in (2, 3, 4, 8)]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] < 0.02 * float(t.norm())
+
+
+@SETTINGS
+@given(st.integers(0, 3000), st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 2**31))
+def test_code_packing_round_trip(n: int, bits: int, seed: int) -> None:
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, n).astype(np.uint8)
+    assert np.array_equal(codec.unpack_codes(codec.pack_codes(codes, bits), n, bits), codes)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8]
+)
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (2, 3, 5)])
+def test_xor_is_exact_for_every_dtype_and_odd_shapes(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(shape, generator=g) * 10).to(dtype)
+    b = (a.float() + torch.randn(shape, generator=g)).to(dtype)
+    from core.safetensors_io import tensor_to_bytes
+
+    ab, bb = tensor_to_bytes(a), tensor_to_bytes(b)
+    width = a.element_size()
+    assert codec.decode_xor(codec.encode_xor(bb, ab, width), ab, width) == bb
+
+
+def test_non_contiguous_tensors_encode_like_their_contiguous_copy() -> None:
+    t = torch.randn(10, 12).t()[::2]  # a strided view
+    assert not t.is_contiguous()
+    from core.safetensors_io import tensor_to_bytes
+
+    assert tensor_to_bytes(t) == tensor_to_bytes(t.contiguous())
+    f1, _ = codec.encode_values(t.reshape(-1), "f16", 16)
+    f2, _ = codec.encode_values(t.contiguous().reshape(-1), "f16", 16)
+    assert f1 == f2
+
+
+def test_zstd_refuses_frames_larger_than_declared() -> None:
+    frame = codec.zstd_compress(b"\0" * 10_000)
+    with pytest.raises(InvalidDelta, match="declares"):
+        codec.zstd_decompress(frame, 100)
+    with pytest.raises(InvalidDelta, match="not a zstd frame"):
+        codec.zstd_decompress(b"garbage", 5)

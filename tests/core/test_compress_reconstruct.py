@@ -1,0 +1,202 @@
+"""compress → reconstruct on synthetic pairs: every tensor kind, dtype, layout and method."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import sha256_file
+from core.compress import compress
+from core.delta_format import DeltaReader
+from core.errors import BaseMismatch, IntegrityError, InvalidCheckpoint, UnsupportedFormatVersion
+from core.reconstruct import load_state, reconstruct
+from core.safetensors_io import SafetensorsFile, save_file
+from tests.core.conftest import make_pair
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _files(d: Path) -> dict[str, str]:
+    return {
+        p.relative_to(d).as_posix(): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shards", [1, 3])
+def test_lossless_is_bit_identical(tmp_path: Path, dtype: torch.dtype, shards: int) -> None:
+    base, ft, _, _ = make_pair(tmp_path, dtype=dtype, shards=shards)
+    result = compress(base, ft, tmp_path / "d.slim", method="lossless")
+    reconstruct(base, tmp_path / "d.slim", tmp_path / "out")
+    assert _files(tmp_path / "out") == _files(ft)
+    assert result.stored_bytes > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["magnitude", "dare", "nps", "nps-seeded", "magnitude-scaled"])
+def test_lossy_methods_keep_layout_and_exact_tensors(
+    tmp_path: Path, dtype: torch.dtype, method: str
+) -> None:
+    base, ft_dir, base_t, ft_t = make_pair(tmp_path, dtype=dtype, shards=2)
+    compress(base, ft_dir, tmp_path / "d.slim", method=method, keep=0.1)
+    out = tmp_path / "out"
+    reconstruct(base, tmp_path / "d.slim", out)
+    assert sorted(_files(out)) == sorted(_files(ft_dir))
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        with SafetensorsFile(out / name) as got, SafetensorsFile(ft_dir / name) as want:
+            assert got.header.raw == want.header.raw  # same names, dtypes, shapes, offsets
+    state = load_state(base, tmp_path / "d.slim")
+    # tensors the method must not touch are exact
+    for name in ("head.weight", "m.enc.emb", "m.enc.ids", "m.enc.frozen"):
+        assert torch.equal(state[name], ft_t[name]), name
+    # the task vector is approximated: closer to the fine-tune than the base is
+    tau = ft_t["m.enc.a.weight"].float() - base_t["enc.a.weight"].float()
+    err = state["m.enc.a.weight"].float() - ft_t["m.enc.a.weight"].float()
+    assert float(err.norm()) < float(tau.norm()) * (
+        1.0 if method not in ("dare", "nps-seeded") else 3.6
+    )  # seeded (DARE): E‖err‖² = (1/r − 1)‖τ‖²
+
+
+def test_tensor_kinds_in_the_document(tmp_path: Path) -> None:
+    base, ft, _, _ = make_pair(tmp_path)
+    compress(base, ft, tmp_path / "d.slim", method="magnitude", keep=0.05)
+    with DeltaReader(tmp_path / "d.slim") as r:
+        kinds = {t.name: t.kind for t in r.doc.tensors}
+        files = {f.path: f for f in r.doc.files}
+    assert kinds["m.enc.a.weight"] == "sparse"
+    assert kinds["m.enc.frozen"] == "same"
+    assert kinds["head.weight"] == "dense"  # only in the fine-tune
+    assert kinds["m.enc.emb"] == "dense"  # shape changed
+    assert kinds["m.enc.ids"] == "dense"  # not floating point
+    assert files["sub/notes.txt"].frame is not None
+
+
+def test_magnitude_keeps_exactly_the_global_top_r(tmp_path: Path) -> None:
+    base, ft, base_t, ft_t = make_pair(tmp_path)
+    compress(base, ft, tmp_path / "d.slim", method="magnitude", keep=0.03)
+    names = ["enc.a.weight", "enc.a.bias", "enc.b.weight", "enc.frozen"]  # D counts every base twin
+    taus = {n: (ft_t["m." + n].float() - base_t[n].float()).reshape(-1) for n in names}
+    flat = torch.cat(list(taus.values())).abs()
+    k = -(-3 * flat.numel() // 100)
+    thr = flat.topk(k).values.min()
+    with DeltaReader(tmp_path / "d.slim") as r:
+        nnz = {t.name: t.nnz for t in r.doc.tensors if t.kind == "sparse"}
+    assert sum(nnz.values()) == k  # ⌈r·D⌉
+    assert "m.enc.frozen" not in nnz  # all-zero τ is stored as `same`
+    for n in names[:3]:
+        assert nnz["m." + n] == int((taus[n].abs() >= thr).sum())
+
+
+def test_aux_file_identical_to_the_base_is_not_stored_again(tmp_path: Path) -> None:
+    base, ft, _, _ = make_pair(tmp_path)
+    blob = b"x" * 50_000
+    (base / "tokenizer.json").write_bytes(blob)
+    (ft / "tokenizer.json").write_bytes(blob)
+    compress(base, ft, tmp_path / "d.slim", method="magnitude")
+    with DeltaReader(tmp_path / "d.slim") as r:
+        tok = next(f for f in r.doc.files if f.path == "tokenizer.json")
+    assert tok.base_path == "tokenizer.json" and tok.frame is None
+    reconstruct(base, tmp_path / "d.slim", tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == blob
+
+
+def test_scale_interpolates_the_task_vector(tmp_path: Path) -> None:
+    base, ft, base_t, ft_t = make_pair(tmp_path)
+    compress(base, ft, tmp_path / "d.slim", method="lossless")
+    half = load_state(base, tmp_path / "d.slim", scale=0.5)
+    zero = load_state(base, tmp_path / "d.slim", scale=0.0)
+    b, f = base_t["enc.a.weight"], ft_t["m.enc.a.weight"]
+    assert torch.allclose(half["m.enc.a.weight"], (b + f) / 2, atol=1e-6)
+    assert torch.equal(zero["m.enc.a.weight"], b)
+    assert torch.equal(half["head.weight"], ft_t["head.weight"])  # not in the base: unscaled
+
+
+def test_reconstruction_is_deterministic_and_recorded(tmp_path: Path) -> None:
+    base, ft, _, _ = make_pair(tmp_path, dtype=torch.bfloat16)
+    compress(base, ft, tmp_path / "d.slim", method="nps-seeded", keep=0.1, value_bits=4)
+    reconstruct(base, tmp_path / "d.slim", tmp_path / "o1")
+    reconstruct(base, tmp_path / "d.slim", tmp_path / "o2")
+    assert _files(tmp_path / "o1") == _files(tmp_path / "o2")
+    with DeltaReader(tmp_path / "d.slim") as r:
+        rec = {f.path: f.recon_sha256 for f in r.doc.files if f.role == "weights"}
+    assert rec == {k: v for k, v in _files(tmp_path / "o1").items() if k in rec}
+
+
+def test_wrong_base_fails_cleanly(tmp_path: Path) -> None:
+    base, ft, _, _ = make_pair(tmp_path / "a")
+    other, _, _, _ = make_pair(tmp_path / "b", seed=1)
+    compress(base, ft, tmp_path / "d.slim", method="magnitude")
+    with pytest.raises(IntegrityError, match="sha256"):
+        reconstruct(other, tmp_path / "d.slim", tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not list((tmp_path / "out").glob("*.incomplete"))
+
+
+def test_unrelated_fine_tune_is_refused(tmp_path: Path) -> None:
+    base, _, _, _ = make_pair(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"x": torch.zeros(5, 5)}, other / "model.safetensors")
+    with pytest.raises(BaseMismatch, match="same name and shape"):
+        compress(base, other, tmp_path / "d.slim")
+    assert not (tmp_path / "d.slim").exists()
+
+
+def test_nan_in_a_fine_tune_is_refused_for_lossy_methods(tmp_path: Path) -> None:
+    base, ft, _, ft_t = make_pair(tmp_path)
+    ft_t["m.enc.a.weight"][0, 0] = float("nan")
+    save_file(ft_t, ft / "model.safetensors")
+    with pytest.raises(InvalidCheckpoint, match="NaN"):
+        compress(base, ft, tmp_path / "d.slim", method="magnitude")
+    compress(base, ft, tmp_path / "l.slim", method="lossless")  # exact coding carries NaN
+    reconstruct(base, tmp_path / "l.slim", tmp_path / "out")
+    assert sha256_file(tmp_path / "out" / "model.safetensors") == sha256_file(
+        ft / "model.safetensors"
+    )
+
+
+def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
+    base, ft, _, _ = make_pair(tmp_path)
+    compress(base, ft, tmp_path / "d.slim", method="magnitude")
+    raw = (tmp_path / "d.slim").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    doc = json.loads(header["__metadata__"]["slimstore"])
+    doc["version"] = 2
+    header["__metadata__"]["slimstore"] = json.dumps(doc)
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    (tmp_path / "v2.slim").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+    with pytest.raises(UnsupportedFormatVersion, match="version 2"):
+        DeltaReader(tmp_path / "v2.slim")
+
+
+def test_zero_size_and_tiny_tensors(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "f").mkdir()
+    base = {"z": torch.zeros(0, 3), "one": torch.tensor([1.0]), "w": torch.randn(64)}
+    ft = {"z": torch.zeros(0, 3), "one": torch.tensor([1.5]), "w": base["w"] + 0.1}
+    save_file(base, tmp_path / "b" / "model.safetensors")
+    save_file(ft, tmp_path / "f" / "model.safetensors")
+    for method in ("magnitude", "dare", "lossless"):
+        compress(
+            tmp_path / "b", tmp_path / "f", tmp_path / f"{method}.slim", method=method, keep=0.5
+        )
+        state = load_state(tmp_path / "b", tmp_path / f"{method}.slim")
+        assert state["z"].shape == (0, 3)
+
+
+def test_delta_file_hash_of_frames_detects_tampering(tmp_path: Path) -> None:
+    base, ft, _, _ = make_pair(tmp_path)
+    compress(base, ft, tmp_path / "d.slim", method="magnitude")
+    raw = bytearray((tmp_path / "d.slim").read_bytes())
+    raw[-3] ^= 0x55  # inside the last frame
+    (tmp_path / "bad.slim").write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="sha256"):
+        reconstruct(base, tmp_path / "bad.slim", tmp_path / "out")
+    assert hashlib.sha256(bytes(raw)).hexdigest() != sha256_file(tmp_path / "d.slim")

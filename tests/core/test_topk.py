@@ -1,0 +1,52 @@
+"""Exact global top-k without a flattened copy."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core.topk import CutApplier, coarse_histogram, count_at_least, cumulative_above, top_k_cut
+
+
+def _select(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+    scores = [t.abs() for t in tensors]
+    hist = coarse_histogram(scores)
+    cut = top_k_cut(k, hist, lambda: iter(scores))
+    applier = CutApplier(cut)
+    return torch.cat([applier.mask(s) for s in scores])
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.integers(0, 300), min_size=1, max_size=5),
+    st.floats(0, 1),
+    st.integers(0, 2**31),
+    st.booleans(),
+)
+def test_keeps_exactly_the_k_largest(sizes: list[int], frac: float, seed: int, ties: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(n, generator=g) for n in sizes]
+    if ties:  # bf16-like values: many exact ties
+        tensors = [t.to(torch.bfloat16).float().round(decimals=1) for t in tensors]
+    flat = torch.cat(tensors).abs()
+    k = int(frac * flat.numel())
+    mask = _select(tensors, k)
+    assert int(mask.sum()) == k
+    if 0 < k < flat.numel():
+        assert float(flat[mask].min()) >= float(flat[~mask].max())
+
+
+def test_ties_are_broken_by_position() -> None:
+    tensors = [torch.ones(5), torch.ones(5)]
+    mask = _select(tensors, 7)
+    assert mask.tolist() == [True] * 7 + [False] * 3
+
+
+def test_histogram_counts_are_close_to_exact() -> None:
+    t = torch.randn(200_000)
+    cum = cumulative_above(coarse_histogram([t.abs()]))
+    for x in (0.01, 0.5, 1.0, 2.5):
+        exact = int((t.abs() >= x).sum())
+        approx = float(count_at_least(cum, torch.tensor([x]))[0])
+        assert abs(approx - exact) <= max(50, 0.002 * exact)

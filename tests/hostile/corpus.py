@@ -1,0 +1,283 @@
+"""A generated corpus of hostile inputs, each with the error code it must produce.
+
+``build(directory)`` writes every file and returns the cases. Run as a script to write the
+corpus into a directory for manual use: ``python -m tests.hostile.corpus OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import zstandard
+
+from core.compress import compress
+from core.safetensors_io import save_file
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: Path
+    kind: str  # safetensors | delta | calibration | path
+    code: str  # the stable error code expected
+
+
+def _header(doc: dict, pad: bool = True) -> bytes:
+    body = json.dumps(doc).encode()
+    if pad:
+        body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+def _tensor(dtype: str, shape: list[int], start: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+def safetensors_cases() -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, expected code)."""
+    ok = {"w": _tensor("F32", [2, 2], 0, 16)}
+    data16 = b"\0" * 16
+    cases: dict[str, tuple[bytes, str]] = {
+        "empty_file": (b"", "invalid_safetensors"),
+        "seven_bytes": (b"\x01" * 7, "invalid_safetensors"),
+        "length_only": (struct.pack("<Q", 16), "invalid_safetensors"),
+        "length_bigger_than_file": (struct.pack("<Q", 4096) + b"{}", "invalid_safetensors"),
+        "header_bomb": (struct.pack("<Q", 2**40) + b"{}", "header_too_large"),
+        "header_just_over_cap": (
+            struct.pack("<Q", 100 * 1024 * 1024 + 1) + b"{",
+            "header_too_large",
+        ),
+        "length_max_u64": (b"\xff" * 8 + b"{}", "header_too_large"),
+        "invalid_utf8": (struct.pack("<Q", 8) + b'{\xff\xfe"a":1}'[:8], "invalid_safetensors"),
+        "not_json": (struct.pack("<Q", 8) + b"not json", "invalid_safetensors"),
+        "json_array": (_header([1, 2, 3]), "invalid_safetensors"),  # type: ignore[arg-type]
+        "json_string": (_header("hello"), "invalid_safetensors"),  # type: ignore[arg-type]
+        "truncated_json": (struct.pack("<Q", 10) + b'{"w": {"dt', "invalid_safetensors"),
+        "truncated_data": (_header(ok) + b"\0" * 8, "invalid_safetensors"),
+        "trailing_bytes": (_header(ok) + data16 + b"\0" * 5, "invalid_safetensors"),
+        "unknown_dtype": (
+            _header({"w": _tensor("F128", [2], 0, 32)}) + b"\0" * 32,
+            "invalid_safetensors",
+        ),
+        "dtype_not_string": (
+            _header({"w": _tensor(7, [2], 0, 8)}) + b"\0" * 8,
+            "invalid_safetensors",
+        ),  # type: ignore[arg-type]
+        "shape_mismatch_span": (
+            _header({"w": _tensor("F32", [3, 3], 0, 16)}) + data16,
+            "invalid_safetensors",
+        ),
+        "negative_shape": (
+            _header({"w": _tensor("F32", [-1, 4], 0, 16)}) + data16,
+            "invalid_safetensors",
+        ),
+        "float_shape": (
+            _header({"w": _tensor("F32", [2.0, 2], 0, 16)}) + data16,
+            "invalid_safetensors",
+        ),  # type: ignore[list-item]
+        "shape_not_list": (
+            _header({"w": {"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}}) + data16,
+            "invalid_safetensors",
+        ),
+        "huge_shape_product": (
+            _header({"w": _tensor("F32", [2**31, 2**31, 2**31], 0, 16)}) + data16,
+            "invalid_safetensors",
+        ),
+        "offsets_reversed": (
+            _header({"w": _tensor("F32", [2, 2], 16, 0)}) + data16,
+            "invalid_safetensors",
+        ),
+        "offsets_missing": (
+            _header({"w": {"dtype": "F32", "shape": [2, 2]}}) + data16,
+            "invalid_safetensors",
+        ),
+        "offsets_three": (
+            _header({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8, 16]}}) + data16,
+            "invalid_safetensors",
+        ),
+        "offsets_overlap": (
+            _header({"a": _tensor("F32", [2, 2], 0, 16), "b": _tensor("F32", [2, 2], 8, 24)})
+            + b"\0" * 24,
+            "invalid_safetensors",
+        ),
+        "offsets_hole": (
+            _header({"a": _tensor("F32", [2], 0, 8), "b": _tensor("F32", [2], 16, 24)})
+            + b"\0" * 24,
+            "invalid_safetensors",
+        ),
+        "offsets_past_end": (
+            _header({"w": _tensor("F32", [2, 2], 0, 16)}) + b"\0" * 12,
+            "invalid_safetensors",
+        ),
+        "offsets_negative": (
+            _header({"w": _tensor("F32", [2], -8, 0)}) + b"",
+            "invalid_safetensors",
+        ),
+        "duplicate_names": (
+            struct.pack("<Q", 120)
+            + b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}'.ljust(
+                120
+            ),
+            "invalid_safetensors",
+        ),
+        "metadata_not_strings": (
+            _header({"__metadata__": {"a": 1}, **ok}) + data16,
+            "invalid_safetensors",
+        ),
+        "metadata_not_object": (
+            _header({"__metadata__": [1], **ok}) + data16,
+            "invalid_safetensors",
+        ),
+        "entry_not_object": (_header({"w": [1, 2]}) + data16, "invalid_safetensors"),
+        "empty_name": (
+            _header({"": _tensor("F32", [2, 2], 0, 16)}) + data16,
+            "invalid_safetensors",
+        ),
+        "nul_in_name": (
+            _header({"w\u0000x": _tensor("F32", [2, 2], 0, 16)}) + data16,
+            "invalid_safetensors",
+        ),
+        "pickle_disguised": (b"\x80\x04\x95" + b"\0" * 64, "invalid_safetensors"),
+        "zip_disguised": (b"PK\x03\x04" + b"\0" * 64, "invalid_safetensors"),
+        "bool_offsets": (
+            _header({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [False, 16]}}) + data16,
+            "invalid_safetensors",
+        ),
+    }
+    return cases
+
+
+def _tiny_pair(root: Path) -> tuple[Path, Path]:
+    base, ft = root / "_base", root / "_ft"
+    base.mkdir(parents=True, exist_ok=True)
+    ft.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    b = {"a.weight": torch.randn(32, 16, generator=g), "a.bias": torch.randn(32, generator=g)}
+    f = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in b.items()}
+    save_file(b, base / "model.safetensors")
+    save_file(f, ft / "model.safetensors")
+    return base, ft
+
+
+def delta_cases(root: Path) -> dict[str, tuple[bytes, str]]:
+    base, ft = _tiny_pair(root)
+    good = root / "_good.slim"
+    compress(base, ft, good, method="magnitude", keep=0.2)
+    raw = good.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    doc = json.loads(header["__metadata__"]["slimstore"])
+    data = raw[8 + n :]
+
+    def rebuild(new_doc: dict, new_data: bytes = data, entries: dict | None = None) -> bytes:
+        h = dict(entries if entries is not None else header)
+        h["__metadata__"] = {"slimstore": json.dumps(new_doc)}
+        return _header(h) + new_data
+
+    cases: dict[str, tuple[bytes, str]] = {}
+    cases["delta_future_version"] = (rebuild({**doc, "version": 99}), "unsupported_format_version")
+    cases["delta_version_string"] = (rebuild({**doc, "version": "1"}), "unsupported_format_version")
+    cases["delta_wrong_format_name"] = (rebuild({**doc, "format": "other"}), "invalid_delta")
+    cases["delta_doc_not_json"] = (
+        _header(
+            {
+                **{k: v for k, v in header.items() if k != "__metadata__"},
+                "__metadata__": {"slimstore": "{nope"},
+            }
+        )
+        + data,
+        "invalid_delta",
+    )
+    cases["delta_no_document"] = (
+        _header({k: v for k, v in header.items() if k != "__metadata__"}) + data,
+        "invalid_delta",
+    )
+    missing = dict(doc)
+    del missing["tensors"]
+    cases["delta_doc_missing_field"] = (rebuild(missing), "invalid_delta")
+    # flip one byte inside the first value frame: the recorded sha256 no longer matches
+    val = next(name for name in header if name.endswith(".val"))
+    start = header[val]["data_offsets"][0]
+    tampered = bytearray(data)
+    tampered[start] ^= 0xFF
+    cases["delta_tampered_frame"] = (rebuild(doc, bytes(tampered)), "integrity_error")
+    # a frame that inflates far beyond what the document says it holds (a zstd bomb)
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 * 1024 * 1024))
+    names = [k for k in header if k != "__metadata__"]
+    blobs = {k: data[header[k]["data_offsets"][0] : header[k]["data_offsets"][1]] for k in names}
+    blobs[val] = bomb
+    new_entries: dict = {}
+    new_data = b""
+    for k in names:
+        new_entries[k] = {
+            "dtype": "U8",
+            "shape": [len(blobs[k])],
+            "data_offsets": [len(new_data), len(new_data) + len(blobs[k])],
+        }
+        new_data += blobs[k]
+    bomb_doc = json.loads(json.dumps(doc))
+    bomb_doc["frames"][val] = {"size": len(bomb), "sha256": hashlib.sha256(bomb).hexdigest()}
+    cases["delta_zstd_bomb"] = (rebuild(bomb_doc, new_data, new_entries), "invalid_delta")
+    # a frame named in the document that the container lacks
+    ghost = json.loads(json.dumps(doc))
+    ghost["frames"]["ghost"] = {"size": 4, "sha256": "0" * 64}
+    cases["delta_missing_frame"] = (rebuild(ghost), "invalid_delta")
+    traversal = json.loads(json.dumps(doc))
+    traversal["files"][0]["path"] = "../../etc/evil.safetensors"
+    cases["delta_path_traversal"] = (rebuild(traversal), "invalid_delta")
+    return cases
+
+
+def calibration_cases() -> dict[str, tuple[bytes, str]]:
+    return {
+        "calibration_not_json": (b"this is not json\n", "invalid_calibration"),
+        "calibration_no_text": (b'{"label": 1}\n', "invalid_calibration"),
+        "calibration_text_not_string": (b'{"text": 5}\n', "invalid_calibration"),
+        "calibration_bad_label": (b'{"text": "a", "label": [1]}\n', "invalid_calibration"),
+        "calibration_empty": (b"\n\n", "invalid_calibration"),
+        "calibration_not_utf8": (b'{"text": "\xff\xfe"}\n', "invalid_calibration"),
+        "calibration_missing_label": (b'{"text": "a"}\n', "invalid_calibration"),
+    }
+
+
+PATH_CASES = {
+    "path_dotdot": "../model.safetensors",
+    "path_nested_dotdot": "a/../../model.safetensors",
+    "path_absolute": "/etc/passwd",
+    "path_nul": "model\x00.safetensors",
+    "path_backslash": "..\\model.safetensors",
+    "path_empty": "",
+    "path_dot": ".",
+}
+
+
+def build(directory: str | Path) -> list[Case]:
+    """Write the corpus into ``directory``; returns every case with its expected code."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    cases: list[Case] = []
+    for kind, table, suffix in (
+        ("safetensors", safetensors_cases(), ".safetensors"),
+        ("delta", delta_cases(root), ".slim"),
+        ("calibration", calibration_cases(), ".jsonl"),
+    ):
+        for name, (data, code) in table.items():
+            path = root / f"{name}{suffix}"
+            path.write_bytes(data)
+            cases.append(Case(name, path, kind, code))
+    manifest = root / "paths.json"
+    manifest.write_text(json.dumps(PATH_CASES))
+    for name in PATH_CASES:
+        cases.append(Case(name, manifest, "path", "invalid_path"))
+    return cases
+
+
+if __name__ == "__main__":
+    out = build(sys.argv[1] if len(sys.argv) > 1 else "hostile-corpus")
+    print(f"wrote {len(out)} cases")
