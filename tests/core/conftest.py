@@ -79,7 +79,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ft.bert.load_state_dict(base.state_dict())
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in ft.bert.named_parameters():
+        for _name, p in ft.bert.named_parameters():
             if p.ndim == 2:
                 u = torch.randn(p.shape[0], 2, generator=g) * 0.05
                 v = torch.randn(2, p.shape[1], generator=g)

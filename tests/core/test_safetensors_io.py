@@ -89,7 +89,7 @@ def test_index_that_disagrees_with_the_shards_is_refused(tmp_path: Path) -> None
 
 def test_directory_without_weights_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(InvalidCheckpoint, match="no .safetensors"):
+    with pytest.raises(InvalidCheckpoint, match=r"no \.safetensors"):
         CheckpointDir.open(tmp_path)
 
 

@@ -1,0 +1,55 @@
+"""Golden bytes: committed deltas must keep reading to the same checkpoints, and today's
+writer must produce the same frames and document. A deliberate format change regenerates them
+(``python -m tests.core.golden.make_golden``) and bumps FORMAT_VERSION."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from core.compress import compress
+from core.constants import FORMAT_VERSION
+from core.delta_format import DeltaReader
+from core.reconstruct import reconstruct
+from tests.core.golden.make_golden import CASES, HERE, write_pair
+
+MANIFEST = json.loads((HERE / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_delta_reconstructs_to_pinned_bytes(tmp_path: Path, name: str) -> None:
+    base, ft = write_pair(tmp_path)
+    golden = HERE / f"{name}.slim"
+    assert golden.stat().st_size == MANIFEST[name]["size"]
+    with DeltaReader(golden) as r:
+        assert r.doc.version == FORMAT_VERSION
+    out = reconstruct(base, golden, tmp_path / "out")
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
+    assert got == MANIFEST[name]["files"]
+    if name == "lossless":
+        assert (
+            got["model.safetensors"]
+            == hashlib.sha256((ft / "model.safetensors").read_bytes()).hexdigest()
+        )
+
+
+def _strip_timing(doc: dict) -> dict:
+    doc = json.loads(json.dumps(doc))
+    doc["evaluation"].pop("search_seconds", None)
+    return doc
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_writer_reproduces_the_golden_frames_and_document(tmp_path: Path, name: str) -> None:
+    base, ft = write_pair(tmp_path)
+    compress(base, ft, tmp_path / "new.slim", **CASES[name])  # type: ignore[arg-type]
+    with DeltaReader(HERE / f"{name}.slim") as old, DeltaReader(tmp_path / "new.slim") as new:
+        assert list(old.header.tensors) == list(new.header.tensors)
+        for frame in old.doc.frames:
+            assert old.frame(frame) == new.frame(frame), frame
+        from dataclasses import asdict
+
+        assert _strip_timing(asdict(old.doc)) == _strip_timing(asdict(new.doc))

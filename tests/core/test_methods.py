@@ -1,0 +1,215 @@
+"""Methods on a tiny real transformers model: the fitness, NPS's search, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.compress import build_evaluator, compress
+from core.delta_format import DeltaReader
+from core.errors import EvaluationUnavailable, InvalidArgument, InvalidCalibration
+from core.methods import REGISTRY, FitContext, make_method
+from core.methods.nps_seeded import budget_rates
+from core.methods.subspaces import boundary_ranks, tensor_group
+from core.reconstruct import load_state
+from core.workspace import Workspace
+
+
+def test_registry_names_papers_and_params() -> None:
+    assert set(REGISTRY) == {
+        "nps",
+        "nps-seeded",
+        "magnitude",
+        "magnitude-scaled",
+        "dare",
+        "lossless",
+    }
+    for cls in REGISTRY.values():
+        assert cls.paper.startswith("https://arxiv.org/abs/")
+    with pytest.raises(InvalidArgument, match="unknown method"):
+        make_method("zip")
+    with pytest.raises(InvalidArgument, match="keep"):
+        make_method("nps", keep=0.0)
+
+
+def test_graded_bins_straddle_the_threshold() -> None:
+    ranks = boundary_ranks(1_000_000, 10_000, 8, "graded")
+    assert ranks == [1250, 2500, 5000, 10000, 20000, 40000, 80000]
+    assert boundary_ranks(800, 10, 8, "equal") == [100, 200, 300, 400, 500, 600, 700]
+
+
+def test_budget_rates_keep_the_expected_count() -> None:
+    sizes = np.array([100.0, 1000.0, 10000.0])
+    rho = budget_rates(np.array([2.0, 0.0, -1.0]), sizes, 300.0)
+    assert abs(float((rho * sizes).sum()) - 300.0) < 1e-6
+    assert rho[0] > rho[1] > rho[2]
+
+
+def test_tensor_groups() -> None:
+    assert tensor_group("bert.encoder.layer.0.attention.self.query.weight", 2) == "attn_in"
+    assert tensor_group("bert.encoder.layer.0.attention.output.dense.weight", 2) == "attn_out"
+    assert tensor_group("bert.encoder.layer.0.output.dense.weight", 2) == "mlp_out"
+    assert tensor_group("bert.encoder.layer.0.intermediate.dense.weight", 2) == "mlp_in"
+    assert tensor_group("bert.embeddings.LayerNorm.weight", 1) == "embed"
+    assert tensor_group("bert.encoder.layer.0.output.LayerNorm.weight", 1) == "norm"
+    assert tensor_group("bert.encoder.layer.0.output.dense.bias", 1) == "bias"
+    assert tensor_group("model.layers.0.self_attn.q_proj.weight", 2) == "attn_in"
+
+
+def _evaluator(tiny: dict[str, Path], kind: str = "fidelity", ws: Workspace | None = None):  # type: ignore[no-untyped-def]
+    ws = ws or Workspace(tiny["base"], tiny["ft"])
+    return ws, build_evaluator(kind, ws, tiny["ft"], tiny["calibration"], seed=0)
+
+
+def test_fitness_of_the_fine_tune_itself_is_perfect(tiny_models: dict[str, Path]) -> None:
+    ws, ev = _evaluator(tiny_models)
+    assert ev is not None and ev.parts == ("search", "holdout")
+    ref = ev.run()
+    assert ref.metrics["agreement"] == 1.0 and abs(ref.metrics["kl"]) < 1e-9
+    for name in ev.tensor_names:  # base weights: the task vector removed
+        ev.apply(name, None)
+    removed = ev.run()
+    assert removed.metrics["agreement"] < 1.0 and removed.fitness < ref.fitness
+    for name in ev.tensor_names:  # writing τ back restores the fine-tune
+        ev.apply(name, ws.tau(next(p for p in ws.delta_plans if p.name == name)))
+    assert ev.run().metrics["agreement"] == 1.0
+
+
+def test_nps_is_deterministic_and_never_worse_than_its_start(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    common = dict(
+        method="nps",
+        keep=0.02,
+        evaluation="fidelity",
+        calibration=tiny_models["calibration"],
+        seed=3,
+        options={"generations": 3},
+    )
+    a = compress(tiny_models["base"], tiny_models["ft"], tmp_path / "a.slim", **common)  # type: ignore[arg-type]
+    b = compress(tiny_models["base"], tiny_models["ft"], tmp_path / "b.slim", **common)  # type: ignore[arg-type]
+    assert (tmp_path / "a.slim").read_bytes() != b"" and a.trace == b.trace
+    with DeltaReader(tmp_path / "a.slim") as ra, DeltaReader(tmp_path / "b.slim") as rb:
+        assert ra.doc.method["result"]["w"] == rb.doc.method["result"]["w"]
+        assert [f.recon_sha256 for f in ra.doc.files] == [f.recon_sha256 for f in rb.doc.files]
+    result = a.trace
+    start = result[0]["best_fitness"]
+    assert all(t["best_fitness"] >= start for t in result)
+    assert a.evaluations >= 3 * 4  # generations × population, at least
+    progress: list[dict] = []
+    compress(
+        tiny_models["base"],
+        tiny_models["ft"],
+        tmp_path / "c.slim",
+        progress=progress.append,
+        **common,
+    )  # type: ignore[arg-type]
+    gens = [p["generation"] for p in progress if p.get("phase") == "search"]
+    assert gens == [0, 1, 2, 3]
+
+
+def test_nps_weights_evaluation_reduces_to_magnitude(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    r_nps = compress(
+        tiny_models["base"], tiny_models["ft"], tmp_path / "n.slim", method="nps", keep=0.05
+    )
+    r_mag = compress(
+        tiny_models["base"], tiny_models["ft"], tmp_path / "m.slim", method="magnitude", keep=0.05
+    )
+    assert any("reduces to magnitude" in n for n in r_nps.notes)
+    s1 = load_state(tiny_models["base"], tmp_path / "n.slim")
+    s2 = load_state(tiny_models["base"], tmp_path / "m.slim")
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_search_methods_beat_plain_magnitude_on_their_fitness(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    args = dict(keep=0.01, evaluation="fidelity", calibration=tiny_models["calibration"], seed=0)
+    plain = compress(
+        tiny_models["base"], tiny_models["ft"], tmp_path / "p.slim", method="magnitude", **args
+    )  # type: ignore[arg-type]
+    scaled = compress(
+        tiny_models["base"],
+        tiny_models["ft"],
+        tmp_path / "s.slim",
+        method="magnitude-scaled",
+        options={"grid": 7, "refine": 2},
+        **args,
+    )  # type: ignore[arg-type]
+    nps = compress(
+        tiny_models["base"],
+        tiny_models["ft"],
+        tmp_path / "n.slim",
+        method="nps",
+        options={"generations": 4},
+        **args,
+    )  # type: ignore[arg-type]
+    assert (
+        plain.fitness_after is not None
+        and scaled.fitness_after is not None
+        and nps.fitness_after is not None
+    )
+    assert scaled.fitness_after >= plain.fitness_after - 1e-9
+    assert nps.fitness_after >= plain.fitness_after - 1e-9
+    # same keep ratio, same storage layout: a search buys fidelity, not bytes
+    assert abs(nps.kept - plain.kept) <= 1
+
+
+def test_accuracy_needs_labels_and_a_classifier(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    unlabelled = tmp_path / "u.jsonl"
+    unlabelled.write_text('{"text": "a good movie"}\n')
+    with pytest.raises(InvalidCalibration, match="label"):
+        compress(
+            tiny_models["base"],
+            tiny_models["ft"],
+            tmp_path / "x.slim",
+            method="nps",
+            evaluation="accuracy",
+            calibration=unlabelled,
+        )
+    with pytest.raises(InvalidArgument, match="calibration"):
+        compress(
+            tiny_models["base"],
+            tiny_models["ft"],
+            tmp_path / "x.slim",
+            method="nps",
+            evaluation="fidelity",
+        )
+    (tiny_models["root"] / "noconfig").mkdir(exist_ok=True)
+    ws = Workspace(tiny_models["base"], tiny_models["ft"])
+    with pytest.raises(EvaluationUnavailable, match="config.json"):
+        build_evaluator(
+            "fidelity", ws, tiny_models["root"] / "noconfig", tiny_models["calibration"]
+        )
+
+
+def test_accuracy_evaluation_reports_accuracy(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    r = compress(
+        tiny_models["base"],
+        tiny_models["ft"],
+        tmp_path / "a.slim",
+        method="nps-seeded",
+        keep=0.05,
+        evaluation="accuracy",
+        calibration=tiny_models["calibration"],
+        options={"generations": 2},
+    )
+    assert "accuracy" in r.metrics_after and "accuracy" in r.metrics_reference
+    assert r.fidelity is not None and 0 <= r.fidelity <= 2
+
+
+def test_quantisation_is_applied_inside_the_fitness(tiny_models: dict[str, Path]) -> None:
+    ws = Workspace(tiny_models["base"], tiny_models["ft"])
+    ev = build_evaluator("fidelity", ws, tiny_models["ft"], tiny_models["calibration"])
+    ctx16 = FitContext(keep=0.05, value_bits=16, evaluator=ev)
+    ctx1 = FitContext(keep=0.05, value_bits=1, evaluator=ev)
+    f16 = make_method("nps", keep=0.05, generations=0).fit(ws, ctx16)
+    f1 = make_method("nps", keep=0.05, generations=0).fit(ws, ctx1)
+    assert f16.result["fitness_start"] != f1.result["fitness_start"]
