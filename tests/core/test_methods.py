@@ -117,7 +117,7 @@ def test_nps_weights_evaluation_reduces_to_magnitude(
     r_nps = compress(
         tiny_models["base"], tiny_models["ft"], tmp_path / "n.slim", method="nps", keep=0.05
     )
-    r_mag = compress(
+    compress(
         tiny_models["base"], tiny_models["ft"], tmp_path / "m.slim", method="magnitude", keep=0.05
     )
     assert any("reduces to magnitude" in n for n in r_nps.notes)
@@ -184,7 +184,7 @@ def test_accuracy_needs_labels_and_a_classifier(
         )
     (tiny_models["root"] / "noconfig").mkdir(exist_ok=True)
     ws = Workspace(tiny_models["base"], tiny_models["ft"])
-    with pytest.raises(EvaluationUnavailable, match="config.json"):
+    with pytest.raises(EvaluationUnavailable, match=r"config\.json"):
         build_evaluator(
             "fidelity", ws, tiny_models["root"] / "noconfig", tiny_models["calibration"]
         )
