@@ -1,0 +1,1 @@
+"""Alembic migrations for Slimstore's schema; run them with ``storage.db.migrate(url)``."""

@@ -1,0 +1,418 @@
+"""Repository functions over bases, checkpoints, files and blobs.
+
+Thin, typed helpers for the API and the worker. They add, change and delete rows and flush,
+but never commit: the caller owns the transaction (``with Session.begin(): ...``). Lookups by
+id take an optional ``namespace``; a row in another namespace is reported as not found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import exists, func, select, union
+from sqlalchemy.exc import IntegrityError as DbIntegrityError
+from sqlalchemy.orm import Session
+
+from storage.blob_common import BlobInfo
+from storage.errors import AlreadyExists, Conflict, InvalidPath, NotFound
+from storage.models import (
+    DEFAULT_NAMESPACE,
+    Base,
+    BaseState,
+    Blob,
+    Checkpoint,
+    CheckpointState,
+    File,
+    FileRole,
+    Job,
+    JobState,
+)
+
+_Row = TypeVar("_Row", Base, Checkpoint)
+
+
+def check_relative_path(path: str) -> str:
+    """Return ``path`` if it is a plain relative POSIX path (``a/b.safetensors``).
+
+    Raises:
+        InvalidPath: absolute, empty, with a backslash, NUL, or a '', '.' or '..' component.
+    """
+    parts = path.split("/")
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\x00" in path
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise InvalidPath(
+            f"invalid file path {path!r}; use a relative path like 'model.safetensors' or "
+            "'tokenizer/vocab.json' without '..', leading '/', or backslashes"
+        )
+    return path
+
+
+# -- bases -----------------------------------------------------------------------------------
+
+
+def create_base(session: Session, *, name: str, namespace: str = DEFAULT_NAMESPACE) -> Base:
+    """A new base in state ``uploading``.
+
+    Raises:
+        AlreadyExists: the namespace already has a base of this name.
+    """
+    base = Base(namespace=namespace, name=name, state=BaseState.UPLOADING, total_bytes=0)
+    _insert_unique(session, base, f"a base named {name!r} already exists in {namespace!r}")
+    return base
+
+
+def get_base(session: Session, base_id: str, *, namespace: str | None = None) -> Base:
+    """The base with this id (in ``namespace``, if given).
+
+    Raises:
+        NotFound: no such base.
+    """
+    return _get(session, Base, base_id, namespace, "base", "GET /v1/bases")
+
+
+def find_base(session: Session, *, name: str, namespace: str = DEFAULT_NAMESPACE) -> Base | None:
+    """The base of this name in the namespace, or None."""
+    return session.scalars(
+        select(Base).where(Base.namespace == namespace, Base.name == name)
+    ).first()
+
+
+def list_bases(
+    session: Session, *, namespace: str = DEFAULT_NAMESPACE, limit: int = 100, offset: int = 0
+) -> list[Base]:
+    """Bases of a namespace, oldest first."""
+    stmt = (
+        select(Base)
+        .where(Base.namespace == namespace)
+        .order_by(Base.created_at, Base.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.scalars(stmt))
+
+
+def delete_base(session: Session, base_id: str, *, namespace: str | None = None) -> None:
+    """Delete a base and its file rows (their blobs are left to garbage collection).
+
+    Raises:
+        NotFound: no such base.
+        Conflict: checkpoints still depend on it (HTTP 409).
+    """
+    base = get_base(session, base_id, namespace=namespace)
+    dependents = session.scalar(
+        select(func.count()).select_from(Checkpoint).where(Checkpoint.base_id == base.id)
+    )
+    if dependents:
+        raise Conflict(
+            f"base {base.name!r} has {dependents} checkpoint(s) stored against it; "
+            "delete those checkpoints first"
+        )
+    try:
+        with session.begin_nested():
+            session.delete(base)
+    except DbIntegrityError as exc:  # a checkpoint was created meanwhile
+        raise Conflict(
+            f"base {base.name!r} gained a checkpoint while being deleted; "
+            "delete the checkpoints first"
+        ) from exc
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def create_checkpoint(
+    session: Session,
+    *,
+    name: str,
+    base_id: str,
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    derived_from: Any = None,
+) -> Checkpoint:
+    """A new checkpoint in state ``uploading`` against a ready base of the same namespace.
+
+    Raises:
+        NotFound: no such base in the namespace.
+        Conflict: the base is still uploading.
+        AlreadyExists: the namespace already has a checkpoint of this name.
+    """
+    base = get_base(session, base_id, namespace=namespace)
+    if base.state != BaseState.READY:
+        raise Conflict(
+            f"base {base.name!r} is still {base.state.value}; commit it "
+            f"(POST /v1/bases/{base.id}/commit) before adding checkpoints"
+        )
+    checkpoint = Checkpoint(
+        namespace=namespace,
+        name=name,
+        base_id=base.id,
+        method=method,
+        params=dict(params or {}),
+        derived_from=derived_from,
+        state=CheckpointState.UPLOADING,
+        original_bytes=0,
+    )
+    _insert_unique(
+        session, checkpoint, f"a checkpoint named {name!r} already exists in {namespace!r}"
+    )
+    return checkpoint
+
+
+def get_checkpoint(
+    session: Session, checkpoint_id: str, *, namespace: str | None = None
+) -> Checkpoint:
+    """The checkpoint with this id (in ``namespace``, if given).
+
+    Raises:
+        NotFound: no such checkpoint.
+    """
+    return _get(session, Checkpoint, checkpoint_id, namespace, "checkpoint", "GET /v1/checkpoints")
+
+
+def find_checkpoint(
+    session: Session, *, name: str, namespace: str = DEFAULT_NAMESPACE
+) -> Checkpoint | None:
+    """The checkpoint of this name in the namespace, or None."""
+    return session.scalars(
+        select(Checkpoint).where(Checkpoint.namespace == namespace, Checkpoint.name == name)
+    ).first()
+
+
+def list_checkpoints(
+    session: Session,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    base_id: str | None = None,
+    state: CheckpointState | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[Checkpoint]:
+    """Checkpoints of a namespace, oldest first, optionally of one base or in one state."""
+    stmt = select(Checkpoint).where(Checkpoint.namespace == namespace)
+    if base_id is not None:
+        stmt = stmt.where(Checkpoint.base_id == base_id)
+    if state is not None:
+        stmt = stmt.where(Checkpoint.state == CheckpointState(state))
+    stmt = stmt.order_by(Checkpoint.created_at, Checkpoint.id).limit(limit).offset(offset)
+    return list(session.scalars(stmt))
+
+
+def delete_checkpoint(
+    session: Session, checkpoint_id: str, *, namespace: str | None = None
+) -> None:
+    """Delete a checkpoint with its file rows and jobs (blobs are left to garbage collection).
+
+    A worker still running its job finds its lease gone at the next heartbeat and stops.
+
+    Raises:
+        NotFound: no such checkpoint.
+    """
+    session.delete(get_checkpoint(session, checkpoint_id, namespace=namespace))
+    session.flush()
+
+
+# -- blobs and files -------------------------------------------------------------------------
+
+
+def record_blob(session: Session, info: BlobInfo) -> Blob:
+    """The ``blobs`` row for a stored blob, inserted if missing (safe under concurrency).
+
+    Call it after ``BlobStore.put_*`` returned and before adding rows that point at the key.
+    """
+    blob = session.get(Blob, info.key)
+    if blob is not None:
+        return blob
+    try:
+        with session.begin_nested():
+            blob = Blob(key=info.key, sha256=info.sha256, size=info.size)
+            session.add(blob)
+    except DbIntegrityError:  # inserted concurrently
+        blob = session.get(Blob, info.key, populate_existing=True)
+        if blob is None:
+            raise
+    return blob
+
+
+def put_file(
+    session: Session,
+    *,
+    path: str,
+    size: int,
+    sha256: str,
+    blob_key: str | None,
+    role: FileRole,
+    base_id: str | None = None,
+    checkpoint_id: str | None = None,
+) -> File:
+    """Add the file row of a base or a checkpoint (exactly one), replacing one at the same path.
+
+    Raises:
+        InvalidPath: ``path`` is not a plain relative path.
+        ValueError: not exactly one of ``base_id`` and ``checkpoint_id`` given.
+    """
+    check_relative_path(path)
+    row = _find_file(session, path=path, base_id=base_id, checkpoint_id=checkpoint_id)
+    if row is None:
+        row = File(base_id=base_id, checkpoint_id=checkpoint_id, path=path)
+        session.add(row)
+    row.size = size
+    row.sha256 = sha256
+    row.blob_key = blob_key
+    row.role = FileRole(role)
+    row.recon_sha256 = None
+    session.flush()
+    return row
+
+
+def get_file(
+    session: Session, *, path: str, base_id: str | None = None, checkpoint_id: str | None = None
+) -> File:
+    """The file row at ``path`` of a base or a checkpoint.
+
+    Raises:
+        NotFound: no such file.
+    """
+    row = _find_file(session, path=path, base_id=base_id, checkpoint_id=checkpoint_id)
+    if row is None:
+        raise NotFound(f"no file {path!r} here; list the files with GET on the base or checkpoint")
+    return row
+
+
+def list_files(
+    session: Session, *, base_id: str | None = None, checkpoint_id: str | None = None
+) -> list[File]:
+    """File rows of a base or a checkpoint, by path."""
+    stmt = select(File).where(_owner(base_id, checkpoint_id)).order_by(File.path)
+    return list(session.scalars(stmt))
+
+
+def referenced_blob_keys(session: Session, among: Collection[str] | None = None) -> set[str]:
+    """Blob keys that rows point at (file originals and checkpoint deltas).
+
+    With ``among``, only those of the given keys (one query per call; batch large sets).
+    """
+    file_keys = select(File.blob_key).where(File.blob_key.is_not(None))
+    delta_keys = select(Checkpoint.delta_blob_key).where(Checkpoint.delta_blob_key.is_not(None))
+    if among is not None:
+        if not among:
+            return set()
+        file_keys = file_keys.where(File.blob_key.in_(among))
+        delta_keys = delta_keys.where(Checkpoint.delta_blob_key.in_(among))
+    return {key for key in session.scalars(union(file_keys, delta_keys)) if key is not None}
+
+
+def unreferenced_blob_condition() -> Any:
+    """SQL condition on ``Blob``: no file or checkpoint row points at it."""
+    return ~exists().where(File.blob_key == Blob.key) & ~exists().where(
+        Checkpoint.delta_blob_key == Blob.key
+    )
+
+
+# -- stats -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Stats:
+    """Storage totals for the dashboard.
+
+    ``logical_bytes``: what the stored models would take as plain files (base files plus
+    original checkpoint files). ``stored_bytes``: what the referenced blobs actually take,
+    each distinct blob counted once.
+    """
+
+    logical_bytes: int = 0
+    stored_bytes: int = 0
+    num_bases: int = 0
+    num_checkpoints: int = 0
+    num_blobs: int = 0
+    checkpoints_by_state: dict[str, int] = field(default_factory=dict)
+    jobs_by_state: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """logical / stored, or None while nothing is stored."""
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else None
+
+
+def stats(session: Session, *, namespace: str | None = None) -> Stats:
+    """Totals over one namespace, or over everything when ``namespace`` is None."""
+    bases = select(Base.id, Base.total_bytes)
+    checkpoints = select(Checkpoint.id, Checkpoint.original_bytes, Checkpoint.state)
+    if namespace is not None:
+        bases = bases.where(Base.namespace == namespace)
+        checkpoints = checkpoints.where(Checkpoint.namespace == namespace)
+    base_q, ckpt_q = bases.subquery(), checkpoints.subquery()
+
+    out = Stats()
+    out.num_bases, base_bytes = session.execute(
+        select(func.count(), func.coalesce(func.sum(base_q.c.total_bytes), 0))
+    ).one()
+    out.num_checkpoints, ckpt_bytes = session.execute(
+        select(func.count(), func.coalesce(func.sum(ckpt_q.c.original_bytes), 0))
+    ).one()
+    out.logical_bytes = int(base_bytes) + int(ckpt_bytes)
+    for state, count in session.execute(
+        select(ckpt_q.c.state, func.count()).group_by(ckpt_q.c.state)
+    ):
+        out.checkpoints_by_state[CheckpointState(state).value] = count
+    job_rows = session.execute(
+        select(Job.state, func.count())
+        .where(Job.checkpoint_id.in_(select(ckpt_q.c.id)))
+        .group_by(Job.state)
+    )
+    for state, count in job_rows:
+        out.jobs_by_state[JobState(state).value] = count
+
+    keys = union(
+        select(File.blob_key.label("key")).where(File.base_id.in_(select(base_q.c.id))),
+        select(File.blob_key).where(File.checkpoint_id.in_(select(ckpt_q.c.id))),
+        select(Checkpoint.delta_blob_key).where(Checkpoint.id.in_(select(ckpt_q.c.id))),
+    ).subquery()
+    out.num_blobs, stored = session.execute(
+        select(func.count(), func.coalesce(func.sum(Blob.size), 0)).where(
+            Blob.key.in_(select(keys.c.key))
+        )
+    ).one()
+    out.stored_bytes = int(stored)
+    return out
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _get(
+    session: Session, model: type[_Row], row_id: str, namespace: str | None, what: str, hint: str
+) -> _Row:
+    row = session.get(model, row_id)
+    if row is None or (namespace is not None and row.namespace != namespace):
+        raise NotFound(f"{what} {row_id} does not exist; list them with {hint}")
+    return row
+
+
+def _insert_unique(session: Session, row: Base | Checkpoint, message: str) -> None:
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except DbIntegrityError as exc:
+        raise AlreadyExists(f"{message}; pick another name or delete the existing one") from exc
+
+
+def _find_file(
+    session: Session, *, path: str, base_id: str | None, checkpoint_id: str | None
+) -> File | None:
+    stmt = select(File).where(_owner(base_id, checkpoint_id), File.path == path)
+    return session.scalars(stmt).first()
+
+
+def _owner(base_id: str | None, checkpoint_id: str | None) -> Any:
+    if (base_id is None) == (checkpoint_id is None):
+        raise ValueError("a file belongs to exactly one of base_id and checkpoint_id")
+    return File.base_id == base_id if base_id is not None else File.checkpoint_id == checkpoint_id
