@@ -246,3 +246,28 @@ class DeltaReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def rewrite_document(path: str | os.PathLike[str], doc: DeltaDoc) -> None:
+    """Replace a delta's document, keeping its frames (the container is rewritten atomically).
+
+    Only informative parts (method, evaluation, stats) may change: the frames must stay the
+    ones the document lists.
+    """
+    path = Path(path)
+    reader = DeltaReader(path)
+    try:
+        if set(doc.frames) != set(reader.doc.frames):
+            raise InvalidDelta("a rewritten document must list the same frames")
+        entries = [(n, "U8", (info.nbytes,)) for n, info in reader.header.tensors.items()]
+        header = build_header(entries, {METADATA_KEY: doc.to_json()})
+        tmp = path.with_name(path.name + ".tmp")
+        with open(path, "rb") as src, open(tmp, "wb") as out:
+            out.write(header)
+            src.seek(reader.header.data_offset)
+            shutil.copyfileobj(src, out, CHUNK_SIZE)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        reader.close()

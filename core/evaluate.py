@@ -102,6 +102,9 @@ class Evaluator(Protocol):
     def run(self, part: str = "search") -> Score:
         """Score the candidate currently written into the model on one calibration part."""
 
+    def part_size(self, part: str) -> int:
+        """Number of examples in a calibration part."""
+
     @property
     def tensor_names(self) -> list[str]:
         """The fine-tune tensor names this evaluator writes (delta tensors only)."""
@@ -216,6 +219,9 @@ class ModelEvaluator:
     @property
     def parts(self) -> tuple[str, ...]:
         return tuple(self._parts)
+
+    def part_size(self, part: str) -> int:
+        return self._parts[part].n
 
     def run(self, part: str = "search") -> Score:
         p = self._parts[part]

@@ -213,3 +213,31 @@ def test_quantisation_is_applied_inside_the_fitness(tiny_models: dict[str, Path]
     f16 = make_method("nps", keep=0.05, generations=0).fit(ws, ctx16)
     f1 = make_method("nps", keep=0.05, generations=0).fit(ws, ctx1)
     assert f16.result["fitness_start"] != f1.result["fitness_start"]
+
+
+def test_auto_finds_a_small_encoding_above_the_floor(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from core.auto import auto_compress, ladder
+
+    steps = ladder()
+    assert [c.estimated_bits for c in steps] == sorted(c.estimated_bits for c in steps)
+    r = auto_compress(
+        tiny_models["base"],
+        tiny_models["ft"],
+        tmp_path / "a.slim",
+        min_fidelity=0.9,
+        calibration=tiny_models["calibration"],
+        generations=1,
+    )
+    assert r.method.startswith("auto:")
+    with DeltaReader(tmp_path / "a.slim") as reader:
+        trail = reader.doc.method["auto"]["trail"]
+    tried = [s for s in trail if "fidelity_holdout" in s]
+    assert tried and tried[-1]["fidelity_holdout"] >= 0.9
+    assert all(s["fidelity_holdout"] < 0.9 for s in tried[:-1])
+    assert trail[-1]["encoded"] == tried[-1]["method"]
+    lossless = compress(
+        tiny_models["base"], tiny_models["ft"], tmp_path / "l.slim", method="lossless"
+    )
+    assert r.stored_bytes < lossless.stored_bytes

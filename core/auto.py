@@ -1,0 +1,217 @@
+"""``auto``: the smallest stored encoding whose fidelity stays above a floor.
+
+Candidates (method, keep ratio, value bits) are ordered by their estimated stored bits per
+parameter. Each is scored without writing anything — cheap methods with one evaluation, the
+``nps-seeded`` search with a short budget — and judged on the **held-out** part of the
+calibration data (never the part a search fitted), relative to the original fine-tune. The
+first candidate at or above ``min_fidelity`` is encoded for real and measured again; if the
+stored encoding misses the floor the next candidate is tried. ``lossless`` closes the ladder,
+so auto always succeeds. The trail of everything tried is recorded in the delta.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from core.compress import CompressResult, build_evaluator, compress
+from core.errors import InvalidArgument
+from core.evaluate import Evaluator, Score, relative_fidelity
+from core.methods import FitContext, make_method
+from core.methods.base import Progress
+from core.tensor_codec import ValueSpec
+from core.workspace import Workspace
+
+KEEPS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+BITS = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str
+    keep: float
+    value_bits: int
+
+    @property
+    def estimated_bits(self) -> float:
+        """Stored bits per parameter, before zstd: values, plus positions if explicit."""
+        per_value = self.value_bits
+        if self.method in ("magnitude", "magnitude-scaled", "nps"):
+            r = self.keep
+            entropy = -(r * math.log2(r) + (1 - r) * math.log2(1 - r)) if r < 1 else 0.0
+            return self.keep * per_value + entropy
+        return self.keep * per_value
+
+
+def ladder(
+    methods: tuple[str, ...] = ("dare", "nps-seeded", "magnitude-scaled"),
+) -> list[Candidate]:
+    """Every candidate, cheapest first (ties: the method order given)."""
+    cands = [Candidate(m, k, b) for m in methods for k in KEEPS for b in BITS]
+    order = {m: i for i, m in enumerate(methods)}
+    return sorted(cands, key=lambda c: (round(c.estimated_bits, 9), order[c.method]))
+
+
+def _score_candidate(
+    ws: Workspace, cand: Candidate, ev: Evaluator, seed: int, generations: int
+) -> tuple[Score, Score, int]:
+    """(search-part score, holdout score, evaluations) of a candidate, nothing written."""
+    options: dict[str, Any] = {"generations": generations} if cand.method == "nps-seeded" else {}
+    if cand.method == "magnitude-scaled":
+        options = {"grid": 7, "refine": 2}
+    method = make_method(cand.method, keep=cand.keep, **options)
+    ctx = FitContext(keep=cand.keep, value_bits=cand.value_bits, seed=seed, evaluator=ev)
+    fitted = method.fit(ws, ctx)
+    assert fitted is not None
+    deltas: dict[str, torch.Tensor] = {}
+    for plan in ws.delta_plans:
+        tau = ws.tau(plan)
+        spec = ValueSpec.from_bits(cand.value_bits, plan.dtype)
+        sel = fitted.select(plan, tau, spec)
+        d = torch.zeros(plan.numel, dtype=torch.float32)
+        d[torch.from_numpy(sel.positions)] = spec.round(sel.values)
+        deltas[plan.name] = d
+    search = ctx.score(lambda n: deltas[n])
+    hold = ev.run("holdout") if "holdout" in ev.parts else search
+    return search, hold, ctx.evaluations + 1
+
+
+def auto_compress(
+    base_dir: str | os.PathLike[str],
+    ft_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    min_fidelity: float = 0.99,
+    keep: float | None = None,
+    value_bits: int | None = None,
+    evaluation: str = "fidelity",
+    calibration: Any = None,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    methods: tuple[str, ...] = ("dare", "nps-seeded", "magnitude-scaled"),
+    generations: int = 8,
+    evaluator: Evaluator | None = None,
+    **_: Any,
+) -> CompressResult:
+    """Find and write the smallest encoding whose fidelity is ≥ ``min_fidelity``.
+
+    Fidelity is relative to the original fine-tune (agreement for ``fidelity``, accuracy ratio
+    for ``accuracy``) on held-out calibration examples. ``keep`` and ``value_bits``, when
+    given, pin that dimension of the search.
+
+    Raises:
+        InvalidArgument: no model evaluation (auto needs calibration data) or a bad floor.
+    """
+    if not 0 < min_fidelity <= 1:
+        raise InvalidArgument("--min-fidelity must be in (0, 1], e.g. 0.99")
+    if evaluation == "weights":
+        raise InvalidArgument(
+            "auto needs a fidelity floor to check: pass --calibration (and --eval fidelity or accuracy)"
+        )
+    generations = int((options or {}).get("generations", generations))
+    t0 = time.perf_counter()
+    trail: list[dict[str, Any]] = []
+    with Workspace(base_dir, ft_dir) as ws:
+        ev = evaluator or build_evaluator(
+            evaluation, ws, ft_dir, calibration, seed=seed, device=device
+        )
+        assert ev is not None
+        parts = ev.parts
+        reference = {p: ev.run(p) for p in parts}
+        ws.load_taus()
+        cands = [
+            c
+            for c in ladder(methods)
+            if (keep is None or c.keep == keep)
+            and (value_bits is None or c.value_bits == value_bits)
+        ]
+        for i, cand in enumerate(cands):
+            search, hold, n_eval = _score_candidate(ws, cand, ev, seed, generations)
+            fid = relative_fidelity(evaluation, hold, reference[parts[-1]])
+            if not make_method(cand.method, keep=cand.keep).searches and len(parts) > 1:
+                # nothing was fitted: every calibration example is fair evidence
+                n_s, n_h = ev.part_size("search"), ev.part_size("holdout")
+                fid_s = relative_fidelity(evaluation, search, reference["search"])
+                fid = (fid_s * n_s + fid * n_h) / (n_s + n_h)
+            step = {
+                "method": cand.method,
+                "keep": cand.keep,
+                "value_bits": cand.value_bits,
+                "estimated_bits": cand.estimated_bits,
+                "fidelity_holdout": fid,
+                "fitness": search.fitness,
+                "evaluations": n_eval,
+            }
+            trail.append(step)
+            if progress is not None:
+                progress(
+                    {
+                        "phase": "auto",
+                        "generation": i + 1,
+                        "generations": len(cands),
+                        "best_fitness": fid,
+                        "candidate": step,
+                    }
+                )
+            if fid >= min_fidelity:
+                break
+        else:
+            cand = None
+    chosen: CompressResult | None = None
+    if cand is not None:
+        opts: dict[str, Any] = {"generations": generations} if cand.method == "nps-seeded" else {}
+        if cand.method == "magnitude-scaled":
+            opts = {"grid": 7, "refine": 2}
+        chosen = compress(
+            base_dir,
+            ft_dir,
+            out_path,
+            method=cand.method,
+            keep=cand.keep,
+            value_bits=cand.value_bits,
+            evaluation=evaluation,
+            calibration=calibration,
+            seed=seed,
+            options=opts,
+            device=device,
+            evaluator=ev,
+        )
+        trail.append(
+            {
+                "encoded": cand.method,
+                "keep": cand.keep,
+                "value_bits": cand.value_bits,
+                "fidelity_search": chosen.fidelity,
+                "bits_per_param": chosen.bits_per_param,
+            }
+        )
+    if chosen is None:
+        chosen = compress(base_dir, ft_dir, out_path, method="lossless", evaluation="weights")
+        trail.append({"encoded": "lossless", "reason": "no lossy candidate met the floor"})
+    chosen.notes = [
+        *chosen.notes,
+        f"auto: floor {min_fidelity} on held-out calibration; "
+        f"{len(trail)} steps in {time.perf_counter() - t0:.1f} s",
+    ]
+    chosen.trace = [{"auto": trail}, *chosen.trace]
+    chosen.method = f"auto:{chosen.method}"
+    chosen.total_seconds = time.perf_counter() - t0
+    _record_trail(out_path, trail, min_fidelity)
+    return chosen
+
+
+def _record_trail(path: str | os.PathLike[str], trail: list[dict[str, Any]], floor: float) -> None:
+    """Store auto's trail in the delta's document (rewrites the small container header)."""
+    from core.delta_format import DeltaReader, rewrite_document
+
+    with DeltaReader(path) as r:
+        doc = r.doc
+    doc.method["auto"] = {"min_fidelity": floor, "trail": trail}
+    rewrite_document(path, doc)
