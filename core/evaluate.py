@@ -95,6 +95,9 @@ class Evaluator(Protocol):
     def apply(self, name: str, delta: torch.Tensor | None) -> None:
         """Set one tensor of the candidate: base + ``delta`` (flat float32; None = base)."""
 
+    def apply_sparse(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Set one tensor of the candidate: base, plus ``values`` at flat ``index``."""
+
     @property
     def parts(self) -> tuple[str, ...]:
         """Calibration parts: ``search`` and, when one was split off, ``holdout``."""
@@ -196,13 +199,16 @@ class ModelEvaluator:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self._params = self._map_params(plans)
         self._base: dict[str, torch.Tensor] = {}
+        self._base_stored: dict[str, torch.Tensor] = {}  # unkept entries as rebuilt
         self._dtype: dict[str, torch.dtype] = {}
         for plan in plans:
             if plan.kind != "delta" or plan.base_name is None:
                 continue
-            self._base[plan.name] = (
-                base.get(plan.base_name).reshape(-1).to(self.device, torch.float32)
-            )
+            raw = base.get(plan.base_name).reshape(-1)
+            exact = raw.to(self.device, torch.float32)
+            stored = raw.to(DTYPES[plan.dtype][1]).to(self.device, torch.float32)
+            self._base[plan.name] = exact
+            self._base_stored[plan.name] = exact if torch.equal(stored, exact) else stored
             self._dtype[plan.name] = DTYPES[plan.dtype][1]
         self._parts: dict[str, _Part] = {}
         for part, exs in (("search", examples), ("holdout", holdout)):
@@ -222,6 +228,18 @@ class ModelEvaluator:
 
     def part_size(self, part: str) -> int:
         return self._parts[part].n
+
+    @torch.no_grad()
+    def apply_sparse(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        base = self._base[name]
+        flat = self._params[name].view(-1)
+        flat.copy_(self._base_stored[name])
+        if index.numel():
+            idx = index.to(self.device)
+            new = base[idx] + values.to(self.device, torch.float32)
+            if self._dtype[name] != torch.float32:
+                new = new.to(self._dtype[name])  # what reconstruction will store
+            flat[idx] = new.to(flat.dtype)
 
     def run(self, part: str = "search") -> Score:
         p = self._parts[part]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from core.errors import InvalidArgument
@@ -126,3 +127,14 @@ def cumulative_above(hist: torch.Tensor) -> torch.Tensor:
     """``above[b]`` for :func:`count_at_least`. # (NUM_BUCKETS + 1,) float64"""
     above = torch.flip(torch.cumsum(torch.flip(hist.double(), [0]), 0), [0])
     return torch.cat([above, torch.zeros(1, dtype=torch.float64)])
+
+
+def count_at_least_np(hist_cum: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """:func:`count_at_least` in numpy, for the many tiny calls of a threshold bisection."""
+    v = np.clip(np.asarray(value, dtype=np.float32), 0, None)
+    bits = v.view(np.int32).astype(np.int64)
+    bucket = np.minimum(bits >> LOW_BITS, NUM_BUCKETS - 1)
+    frac = (bits & LOW_MASK) / float(1 << LOW_BITS)
+    lo = hist_cum[bucket]
+    hi = hist_cum[bucket + 1]
+    return lo - frac * (lo - hi)

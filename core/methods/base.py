@@ -18,6 +18,8 @@ from core.tensor_codec import Selection, ValueSpec
 from core.workspace import Workspace
 
 Progress = Callable[[dict[str, Any]], None]
+#: A candidate's delta for one tensor: dense, the base (None), or sparse (index, values).
+Candidate = torch.Tensor | None | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -44,11 +46,19 @@ class FitContext:
         if self.progress is not None:
             self.progress(info)
 
-    def score(self, delta_fn: Callable[[str], torch.Tensor | None], part: str = "search") -> Score:
-        """Evaluate one candidate (counts evaluations)."""
+    def score(self, delta_fn: Callable[[str], Candidate], part: str = "search") -> Score:
+        """Evaluate one candidate (counts evaluations).
+
+        ``delta_fn(name)`` gives each tensor's delta: dense (flat float32), None (the base),
+        or sparse as ``(index, values)``.
+        """
         assert self.evaluator is not None
         for name in self.evaluator.tensor_names:
-            self.evaluator.apply(name, delta_fn(name))
+            d = delta_fn(name)
+            if isinstance(d, tuple):
+                self.evaluator.apply_sparse(name, d[0], d[1])
+            else:
+                self.evaluator.apply(name, d)
         self.evaluations += 1
         return self.evaluator.run(part)
 
@@ -100,15 +110,6 @@ def from_mask(
     idx = torch.nonzero(mask).reshape(-1)  # (nnz,)
     values = tau[idx] * (scale[idx] if isinstance(scale, torch.Tensor) else scale)
     return Selection(idx.cpu().numpy().astype(np.int64), values.to(torch.float32).cpu())
-
-
-def candidate_delta(
-    numel: int, mask: torch.Tensor, values: torch.Tensor, spec: ValueSpec
-) -> torch.Tensor:
-    """The dense delta a candidate stores: rounded values at the masked entries. # (numel,)"""
-    out = torch.zeros(numel, dtype=torch.float32, device=values.device)
-    out[mask] = spec.round(values)
-    return out
 
 
 def check_cancel(exc: BaseException) -> None:

@@ -20,7 +20,6 @@ from core.methods.base import (
     FitContext,
     Fitted,
     Method,
-    candidate_delta,
     check_keep,
     from_mask,
     keep_count,
@@ -95,7 +94,11 @@ class MagnitudeScaled(Method):
             )
         taus = ws.load_taus()
         applier = CutApplier(cut)
-        masks = {p.name: applier.mask(taus[p.name].abs()) for p in ws.delta_plans}
+        index = {
+            p.name: torch.nonzero(applier.mask(taus[p.name].abs())).reshape(-1)
+            for p in ws.delta_plans
+        }
+        kept = {n: taus[n][idx] for n, idx in index.items()}
         specs = {p.name: ValueSpec.from_bits(ctx.value_bits, p.dtype) for p in ws.delta_plans}
         trace: list[dict[str, Any]] = []
         cache: dict[float, float] = {}
@@ -104,11 +107,7 @@ class MagnitudeScaled(Method):
             log2s = round(log2s, 6)
             if log2s not in cache:
                 s = 2.0**log2s
-                score = ctx.score(
-                    lambda n: candidate_delta(
-                        taus[n].numel(), masks[n], taus[n][masks[n]] * s, specs[n]
-                    )
-                )
+                score = ctx.score(lambda n: (index[n], specs[n].round(kept[n] * s)))
                 cache[log2s] = score.fitness
                 best = max(cache.values())
                 trace.append(

@@ -27,12 +27,13 @@ import torch
 
 from core.errors import InvalidArgument
 from core.evaluate import Score
-from core.methods.base import FitContext, Fitted, Method, candidate_delta, check_keep, keep_count
+from core.methods.base import Candidate, FitContext, Fitted, Method, check_keep, keep_count
 from core.methods.magnitude import MaskFitted, global_cut
+from core.methods.prefix import PrefixIndex
 from core.methods.subspaces import BINNINGS, MagnitudeSubspaces, magnitude_subspaces
 from core.taskvector import TensorPlan
 from core.tensor_codec import Selection, ValueSpec
-from core.topk import Cut, CutApplier, coarse_histogram, count_at_least, top_k_cut
+from core.topk import Cut, CutApplier, coarse_histogram, count_at_least_np, top_k_cut
 from core.workspace import Workspace
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -222,14 +223,16 @@ class Nps(Method):
         x0 = np.zeros(m) if self.parameterisation == "log" else np.ones(m)
         popsize = self.popsize or default_popsize(max(m, 2))
 
+        index = {n: PrefixIndex.build(subs.ids[n], -taus[n].abs()) for n in taus}
+
         def apply(x: np.ndarray, part: str) -> Score:
             w = torch.tensor(self.weights(x), dtype=torch.float32)
-            thr = candidate_thresholds(subs, w.double(), k).float()  # (m,) per-subspace |τ| cut
+            limits = -candidate_thresholds(subs, w.double(), k).numpy()  # (m,) on key = −|τ|
 
-            def delta(name: str) -> torch.Tensor:
-                tau, sid = taus[name], subs.ids[name].long()
-                mask = tau.abs() >= thr[sid]
-                return candidate_delta(tau.numel(), mask, tau[mask] * w[sid[mask]], specs[name])
+            def delta(name: str) -> Candidate:
+                idx = index[name].select(limits, inclusive=True)
+                values = taus[name][idx] * w[subs.ids[name][idx].long()]
+                return idx, specs[name].round(values)
 
             return ctx.score(delta, part)
 
@@ -275,21 +278,20 @@ def candidate_thresholds(subs: MagnitudeSubspaces, w: torch.Tensor, k: int) -> t
     the cumulative coarse histogram restricted to subspace m's value range — no pass over the
     entries. Returns t / w_m (inf where w_m = 0). # (M,) float64
     """
-    lo_b, hi_b = subs.bounds[1:], subs.bounds[:-1]  # (M,) each
-    c_hi = torch.where(
-        torch.isinf(hi_b), torch.zeros_like(hi_b), count_at_least(subs.cum, hi_b.clamp(max=3e38))
-    )
+    wn = w.double().numpy()
+    lo_b = subs.bounds[1:].numpy()  # (M,) lower |τ| bound of each subspace
+    hi_b = subs.bounds[:-1].numpy()  # (M,) upper bound (inf for the top subspace)
+    cum = subs.cum.numpy()
+    c_hi = np.where(np.isinf(hi_b), 0.0, count_at_least_np(cum, np.minimum(hi_b, 3e38)))
+    live = wn > 0
 
     def count(t: float) -> float:
-        x = torch.where(w > 0, t / w.clamp(min=1e-300), torch.full_like(w, float("inf")))
-        x = torch.maximum(x, lo_b)
-        c = count_at_least(subs.cum, x.clamp(max=3e38)) - c_hi
-        c = torch.where(torch.isinf(x), torch.zeros_like(c), c)
-        return float(c.clamp(min=0).sum())
+        x = np.full_like(wn, np.inf)
+        x[live] = np.maximum(t / wn[live], lo_b[live])
+        c = np.where(np.isinf(x), 0.0, count_at_least_np(cum, np.minimum(x, 3e38)) - c_hi)
+        return float(np.clip(c, 0, None).sum())
 
-    top = float((subs.bounds[1] if subs.m > 1 else subs.bounds[-2:].max()).item())
-    top = max(top, 1e-30)
-    lo, hi = math.log(1e-38), math.log(top * float(w.max()) * 4 + 1e-30)
+    lo, hi = math.log(1e-38), math.log(subs.max_abs * float(wn.max()) * 2 + 1e-30)
     for _ in range(64):
         mid = (lo + hi) / 2
         if count(math.exp(mid)) >= k:
@@ -297,7 +299,9 @@ def candidate_thresholds(subs: MagnitudeSubspaces, w: torch.Tensor, k: int) -> t
         else:
             hi = mid
     t = math.exp(lo)
-    return torch.where(w > 0, t / w.clamp(min=1e-300), torch.full_like(w, float("inf")))
+    out = np.full_like(wn, np.inf)
+    out[live] = t / wn[live]
+    return torch.from_numpy(out)
 
 
 def weighted_cut(

@@ -27,9 +27,10 @@ import torch
 from core import rng
 from core.errors import InvalidArgument
 from core.evaluate import Score
-from core.methods.base import FitContext, Fitted, Method, candidate_delta, check_keep, keep_count
+from core.methods.base import Candidate, FitContext, Fitted, Method, check_keep, keep_count
 from core.methods.dare import DareFitted
 from core.methods.nps import default_popsize, run_cma
+from core.methods.prefix import PrefixIndex
 from core.methods.subspaces import magnitude_subspaces, tensor_group
 from core.taskvector import TensorPlan
 from core.tensor_codec import Seeded, Selection, ValueSpec
@@ -129,17 +130,17 @@ class NpsSeeded(Method):
             scale = np.exp(x[m:]) / np.maximum(rho, 1e-12)
             return rho, scale
 
+        index = {n: PrefixIndex.build(ids[n], draws[n]) for n in taus}
+        del draws
+
         def apply(x: np.ndarray, part: str) -> Score:
             rho, scale = rates_scales(x)
-            rho_t = torch.tensor(rho, dtype=torch.float32)
             scale_t = torch.tensor(scale, dtype=torch.float32)
 
-            def delta(name: str) -> torch.Tensor:
-                sid = ids[name].long()
-                mask = draws[name] < rho_t[sid]
-                return candidate_delta(
-                    taus[name].numel(), mask, taus[name][mask] * scale_t[sid[mask]], specs[name]
-                )
+            def delta(name: str) -> Candidate:
+                idx = index[name].select(rho)
+                values = taus[name][idx] * scale_t[ids[name][idx].long()]
+                return idx, specs[name].round(values)
 
             return ctx.score(delta, part)
 

@@ -46,6 +46,7 @@ class MagnitudeSubspaces:
     )  # (M + 1,) float64 |τ| value bounds: subspace m is [bounds[m+1], bounds[m])
     sizes: torch.Tensor  # (M,) int64 entries per subspace
     cum: torch.Tensor  # cumulative coarse histogram of |τ| (see topk.count_at_least)
+    max_abs: float  # the largest |τ|
 
     @property
     def m(self) -> int:
@@ -83,7 +84,8 @@ def magnitude_subspaces(
             torch.zeros(1, dtype=torch.float64),
         ]
     )
-    return MagnitudeSubspaces(ids, bounds, sizes, cumulative_above(hist))
+    max_abs = max((float(t.abs().max()) for t in taus.values() if t.numel()), default=0.0)
+    return MagnitudeSubspaces(ids, bounds, sizes, cumulative_above(hist), max_abs)
 
 
 _GROUPS: list[tuple[str, str]] = [

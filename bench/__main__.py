@@ -1,0 +1,40 @@
+"""Benchmarks: ``python -m bench fidelity|throughput|load [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    sub = parser.add_subparsers(dest="name", required=True)
+    p = sub.add_parser("fidelity", help="accuracy vs stored bits on real fine-tunes")
+    p.add_argument("--quick", action="store_true", help="one task, fewer points, one seed")
+    p.add_argument("--tasks", nargs="+", default=None, choices=["rotten_tomatoes", "tweets"])
+    p.add_argument(
+        "--calibration", type=int, default=384, help="validation examples for the fitness"
+    )
+    for name in ("throughput", "load", "faults"):
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"bench.{name}":
+                raise
+            continue
+        module.add_arguments(
+            sub.add_parser(name, help=module.__doc__.splitlines()[0] if module.__doc__ else name)
+        )
+    args = parser.parse_args(argv)
+    if args.name == "fidelity":
+        from bench.fidelity import run
+
+        run(args.quick, args.tasks, n_cal=args.calibration)
+        return 0
+    module = importlib.import_module(f"bench.{args.name}")
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

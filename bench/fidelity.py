@@ -1,0 +1,377 @@
+"""Fidelity benchmark: NPS, its seeded variant and the baselines at equal stored bits.
+
+Real base (all-MiniLM-L6-v2), real fine-tunes on two real tasks (bench/finetune.py), the
+validation split for calibration (the searches' fitness), the full test split for every
+reported number. Each grid point compresses the fine-tune for real, rebuilds every tensor from
+the written delta and measures test accuracy; bits per parameter count everything stored for
+the weights (positions, values, codebooks, the new head, headers, the document).
+
+Run: ``python -m bench fidelity`` (``--quick`` for one task, fewer points, one seed).
+Outputs ``bench/results/fidelity.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.data import Example, load_task
+from bench.finetune import base_model_dir, full_recipe, load_finetune, make_finetune, read_marker
+from core.compress import CompressResult, build_evaluator, compress
+from core.evaluate import Example as CalExample
+from core.evaluate import ModelEvaluator
+from core.reconstruct import load_state
+from core.workspace import Workspace
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One curve of the benchmark: a method (with options) across keep ratios and bit widths."""
+
+    label: str
+    method: str
+    keeps: tuple[float, ...]
+    bits: tuple[int, ...]
+    seeds: tuple[int, ...] = (0,)
+    evaluation: str = "weights"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+KEEPS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+SEEDS = (0, 1, 2)
+
+
+def full_grid() -> list[Series]:
+    return [
+        Series("lossless", "lossless", (1.0,), (16,)),
+        Series("magnitude", "magnitude", KEEPS, (16, 4)),
+        Series("magnitude-scaled", "magnitude-scaled", KEEPS, (16, 4), evaluation="fidelity"),
+        Series("dare", "dare", KEEPS, (16, 4, 2), SEEDS),
+        Series("nps-paper", "nps", (0.01, 0.05), (16,), SEEDS, "accuracy", {"preset": "paper"}),
+        Series("nps", "nps", (0.005, 0.01, 0.02, 0.05), (16, 4), SEEDS, "fidelity"),
+        Series("nps-seeded", "nps-seeded", KEEPS, (4, 2), SEEDS, "fidelity"),
+        Series("nps-seeded (accuracy)", "nps-seeded", (0.01, 0.02), (4,), SEEDS, "accuracy"),
+    ]
+
+
+def quick_grid() -> list[Series]:
+    keeps = (0.005, 0.01, 0.02, 0.05)
+    return [
+        Series("lossless", "lossless", (1.0,), (16,)),
+        Series("magnitude", "magnitude", keeps, (16,)),
+        Series("magnitude-scaled", "magnitude-scaled", keeps, (16,), evaluation="fidelity"),
+        Series("dare", "dare", keeps, (16, 4)),
+        Series(
+            "nps-paper",
+            "nps",
+            (0.01,),
+            (16,),
+            (0,),
+            "accuracy",
+            {"preset": "paper", "generations": 10},
+        ),
+        Series("nps", "nps", (0.01,), (16,), (0,), "fidelity", {"generations": 10}),
+        Series(
+            "nps-seeded", "nps-seeded", (0.01, 0.02), (4,), (0,), "fidelity", {"generations": 10}
+        ),
+    ]
+
+
+@dataclass
+class Row:
+    task: str
+    series: str
+    method: str
+    keep: float | None
+    value_bits: int | None
+    seed: int
+    evaluation: str
+    stored_bytes: int
+    bits_per_param: float
+    test_accuracy: float
+    normalised_accuracy: float
+    gain_kept: float
+    calibration_fidelity: float | None
+    search_seconds: float
+    evaluations: int
+    notes: list[str] = field(default_factory=list)
+
+
+class TestHarness:
+    """The fine-tune's model, kept in memory; scores a delta on the full test split."""
+
+    def __init__(self, ft_dir: Path, test: list[Example]) -> None:
+        from bench.finetune import _load_tokenizer, predict
+
+        self.ft_dir = ft_dir
+        self.model = load_finetune(ft_dir)
+        self.original = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.tokenizer = _load_tokenizer(ft_dir)
+        self.test = test
+        self._predict = predict
+
+    def accuracy(self, state: dict[str, torch.Tensor] | None = None) -> float:
+        self.model.load_state_dict(state if state is not None else self.original, strict=True)
+        preds = self._predict(self.model, self.test, tokenizer=self.tokenizer)
+        return sum(p == e.label for p, e in zip(preds, self.test, strict=True)) / len(self.test)
+
+    def removed_accuracy(self, base_dir: Path) -> float:
+        from bench.finetune import remove_task_vector
+
+        self.model.load_state_dict(self.original, strict=True)
+        remove_task_vector(self.model, base_dir)
+        preds = self._predict(self.model, self.test, tokenizer=self.tokenizer)
+        return sum(p == e.label for p, e in zip(preds, self.test, strict=True)) / len(self.test)
+
+
+def calibration(task_name: str, n: int, labels: bool) -> list[CalExample]:
+    """The first ``n`` validation examples (a seeded shuffle) as calibration examples."""
+    import random
+
+    val = list(load_task(task_name).validation)
+    random.Random(f"calibration-{task_name}").shuffle(val)
+    return [CalExample(e.text, e.label if labels else None) for e in val[:n]]
+
+
+def run_task(
+    task_name: str, grid: list[Series], *, n_cal: int, workdir: Path, log: Any
+) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    task = load_task(task_name)
+    recipe = full_recipe(task_name)
+    ft_dir = make_finetune(recipe)
+    base = base_model_dir()
+    harness = TestHarness(ft_dir, list(task.test))
+    acc_ft = harness.accuracy()
+    acc_removed = harness.removed_accuracy(base)
+    log(
+        f"[{task_name}] fine-tuned {acc_ft:.4f}, τ removed {acc_removed:.4f}, test n={len(task.test)}"
+    )
+    evaluators: dict[str, ModelEvaluator] = {}
+    rows: list[Row] = []
+    for series in grid:
+        for keep in series.keeps:
+            for bits in series.bits:
+                for seed in series.seeds:
+                    ev = None
+                    if series.evaluation != "weights":
+                        if series.evaluation not in evaluators:
+                            with Workspace(base, ft_dir) as ws:
+                                built = build_evaluator(
+                                    series.evaluation,
+                                    ws,
+                                    ft_dir,
+                                    calibration(task_name, n_cal, series.evaluation == "accuracy"),
+                                )
+                                assert built is not None
+                                evaluators[series.evaluation] = built
+                        ev = evaluators[series.evaluation]
+                    out = workdir / f"{task_name}-{len(rows)}.slim"
+                    res: CompressResult = compress(
+                        base,
+                        ft_dir,
+                        out,
+                        method=series.method,
+                        keep=keep,
+                        value_bits=bits,
+                        evaluation=series.evaluation,
+                        seed=seed,
+                        options=series.options,
+                        evaluator=ev,
+                    )
+                    acc = harness.accuracy(load_state(base, out))
+                    gain = (acc - acc_removed) / (acc_ft - acc_removed)
+                    row = Row(
+                        task=task_name,
+                        series=series.label,
+                        method=series.method,
+                        keep=None if series.method == "lossless" else keep,
+                        value_bits=None if series.method == "lossless" else bits,
+                        seed=seed,
+                        evaluation=series.evaluation,
+                        stored_bytes=res.stored_bytes,
+                        bits_per_param=res.bits_per_param,
+                        test_accuracy=acc,
+                        normalised_accuracy=acc / acc_ft,
+                        gain_kept=gain,
+                        calibration_fidelity=res.fidelity,
+                        search_seconds=res.search_seconds,
+                        evaluations=res.evaluations,
+                        notes=res.notes,
+                    )
+                    rows.append(row)
+                    log(
+                        f"[{task_name}] {series.label:<22} keep={keep:<6} bits={bits:<2} seed={seed} "
+                        f"bpp={res.bits_per_param:.4f} acc={acc:.4f} norm={acc / acc_ft:.4f} "
+                        f"gain={gain:.3f} search={res.search_seconds:.0f}s"
+                    )
+                    out.unlink()
+    return {
+        "task": task_name,
+        "fine_tuned_accuracy": acc_ft,
+        "removed_accuracy": acc_removed,
+        "test_examples": len(task.test),
+        "calibration_examples": n_cal,
+        "recipe": read_marker(ft_dir),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def machine_note() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def run(
+    quick: bool, tasks: list[str] | None, out_dir: Path = RESULTS, n_cal: int = 384
+) -> dict[str, Any]:
+    grid = quick_grid() if quick else full_grid()
+    tasks = tasks or (["rotten_tomatoes"] if quick else ["rotten_tomatoes", "tweets"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    results: dict[str, Any] = {
+        "command": "python -m bench fidelity"
+        + (" --quick" if quick else "")
+        + (f" --tasks {' '.join(tasks)}" if tasks else ""),
+        "machine": machine_note(),
+        "quick": quick,
+        "grid": [asdict(s) for s in grid],
+        "tasks": [],
+    }
+    log_path = out_dir / ("fidelity-quick.log" if quick else "fidelity.log")
+    with open(log_path, "w") as logf, tempfile.TemporaryDirectory() as tmp:
+
+        def log(msg: str) -> None:
+            print(msg, flush=True)
+            logf.write(msg + "\n")
+            logf.flush()
+
+        for task in tasks:
+            results["tasks"].append(run_task(task, grid, n_cal=n_cal, workdir=Path(tmp), log=log))
+            results["seconds"] = time.time() - t0
+            write_outputs(results, out_dir, quick)
+    return results
+
+
+def _group(rows: list[dict[str, Any]]) -> Iterator[tuple[tuple[Any, ...], list[dict[str, Any]]]]:
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["series"], r["keep"], r["value_bits"]), []).append(r)
+    yield from groups.items()
+
+
+def _stat(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.median(values):.4f} [{min(values):.4f}–{max(values):.4f}]"
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path, quick: bool) -> None:
+    stem = "fidelity-quick" if quick else "fidelity"
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    lines = [
+        f"# Fidelity benchmark{' (quick)' if quick else ''}",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']}  ",
+        f"Wall time: {results.get('seconds', 0) / 60:.1f} min",
+        "",
+    ]
+    for t in results["tasks"]:
+        lines += [
+            f"## {t['task']}",
+            "",
+            f"Fine-tuned accuracy {t['fine_tuned_accuracy']:.4f}; with τ removed "
+            f"{t['removed_accuracy']:.4f}; test n = {t['test_examples']}; calibration "
+            f"n = {t['calibration_examples']} (validation split). Median over seeds "
+            "[min–max].",
+            "",
+            "| series | fitness | keep | value bits | seeds | bits/param | test acc | norm. acc | gain kept | search s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (series, keep, bits), rs in sorted(
+            _group(t["rows"]), key=lambda kv: (kv[0][0], kv[1][0]["bits_per_param"])
+        ):
+            lines.append(
+                f"| {series} | {rs[0]['evaluation']} | {keep if keep is not None else '—'} | "
+                f"{bits if bits is not None else 'exact'} | {len(rs)} | "
+                f"{statistics.median(r['bits_per_param'] for r in rs):.4f} | "
+                f"{_stat([r['test_accuracy'] for r in rs])} | {_stat([r['normalised_accuracy'] for r in rs])} | "
+                f"{_stat([r['gain_kept'] for r in rs])} | "
+                f"{statistics.median(r['search_seconds'] for r in rs):.0f} |"
+            )
+        lines.append("")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(results, out_dir / f"{stem}.png")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["tasks"]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(13, 4.8 * len(tasks)), squeeze=False)
+    for ti, t in enumerate(tasks):
+        for ci, (metric, title) in enumerate(
+            (("test_accuracy", "test accuracy"), ("gain_kept", "gain kept"))
+        ):
+            ax = axes[ti][ci]
+            by_series: dict[str, list[tuple[float, float, float, float]]] = {}
+            for (series, _keep, _bits), rs in _group(t["rows"]):
+                vals = [r[metric] for r in rs]
+                x = statistics.median(r["bits_per_param"] for r in rs)
+                by_series.setdefault(series, []).append(
+                    (x, statistics.median(vals), min(vals), max(vals))
+                )
+            for series, pts in sorted(by_series.items()):
+                pts.sort()
+                xs = [p[0] for p in pts]
+                ys = [p[1] for p in pts]
+                err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, label=series, lw=1)
+            if metric == "test_accuracy":
+                ax.axhline(t["fine_tuned_accuracy"], color="k", ls="--", lw=0.8, label="fine-tuned")
+                ax.axhline(
+                    0.99 * t["fine_tuned_accuracy"],
+                    color="k",
+                    ls=":",
+                    lw=0.8,
+                    label="99% of fine-tuned",
+                )
+            else:
+                ax.axhline(0.95, color="k", ls=":", lw=0.8, label="95% gain kept")
+            ax.axvline(0.1, color="grey", ls=":", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel("stored bits per parameter")
+            ax.set_title(f"{t['task']}: {title}")
+            lo = t["removed_accuracy"] if metric == "test_accuracy" else 0.0
+            ax.set_ylim(bottom=max(lo - 0.02, 0) if metric == "test_accuracy" else -0.1)
+            ax.grid(alpha=0.3)
+        axes[ti][1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

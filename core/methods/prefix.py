@@ -1,0 +1,64 @@
+"""Cheap candidates: per-tensor groups of entries sorted once, selected by prefix.
+
+Every search here keeps, inside each (tensor, subspace) group, the entries whose sort key is
+below a per-subspace threshold — the largest |τ| for NPS (key = −|τ|), the smallest seeded
+draws for ``nps-seeded`` (key = u). Sorting each group once turns a candidate into a few
+binary searches and one gather of the kept entries, instead of several passes over every
+entry of τ per evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PrefixIndex:
+    """One tensor's entries grouped by subspace and sorted by key within each group."""
+
+    perm: torch.Tensor  # (numel,) int64: entry indices, group by group, key ascending
+    keys: torch.Tensor  # (numel,) float32: the keys in that order
+    starts: torch.Tensor  # (G + 1,) int64: group g occupies perm[starts[g]:starts[g+1]]
+    groups: torch.Tensor  # (G,) int64: the subspace id of each group
+    _keys_np: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._keys_np = self.keys.numpy()
+        self._bounds = [
+            (int(self.starts[g]), int(self.starts[g + 1]), int(self.groups[g]))
+            for g in range(self.groups.numel())
+        ]
+
+    @classmethod
+    def build(cls, sid: torch.Tensor, key: torch.Tensor) -> PrefixIndex:
+        """Index a tensor from its entries' subspace ids and keys. # sid, key: (numel,)"""
+        # sort by (sid, key): key order first, then a stable sort by sid
+        order = torch.argsort(key, stable=True)
+        order = order[torch.argsort(sid[order].long(), stable=True)]
+        sorted_sid = sid[order].long()
+        groups, counts = torch.unique_consecutive(sorted_sid, return_counts=True)
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+        return cls(order, key[order].contiguous(), starts, groups)
+
+    def select(self, limits: np.ndarray, *, inclusive: bool = False) -> torch.Tensor:
+        """Indices of the entries whose key is < ``limits[subspace]`` (≤ if inclusive).
+
+        Args:
+            limits: one threshold per subspace id. # (M,)
+
+        Returns:
+            kept entry indices, group by group. # (kept,) int64
+        """
+        side: Literal["left", "right"] = "right" if inclusive else "left"
+        parts = []
+        for a, b, gid in self._bounds:
+            n = int(np.searchsorted(self._keys_np[a:b], np.float32(limits[gid]), side=side))
+            if n:
+                parts.append(self.perm[a : a + n])
+        if not parts:
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.cat(parts)
