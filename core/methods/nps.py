@@ -226,13 +226,13 @@ class Nps(Method):
         index = {n: PrefixIndex.build(subs.ids[n], -taus[n].abs()) for n in taus}
 
         def apply(x: np.ndarray, part: str) -> Score:
-            w = torch.tensor(self.weights(x), dtype=torch.float32)
-            limits = -candidate_thresholds(subs, w.double(), k).numpy()  # (m,) on key = −|τ|
+            wn = self.weights(x)
+            limits = -candidate_thresholds(subs, torch.from_numpy(wn), k).numpy()  # on key = −|τ|
 
             def delta(name: str) -> Candidate:
-                idx = index[name].select(limits, inclusive=True)
-                values = taus[name][idx] * w[subs.ids[name][idx].long()]
-                return idx, specs[name].round(values)
+                idx, scale = index[name].select(limits, wn, inclusive=True)
+                assert scale is not None
+                return idx, specs[name].round(taus[name][idx] * scale)
 
             return ctx.score(delta, part)
 

@@ -135,12 +135,11 @@ class NpsSeeded(Method):
 
         def apply(x: np.ndarray, part: str) -> Score:
             rho, scale = rates_scales(x)
-            scale_t = torch.tensor(scale, dtype=torch.float32)
 
             def delta(name: str) -> Candidate:
-                idx = index[name].select(rho)
-                values = taus[name][idx] * scale_t[ids[name][idx].long()]
-                return idx, specs[name].round(values)
+                idx, factor = index[name].select(rho, scale)
+                assert factor is not None
+                return idx, specs[name].round(taus[name][idx] * factor)
 
             return ctx.score(delta, part)
 

@@ -44,21 +44,35 @@ class PrefixIndex:
         starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
         return cls(order, key[order].contiguous(), starts, groups)
 
-    def select(self, limits: np.ndarray, *, inclusive: bool = False) -> torch.Tensor:
-        """Indices of the entries whose key is < ``limits[subspace]`` (≤ if inclusive).
+    def select(
+        self, limits: np.ndarray, scales: np.ndarray | None = None, *, inclusive: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Entries whose key is < ``limits[subspace]`` (≤ if inclusive), group by group.
 
         Args:
             limits: one threshold per subspace id. # (M,)
+            scales: optional per-subspace factor to hand back per kept entry. # (M,)
 
         Returns:
-            kept entry indices, group by group. # (kept,) int64
+            (kept entry indices # (kept,) int64, their subspace's scale # (kept,) or None)
         """
         side: Literal["left", "right"] = "right" if inclusive else "left"
-        parts = []
+        parts: list[torch.Tensor] = []
+        factors: list[float] = []
+        counts: list[int] = []
         for a, b, gid in self._bounds:
             n = int(np.searchsorted(self._keys_np[a:b], np.float32(limits[gid]), side=side))
             if n:
                 parts.append(self.perm[a : a + n])
+                counts.append(n)
+                factors.append(float(scales[gid]) if scales is not None else 1.0)
         if not parts:
-            return torch.zeros(0, dtype=torch.int64)
-        return torch.cat(parts)
+            empty = torch.zeros(0, dtype=torch.int64)
+            return empty, (torch.zeros(0) if scales is not None else None)
+        idx = torch.cat(parts)
+        if scales is None:
+            return idx, None
+        per_entry = torch.repeat_interleave(
+            torch.tensor(factors, dtype=torch.float32), torch.tensor(counts)
+        )
+        return idx, per_entry

@@ -1,5 +1,7 @@
 """Real components for the storage tests: PostgreSQL, SQLite, a moto S3 server.
 
+The server fixtures (``postgres``, ``s3_endpoint``) live in ``tests/conftest.py``.
+
 - PostgreSQL: one database per test session, named ``slim_test_<random>``, created on the
   server at ``SLIM_TEST_PG_ADMIN_URL`` (default: postgres@127.0.0.1:5432), migrated, and
   dropped at the end; tables are truncated between tests. Tests needing it are skipped when
@@ -19,31 +21,11 @@ import boto3
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
-from storage_helpers import (
-    PG_ADMIN_URL,
-    S3_CREDENTIALS,
-    Database,
-    PostgresServer,
-    free_port,
-    make_s3_store,
-)
+from storage_helpers import S3_CREDENTIALS, Database, PostgresServer, make_s3_store
 
 from storage.blobstore import BlobStore, LocalBlobStore, S3BlobStore
 from storage.db import make_engine, migrate, session_factory
 from storage.models import Model
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer(PG_ADMIN_URL)
-    try:
-        with server.admin.connect():
-            pass
-    except OperationalError as exc:
-        server.admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc.orig}")
-    yield server
-    server.admin.dispose()
 
 
 @pytest.fixture
@@ -91,21 +73,6 @@ def database(request: pytest.FixtureRequest) -> Database:
     name = "sqlite_database" if request.param == "sqlite" else "pg_database"
     db: Database = request.getfixturevalue(name)
     return db
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """URL of a moto S3 server running in this process (a real HTTP server)."""
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in S3_CREDENTIALS.items():
-            mp.setenv(name, value)
-        port = free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        yield f"http://127.0.0.1:{port}"
-        server.stop()
 
 
 @pytest.fixture
