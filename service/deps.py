@@ -1,0 +1,57 @@
+"""Route dependencies: ``Annotated`` aliases for the runtime, a database session and the caller.
+
+``NamespaceDep`` is where authentication slots in: today every request acts in the default
+namespace; the security issue replaces :func:`get_namespace` with a dependency that checks the
+``Authorization: Bearer`` key and answers with the key's namespace (and role).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from service.runtime import Runtime
+from service.settings import Settings
+from storage.blobstore import BlobStore
+from storage.models import DEFAULT_NAMESPACE
+from worker.txn import begin_write
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_session(request: Request, runtime: RuntimeDep) -> Iterator[Session]:
+    """A session per request; routes commit what they change, the rest is rolled back.
+
+    Requests that may write begin with a write transaction (see :mod:`worker.txn`)."""
+    with runtime.sessions() as session:
+        if request.method not in ("GET", "HEAD"):
+            begin_write(session)
+        yield session
+
+
+def get_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+def get_store(runtime: RuntimeDep) -> BlobStore:
+    return runtime.store
+
+
+def get_namespace() -> str:
+    """The caller's namespace (the default one until API keys arrive)."""
+    return DEFAULT_NAMESPACE
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[BlobStore, Depends(get_store)]
+NamespaceDep = Annotated[str, Depends(get_namespace)]

@@ -1,0 +1,223 @@
+"""Streamed downloads: reconstructed checkpoint files, stored blobs, with ``Range`` support.
+
+A reconstructed weight file is its original header followed by each tensor rebuilt from the
+base and the delta (:func:`core.reconstruct.tensor_bytes`), so every byte offset is known from
+the recorded header without rebuilding anything: a ``Range: bytes=a-b`` request starts at the
+tensor that holds byte ``a`` and stops after the one holding ``b``.
+
+At scale 1 a full download is hashed as it streams and checked against the sha256 recorded
+when the delta was written; the last chunk is held back until the hash is known, and on a
+mismatch the stream is aborted (the client sees a short body, never a silently wrong file)
+and ``integrity_error`` is logged. Range responses cannot be checked as a whole; every delta
+frame they read is still checked against its own hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.checkpoint import CheckpointDir
+from core.constants import CHUNK_SIZE
+from core.delta_format import DeltaReader, FileEntry
+from core.errors import IntegrityError, InvalidDelta
+from core.reconstruct import check_base, expected_sha256, iter_file, tensor_bytes
+from core.safetensors_io import parse_header
+from service.errors import RangeNotSatisfiable
+from storage.blobstore import BlobStore
+
+log = logging.getLogger("slim.service")
+
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """Bytes ``[start, end)`` of a file of ``size`` bytes."""
+
+    start: int
+    end: int
+    size: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def content_range(self) -> str:
+        return f"bytes {self.start}-{self.end - 1}/{self.size}"
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """The single byte range a ``Range`` header asks for, or None to send the whole file.
+
+    Malformed headers and multi-range requests are ignored (RFC 9110 allows that): the whole
+    file is sent. Raises :class:`RangeNotSatisfiable` (416) for a range outside the file.
+    """
+    if not header:
+        return None
+    match = _RANGE.match(header)
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise RangeNotSatisfiable("an empty suffix range selects nothing", size)
+        return ByteRange(max(size - n, 0), size, size)
+    start = int(first)
+    end = size if not last else min(int(last) + 1, size)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(
+            f"range starts at byte {start} but the file has {size} bytes; "
+            "resume from an offset below the size",
+            size,
+        )
+    return ByteRange(start, end, size)
+
+
+def _slices(data: bytes | bytearray | memoryview) -> Iterator[bytes]:
+    view = memoryview(data)
+    for i in range(0, len(view), CHUNK_SIZE):
+        yield bytes(view[i : i + CHUNK_SIZE])
+
+
+@dataclass
+class Reconstruction:
+    """One reconstructed file, ready to stream; owns the open delta and base (closed at the end).
+
+    Build with :func:`open_reconstruction` (in a worker thread: it may download the delta and
+    the base into the cache), then iterate :meth:`chunks`.
+    """
+
+    reader: DeltaReader
+    base: CheckpointDir
+    file: FileEntry
+    scale: float
+    size: int
+    on_bytes: Callable[[int], None] | None = None
+    _closed: bool = field(default=False, init=False)
+
+    @property
+    def etag(self) -> str | None:
+        digest = expected_sha256(self.file, self.scale)
+        return f'"{digest}"' if digest else None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.reader.close()
+            self.base.close()
+
+    def chunks(self, byte_range: ByteRange | None) -> Iterator[bytes]:
+        """The file's bytes (or one range of them), closing the files when done."""
+        try:
+            if byte_range is None:
+                yield from self._verified(self._iter(0, self.size))
+            else:
+                yield from self._iter(byte_range.start, byte_range.end)
+        finally:
+            self.close()
+
+    def _iter(self, start: int, end: int) -> Iterator[bytes]:
+        if self.file.role == "aux":
+            yield from _skip(iter_file(self.reader, self.base, self.file, self.scale), start, end)
+            return
+        if self.file.header_frame is None:
+            raise InvalidDelta(f"weight file {self.file.path!r} has no header frame")
+        raw = self.reader.frame(self.file.header_frame)
+        header = parse_header(raw, file_size=self.file.size)
+        if list(header.tensors) != self.file.tensors:
+            raise InvalidDelta(f"weight file {self.file.path!r}: header and tensor list disagree")
+        if start < len(raw):
+            yield from _slices(raw[start : min(end, len(raw))])
+        entries = self.reader.doc.tensor_map()
+        for name, info in header.tensors.items():
+            lo, hi = header.data_offset + info.start, header.data_offset + info.end
+            if hi <= start or lo == hi:
+                continue
+            if lo >= end:
+                break
+            entry = entries.get(name)
+            if entry is None:
+                raise InvalidDelta(f"{self.file.path!r} names a tensor the delta lacks: {name!r}")
+            data = tensor_bytes(entry, self.reader, self.base, self.scale)
+            if len(data) != hi - lo:
+                raise InvalidDelta(f"tensor {name!r} rebuilt to {len(data)} bytes, not {hi - lo}")
+            yield from _slices(memoryview(data)[max(start - lo, 0) : min(end, hi) - lo])
+            del data
+
+    def _verified(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """Pass chunks through, hashing them; hold the last one back until the hash checks."""
+        want = expected_sha256(self.file, self.scale)
+        if want is None:
+            yield from chunks
+            return
+        h = hashlib.sha256()
+        held: bytes | None = None
+        for chunk in chunks:
+            h.update(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+        if h.hexdigest() != want:
+            log.error(
+                "integrity_error: %s rebuilt with sha256 %s, recorded %s; stream aborted",
+                self.file.path,
+                h.hexdigest(),
+                want,
+            )
+            raise IntegrityError(
+                f"{self.file.path} does not rebuild to its recorded sha256; the base or the "
+                "delta is corrupted — the download was aborted, restore the blob and retry"
+            )
+        if held is not None:
+            yield held
+
+
+def _skip(chunks: Iterator[bytes], start: int, end: int) -> Iterator[bytes]:
+    pos = 0
+    for chunk in chunks:
+        lo, hi = pos, pos + len(chunk)
+        pos = hi
+        if hi <= start:
+            continue
+        if lo >= end:
+            break
+        yield chunk[max(start - lo, 0) : min(end, hi) - lo]
+
+
+def open_reconstruction(
+    delta_path: Path, base_dir: Path, path: str, scale: float
+) -> Reconstruction:
+    """Open the delta and the base and find ``path`` in the delta (raises before streaming)."""
+    reader = DeltaReader(delta_path)
+    try:
+        base = CheckpointDir.open(base_dir)
+        try:
+            check_base(reader, base)
+            file = next((f for f in reader.doc.files if f.path == path), None)
+            if file is None:
+                raise InvalidDelta(f"the stored delta has no file {path!r}")
+        except BaseException:
+            base.close()
+            raise
+    except BaseException:
+        reader.close()
+        raise
+    return Reconstruction(reader, base, file, scale, file.size)
+
+
+def blob_chunks(store: BlobStore, key: str, byte_range: ByteRange | None) -> Iterator[bytes]:
+    """A stored blob's bytes, or one range of them."""
+    if byte_range is None:
+        return store.open_range(key)
+    return store.open_range(key, byte_range.start, byte_range.end)

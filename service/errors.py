@@ -1,0 +1,232 @@
+"""One place that turns exceptions into HTTP answers ``{"code": ..., "detail": ...}``.
+
+Codes are stable; clients branch on them. The table below is the whole mapping:
+
+========================  ======  ==========================================================
+code                      status  when
+========================  ======  ==========================================================
+invalid_path              400     a file path is absolute, has ``..``, a backslash or NUL
+invalid_safetensors       400     a ``*.safetensors`` upload is not a valid safetensors file
+header_too_large          400     its header is over the configured limit
+truncated                 400     the body ended before the header or the data it declares
+checksum_mismatch         400     the body does not hash to the ``X-Slim-Sha256`` it was sent with
+client_disconnected       400     the client closed the connection mid-upload (nothing stored)
+too_many_files            400     a checkpoint would hold more files than the limit
+no_weights                400     commit with no ``*.safetensors`` file
+base_mismatch             400     the fine-tune's tensors do not fit the base
+invalid_checkpoint        400     the uploaded directory is unusable (e.g. a bad shard index)
+invalid_argument          400     a parameter is out of range or contradicts another one
+invalid_calibration       400     calibration examples unusable for the chosen evaluation
+evaluation_unavailable    400     the requested evaluation cannot run for this model
+validation_error          422     the request does not match its schema
+not_found                 404     no such base, checkpoint, job, file or route
+blob_not_found            404     a row's bytes are missing from the blob store
+method_not_allowed        405
+conflict                  409     the operation contradicts the current state
+already_exists            409     the name is taken in the namespace
+not_ready                 409     the checkpoint has no stored delta yet
+blob_too_large            413     the body is over the file size limit
+range_not_satisfiable     416     a ``Range`` outside the file
+integrity_error           500     stored bytes do not match their recorded hash
+invalid_delta             500     a stored delta is malformed
+internal_error            500     a bug; the log has the traceback
+unavailable               503     the database is unreachable; retry later
+storage_unavailable       503     the object store is unreachable; retry later
+========================  ======  ==========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from core.errors import SlimError
+from storage.errors import StorageError
+
+log = logging.getLogger("slim.service")
+
+
+class ErrorPublic(BaseModel):
+    """Every error answer: a stable code and a message that says what to do next."""
+
+    code: str
+    detail: str
+
+
+class ApiError(Exception):
+    """An error raised by the service itself (not by core or storage)."""
+
+    code = "api_error"
+    status = 400
+
+    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class InvalidPath(ApiError):
+    code = "invalid_path"
+
+
+class Truncated(ApiError):
+    code = "truncated"
+
+
+class TooManyFiles(ApiError):
+    code = "too_many_files"
+
+
+class NoWeights(ApiError):
+    code = "no_weights"
+
+
+class NotReady(ApiError):
+    code = "not_ready"
+    status = 409
+
+
+class RangeNotSatisfiable(ApiError):
+    code = "range_not_satisfiable"
+    status = 416
+
+    def __init__(self, detail: str, size: int) -> None:
+        super().__init__(detail)
+        self.size = size
+
+
+STATUS_BY_CODE: dict[str, int] = {
+    # core
+    "invalid_safetensors": 400,
+    "header_too_large": 400,
+    "invalid_checkpoint": 400,
+    "base_mismatch": 400,
+    "invalid_calibration": 400,
+    "invalid_argument": 400,
+    "evaluation_unavailable": 400,
+    "invalid_delta": 500,
+    "unsupported_format_version": 500,
+    "integrity_error": 500,
+    "cancelled": 409,
+    # storage
+    "not_found": 404,
+    "blob_not_found": 404,
+    "conflict": 409,
+    "already_exists": 409,
+    "blob_too_large": 413,
+    "invalid_key": 400,
+    "invalid_path": 400,
+    "storage_unavailable": 503,
+}
+
+#: OpenAPI ``responses=`` entries for the error statuses a route can answer.
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorPublic, "description": text}
+    for status, text in (
+        (400, "Bad input (see the code)"),
+        (404, "Not found"),
+        (409, "Conflict with the current state"),
+        (413, "Body over the size limit"),
+        (416, "Range not satisfiable"),
+        (422, "Request does not match its schema"),
+        (500, "Server error"),
+        (503, "Database or object store unavailable"),
+    )
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """The OpenAPI error responses of a route (always 422, 500 and 503)."""
+    wanted = {*statuses, 422, 500, 503}
+    return {s: ERROR_RESPONSES[s] for s in sorted(wanted)}
+
+
+def error_response(
+    code: str, detail: str, status: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The JSON error answer every handler sends."""
+    return JSONResponse({"code": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers of the whole app."""
+
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, RangeNotSatisfiable):
+            headers = {"Content-Range": f"bytes */{exc.size}"}
+        return error_response(exc.code, exc.detail, exc.status, headers)
+
+    @app.exception_handler(SlimError)
+    async def _core(_: Request, exc: SlimError) -> JSONResponse:
+        status = STATUS_BY_CODE.get(exc.code, 400)
+        if status >= 500:
+            log.error("%s: %s", exc.code, exc.detail)
+        return error_response(exc.code, exc.detail, status)
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+        status = STATUS_BY_CODE.get(exc.code, 500)
+        if status >= 500:
+            log.error("%s: %s", exc.code, exc)
+        return error_response(exc.code, str(exc), status)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        log.info("client disconnected mid-request; nothing was stored")
+        return error_response(
+            "client_disconnected", "the body ended early: the connection was closed", 400
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        detail = "; ".join(parts) or "invalid request"
+        return error_response("validation_error", f"{detail}; see /docs for the schema", 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = "no such route; the API is described at /docs"
+        return error_response(code, detail, exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        return error_response(
+            "unavailable", "the database is unreachable; retry in a few seconds", 503
+        )
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return error_response(
+                "unavailable", "the database connection dropped; retry in a few seconds", 503
+            )
+        log.exception("database error", exc_info=exc)
+        return error_response("internal_error", "unexpected database error; see the log", 500)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(
+            "internal_error", f"unexpected {type(exc).__name__}; the server log has details", 500
+        )

@@ -1,0 +1,192 @@
+"""``/v1/checkpoints``: create, upload, commit (→ job), describe, pull files and delta, delete."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.orm import Session
+
+from service import operations
+from service.deps import NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
+from service.downloads import ByteRange, blob_chunks, open_reconstruction
+from service.errors import NotReady, errors
+from service.routes.files import FILE_ANSWER, RAW_BODY, file_response, upload
+from service.schemas import (
+    CheckpointCreate,
+    CheckpointPublic,
+    CheckpointsPublic,
+    FilePublic,
+    FilesPublic,
+    JobPublic,
+)
+from service.uploads import clean_path
+from storage import repo
+from storage.blob_common import sha256_of_key
+from storage.models import Checkpoint, CheckpointState
+from worker.materialize import FileSpec
+
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+
+
+@router.post("", status_code=201, responses=errors(400, 404, 409))
+def create_checkpoint(
+    body: CheckpointCreate, session: SessionDep, settings: SettingsDep, namespace: NamespaceDep
+) -> CheckpointPublic:
+    """Create a checkpoint of a ready base (state ``uploading``); upload files, then commit."""
+    return CheckpointPublic.from_row(
+        operations.create_checkpoint(session, settings, body, namespace)
+    )
+
+
+@router.get("", responses=errors())
+def list_checkpoints(
+    session: SessionDep,
+    namespace: NamespaceDep,
+    base_id: str | None = None,
+    state: CheckpointState | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> CheckpointsPublic:
+    """Checkpoints of the namespace, oldest first (without search traces)."""
+    rows = repo.list_checkpoints(
+        session, namespace=namespace, base_id=base_id, state=state, limit=limit, offset=offset
+    )
+    return CheckpointsPublic(data=[CheckpointPublic.from_row(r) for r in rows], count=len(rows))
+
+
+@router.get("/{checkpoint_id}", responses=errors(404))
+def get_checkpoint(
+    checkpoint_id: str, session: SessionDep, namespace: NamespaceDep
+) -> CheckpointPublic:
+    """One checkpoint: sizes, ratio, bits/param, fitness and the search trace."""
+    row = repo.get_checkpoint(session, checkpoint_id, namespace=namespace)
+    return CheckpointPublic.from_row(row, with_trace=True)
+
+
+@router.delete("/{checkpoint_id}", status_code=204, responses=errors(404))
+def delete_checkpoint(checkpoint_id: str, session: SessionDep, namespace: NamespaceDep) -> Response:
+    """Delete a checkpoint and its jobs (a running job stops); its blobs go to GC."""
+    operations.delete_checkpoint(session, checkpoint_id, namespace)
+    return Response(status_code=204)
+
+
+@router.get("/{checkpoint_id}/files", responses=errors(404))
+def list_checkpoint_files(
+    checkpoint_id: str, session: SessionDep, namespace: NamespaceDep
+) -> FilesPublic:
+    """The checkpoint's files with sizes and sha256 (what a resumed push can skip)."""
+    ckpt = repo.get_checkpoint(session, checkpoint_id, namespace=namespace)
+    rows = repo.list_files(session, checkpoint_id=ckpt.id)
+    return FilesPublic(data=[FilePublic.from_row(r) for r in rows], count=len(rows))
+
+
+@router.put(
+    "/{checkpoint_id}/files/{path:path}",
+    openapi_extra=RAW_BODY,
+    responses=errors(400, 404, 409, 413),
+)
+async def upload_checkpoint_file(
+    checkpoint_id: str, path: str, request: Request, runtime: RuntimeDep, namespace: NamespaceDep
+) -> FilePublic:
+    """Store one file of the checkpoint from the raw streamed body (replaces one at that path).
+
+    ``*.safetensors`` bodies are validated as they stream; send ``X-Slim-Sha256`` to have the
+    body checked against the digest you expect.
+    """
+    return await upload(request, runtime, namespace, path, checkpoint_id=checkpoint_id)
+
+
+@router.post("/{checkpoint_id}/commit", status_code=202, responses=errors(400, 404, 409))
+def commit_checkpoint(
+    checkpoint_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    namespace: NamespaceDep,
+) -> JobPublic:
+    """Validate the files against the base and queue the compression; answers with the job."""
+    job = operations.commit_checkpoint(session, store, settings, checkpoint_id, namespace)
+    return JobPublic.from_row(job)
+
+
+@router.head("/{checkpoint_id}/files/{path:path}", include_in_schema=False)
+@router.get(
+    "/{checkpoint_id}/files/{path:path}",
+    response_class=Response,
+    responses={**FILE_ANSWER, **errors(400, 404, 409, 416)},
+)
+def download_checkpoint_file(
+    checkpoint_id: str,
+    path: str,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    namespace: NamespaceDep,
+    scale: float = Query(1.0, ge=-10, le=10, description="λ of θ_pre + λ·δ (interpolation)."),
+) -> Response:
+    """One file of the checkpoint, rebuilt from the base and the delta and streamed.
+
+    ETag = the sha256 recorded when the delta was written (scale 1 only); Range honoured.
+    """
+    rel = clean_path(path)
+    ckpt = _ready(session, checkpoint_id, namespace)
+    row = repo.get_file(session, path=rel, checkpoint_id=ckpt.id)
+    digest = row.recon_sha256 or row.sha256
+    etag = f'"{digest}"' if scale == 1.0 else None
+    size, delta_key, base_id = row.size, ckpt.delta_blob_key, ckpt.base_id
+    base_files = _specs(session, base_id)
+    session.close()  # release the connection before a long stream
+    assert delta_key is not None
+
+    def open_chunks(byte_range: ByteRange | None) -> Iterator[bytes]:
+        delta = runtime.cache.path(delta_key)
+        base_dir = runtime.cache.shared_dir(f"base-{base_id}", base_files)
+        recon = open_reconstruction(delta, base_dir, rel, scale)
+        return recon.chunks(byte_range)
+
+    return file_response(request, size=size, etag=etag, open_chunks=open_chunks)
+
+
+@router.head("/{checkpoint_id}/delta", include_in_schema=False)
+@router.get(
+    "/{checkpoint_id}/delta",
+    response_class=Response,
+    responses={**FILE_ANSWER, **errors(404, 409, 416)},
+)
+def download_delta(
+    checkpoint_id: str,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    namespace: NamespaceDep,
+) -> Response:
+    """The stored delta (a safetensors container; rebuild client-side with ``slim reconstruct``)."""
+    ckpt = _ready(session, checkpoint_id, namespace)
+    key = ckpt.delta_blob_key
+    assert key is not None
+    size = ckpt.stored_bytes
+    session.close()
+    if size is None:
+        size = runtime.store.head(key) or 0
+    return file_response(
+        request,
+        size=size,
+        etag=f'"{sha256_of_key(key)}"',
+        open_chunks=lambda byte_range: blob_chunks(runtime.store, key, byte_range),
+    )
+
+
+def _ready(session: Session, checkpoint_id: str, namespace: str) -> Checkpoint:
+    ckpt = repo.get_checkpoint(session, checkpoint_id, namespace=namespace)
+    if ckpt.state != CheckpointState.READY or ckpt.delta_blob_key is None:
+        raise NotReady(
+            f"checkpoint {ckpt.name!r} is {ckpt.state.value}; files can be pulled once its "
+            "job has succeeded (GET /v1/jobs?checkpoint_id=...)"
+        )
+    return ckpt
+
+
+def _specs(session: Session, base_id: str) -> list[FileSpec]:
+    rows = repo.list_files(session, base_id=base_id)
+    return [FileSpec(r.path, r.blob_key) for r in rows if r.blob_key is not None]

@@ -1,0 +1,50 @@
+"""``/v1/jobs`` and ``/v1/merges``: follow and cancel work; merge checkpoints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from service import operations
+from service.deps import NamespaceDep, SessionDep, SettingsDep
+from service.errors import errors
+from service.schemas import JobPublic, JobsPublic, MergeCreate
+from storage.models import JobState
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.get("/v1/jobs", responses=errors())
+def list_jobs(
+    session: SessionDep,
+    namespace: NamespaceDep,
+    state: JobState | None = None,
+    checkpoint_id: str | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> JobsPublic:
+    """Jobs, newest first, optionally of one state or checkpoint."""
+    rows = operations.list_jobs(
+        session, namespace, state=state, checkpoint_id=checkpoint_id, limit=limit, offset=offset
+    )
+    return JobsPublic(data=[JobPublic.from_row(r) for r in rows], count=len(rows))
+
+
+@router.get("/v1/jobs/{job_id}", responses=errors(404))
+def get_job(job_id: str, session: SessionDep, namespace: NamespaceDep) -> JobPublic:
+    """One job: state, progress (phase, generation, best fitness), error."""
+    return JobPublic.from_row(operations.get_job(session, job_id, namespace))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", status_code=202, responses=errors(404))
+def cancel_job(job_id: str, session: SessionDep, namespace: NamespaceDep) -> JobPublic:
+    """Cancel a job: a queued one at once, a running one at its next progress report."""
+    return JobPublic.from_row(operations.cancel_job(session, job_id, namespace))
+
+
+@router.post("/v1/merges", status_code=202, responses=errors(400, 404, 409))
+def create_merge(
+    body: MergeCreate, session: SessionDep, settings: SettingsDep, namespace: NamespaceDep
+) -> JobPublic:
+    """Merge ready checkpoints of one base into a new checkpoint; answers with the job
+    (its ``checkpoint_id`` is the derived checkpoint)."""
+    return JobPublic.from_row(operations.create_merge(session, settings, body, namespace))

@@ -1,0 +1,333 @@
+"""Request and response bodies of the v1 API (schema families ``XCreate``/``XPublic``/``XsPublic``).
+
+Every route declares one of these, so the OpenAPI document at ``/openapi.json`` spells out each
+request and answer. Public schemas are built from rows with :meth:`from_row`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.models import (
+    Base,
+    BaseState,
+    Checkpoint,
+    CheckpointState,
+    File,
+    FileRole,
+    Job,
+    JobKind,
+    JobState,
+)
+
+Name = Field(
+    min_length=1,
+    max_length=255,
+    pattern=r"^[^\x00-\x1f\x7f]+$",
+    description="Unique within the namespace; no control characters.",
+)
+
+# -- files -----------------------------------------------------------------------------------
+
+
+class FilePublic(BaseModel):
+    """One file of a base or checkpoint as uploaded (its sha256 lets a client resume a push)."""
+
+    path: str
+    size: int
+    sha256: str
+    role: FileRole
+    stored: bool = Field(description="Whether the uploaded bytes are still kept as a blob.")
+    recon_sha256: str | None = Field(
+        None, description="sha256 of the file rebuilt from the delta (its ETag when pulled)."
+    )
+
+    @classmethod
+    def from_row(cls, row: File) -> FilePublic:
+        return cls(
+            path=row.path,
+            size=row.size,
+            sha256=row.sha256,
+            role=row.role,
+            stored=row.blob_key is not None,
+            recon_sha256=row.recon_sha256,
+        )
+
+
+class FilesPublic(BaseModel):
+    data: list[FilePublic]
+    count: int
+
+
+# -- bases -----------------------------------------------------------------------------------
+
+
+class BaseCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Name
+
+
+class BasePublic(BaseModel):
+    id: str
+    namespace: str
+    name: str
+    state: BaseState
+    num_params: int | None
+    total_bytes: int
+    manifest_sha256: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Base) -> BasePublic:
+        return cls(
+            id=row.id,
+            namespace=row.namespace,
+            name=row.name,
+            state=row.state,
+            num_params=row.num_params,
+            total_bytes=row.total_bytes,
+            manifest_sha256=row.manifest_sha256,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+
+class BasesPublic(BaseModel):
+    data: list[BasePublic]
+    count: int
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+class CalibrationExample(BaseModel):
+    """One calibration input; ``label`` is needed by the ``accuracy`` evaluation only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(max_length=100_000)
+    label: int | str | None = None
+
+
+class CheckpointCreate(BaseModel):
+    """A new checkpoint: upload its files next, then commit it.
+
+    ``method`` defaults to ``nps`` (or ``auto`` when ``min_fidelity`` is given). ``evaluation``
+    defaults to ``fidelity`` when calibration examples are given, else ``weights`` (data-free;
+    NPS then degenerates to magnitude pruning and the checkpoint's notes say so).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Name
+    base_id: str
+    method: str | None = Field(
+        None,
+        description="nps, nps-seeded, magnitude, magnitude-scaled, dare, lossless or auto.",
+    )
+    keep: float | None = Field(
+        None, gt=0, le=1, description="Keep ratio r (default 0.01; auto searches it)."
+    )
+    min_fidelity: float | None = Field(
+        None, gt=0, le=1, description="auto: the quality floor relative to the fine-tune."
+    )
+    evaluation: Literal["fidelity", "accuracy", "weights"] | None = None
+    value_bits: int | None = Field(
+        None, description="32, 16 (default), or 8/4/3/2/1 (quantised); auto searches it."
+    )
+    seed: int = Field(0, ge=0, lt=2**63)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description='Method options, e.g. {"generations": 30}.'
+    )
+    calibration: list[CalibrationExample] | None = Field(
+        None, description="Calibration inputs for the fidelity/accuracy evaluations."
+    )
+
+
+class CheckpointParams(BaseModel):
+    keep: float | None = None
+    value_bits: int | None = None
+    evaluation: str | None = None
+    min_fidelity: float | None = None
+    seed: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    calibration_examples: int = 0
+
+
+class CheckpointPublic(BaseModel):
+    id: str
+    namespace: str
+    name: str
+    base_id: str
+    state: CheckpointState
+    method: str
+    params: CheckpointParams
+    original_bytes: int = Field(description="Bytes of the fine-tune's files as uploaded.")
+    stored_bytes: int | None = Field(description="Bytes of the stored delta.")
+    ratio: float | None = Field(description="original_bytes / stored_bytes.")
+    bits_per_param: float | None
+    num_params: int | None
+    fitness: dict[str, Any] | None = Field(
+        description="Evaluation summary: fitness before/after, fidelity, metrics, notes."
+    )
+    search_seconds: float | None
+    trace: Any = Field(None, description="The search trail (single-checkpoint answers only).")
+    derived_from: Any = None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Checkpoint, *, with_trace: bool = False) -> CheckpointPublic:
+        p = dict(row.params or {})
+        params = CheckpointParams(
+            keep=p.get("keep"),
+            value_bits=p.get("value_bits"),
+            evaluation=p.get("evaluation"),
+            min_fidelity=p.get("min_fidelity"),
+            seed=p.get("seed"),
+            options=p.get("options") or {},
+            calibration_examples=len(p.get("calibration") or []),
+        )
+        return cls(
+            id=row.id,
+            namespace=row.namespace,
+            name=row.name,
+            base_id=row.base_id,
+            state=row.state,
+            method=row.method,
+            params=params,
+            original_bytes=row.original_bytes,
+            stored_bytes=row.stored_bytes,
+            ratio=row.ratio,
+            bits_per_param=row.bits_per_param,
+            num_params=row.num_params,
+            fitness=row.fitness,
+            search_seconds=row.search_seconds,
+            trace=row.trace if with_trace else None,
+            derived_from=row.derived_from,
+            error=row.error,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+
+class CheckpointsPublic(BaseModel):
+    data: list[CheckpointPublic]
+    count: int
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+class JobProgress(BaseModel):
+    """What the worker last reported (fields appear as the job reaches them)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: str | None = None
+    generation: int | None = None
+    generations: int | None = None
+    best_fitness: float | None = None
+    evaluations: int | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    detail: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: JobKind
+    checkpoint_id: str
+    state: JobState
+    attempts: int
+    max_attempts: int
+    progress: JobProgress
+    error: JobError | None
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Job) -> JobPublic:
+        return cls(
+            id=row.id,
+            kind=row.kind,
+            checkpoint_id=row.checkpoint_id,
+            state=row.state,
+            attempts=row.attempts,
+            max_attempts=row.max_attempts,
+            progress=JobProgress.model_validate(row.progress or {}),
+            error=split_error(row.error),
+            cancel_requested=row.cancel_requested,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+_CODED = re.compile(r"^([a-z][a-z0-9_]*): (.*)$", re.DOTALL)
+
+
+def split_error(error: str | None) -> JobError | None:
+    """``"code: detail"`` (how workers record errors) as a :class:`JobError`."""
+    if error is None:
+        return None
+    match = _CODED.match(error)
+    if match is None:
+        return JobError(code="job_failed", detail=error)
+    return JobError(code=match.group(1), detail=match.group(2))
+
+
+# -- merges ----------------------------------------------------------------------------------
+
+
+class MergeCreate(BaseModel):
+    """Merge ready checkpoints of one base into a new, derived checkpoint (a ``merge`` job)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Name
+    checkpoint_ids: list[str] = Field(min_length=2, max_length=64)
+    method: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    lambda_: float = Field(1.0, alias="lambda", gt=0, le=100, description="Scale λ of the merge.")
+    density: float | None = Field(None, gt=0, le=1, description="ties: trim density per tensor.")
+
+
+# -- system ----------------------------------------------------------------------------------
+
+
+class StatsPublic(BaseModel):
+    """Storage totals: what the models would take as plain files vs what is stored."""
+
+    logical_bytes: int
+    stored_bytes: int
+    ratio: float | None
+    num_bases: int
+    num_checkpoints: int
+    num_blobs: int
+    checkpoints_by_state: dict[str, int]
+    jobs_by_state: dict[str, int]
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyPublic(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]

@@ -1,0 +1,116 @@
+"""Deployment settings, read from ``SLIM_*`` environment variables (pydantic-settings).
+
+One :class:`Settings` object configures the API, the worker and the server verbs of the CLI.
+Embedded defaults need nothing set: a SQLite file and a blob directory under ``./slim-data``.
+Distributed mode sets ``SLIM_DATABASE_URL=postgresql+psycopg://...`` and
+``SLIM_BLOB_BACKEND=s3`` with ``SLIM_S3_ENDPOINT_URL``, ``SLIM_S3_BUCKET`` and credentials.
+
+This module imports neither FastAPI nor the worker, so every edge can use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Everything a Slimstore process needs to know about its deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIM_", extra="ignore")
+
+    # -- where things live ---------------------------------------------------------------------
+    data_dir: Path = Field(
+        default=Path("./slim-data"), description="Root of local state (embedded)."
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/slim.db."
+    )
+    auto_migrate: bool | None = Field(
+        default=None,
+        description="Apply migrations when the API starts; default: only for SQLite "
+        "(distributed deployments run `slim migrate` once).",
+    )
+    blob_backend: Literal["local", "s3"] = "local"
+    blob_dir: Path | None = Field(
+        default=None, description="Local blob store; default <data_dir>/blobs."
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Local copies of S3 blobs (bases, deltas) keyed by sha256, and materialised "
+        "base directories; default <data_dir>/cache.",
+    )
+    work_dir: Path | None = Field(
+        default=None, description="Per-job scratch; default <data_dir>/work."
+    )
+
+    # -- S3 ------------------------------------------------------------------------------------
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "slimstore"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_prefix: str = ""
+    s3_create_bucket: bool = Field(
+        default=False, description="Create the bucket at start if missing."
+    )
+    s3_retry_seconds: float = 120.0
+
+    # -- limits --------------------------------------------------------------------------------
+    max_file_bytes: int = Field(
+        default=100 * GIB, gt=0, description="Largest single uploaded file."
+    )
+    max_header_bytes: int = Field(
+        default=100 * MIB, gt=0, description="Largest safetensors header."
+    )
+    max_files_per_checkpoint: int = Field(default=1000, gt=0)
+    max_calibration_examples: int = Field(default=10_000, gt=0)
+
+    # -- behaviour -----------------------------------------------------------------------------
+    retain_originals: bool = Field(
+        default=False,
+        description="Keep the uploaded files after a successful compression (default: delete "
+        "them; the checkpoint is then served from its delta, verified by sha256).",
+    )
+    worker_lease_seconds: float = Field(default=60.0, gt=0)
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    worker_poll_seconds: float = Field(default=1.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)
+    device: str | None = Field(default=None, description="cuda or cpu; default cuda when present.")
+    gc_grace_seconds: float = Field(default=3600.0, ge=0)
+
+    # -- server --------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'slim.db').resolve()}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.data_dir / "work"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def should_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate

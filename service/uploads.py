@@ -1,0 +1,284 @@
+"""Streamed file uploads: request body → blob store, with the safetensors header checked on the fly.
+
+The body is read chunk by chunk from ``Request.stream()`` and handed to
+``BlobStore.put_stream`` in a worker thread (running sha256, size cap, temp name + atomic
+rename); it is never buffered whole nor spooled twice. For ``*.safetensors`` files the first
+``8 + N`` bytes are parsed as they pass (:class:`HeaderCheck`): a bad header, a body that ends
+early or carries trailing bytes raises *inside* the stream, so the store discards the partial
+blob and no row is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Iterator
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.checkpoint import check_relpath
+from core.errors import HeaderTooLarge, InvalidCheckpoint, InvalidSafetensors
+from core.safetensors_io import Header, parse_header
+from service.errors import ApiError, InvalidPath, TooManyFiles, Truncated
+from storage import repo
+from storage.blobstore import BlobInfo, BlobStore
+from storage.errors import BlobTooLarge, Conflict
+from storage.errors import IntegrityError as StorageIntegrityError
+from storage.models import BaseState, CheckpointState, File, FileRole
+from worker.txn import begin_write
+
+#: A declared header length at or above this is not a safetensors file at all.
+IMPLAUSIBLE_HEADER = 1 << 32
+#: Checkpoint states in which files may still change.
+OPEN_CHECKPOINT_STATES = (CheckpointState.UPLOADING, CheckpointState.FAILED)
+
+
+def clean_path(path: str) -> str:
+    """The normalised relative path, or 400 ``invalid_path``."""
+    try:
+        return check_relpath(path)
+    except InvalidCheckpoint as exc:
+        raise InvalidPath(
+            f"{exc.detail}; use a relative path such as 'model.safetensors' or "
+            "'tokenizer/vocab.json' (no '..', no leading '/', no NUL or backslash)"
+        ) from None
+
+
+def role_of(path: str) -> FileRole:
+    return FileRole.WEIGHTS if path.endswith(".safetensors") else FileRole.AUX
+
+
+class HeaderCheck:
+    """Pass chunks through while validating a safetensors header from the first bytes.
+
+    Raises from inside the iteration (so the blob store aborts the upload):
+        Truncated: the body ends inside the header or before the data the header declares.
+        HeaderTooLarge: the header is longer than ``max_header``.
+        InvalidSafetensors: anything else, including trailing bytes after the data.
+    """
+
+    def __init__(
+        self, chunks: Iterable[bytes], *, max_header: int, declared_size: int | None
+    ) -> None:
+        self._chunks = chunks
+        self._max_header = max_header
+        self._declared = declared_size
+        self.header: Header | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        head = bytearray()
+        need: int | None = None
+        opened = False
+        total = 0
+        for chunk in self._chunks:
+            total += len(chunk)
+            if self.header is None:
+                head += chunk
+                if need is None and len(head) >= 8:
+                    need = 8 + self._header_len(bytes(head[:8]))
+                if not opened:
+                    opened = _check_opening(head, need)
+                if need is not None and len(head) >= need:
+                    self.header = parse_header(bytes(head[:need]), max_header=self._max_header)
+                    head = bytearray()
+                    self._check_declared(self.header)
+            if self.header is not None and total > self.header.file_size:
+                raise InvalidSafetensors(
+                    f"the body goes on past the {self.header.file_size} bytes its header "
+                    "declares; the file has trailing bytes or is not one safetensors file"
+                )
+            yield chunk
+        if self.header is None:
+            raise Truncated(
+                f"the body ended after {total} bytes, inside the safetensors header; "
+                "the upload was cut short or the file is not safetensors — send it again"
+            )
+        if total < self.header.file_size:
+            raise Truncated(
+                f"the body ended after {total} of the {self.header.file_size} bytes its "
+                "header declares; the upload was cut short — send the file again"
+            )
+
+    def _header_len(self, first8: bytes) -> int:
+        n = int.from_bytes(first8, "little")
+        if n >= IMPLAUSIBLE_HEADER:
+            raise InvalidSafetensors(
+                f"the first 8 bytes declare a {n}-byte header; this is not a safetensors "
+                "file (save weights with save_pretrained(..., safe_serialization=True))"
+            )
+        if n > self._max_header:
+            raise HeaderTooLarge(
+                f"the safetensors header is {n} bytes, over this server's limit of "
+                f"{self._max_header}; split the file into shards or ask for a higher "
+                "SLIM_MAX_HEADER_BYTES"
+            )
+        return n
+
+    def _check_declared(self, header: Header) -> None:
+        if self._declared is not None and self._declared < header.file_size:
+            raise Truncated(
+                f"Content-Length is {self._declared} bytes but the header declares a "
+                f"{header.file_size}-byte file; the file is truncated — send all of it"
+            )
+
+
+def _check_opening(head: bytearray, need: int | None) -> bool:
+    """Whether the JSON header visibly opens with ``{`` (False: not enough bytes yet).
+
+    Catches other formats (zip, pickle, text) at their first bytes, whatever length their
+    first 8 bytes happen to declare."""
+    if len(head) <= 8:
+        return False
+    rest = bytes(head[8 : need or len(head)]).lstrip(b" \t\r\n")
+    if not rest:
+        return False
+    if rest[:1] != b"{":
+        raise InvalidSafetensors(
+            "the header is not a JSON object; this is not a safetensors file (save weights "
+            "with save_pretrained(..., safe_serialization=True))"
+        )
+    return True
+
+
+def _pull(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
+    """A blocking iterator (for a worker thread) over the request's async body stream."""
+
+    async def next_chunk() -> bytes:
+        return await stream.__anext__()
+
+    while True:
+        try:
+            chunk = anyio.from_thread.run(next_chunk)
+        except StopAsyncIteration:
+            return
+        if chunk:
+            yield chunk
+
+
+def store_body(
+    stream: AsyncIterator[bytes],
+    store: BlobStore,
+    *,
+    path: str,
+    max_bytes: int,
+    max_header: int,
+    declared_size: int | None,
+    expected_sha256: str | None,
+) -> BlobInfo:
+    """Stream a request body into the blob store (call in a worker thread)."""
+    chunks: Iterable[bytes] = _pull(stream)
+    if role_of(path) == FileRole.WEIGHTS:
+        chunks = HeaderCheck(chunks, max_header=max_header, declared_size=declared_size)
+    try:
+        return store.put_stream(chunks, max_bytes=max_bytes, expected_sha256=expected_sha256)
+    except StorageIntegrityError as exc:
+        raise ApiError(str(exc), code="checksum_mismatch") from None
+
+
+async def receive_file(
+    stream: AsyncIterator[bytes],
+    store: BlobStore,
+    *,
+    path: str,
+    max_bytes: int,
+    max_header: int,
+    declared_size: int | None,
+    expected_sha256: str | None,
+) -> BlobInfo:
+    """Store an upload from the event loop without blocking it."""
+    if declared_size is not None and declared_size > max_bytes:
+        raise BlobTooLarge(max_bytes)
+    if expected_sha256 is not None:
+        expected_sha256 = expected_sha256.strip().lower()
+    return await anyio.to_thread.run_sync(
+        lambda: store_body(
+            stream,
+            store,
+            path=path,
+            max_bytes=max_bytes,
+            max_header=max_header,
+            declared_size=declared_size,
+            expected_sha256=expected_sha256,
+        )
+    )
+
+
+# -- rows --------------------------------------------------------------------------------------
+
+
+def check_base_open(session: Session, base_id: str, namespace: str) -> None:
+    base = repo.get_base(session, base_id, namespace=namespace)
+    if base.state != BaseState.UPLOADING:
+        raise Conflict(
+            f"base {base.name!r} is committed and its files are fixed; create a new base "
+            "to store other weights"
+        )
+
+
+def check_checkpoint_open(
+    session: Session, checkpoint_id: str, namespace: str, path: str, max_files: int
+) -> None:
+    ckpt = repo.get_checkpoint(session, checkpoint_id, namespace=namespace)
+    if ckpt.state not in OPEN_CHECKPOINT_STATES or ckpt.derived_from is not None:
+        raise Conflict(
+            f"checkpoint {ckpt.name!r} is {ckpt.state.value}; files can only be added before "
+            "it is committed (create a new checkpoint for other weights)"
+        )
+    count = session.scalar(
+        select(func.count()).select_from(File).where(File.checkpoint_id == checkpoint_id)
+    )
+    exists = session.scalar(
+        select(func.count())
+        .select_from(File)
+        .where(File.checkpoint_id == checkpoint_id, File.path == path)
+    )
+    if not exists and (count or 0) >= max_files:
+        raise TooManyFiles(
+            f"a checkpoint holds at most {max_files} files; pack the extra files or ask for a "
+            "higher SLIM_MAX_FILES_PER_CHECKPOINT"
+        )
+
+
+def record_upload(
+    sessions: sessionmaker[Session],
+    info: BlobInfo,
+    *,
+    path: str,
+    namespace: str,
+    base_id: str | None = None,
+    checkpoint_id: str | None = None,
+    max_files: int,
+) -> File:
+    """Write the blobs row and the file row (replacing one at the same path) in one
+    transaction, after checking again that the owner still takes files."""
+    with sessions() as session:
+        begin_write(session)
+        if base_id is not None:
+            check_base_open(session, base_id, namespace)
+        else:
+            assert checkpoint_id is not None
+            check_checkpoint_open(session, checkpoint_id, namespace, path, max_files)
+        repo.record_blob(session, info)
+        row = repo.put_file(
+            session,
+            path=path,
+            size=info.size,
+            sha256=info.sha256,
+            blob_key=info.key,
+            role=role_of(path),
+            base_id=base_id,
+            checkpoint_id=checkpoint_id,
+        )
+        session.commit()
+        return row
+
+
+def manifest_sha256(rows: Iterable[File]) -> str:
+    """A digest over (path, sha256) of every file: the identity of a committed file set."""
+    h = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: r.path):
+        h.update(f"{row.path}\0{row.sha256}\n".encode())
+    return h.hexdigest()

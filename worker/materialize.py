@@ -1,0 +1,116 @@
+"""Blobs as local files, for core functions that take paths.
+
+``core`` reads checkpoints and deltas from directories on disk. The local blob store already
+has real files, so a checkpoint directory is a folder of symlinks into it (zero copy). An S3
+blob is downloaded once into a cache keyed by its content key (so its sha256), atomically and
+verified, and shared by every job and request of this process (and by other processes that use
+the same cache directory). The reconstruct endpoint and the worker both use this module.
+
+The cache is never evicted automatically; remove ``<cache_dir>/blobs`` to reclaim the space
+(everything in it can be fetched again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.checkpoint import check_relpath
+from storage.blobstore import BlobStore
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    """What a directory entry needs: its relative path and the blob holding its bytes."""
+
+    path: str
+    blob_key: str
+
+
+class BlobCache:
+    """Local file paths for blobs: the store's own files, or verified downloaded copies."""
+
+    def __init__(self, store: BlobStore, cache_dir: str | os.PathLike[str]) -> None:
+        self.store = store
+        self.root = Path(cache_dir)
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def path(self, key: str) -> Path:
+        """A local file holding the blob under ``key`` (downloaded on first use).
+
+        Raises:
+            BlobNotFound: the store holds nothing under ``key``.
+            IntegrityError: the stored bytes do not match the key's sha256.
+        """
+        local = self.store.local_path(key)
+        if local is not None:
+            return local
+        target = self.root / "blobs" / key
+        if target.is_file():
+            return target
+        with self._lock_for(key):
+            if not target.is_file():
+                self.store.get_to_file(key, target)
+        return target
+
+    def materialize(self, files: Iterable[FileSpec], directory: Path) -> Path:
+        """Build ``directory`` as a tree of symlinks to the files' blobs; returns it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for spec in files:
+            link = directory / check_relpath(spec.path)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(self.path(spec.blob_key).resolve())
+        return directory
+
+    def shared_dir(self, name: str, files: list[FileSpec]) -> Path:
+        """A materialised directory kept under the cache and reused while its files are the same.
+
+        ``name`` identifies the owner (e.g. a base id); the directory is named after a digest of
+        the file list, built under a temporary name and renamed into place, so concurrent
+        builders never see a partial tree.
+        """
+        digest = hashlib.sha256(
+            "".join(
+                f"{f.path}\0{f.blob_key}\n" for f in sorted(files, key=lambda f: f.path)
+            ).encode()
+        ).hexdigest()[:16]
+        final = self.root / "dirs" / f"{name}-{digest}"
+        if final.is_dir() and _links_alive(final):
+            return final
+        with self._lock_for(str(final)):
+            if final.is_dir() and _links_alive(final):
+                return final
+            tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.incomplete")
+            try:
+                self.materialize(files, tmp)
+                if final.is_dir():
+                    shutil.rmtree(final, ignore_errors=True)
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # another process won the race; its tree is as good as ours
+                    if not final.is_dir():
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+def _links_alive(directory: Path) -> bool:
+    """Whether every symlink in a materialised tree still points at a file (a blob may have
+    been garbage-collected, or the cache cleared, since it was built)."""
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        for name in filenames:
+            if not Path(dirpath, name).is_file():
+                return False
+    return True

@@ -1,0 +1,603 @@
+"""The job runner: claims jobs from the database queue and runs the core pipelines.
+
+One :class:`Worker` runs one job at a time. ``slim worker`` runs one per process (one per GPU);
+``slim serve`` runs one in a thread next to the API (embedded mode).
+
+Life of a job here::
+
+    claim (lease) ──▶ materialise base + upload as local dirs ──▶ core.compress / core.merge
+          │                (symlinks into the local store,       │  progress → in-memory;
+          │                 or verified S3 copies in the cache)   │  a heartbeat thread renews
+          │                                                       ▼  the lease every few seconds
+          │                                      upload the delta blob (content-addressed)
+          │                                                       ▼
+          │                    ONE transaction, only while we still hold the lease: blobs row,
+          │                    checkpoint row (sizes, ratio, fitness, trace), file rows
+          │                    (recon_sha256), job succeeded
+          ▼                                                       ▼
+    errors: SlimError and permanent storage errors     drop the original upload's blobs
+    fail the job; anything else gives it back for a    (unless retain_originals)
+    retry (up to max_attempts); a cancel request stops
+    the search at its next progress report.
+
+A crash at any point leaves at most an orphan blob (garbage collection removes it) and a job
+whose lease runs out; another worker re-claims it. Nobody ever sees a half-written checkpoint,
+because the row pointing at the delta is committed last, and only by the lease holder.
+
+Decision: the originals are dropped after *any* successful compression, lossless included
+(a lossless delta rebuilds them bit for bit, verified by sha256), unless retention is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.compress import CompressResult, compress
+from core.delta_format import DeltaReader
+from core.errors import Cancelled, SlimError
+from core.evaluate import Example
+from core.merge import merge
+from core.summary import describe
+from storage import queue
+from storage.blobstore import BlobInfo, BlobStore
+from storage.db import db_now, is_sqlite
+from storage.errors import StorageError, StorageUnavailable
+from storage.models import (
+    Base,
+    Blob,
+    Checkpoint,
+    CheckpointState,
+    File,
+    FileRole,
+    Job,
+    JobKind,
+    JobState,
+)
+from storage.repo import list_files, put_file, record_blob, referenced_blob_keys
+from storage.repo import unreferenced_blob_condition as unreferenced
+from worker.materialize import BlobCache, FileSpec
+from worker.txn import begin_write
+
+log = logging.getLogger("slim.worker")
+
+#: Storage errors worth another attempt (everything else from storage is permanent).
+TRANSIENT_STORAGE = (StorageUnavailable,)
+
+
+class LeaseLost(Cancelled):
+    """Another worker took the job over, or it was deleted: stop without writing anything."""
+
+    code = "lease_lost"
+
+
+class WorkerStopping(Cancelled):
+    """The worker is shutting down: give the job back to the queue."""
+
+    code = "worker_stopping"
+
+
+class OriginalsGone(SlimError):
+    """The uploaded files a job needs are no longer stored."""
+
+    code = "originals_deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """How a worker behaves; built from :class:`service.settings.Settings` by its callers."""
+
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    poll_seconds: float = 1.0
+    device: str | None = None
+    retain_originals: bool = False
+    reap_seconds: float = 15.0
+
+
+class Worker:
+    """Claims and runs jobs until stopped.
+
+    Args:
+        sessions: session factory of the metadata database.
+        store: the blob store (deltas are written here; originals read from here).
+        cache: local paths for blobs (see :mod:`worker.materialize`).
+        work_dir: scratch space; one sub-directory per job, removed afterwards.
+        options: lease, heartbeat and polling periods, device, retention.
+        worker_id: the lease owner name (default: host, pid and a random suffix).
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        store: BlobStore,
+        cache: BlobCache,
+        work_dir: str | os.PathLike[str],
+        options: WorkerOptions | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.store = store
+        self.cache = cache
+        self.work_dir = Path(work_dir)
+        self.options = options or WorkerOptions()
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stopping = threading.Event()
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Claim and run jobs until ``stop`` (or :attr:`stopping`) is set."""
+        if stop is not None:
+            self.stopping = stop
+        log.info("worker %s started", self.worker_id)
+        last_reap = 0.0
+        while not self.stopping.is_set():
+            ran = False
+            try:
+                if time.monotonic() - last_reap >= self.options.reap_seconds:
+                    last_reap = time.monotonic()
+                    self.reap()
+                ran = self.run_once() is not None
+            except SQLAlchemyError as exc:  # database down: wait and try again
+                log.warning("worker %s: database error, retrying: %s", self.worker_id, exc)
+            if not ran:
+                self.stopping.wait(self.options.poll_seconds)
+        log.info("worker %s stopped", self.worker_id)
+
+    def reap(self) -> None:
+        """Close jobs whose worker died on their last attempt (see queue.fail_expired_exhausted)."""
+        with self.sessions() as session:
+            result = queue.fail_expired_exhausted(session)
+        for job_id in result.failed:
+            log.warning("job %s failed: its worker stopped renewing the lease", job_id)
+
+    def run_once(self) -> str | None:
+        """Claim one job and run it to the end; its id, or None when the queue was empty."""
+        with self.sessions() as session:
+            job = queue.claim(session, self.worker_id, self.options.lease_seconds)
+            if job is None:
+                return None
+            job_id, kind, claimed_at = job.id, job.kind, job.started_at or db_now(session)
+        log.info("worker %s: job %s (%s) claimed", self.worker_id, job_id, kind.value)
+        self._execute(job_id, kind, claimed_at)
+        return job_id
+
+    # -- one job -------------------------------------------------------------------------------
+
+    def _execute(self, job_id: str, kind: JobKind, claimed_at: datetime) -> None:
+        lease = Lease(self, job_id)
+        job_dir = self.work_dir / f"{job_id}-{uuid.uuid4().hex[:8]}"
+        lease.start()
+        try:
+            if kind == JobKind.COMPRESS:
+                self._compress(job_id, job_dir, lease, claimed_at)
+            else:
+                self._merge(job_id, job_dir, lease)
+            log.info("worker %s: job %s succeeded", self.worker_id, job_id)
+        except LeaseLost:
+            log.warning("worker %s: lost the lease on job %s; dropped it", self.worker_id, job_id)
+        except WorkerStopping:
+            self._give_back(job_id, "the worker shut down mid-job; it will be retried")
+        except Cancelled as exc:
+            self._end(job_id, JobState.CANCELLED, f"cancelled: {exc.detail}")
+        except (SlimError, StorageError) as exc:
+            if isinstance(exc, TRANSIENT_STORAGE):
+                self._give_back(job_id, f"{exc.code}: {exc}")
+            else:
+                detail = exc.detail if isinstance(exc, SlimError) else str(exc)
+                log.warning("job %s failed: [%s] %s", job_id, exc.code, detail)
+                self._end(job_id, JobState.FAILED, f"{exc.code}: {detail}")
+        except Exception as exc:  # unexpected: retry, with the traceback in the log
+            log.exception("job %s: unexpected error (will retry if attempts remain)", job_id)
+            self._give_back(job_id, f"internal_error: {type(exc).__name__}: {exc}")
+        finally:
+            lease.stop()
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _compress(self, job_id: str, job_dir: Path, lease: Lease, claimed_at: datetime) -> None:
+        with self.sessions() as session:
+            begin_write(session)
+            job = _job(session, job_id)
+            checkpoint = _mark_compressing(session, job.checkpoint_id)
+            base_files = _specs(list_files(session, base_id=checkpoint.base_id), "base")
+            ft_files = _specs(list_files(session, checkpoint_id=checkpoint.id), "upload")
+            method, params, base_id = checkpoint.method, dict(checkpoint.params), checkpoint.base_id
+            session.commit()
+        lease.update({"phase": "prepare"})
+        base_dir = self.cache.shared_dir(f"base-{base_id}", base_files)
+        ft_dir = self.cache.materialize(ft_files, job_dir / "upload")
+        out = job_dir / "delta.slim"
+        result = self._run_compress(method, params, base_dir, ft_dir, out, lease)
+        lease.check()
+        lease.update({"phase": "store"})
+        info = self.store.put_file(out)
+        with DeltaReader(out) as reader:
+            files = {f.path: f for f in reader.doc.files}
+        drop = self._publish(job_id, info, lease, _compress_fields(result), files, new_files=False)
+        self._drop_originals(drop, claimed_at)
+
+    def _run_compress(
+        self,
+        method: str,
+        params: dict[str, Any],
+        base_dir: Path,
+        ft_dir: Path,
+        out: Path,
+        lease: Lease,
+    ) -> CompressResult:
+        calibration = params.get("calibration")
+        kwargs: dict[str, Any] = {
+            "keep": params.get("keep"),
+            "value_bits": params.get("value_bits"),
+            "evaluation": params.get("evaluation", "weights"),
+            "calibration": [Example(e["text"], e.get("label")) for e in calibration]
+            if calibration
+            else None,
+            "seed": params.get("seed", 0),
+            "options": params.get("options") or {},
+            "device": self.options.device,
+            "progress": lease.progress,
+        }
+        if method == "auto":
+            from core.auto import auto_compress
+
+            min_fidelity = params.get("min_fidelity")
+            result: CompressResult = auto_compress(
+                base_dir,
+                ft_dir,
+                out,
+                min_fidelity=0.99 if min_fidelity is None else min_fidelity,
+                **kwargs,
+            )
+            return result
+        kwargs["keep"] = 0.01 if kwargs["keep"] is None else kwargs["keep"]
+        kwargs["value_bits"] = 16 if kwargs["value_bits"] is None else kwargs["value_bits"]
+        return compress(base_dir, ft_dir, out, method=method, **kwargs)
+
+    def _merge(self, job_id: str, job_dir: Path, lease: Lease) -> None:
+        with self.sessions() as session:
+            begin_write(session)
+            job = _job(session, job_id)
+            checkpoint = _mark_compressing(session, job.checkpoint_id)
+            payload = dict(job.payload)
+            parents = [session.get(Checkpoint, pid) for pid in payload["checkpoint_ids"]]
+            delta_keys: list[str] = []
+            for pid, parent in zip(payload["checkpoint_ids"], parents, strict=True):
+                if parent is None or parent.delta_blob_key is None:
+                    raise OriginalsGone(
+                        f"checkpoint {pid} was deleted or is not stored any more; "
+                        "merge checkpoints that are ready"
+                    )
+                delta_keys.append(parent.delta_blob_key)
+            base_files = _specs(list_files(session, base_id=checkpoint.base_id), "base")
+            base_id = checkpoint.base_id
+            session.commit()
+        lease.update({"phase": "prepare"})
+        base_dir = self.cache.shared_dir(f"base-{base_id}", base_files)
+        deltas: list[str | os.PathLike[str]] = [self.cache.path(key) for key in delta_keys]
+        out = job_dir / "merged.slim"
+        job_dir.mkdir(parents=True, exist_ok=True)
+        lease.update({"phase": "merge"})
+        merge(
+            base_dir,
+            deltas,
+            out,
+            method=payload.get("method", "task_arithmetic"),
+            lam=float(payload.get("lambda", 1.0)),
+            density=payload.get("density"),
+        )
+        lease.check()
+        lease.update({"phase": "store"})
+        info = self.store.put_file(out)
+        summary = describe(out)
+        with DeltaReader(out) as reader:
+            files = {f.path: f for f in reader.doc.files}
+        fields = {
+            "original_bytes": summary["original_bytes"],
+            "stored_bytes": summary["stored_bytes"],
+            "ratio": summary["ratio"],
+            "bits_per_param": summary["bits_per_param"],
+            "num_params": summary["num_params"],
+            "fitness": _finite(
+                {"evaluation": "weights", "kept": summary["kept"], "notes": summary["notes"]}
+            ),
+            "trace": None,
+            "search_seconds": None,
+        }
+        self._publish(job_id, info, lease, fields, files, new_files=True)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def _publish(
+        self,
+        job_id: str,
+        info: BlobInfo,
+        lease: Lease,
+        fields: dict[str, Any],
+        files: dict[str, Any],
+        *,
+        new_files: bool,
+    ) -> set[str]:
+        """Commit the rows that make a checkpoint ready, in one transaction, if we still hold
+        the lease. Returns the original blobs to drop."""
+        drop: set[str] = set()
+        with self.sessions() as session:
+            begin_write(session)
+            stmt = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+            if not is_sqlite(session):
+                stmt = stmt.with_for_update()
+            job = session.scalars(stmt).first()
+            if job is None or job.state != JobState.RUNNING or job.lease_owner != self.worker_id:
+                raise LeaseLost("the job was taken over or deleted before it could be published")
+            if job.cancel_requested:
+                raise Cancelled("cancel requested before the result was stored")
+            checkpoint = session.get(Checkpoint, job.checkpoint_id, populate_existing=True)
+            if checkpoint is None:
+                raise LeaseLost("the checkpoint was deleted")
+            record_blob(session, info)
+            checkpoint.delta_blob_key = info.key
+            for name, value in fields.items():
+                setattr(checkpoint, name, value)
+            checkpoint.state = CheckpointState.READY
+            checkpoint.error = None
+            if new_files:
+                for entry in files.values():
+                    row = put_file(
+                        session,
+                        path=entry.path,
+                        size=entry.size,
+                        sha256=entry.sha256,
+                        blob_key=None,
+                        role=FileRole(entry.role),
+                        checkpoint_id=checkpoint.id,
+                    )
+                    row.recon_sha256 = entry.recon_sha256 or entry.sha256
+            else:
+                for row in list_files(session, checkpoint_id=checkpoint.id):
+                    entry = files.get(row.path)
+                    if entry is None:  # not part of the model directory (should not happen)
+                        continue
+                    row.recon_sha256 = entry.recon_sha256 or entry.sha256
+                    if not self.options.retain_originals and row.blob_key is not None:
+                        drop.add(row.blob_key)
+                        row.blob_key = None
+            now = db_now(session)
+            job.state = JobState.SUCCEEDED
+            job.finished_at = now
+            job.lease_expires_at = None
+            job.error = None
+            job.progress = {**(job.progress or {}), **lease.snapshot(), "phase": "done"}
+            session.commit()
+        return drop
+
+    def _drop_originals(self, keys: set[str], claimed_at: datetime) -> None:
+        """Delete original blobs nothing references any more. A blob that another upload
+        refreshed (a dedup hit) since the job was claimed is left to garbage collection."""
+        for key in sorted(keys):
+            try:
+                with self.sessions() as session:
+                    begin_write(session)
+                    if referenced_blob_keys(session, among=[key]):
+                        continue
+                    modified = self.store.last_modified(key)
+                    if modified is not None and modified > claimed_at:
+                        continue
+                    session.execute(delete(Blob).where(Blob.key == key, unreferenced()))
+                    session.commit()
+                    if referenced_blob_keys(session, among=[key]):
+                        continue
+                self.store.delete(key)
+            except (SQLAlchemyError, StorageError) as exc:  # GC will finish the job
+                log.warning("could not drop original blob %s (GC will): %s", key, exc)
+
+    # -- ending a job --------------------------------------------------------------------------
+
+    def _end(self, job_id: str, state: JobState, error: str) -> None:
+        self._finish(job_id, state, error)
+
+    def _give_back(self, job_id: str, error: str) -> None:
+        self._finish(job_id, JobState.QUEUED, error)
+
+    def _finish(self, job_id: str, state: JobState, error: str) -> None:
+        """End our hold on a job and set its checkpoint's state, in one transaction.
+
+        ``queued`` gives the job back for another attempt (``failed`` once none are left),
+        as :func:`storage.queue.finish` does; nothing changes if we no longer hold the lease.
+        """
+        with self.sessions() as session:
+            begin_write(session)
+            stmt = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+            if not is_sqlite(session):
+                stmt = stmt.with_for_update()
+            job = session.scalars(stmt).first()
+            if job is None or job.state != JobState.RUNNING or job.lease_owner != self.worker_id:
+                return
+            job.error = error
+            job.lease_expires_at = None
+            if state == JobState.QUEUED and job.attempts < job.max_attempts:
+                job.state = JobState.QUEUED
+                ckpt_state, ckpt_error = CheckpointState.QUEUED, None
+            else:
+                job.state = JobState.FAILED if state == JobState.QUEUED else state
+                job.finished_at = db_now(session)
+                ckpt_state, ckpt_error = CheckpointState.FAILED, error
+            checkpoint = session.get(Checkpoint, job.checkpoint_id, populate_existing=True)
+            if checkpoint is not None and checkpoint.state != CheckpointState.READY:
+                checkpoint.state = ckpt_state
+                checkpoint.error = ckpt_error
+            session.commit()
+
+
+class Lease:
+    """Keeps a job's lease alive from a background thread and relays progress and cancels.
+
+    ``progress`` is the callback core calls: it records the report and raises
+    :class:`Cancelled` (or a subclass) once a cancel was requested, the lease was lost, or the
+    worker is stopping. Heartbeats are throttled to one per ``heartbeat_seconds``, plus one
+    soon after each phase change.
+    """
+
+    def __init__(self, worker: Worker, job_id: str) -> None:
+        self.worker = worker
+        self.job_id = job_id
+        self._progress: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._wake = threading.Event()
+        self.lost = False
+        self.cancel_requested = False
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._progress)
+
+    def update(self, info: dict[str, Any]) -> None:
+        clean = _finite(info)
+        with self._lock:
+            phase_changed = clean.get("phase") not in (None, self._progress.get("phase"))
+            self._progress.update(clean)
+        if phase_changed:
+            self._wake.set()
+
+    def progress(self, info: dict[str, Any]) -> None:
+        """The progress callback handed to core."""
+        self.update(info)
+        self.check()
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLost("another worker holds this job now")
+        if self.cancel_requested:
+            raise Cancelled("a cancel was requested (POST /v1/jobs/{id}/cancel)")
+        if self.worker.stopping.is_set():
+            raise WorkerStopping("the worker is shutting down")
+
+    def _loop(self) -> None:
+        interval = self.worker.options.heartbeat_seconds
+        while not self._done.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._done.is_set():
+                return
+            self.beat()
+
+    def beat(self) -> None:
+        try:
+            with self.worker.sessions() as session:
+                result = queue.heartbeat(
+                    session,
+                    self.job_id,
+                    self.worker.worker_id,
+                    self.worker.options.lease_seconds,
+                    progress=self.snapshot(),
+                )
+        except SQLAlchemyError as exc:  # the lease may run out; the next beat tries again
+            log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
+            return
+        self.lost = not result.lease_held
+        self.cancel_requested = result.cancel_requested
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LeaseLost("the job was deleted")
+    return job
+
+
+def _mark_compressing(session: Session, checkpoint_id: str) -> Checkpoint:
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    if checkpoint is None:
+        raise LeaseLost("the checkpoint was deleted")
+    if session.get(Base, checkpoint.base_id) is None:
+        raise OriginalsGone("the checkpoint's base no longer exists")
+    checkpoint.state = CheckpointState.COMPRESSING
+    checkpoint.error = None
+    return checkpoint
+
+
+def _specs(rows: list[File], what: str) -> list[FileSpec]:
+    specs: list[FileSpec] = []
+    for row in rows:
+        if row.blob_key is None:
+            raise OriginalsGone(
+                f"the {what} file {row.path!r} is no longer stored (dropped after an earlier "
+                "compression); upload the files again to a new checkpoint"
+            )
+        specs.append(FileSpec(row.path, row.blob_key))
+    return specs
+
+
+def _compress_fields(result: CompressResult) -> dict[str, Any]:
+    fitness = {
+        "method": result.method,
+        "evaluation": result.evaluation,
+        "keep": result.keep,
+        "value_bits": result.value_bits,
+        "kept": result.kept,
+        "fitness_before": result.fitness_before,
+        "fitness_after": result.fitness_after,
+        "fidelity": result.fidelity,
+        "metrics_after": result.metrics_after,
+        "metrics_reference": result.metrics_reference,
+        "metrics_removed": result.metrics_removed,
+        "evaluations": result.evaluations,
+        "total_seconds": result.total_seconds,
+        "notes": result.notes,
+    }
+    return {
+        "original_bytes": result.original_bytes,
+        "stored_bytes": result.stored_bytes,
+        "ratio": _num(result.ratio),
+        "bits_per_param": _num(result.bits_per_param),
+        "num_params": result.num_params,
+        "fitness": _finite(fitness),
+        "trace": _finite(result.trace),
+        "search_seconds": _num(result.search_seconds),
+    }
+
+
+def _num(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _finite(value: Any) -> Any:
+    """A copy of a JSON-like value with NaN/inf floats replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return _finite(value.item())
+    return str(value)
