@@ -20,7 +20,6 @@ from typing import Any
 import boto3
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
 from storage_helpers import S3_CREDENTIALS, Database, PostgresServer, make_s3_store
 
 from storage.blobstore import BlobStore, LocalBlobStore, S3BlobStore
