@@ -270,12 +270,16 @@ def value_coding_for(bits: int, prefer_bf16: bool) -> str:
 def encode_values(
     values: torch.Tensor, coding: str, bits: int, level: int = ZSTD_LEVEL
 ) -> tuple[bytes, dict[str, object]]:
-    """Code kept values. Returns (zstd frame, params for the document)."""
+    """Code kept values. Returns (zstd section, params for the document).
+
+    Quantised sections start with the codebook (2**(bits-1) float32, little-endian), then the
+    codes as bit planes.
+    """
     v = values.to(torch.float32).reshape(-1).cpu()
     if coding == "q":
         codes, cb = quantise(v, bits)
-        raw = pack_codes(codes.numpy(), bits)
-        return zstd_compress(raw, level), {"bits": bits, "codebook": [float(x) for x in cb]}
+        raw = cb.numpy().astype("<f4").tobytes() + pack_codes(codes.numpy(), bits)
+        return zstd_compress(raw, level), {"bits": bits}
     t = v.to(_FLOAT_CODINGS[coding])
     arr = t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).numpy()
     return zstd_compress(to_planes(arr), level), {}
@@ -284,14 +288,14 @@ def encode_values(
 def decode_values(coding: str, frame: bytes, params: dict[str, object], n: int) -> torch.Tensor:
     """Inverse of :func:`encode_values`. # (n,) float32"""
     if coding == "q":
-        bits = int(params.get("bits", 0))  # type: ignore[call-overload]
-        if bits not in QUANT_BITS:
+        bits = params.get("bits")
+        if not isinstance(bits, int) or bits not in QUANT_BITS:
             raise InvalidDelta(f"unknown quantisation width {bits}")
-        cb_list = params.get("codebook")
-        if not isinstance(cb_list, list):
-            raise InvalidDelta("quantised values need a codebook")
-        codes = unpack_codes(zstd_decompress(frame, packed_size(n, bits)), n, bits)
-        return dequantise(torch.from_numpy(codes), torch.tensor(cb_list, dtype=torch.float32), bits)
+        levels = 1 << (bits - 1)
+        raw = zstd_decompress(frame, 4 * levels + packed_size(n, bits))
+        cb = torch.from_numpy(np.frombuffer(raw[: 4 * levels], dtype="<f4").astype(np.float32))
+        codes = unpack_codes(raw[4 * levels :], n, bits)
+        return dequantise(torch.from_numpy(codes), cb, bits)
     if coding not in _FLOAT_CODINGS:
         raise InvalidDelta(f"unknown value coding {coding!r}")
     tdtype = _FLOAT_CODINGS[coding]

@@ -285,8 +285,8 @@ def _encode(
             role="weights",
             size=header.file_size,
             sha256=sha256_file(ws.ft.root / rel),
-            header_frame=writer.add(f"f{fi}.header", header.raw),
-            tensors=list(header.tensors),
+            header_frame=writer.add(f"h{fi}", codec.zstd_compress(header.raw, level)),
+            header_size=len(header.raw),
         )
         for name in header.tensors:
             plan = plans[name]
@@ -296,7 +296,7 @@ def _encode(
             delta_for_eval: torch.Tensor | None = None
             if plan.kind == "dense":
                 te.frame = writer.add(
-                    f"{prefix}.data", codec.zstd_compress(tensor_to_bytes(ws.ft.get(name)), level)
+                    prefix, codec.zstd_compress(tensor_to_bytes(ws.ft.get(name)), level)
                 )
             else:
                 base_ref = ws.base.tensors[plan.base_name or ""]
@@ -342,7 +342,7 @@ def _encode(
         if digest in base_aux:
             entry.base_path = base_aux[digest]
         else:
-            entry.frame = writer.add(f"a{ai}.data", codec.zstd_compress(path.read_bytes(), level))
+            entry.frame = writer.add(f"a{ai}", codec.zstd_compress(path.read_bytes(), level))
         files.append(entry)
     doc = DeltaDoc(
         base=base_fingerprint(ws.base),
@@ -371,7 +371,7 @@ def _encode_lossless(
     if base_ref.info.dtype != plan_dtype:
         te.kind = "dense"
         te.base_name = te.base_dtype = None
-        te.frame = writer.add(f"{prefix}.data", codec.zstd_compress(tensor_to_bytes(ft_t), level))
+        te.frame = writer.add(prefix, codec.zstd_compress(tensor_to_bytes(ft_t), level))
         return
     ft_bytes = tensor_to_bytes(ft_t)
     base_bytes = tensor_to_bytes(base_t)
@@ -380,5 +380,5 @@ def _encode_lossless(
         return
     te.kind = "lossless"
     te.frame = writer.add(
-        f"{prefix}.data", codec.encode_xor(ft_bytes, base_bytes, DTYPES[plan_dtype][0], level)
+        prefix, codec.encode_xor(ft_bytes, base_bytes, DTYPES[plan_dtype][0], level)
     )

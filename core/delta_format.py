@@ -53,9 +53,9 @@ class TensorEntry:
     base_name: str | None = None
     base_dtype: str | None = None
     nnz: int = 0  # kept entries (sparse)
-    positions: dict[str, Any] | None = None  # sparse: how positions are coded
-    values: dict[str, Any] | None = None  # sparse: how values are coded
-    frame: str | None = None  # dense / lossless payload
+    positions: dict[str, Any] | None = None  # sparse: how positions are coded (+ section size)
+    values: dict[str, Any] | None = None  # sparse: how values are coded (+ section size)
+    frame: str | None = None  # the tensor's one frame (sparse sections, dense or lossless data)
 
     @property
     def numel(self) -> int:
@@ -74,8 +74,8 @@ class FileEntry:
     size: int
     sha256: str
     recon_sha256: str | None = None  # weights: sha256 of the reconstructed file at scale 1
-    header_frame: str | None = None  # weights: the original header bytes
-    tensors: list[str] = field(default_factory=list)  # weights: tensor names in data order
+    header_frame: str | None = None  # weights: the original header bytes, zstd
+    header_size: int | None = None  # weights: length of those bytes (8 + N)
     frame: str | None = None  # aux stored in the delta
     base_path: str | None = None  # aux identical to this base file (not stored again)
 
@@ -93,7 +93,8 @@ class DeltaDoc:
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        """Compact JSON: keys sorted, fields that are None left out (readers default them)."""
+        return json.dumps(_drop_none(asdict(self)), separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> DeltaDoc:
@@ -132,6 +133,14 @@ class DeltaDoc:
 
     def tensor_map(self) -> dict[str, TensorEntry]:
         return {t.name: t for t in self.tensors}
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_drop_none(v) for v in obj]
+    return obj
 
 
 class DeltaWriter:

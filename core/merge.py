@@ -24,7 +24,7 @@ from core.compress import base_fingerprint
 from core.constants import ZSTD_LEVEL
 from core.delta_format import DeltaDoc, DeltaReader, DeltaWriter, FileEntry, TensorEntry
 from core.errors import BaseMismatch, InvalidArgument
-from core.reconstruct import check_base, tensor_bytes
+from core.reconstruct import check_base, tensor_bytes, weight_header
 from core.safetensors_io import bytes_to_tensor
 from core.tensor_codec import Selection, ValueSpec, dense_delta, encode_sparse
 
@@ -150,21 +150,20 @@ def _merge(
                     path=f.path, role="aux", size=f.size, sha256=f.sha256, base_path=f.base_path
                 )
                 if f.frame is not None:
-                    nf.frame = writer.add(f"a{fi}.data", first.frame(f.frame))
+                    nf.frame = writer.add(f"a{fi}", first.frame(f.frame))
                 files.append(nf)
                 continue
-            assert f.header_frame is not None
-            raw_header = first.frame(f.header_frame)
+            raw_header, header = weight_header(first, f)
             hasher = hashlib.sha256(raw_header)
             nf = FileEntry(
                 path=f.path,
                 role="weights",
                 size=f.size,
                 sha256="",
-                tensors=list(f.tensors),
-                header_frame=writer.add(f"f{fi}.header", raw_header),
+                header_frame=writer.add(f"h{fi}", first.frame(f.header_frame or "")),
+                header_size=f.header_size,
             )
-            for name in f.tensors:
+            for name in header.tensors:
                 src = maps[0][name]
                 prefix = f"t{len(tensors)}"
                 te = TensorEntry(
@@ -178,7 +177,7 @@ def _merge(
                 writer.forget_recent()
                 if src.kind == "dense":
                     assert src.frame is not None
-                    te.frame = writer.add(f"{prefix}.data", first.frame(src.frame))
+                    te.frame = writer.add(prefix, first.frame(src.frame))
                 else:
                     taus = []
                     for r, mp in zip(readers, maps, strict=True):

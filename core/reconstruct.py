@@ -17,10 +17,10 @@ import torch
 
 from core import codec
 from core.checkpoint import CheckpointDir, check_relpath
-from core.constants import CHUNK_SIZE, DTYPES
+from core.constants import CHUNK_SIZE, DTYPES, MAX_HEADER_BYTES
 from core.delta_format import DeltaReader, FileEntry, FrameSource, TensorEntry
-from core.errors import BaseMismatch, IntegrityError, InvalidDelta
-from core.safetensors_io import bytes_to_tensor, parse_header, tensor_to_bytes
+from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafetensors
+from core.safetensors_io import Header, bytes_to_tensor, parse_header, tensor_to_bytes
 from core.tensor_codec import decode_sparse
 
 
@@ -95,21 +95,31 @@ def iter_file(
             raise InvalidDelta(f"file {file.path!r} has no frame")
         yield codec.zstd_decompress(reader.frame(file.frame), file.size)
         return
-    if file.header_frame is None:
-        raise InvalidDelta(f"weight file {file.path!r} has no header frame")
-    raw_header = reader.frame(file.header_frame)
-    header = parse_header(raw_header, file_size=file.size)
-    if list(header.tensors) != file.tensors:
-        raise InvalidDelta(f"weight file {file.path!r}: header and tensor list disagree")
+    raw_header, header = weight_header(reader, file)
     yield raw_header
     entries = reader.doc.tensor_map()
-    for name in file.tensors:
+    for name in header.tensors:
         entry = entries.get(name)
         if entry is None:
             raise InvalidDelta(
                 f"weight file {file.path!r} names a tensor the delta lacks: {name!r}"
             )
         yield tensor_bytes(entry, reader, base, scale)
+
+
+def weight_header(reader: FrameSource, file: FileEntry) -> tuple[bytes, Header]:
+    """The original header bytes of a weight file, and the header parsed from them."""
+    size = file.header_size
+    if file.header_frame is None or size is None or not 8 < size <= 8 + MAX_HEADER_BYTES:
+        raise InvalidDelta(f"weight file {file.path!r} has no valid header frame")
+    raw = codec.zstd_decompress(reader.frame(file.header_frame), size)
+    try:
+        header = parse_header(raw, file_size=file.size)
+    except InvalidSafetensors as exc:
+        raise InvalidDelta(
+            f"weight file {file.path!r}: stored header is invalid ({exc.detail})"
+        ) from None
+    return raw, header
 
 
 def file_sha256(

@@ -57,17 +57,19 @@ def encode_sparse(
     writer: DeltaWriter,
     level: int,
 ) -> None:
-    """Write the frames of a sparse tensor and fill ``entry``'s positions/values/nnz."""
+    """Write a sparse tensor's one frame and fill ``entry``'s positions/values/nnz.
+
+    The frame is the concatenation of independently zstd-compressed sections, in order:
+    explicit positions, or the ambiguous-entry bitmap of seeded positions (when there is
+    one), then the values. Each section's size is recorded with its parameters.
+    """
     entry.kind = "sparse"
     entry.nnz = int(sel.positions.size)
+    sections: list[bytes] = []
     if sel.seeded is None:
-        coding, frame, params = codec.encode_positions(sel.positions, entry.numel, level)
-        entry.positions = {
-            "mode": "explicit",
-            "coding": coding,
-            "frame": writer.add(f"{prefix}.pos", frame),
-            **params,
-        }
+        coding, section, params = codec.encode_positions(sel.positions, entry.numel, level)
+        entry.positions = {"mode": "explicit", "coding": coding, "size": len(section), **params}
+        sections.append(section)
     else:
         s = sel.seeded
         pos: dict[str, object] = {
@@ -78,35 +80,53 @@ def encode_sparse(
         }
         if s.hi > s.lo:
             amb = s.ambiguous_keep if s.ambiguous_keep is not None else np.zeros(0, dtype=bool)
+            section = codec.zstd_compress(codec.pack_bitmap(amb), level)
             pos["ambiguous"] = int(amb.size)
-            pos["frame"] = writer.add(
-                f"{prefix}.amb", codec.zstd_compress(codec.pack_bitmap(amb), level)
-            )
+            pos["size"] = len(section)
+            sections.append(section)
         entry.positions = pos
-    frame, params2 = codec.encode_values(sel.values, spec.coding, spec.bits, level)
-    entry.values = {"coding": spec.coding, "frame": writer.add(f"{prefix}.val", frame), **params2}
+    section, vparams = codec.encode_values(sel.values, spec.coding, spec.bits, level)
+    entry.values = {"coding": spec.coding, "size": len(section), **vparams}
+    sections.append(section)
+    entry.frame = writer.add(prefix, b"".join(sections))
+
+
+def _sections(entry: TensorEntry, frame: bytes) -> tuple[bytes, bytes]:
+    """(positions or ambiguous section, values section) of a sparse tensor's frame."""
+    pos, vals = entry.positions or {}, entry.values or {}
+    try:
+        p_size = int(pos.get("size", 0))
+        v_size = int(vals["size"])
+    except (KeyError, TypeError, ValueError):
+        raise InvalidDelta(f"sparse tensor {entry.name!r} lacks its section sizes") from None
+    if p_size < 0 or v_size < 0 or p_size + v_size != len(frame):
+        raise InvalidDelta(f"the sections of {entry.name!r} do not add up to its frame")
+    return frame[:p_size], frame[p_size:]
 
 
 def decode_sparse(entry: TensorEntry, reader: FrameSource) -> tuple[np.ndarray, torch.Tensor]:
     """Positions (int64, sorted) and float32 values of a sparse tensor."""
     pos, vals = entry.positions, entry.values
-    if pos is None or vals is None:
-        raise InvalidDelta(f"sparse tensor {entry.name!r} lacks positions or values")
+    if pos is None or vals is None or entry.frame is None:
+        raise InvalidDelta(f"sparse tensor {entry.name!r} lacks positions, values or its frame")
+    if entry.nnz < 0 or entry.nnz > entry.numel:
+        raise InvalidDelta(f"sparse tensor {entry.name!r} keeps more entries than it has")
+    first, values_section = _sections(entry, reader.frame(entry.frame))
     numel = entry.numel
     if pos.get("mode") == "explicit":
-        positions = codec.decode_positions(
-            str(pos.get("coding")), reader.frame(str(pos.get("frame"))), pos, entry.nnz, numel
-        )
+        positions = codec.decode_positions(str(pos.get("coding")), first, pos, entry.nnz, numel)
     elif pos.get("mode") == "seeded":
         try:
             key, lo, hi = int(pos["key"]), int(pos["lo"]), int(pos["hi"])
         except (KeyError, ValueError):
             raise InvalidDelta(f"seeded positions of {entry.name!r} are malformed") from None
+        if not (0 <= lo <= hi <= 1 << 53 and 0 <= key < 1 << 64):
+            raise InvalidDelta(f"seeded positions of {entry.name!r} are out of range")
         sure, amb = rng.seeded_positions(key, numel, lo, hi)
         if amb.size:
             if int(pos.get("ambiguous", -1)) != amb.size:
                 raise InvalidDelta(f"ambiguous count of {entry.name!r} does not match its draw")
-            raw = codec.zstd_decompress(reader.frame(str(pos.get("frame"))), (amb.size + 7) // 8)
+            raw = codec.zstd_decompress(first, (amb.size + 7) // 8)
             keep = codec.unpack_bitmap(raw, amb.size)
             positions = np.sort(np.concatenate([sure, amb[keep]]))
         else:
@@ -115,9 +135,7 @@ def decode_sparse(entry: TensorEntry, reader: FrameSource) -> tuple[np.ndarray, 
             raise InvalidDelta(f"seeded positions of {entry.name!r} do not match its count")
     else:
         raise InvalidDelta(f"unknown position mode of {entry.name!r}")
-    values = codec.decode_values(
-        str(vals.get("coding")), reader.frame(str(vals.get("frame"))), vals, entry.nnz
-    )
+    values = codec.decode_values(str(vals.get("coding")), values_section, vals, entry.nnz)
     return positions, values
 
 

@@ -202,8 +202,8 @@ def delta_cases(root: Path) -> dict[str, tuple[bytes, str]]:
     del missing["tensors"]
     cases["delta_doc_missing_field"] = (rebuild(missing), "invalid_delta")
     # flip one byte inside the first value frame: the recorded sha256 no longer matches
-    val = next(name for name in header if name.endswith(".val"))
-    start = header[val]["data_offsets"][0]
+    val = next(name for name in header if name.startswith("t"))  # a tensor's frame
+    start = header[val]["data_offsets"][-1] - 1  # its last byte: inside the values section
     tampered = bytearray(data)
     tampered[start] ^= 0xFF
     cases["delta_tampered_frame"] = (rebuild(doc, bytes(tampered)), "integrity_error")
@@ -211,7 +211,7 @@ def delta_cases(root: Path) -> dict[str, tuple[bytes, str]]:
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 * 1024 * 1024))
     names = [k for k in header if k != "__metadata__"]
     blobs = {k: data[header[k]["data_offsets"][0] : header[k]["data_offsets"][1]] for k in names}
-    blobs[val] = bomb
+    blobs["h0"] = bomb  # the stored safetensors header: it must inflate to header_size bytes
     new_entries: dict = {}
     new_data = b""
     for k in names:
@@ -222,7 +222,7 @@ def delta_cases(root: Path) -> dict[str, tuple[bytes, str]]:
         }
         new_data += blobs[k]
     bomb_doc = json.loads(json.dumps(doc))
-    bomb_doc["frames"][val] = {"size": len(bomb), "sha256": hashlib.sha256(bomb).hexdigest()}
+    bomb_doc["frames"]["h0"] = {"size": len(bomb), "sha256": hashlib.sha256(bomb).hexdigest()}
     cases["delta_zstd_bomb"] = (rebuild(bomb_doc, new_data, new_entries), "invalid_delta")
     # a frame named in the document that the container lacks
     ghost = json.loads(json.dumps(doc))
