@@ -1,4 +1,8 @@
-"""Server verbs: ``slim serve``, ``slim worker``, ``slim migrate``, ``slim gc``.
+"""Server verbs: ``slim serve``, ``slim worker``, ``slim migrate``, ``slim gc``, ``slim scrub``,
+``slim keys create|list|revoke``.
+
+The key and scrub verbs work on the database and blob store directly (like ``gc``): they are
+for whoever runs the server, not for API clients.
 
 All of them read their configuration from ``SLIM_*`` environment variables (see
 ``service.settings.Settings``); flags override the few that matter on a command line.
@@ -10,6 +14,7 @@ import argparse
 import json
 import logging
 import signal
+import sys
 import threading
 from dataclasses import asdict
 from types import FrameType
@@ -50,6 +55,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     p.set_defaults(handler=cmd_gc)
 
+    p = sub.add_parser(
+        "scrub",
+        help="read back every stored blob and delta frame and check their hashes",
+        description="Prints a JSON report; exits 1 when anything is missing or corrupt.",
+    )
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-deltas", action="store_true", help="only hash the blobs")
+    p.set_defaults(handler=cmd_scrub)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+        dest="keys_verb", metavar="ACTION", required=True
+    )
+    p = keys.add_parser("create", help="create a key and print it (shown once)")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--role", choices=["read", "write", "admin"], default="read")
+    p.add_argument("--name", default="", help="a note saying who or what the key is for")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(handler=cmd_keys_create)
+    p = keys.add_parser("list", help="list keys (prefix, namespace, role; never the secret)")
+    p.add_argument("--namespace", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(handler=cmd_keys_list)
+    p = keys.add_parser("revoke", help="revoke a key by its prefix or id (takes effect at once)")
+    p.add_argument("key", help="the key's prefix (as listed) or id")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(handler=cmd_keys_revoke)
+
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     from service.settings import Settings
@@ -68,10 +101,16 @@ def _logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from service.app import create_app
 
-    settings = _settings(args, host=args.host, port=args.port)
+    try:
+        settings = _settings(args, host=args.host, port=args.port)
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"slim: error [invalid_settings]: {err['msg']}", file=sys.stderr)
+        return 2
     _logging(args.log_level)
     app = create_app(settings, embedded_worker=not args.no_worker)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
@@ -80,12 +119,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from service.runtime import Runtime, make_worker
+    from storage.gc import start_gc_thread
 
     settings = _settings(args)
     _logging(args.log_level)
     runtime = Runtime.from_settings(settings)
     worker = make_worker(runtime, worker_id=args.worker_id)
     stop = threading.Event()
+    if not args.once:
+        start_gc_thread(
+            runtime.sessions,
+            runtime.store,
+            grace_seconds=settings.gc_grace_seconds,
+            interval_seconds=settings.gc_interval_seconds,
+            stop=stop,
+        )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger("slim.worker").info("signal %d: finishing up", signum)
@@ -129,6 +177,108 @@ def cmd_gc(args: argparse.Namespace) -> int:
     data = asdict(report)
     data["deleted_keys"] = len(data["deleted_keys"])
     print(json.dumps(data))
+    return 0
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    from service.runtime import Runtime
+    from storage.scrub import scrub
+
+    settings = _settings(args)
+    runtime = Runtime.from_settings(settings, migrate_schema=False)
+    try:
+        report = scrub(runtime.sessions, runtime.store, deltas=not args.no_deltas)
+    finally:
+        runtime.close()
+    print(json.dumps({"ok": report.ok, **asdict(report)}, indent=2))
+    if not report.ok:
+        print(
+            f"slim: scrub found {len(report.problems)} problem(s); see the report above",
+            file=sys.stderr,
+        )
+    return 0 if report.ok else 1
+
+
+def _key_sessions(args: argparse.Namespace) -> Any:
+    """An engine on the settings' database (an embedded SQLite one is created/migrated)."""
+    from storage.db import make_engine, migrate
+
+    settings = _settings(args)
+    if settings.should_migrate:
+        if settings.is_sqlite:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        migrate(settings.resolved_database_url)
+    return make_engine(settings.resolved_database_url), settings
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from storage.db import session_factory
+    from storage.keys import create_key
+
+    engine, _ = _key_sessions(args)
+    try:
+        with session_factory(engine)() as session:
+            token, row = create_key(
+                session, namespace=args.namespace, role=args.role, name=args.name
+            )
+            session.commit()
+    finally:
+        engine.dispose()
+    print(token)
+    print(
+        f"slim: created {row.role.value} key {row.key_prefix} for namespace {row.namespace!r}; "
+        "it is shown only this once — send it as 'Authorization: Bearer <key>'",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from storage.db import session_factory
+    from storage.keys import list_keys
+
+    engine, _ = _key_sessions(args)
+    try:
+        with session_factory(engine)() as session:
+            rows = [
+                {
+                    "prefix": r.key_prefix,
+                    "id": r.id,
+                    "namespace": r.namespace,
+                    "role": r.role.value,
+                    "name": r.name,
+                    "created_at": r.created_at.isoformat(),
+                    "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+                }
+                for r in list_keys(session, namespace=args.namespace)
+            ]
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'PREFIX':<14}{'NAMESPACE':<20}{'ROLE':<7}{'STATE':<9}{'CREATED':<21}NAME")
+    for r in rows:
+        state = "revoked" if r["revoked_at"] else "active"
+        print(
+            f"{r['prefix']:<14}{r['namespace']:<20}{r['role']:<7}{state:<9}"
+            f"{r['created_at'][:19]:<21}{r['name']}"
+        )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from storage.db import session_factory
+    from storage.keys import revoke_key
+
+    engine, _ = _key_sessions(args)
+    try:
+        with session_factory(engine)() as session:
+            row = revoke_key(session, args.key)
+            session.commit()
+    finally:
+        engine.dispose()
+    print(f"revoked key {row.key_prefix} ({row.namespace}, {row.role.value})")
     return 0
 
 

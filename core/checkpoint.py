@@ -123,7 +123,7 @@ class CheckpointDir:
                 doc = json.loads((self.root / rel).read_text("utf-8"))
                 weight_map = doc["weight_map"]
                 assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
+            except (ValueError, KeyError, AssertionError, UnicodeDecodeError, RecursionError):
                 raise InvalidCheckpoint(f"{rel} is not a valid sharding index") from None
             prefix = str(PurePosixPath(rel).parent)
             for name, file in weight_map.items():

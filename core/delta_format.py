@@ -102,6 +102,8 @@ class DeltaDoc:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InvalidDelta(f"delta document is not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise InvalidDelta("delta document is nested too deeply") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
             raise InvalidDelta("not a Slimstore delta (no slimstore-delta document)")
         version = raw.get("version")

@@ -71,7 +71,7 @@ def load_calibration(path: str | os.PathLike[str], *, need_labels: bool) -> list
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise InvalidCalibration(f"{p.name} line {i}: not a JSON object") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InvalidCalibration(f'{p.name} line {i}: needs a string "text" field')

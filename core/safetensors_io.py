@@ -120,6 +120,8 @@ def parse_header(
         doc = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise InvalidSafetensors(f"header is not valid JSON ({exc.msg} at {exc.pos})") from None
+    except RecursionError:  # a hostile header nesting thousands of arrays
+        raise InvalidSafetensors("header JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidSafetensors("header is not a JSON object")
     metadata = doc.pop("__metadata__", None)

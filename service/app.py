@@ -4,8 +4,14 @@ Embedded mode (``slim serve``) passes ``embedded_worker=True``: a worker thread 
 to the API. Distributed mode runs the API alone (``slim serve --no-worker``) and workers as
 their own processes (``slim worker``).
 
-The storage dashboard (``/dashboard``) is built by its own module; until it lands the route
-answers 404.
+The storage dashboard (``/dashboard``) lives in :mod:`service.routes.dashboard`.
+Access: API keys (``service.auth``); the dashboard signs in at ``/signin``.
+
+Startup (lifespan): connect, make sure an admin key exists (``SLIM_BOOTSTRAP_KEY``, or a
+generated key printed once on a fresh install), start the embedded worker and the periodic
+garbage collection (``SLIM_GC_INTERVAL_SECONDS``).
+
+Middleware, outermost first: metrics, request timeouts (408/504), the JSON body cap (413).
 """
 
 from __future__ import annotations
@@ -15,13 +21,17 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
-from service import errors
+from service import auth, errors
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import bases, checkpoints, jobs, system
+from service.middleware import BodyLimitMiddleware, TimeoutMiddleware
+from service.routes import auth as auth_routes
+from service.routes import bases, checkpoints, dashboard, jobs, system
 from service.runtime import Runtime, make_worker
 from service.settings import Settings
+from storage.gc import start_gc_thread
 
 log = logging.getLogger("slim.service")
 
@@ -39,6 +49,7 @@ def create_app(
     *,
     runtime: Runtime | None = None,
     embedded_worker: bool = False,
+    gc_enabled: bool = True,
 ) -> FastAPI:
     """Build the app. Connections are made at startup (lifespan), not here.
 
@@ -46,6 +57,7 @@ def create_app(
         settings: the deployment's settings (default: from ``SLIM_*`` environment variables).
         runtime: an already built runtime to use instead (tests); not closed at shutdown.
         embedded_worker: run a job worker in a thread of this process.
+        gc_enabled: run garbage collection every ``settings.gc_interval_seconds`` (0: never).
     """
     settings = settings or (runtime.settings if runtime else Settings())
     metrics = Metrics()
@@ -56,6 +68,9 @@ def create_app(
         rt = runtime or Runtime.from_settings(settings)
         app.state.runtime = rt
         metrics.watch_database(rt.sessions)
+        first_key = await anyio.to_thread.run_sync(auth.bootstrap, rt)
+        if first_key is not None:
+            auth.announce_first_key(first_key, f"http://{settings.host}:{settings.port}")
         stop = threading.Event()
         thread = None
         if embedded_worker:
@@ -63,12 +78,23 @@ def create_app(
             thread = threading.Thread(target=worker.run, args=(stop,), name="slim-worker")
             thread.daemon = True
             thread.start()
+        gc_thread = None
+        if gc_enabled:
+            gc_thread = start_gc_thread(
+                rt.sessions,
+                rt.store,
+                grace_seconds=rt.settings.gc_grace_seconds,
+                interval_seconds=rt.settings.gc_interval_seconds,
+                stop=stop,
+            )
         try:
             yield
         finally:
             stop.set()
             if thread is not None:
                 thread.join(timeout=60)
+            if gc_thread is not None:
+                gc_thread.join(timeout=60)
             if own:
                 rt.close()
 
@@ -81,7 +107,10 @@ def create_app(
     )
     app.state.metrics = metrics
     errors.install(app)
-    for module in (bases, checkpoints, jobs, system):
+    auth.install(app)
+    for module in (bases, checkpoints, jobs, system, auth_routes, dashboard):
         app.include_router(module.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_body_bytes)
+    app.add_middleware(TimeoutMiddleware, timeout=settings.request_timeout_seconds)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -1,8 +1,9 @@
 """Route dependencies: ``Annotated`` aliases for the runtime, a database session and the caller.
 
-``NamespaceDep`` is where authentication slots in: today every request acts in the default
-namespace; the security issue replaces :func:`get_namespace` with a dependency that checks the
-``Authorization: Bearer`` key and answers with the key's namespace (and role).
+``NamespaceDep`` is where authentication plugs in: it checks the caller's API key
+(``Authorization: Bearer``; see :mod:`service.auth`) with the role the HTTP method needs
+(``read`` for GET/HEAD, ``write`` otherwise) and answers with the key's namespace, which every
+route passes to every repository call — rows of other namespaces answer 404.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from service.auth import CallerDep
 from service.runtime import Runtime
 from service.settings import Settings
 from storage.blobstore import BlobStore
-from storage.models import DEFAULT_NAMESPACE
 from worker.txn import begin_write
 
 
@@ -46,9 +47,10 @@ def get_store(runtime: RuntimeDep) -> BlobStore:
     return runtime.store
 
 
-def get_namespace() -> str:
-    """The caller's namespace (the default one until API keys arrive)."""
-    return DEFAULT_NAMESPACE
+def get_namespace(caller: CallerDep) -> str:
+    """The namespace of the caller's key (401 without a valid key, 403 if its role is too low
+    for the method)."""
+    return caller.namespace
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

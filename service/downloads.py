@@ -25,10 +25,9 @@ from core.checkpoint import CheckpointDir
 from core.constants import CHUNK_SIZE
 from core.delta_format import DeltaReader, FileEntry
 from core.errors import IntegrityError, InvalidDelta
-from core.reconstruct import check_base, expected_sha256, iter_file, tensor_bytes
-from core.safetensors_io import parse_header
+from core.reconstruct import check_base, expected_sha256, iter_file, tensor_bytes, weight_header
 from service.errors import RangeNotSatisfiable
-from storage.blobstore import BlobStore
+from storage.blobstore import BlobStore, sha256_of_key
 
 log = logging.getLogger("slim.service")
 
@@ -131,12 +130,7 @@ class Reconstruction:
         if self.file.role == "aux":
             yield from _skip(iter_file(self.reader, self.base, self.file, self.scale), start, end)
             return
-        if self.file.header_frame is None:
-            raise InvalidDelta(f"weight file {self.file.path!r} has no header frame")
-        raw = self.reader.frame(self.file.header_frame)
-        header = parse_header(raw, file_size=self.file.size)
-        if list(header.tensors) != self.file.tensors:
-            raise InvalidDelta(f"weight file {self.file.path!r}: header and tensor list disagree")
+        raw, header = weight_header(self.reader, self.file)
         if start < len(raw):
             yield from _slices(raw[start : min(end, len(raw))])
         entries = self.reader.doc.tensor_map()
@@ -217,7 +211,46 @@ def open_reconstruction(
 
 
 def blob_chunks(store: BlobStore, key: str, byte_range: ByteRange | None) -> Iterator[bytes]:
-    """A stored blob's bytes, or one range of them."""
+    """A stored blob's bytes, or one range of them.
+
+    A whole blob is checked against the sha256 its content key names as it streams: the last
+    chunk is held back, and on a mismatch the stream is cut (``integrity_error`` logged).
+    """
     if byte_range is None:
-        return store.open_range(key)
+        want = sha256_of_key(key)
+        chunks = store.open_range(key)
+        return chunks if want is None else verified(chunks, want, what=f"blob {key}")
     return store.open_range(key, byte_range.start, byte_range.end)
+
+
+def verified(chunks: Iterator[bytes], want: str, *, what: str) -> Iterator[bytes]:
+    """Pass chunks through, hashing them; hold the last one back until the sha256 checks.
+
+    Raises:
+        IntegrityError: the bytes do not hash to ``want`` (after all but the last chunk went).
+    """
+    h = hashlib.sha256()
+    held: bytes | None = None
+    try:
+        for chunk in chunks:
+            h.update(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if h.hexdigest() != want:
+        log.error(
+            "integrity_error: %s reads back with sha256 %s, recorded %s; stream aborted",
+            what,
+            h.hexdigest(),
+            want,
+        )
+        raise IntegrityError(
+            f"{what} does not match its recorded sha256; the stored bytes are corrupted — "
+            "the download was aborted; restore the blob (see `slim scrub`) and retry"
+        )
+    if held is not None:
+        yield held

@@ -12,6 +12,7 @@ truncated                 400     the body ended before the header or the data i
 checksum_mismatch         400     the body does not hash to the ``X-Slim-Sha256`` it was sent with
 client_disconnected       400     the client closed the connection mid-upload (nothing stored)
 too_many_files            400     a checkpoint would hold more files than the limit
+too_many_tensors          400     a safetensors header lists more tensors than the limit
 no_weights                400     commit with no ``*.safetensors`` file
 base_mismatch             400     the fine-tune's tensors do not fit the base
 invalid_checkpoint        400     the uploaded directory is unusable (e.g. a bad shard index)
@@ -19,31 +20,38 @@ invalid_argument          400     a parameter is out of range or contradicts ano
 invalid_calibration       400     calibration examples unusable for the chosen evaluation
 evaluation_unavailable    400     the requested evaluation cannot run for this model
 validation_error          422     the request does not match its schema
-not_found                 404     no such base, checkpoint, job, file or route
+unauthorized              401     no API key, or an unknown or revoked one
+forbidden                 403     the key's role is too low for the request
+not_found                 404     no such base, checkpoint, job, file or route (or it lives
+                                  in another namespace than the key's)
 blob_not_found            404     a row's bytes are missing from the blob store
 method_not_allowed        405
+request_timeout           408     the request body stalled for SLIM_REQUEST_TIMEOUT_SECONDS
 conflict                  409     the operation contradicts the current state
 already_exists            409     the name is taken in the namespace
 not_ready                 409     the checkpoint has no stored delta yet
 blob_too_large            413     the body is over the file size limit
+body_too_large            413     a JSON body is over SLIM_MAX_JSON_BODY_BYTES
 range_not_satisfiable     416     a ``Range`` outside the file
 integrity_error           500     stored bytes do not match their recorded hash
 invalid_delta             500     a stored delta is malformed
 internal_error            500     a bug; the log has the traceback
 unavailable               503     the database is unreachable; retry later
 storage_unavailable       503     the object store is unreachable; retry later
+timeout                   504     the answer did not start within SLIM_REQUEST_TIMEOUT_SECONDS
 ========================  ======  ==========================================================
 """
 
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -66,6 +74,7 @@ class ApiError(Exception):
 
     code = "api_error"
     status = 400
+    headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, detail: str, *, code: str | None = None, status: int | None = None) -> None:
         super().__init__(detail)
@@ -88,6 +97,10 @@ class TooManyFiles(ApiError):
     code = "too_many_files"
 
 
+class TooManyTensors(ApiError):
+    code = "too_many_tensors"
+
+
 class NoWeights(ApiError):
     code = "no_weights"
 
@@ -105,6 +118,9 @@ class RangeNotSatisfiable(ApiError):
         super().__init__(detail)
         self.size = size
 
+
+#: Sent with 503 answers: the outage is expected to be short.
+RETRY_AFTER = {"Retry-After": "2"}
 
 STATUS_BY_CODE: dict[str, int] = {
     # core
@@ -135,6 +151,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorPublic, "description": text}
     for status, text in (
         (400, "Bad input (see the code)"),
+        (401, "No API key, or an unknown or revoked one"),
+        (403, "The key's role is too low"),
         (404, "Not found"),
         (409, "Conflict with the current state"),
         (413, "Body over the size limit"),
@@ -147,8 +165,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, object]]:
-    """The OpenAPI error responses of a route (always 422, 500 and 503)."""
-    wanted = {*statuses, 422, 500, 503}
+    """The OpenAPI error responses of a route (always 401, 403, 422, 500 and 503)."""
+    wanted = {*statuses, 401, 403, 422, 500, 503}
     return {s: ERROR_RESPONSES[s] for s in sorted(wanted)}
 
 
@@ -164,7 +182,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        headers = None
+        headers = dict(exc.headers) if exc.headers else None
         if isinstance(exc, RangeNotSatisfiable):
             headers = {"Content-Range": f"bytes */{exc.size}"}
         return error_response(exc.code, exc.detail, exc.status, headers)
@@ -181,7 +199,7 @@ def install(app: FastAPI) -> None:
         status = STATUS_BY_CODE.get(exc.code, 500)
         if status >= 500:
             log.error("%s: %s", exc.code, exc)
-        return error_response(exc.code, str(exc), status)
+        return error_response(exc.code, str(exc), status, RETRY_AFTER if status == 503 else None)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
@@ -212,14 +230,30 @@ def install(app: FastAPI) -> None:
     async def _db_down(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
         return error_response(
-            "unavailable", "the database is unreachable; retry in a few seconds", 503
+            "unavailable",
+            "the database is unreachable; retry in a few seconds",
+            503,
+            RETRY_AFTER,
+        )
+
+    @app.exception_handler(DataError)
+    async def _db_data(_: Request, exc: DataError) -> JSONResponse:
+        log.info("database refused a value: %s", exc.orig)
+        return error_response(
+            "invalid_argument",
+            "a value in the request cannot be stored or looked up (a NUL character, or a "
+            "number or string out of range); correct it and retry",
+            400,
         )
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
             return error_response(
-                "unavailable", "the database connection dropped; retry in a few seconds", 503
+                "unavailable",
+                "the database connection dropped; retry in a few seconds",
+                503,
+                RETRY_AFTER,
             )
         log.exception("database error", exc_info=exc)
         return error_response("internal_error", "unexpected database error; see the log", 500)

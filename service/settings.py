@@ -13,11 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1 << 30
 MIB = 1 << 20
+#: Hosts that only this machine can reach: the only ones open mode may bind to.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Settings(BaseSettings):
@@ -71,6 +73,22 @@ class Settings(BaseSettings):
     )
     max_files_per_checkpoint: int = Field(default=1000, gt=0)
     max_calibration_examples: int = Field(default=10_000, gt=0)
+    max_tensors_per_file: int = Field(
+        default=200_000, gt=0, description="Most tensors one safetensors header may list."
+    )
+    max_json_body_bytes: int = Field(
+        default=32 * MIB,
+        gt=0,
+        description="Largest JSON request body (a checkpoint's calibration examples travel in "
+        "its create request, so this caps the calibration size).",
+    )
+    request_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A request must start its answer within this many seconds of the last "
+        "body bytes it received (an upload whose body stalls this long gets 408; a handler "
+        "that takes longer gets 504). Streamed answers are not cut once they have started.",
+    )
 
     # -- behaviour -----------------------------------------------------------------------------
     retain_originals: bool = Field(
@@ -84,10 +102,42 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=3, ge=1)
     device: str | None = Field(default=None, description="cuda or cpu; default cuda when present.")
     gc_grace_seconds: float = Field(default=3600.0, ge=0)
+    gc_interval_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Run garbage collection this often in `slim serve` and `slim worker` "
+        "(0: never; run `slim gc` from cron instead).",
+    )
+
+    # -- access --------------------------------------------------------------------------------
+    bootstrap_key: SecretStr | None = Field(
+        default=None,
+        description="Becomes the first admin key (namespace default) at start if no key with "
+        "its prefix exists; without it, a fresh install prints a generated admin key once.",
+    )
+    open: bool = Field(
+        default=False,
+        description="No keys at all: every request acts as admin of the default namespace. "
+        "Only allowed while the server listens on 127.0.0.1 (a single-user laptop).",
+    )
+    cookie_secure: bool | None = Field(
+        default=None,
+        description="Mark the dashboard sign-in cookie Secure (default: when the request "
+        "came over https).",
+    )
 
     # -- server --------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> Settings:
+        if self.open and self.host not in LOOPBACK_HOSTS:
+            raise ValueError(
+                f"SLIM_OPEN=true serves without keys and is only allowed with host 127.0.0.1, "
+                f"not {self.host!r}; drop SLIM_OPEN and use API keys (`slim keys create`)"
+            )
+        return self
 
     @property
     def resolved_database_url(self) -> str:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.checkpoint import check_relpath
 from core.errors import HeaderTooLarge, InvalidCheckpoint, InvalidSafetensors
 from core.safetensors_io import Header, parse_header
-from service.errors import ApiError, InvalidPath, TooManyFiles, Truncated
+from service.errors import ApiError, InvalidPath, TooManyFiles, TooManyTensors, Truncated
 from storage import repo
 from storage.blobstore import BlobInfo, BlobStore
 from storage.errors import BlobTooLarge, Conflict
@@ -36,15 +36,25 @@ IMPLAUSIBLE_HEADER = 1 << 32
 OPEN_CHECKPOINT_STATES = (CheckpointState.UPLOADING, CheckpointState.FAILED)
 
 
+#: Longest file path accepted (UTF-8 bytes; the database column holds 1024 characters).
+MAX_PATH_BYTES = 1024
+
+
 def clean_path(path: str) -> str:
     """The normalised relative path, or 400 ``invalid_path``."""
     try:
-        return check_relpath(path)
+        rel = check_relpath(path)
     except InvalidCheckpoint as exc:
         raise InvalidPath(
             f"{exc.detail}; use a relative path such as 'model.safetensors' or "
             "'tokenizer/vocab.json' (no '..', no leading '/', no NUL or backslash)"
         ) from None
+    if len(rel.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or not rel.isprintable():
+        raise InvalidPath(
+            f"file paths are at most {MAX_PATH_BYTES} bytes of printable characters; "
+            "use a shorter name without control characters"
+        )
+    return rel
 
 
 def role_of(path: str) -> FileRole:
@@ -61,11 +71,17 @@ class HeaderCheck:
     """
 
     def __init__(
-        self, chunks: Iterable[bytes], *, max_header: int, declared_size: int | None
+        self,
+        chunks: Iterable[bytes],
+        *,
+        max_header: int,
+        declared_size: int | None,
+        max_tensors: int | None = None,
     ) -> None:
         self._chunks = chunks
         self._max_header = max_header
         self._declared = declared_size
+        self._max_tensors = max_tensors
         self.header: Header | None = None
 
     def __iter__(self) -> Iterator[bytes]:
@@ -84,6 +100,7 @@ class HeaderCheck:
                 if need is not None and len(head) >= need:
                     self.header = parse_header(bytes(head[:need]), max_header=self._max_header)
                     head = bytearray()
+                    check_tensor_count(self.header, self._max_tensors)
                     self._check_declared(self.header)
             if self.header is not None and total > self.header.file_size:
                 raise InvalidSafetensors(
@@ -123,6 +140,17 @@ class HeaderCheck:
                 f"Content-Length is {self._declared} bytes but the header declares a "
                 f"{header.file_size}-byte file; the file is truncated — send all of it"
             )
+
+
+def check_tensor_count(header: Header, max_tensors: int | None, path: str | None = None) -> None:
+    """400 ``too_many_tensors`` when a header lists more tensors than the server accepts."""
+    if max_tensors is not None and len(header.tensors) > max_tensors:
+        where = f"{path}: " if path else ""
+        raise TooManyTensors(
+            f"{where}the header lists {len(header.tensors)} tensors, over this server's limit "
+            f"of {max_tensors}; split the file into shards or ask for a higher "
+            "SLIM_MAX_TENSORS_PER_FILE"
+        )
 
 
 def _check_opening(head: bytearray, need: int | None) -> bool:
@@ -167,11 +195,14 @@ def store_body(
     max_header: int,
     declared_size: int | None,
     expected_sha256: str | None,
+    max_tensors: int | None = None,
 ) -> BlobInfo:
     """Stream a request body into the blob store (call in a worker thread)."""
     chunks: Iterable[bytes] = _pull(stream)
     if role_of(path) == FileRole.WEIGHTS:
-        chunks = HeaderCheck(chunks, max_header=max_header, declared_size=declared_size)
+        chunks = HeaderCheck(
+            chunks, max_header=max_header, declared_size=declared_size, max_tensors=max_tensors
+        )
     try:
         return store.put_stream(chunks, max_bytes=max_bytes, expected_sha256=expected_sha256)
     except StorageIntegrityError as exc:
@@ -187,6 +218,7 @@ async def receive_file(
     max_header: int,
     declared_size: int | None,
     expected_sha256: str | None,
+    max_tensors: int | None = None,
 ) -> BlobInfo:
     """Store an upload from the event loop without blocking it."""
     if declared_size is not None and declared_size > max_bytes:
@@ -202,6 +234,7 @@ async def receive_file(
             max_header=max_header,
             declared_size=declared_size,
             expected_sha256=expected_sha256,
+            max_tensors=max_tensors,
         )
     )
 

@@ -88,7 +88,7 @@ def _check_indexes(store: BlobStore, rows: list[File], ckpt: CheckpointDir) -> N
             weight_map = doc["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
             raise InvalidCheckpoint(f"{row.path} is not a valid sharding index") from None
         prefix = str(PurePosixPath(row.path).parent)
         for name, file in weight_map.items():

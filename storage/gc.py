@@ -16,6 +16,8 @@ it. The grace period must be longer than the slowest upload-to-commit gap and, f
 from __future__ import annotations
 
 import itertools
+import logging
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -29,6 +31,7 @@ from storage.models import Blob
 from storage.repo import referenced_blob_keys, unreferenced_blob_condition
 
 _BATCH = 500
+log = logging.getLogger("slim.gc")
 
 
 @dataclass(slots=True)
@@ -141,3 +144,59 @@ def _delete_orphan_rows(
                 session.commit()
             deleted += 1
     return deleted
+
+
+def gc_loop(
+    session_factory: sessionmaker[Session],
+    store: BlobStore,
+    *,
+    grace_seconds: float,
+    interval_seconds: float,
+    stop: threading.Event,
+) -> None:
+    """Run :func:`collect_garbage` every ``interval_seconds`` until ``stop`` is set.
+
+    The first run comes one interval after the start (a process restarting in a loop does not
+    sweep every time). Failures (database or object store down) are logged and retried at the
+    next interval; several processes may run this at once (each deletion is re-checked).
+    """
+    while not stop.wait(interval_seconds):
+        try:
+            report = collect_garbage(session_factory, store, grace_seconds)
+        except Exception:  # keep the loop alive; the next round tries again
+            log.warning("periodic garbage collection failed; retrying later", exc_info=True)
+            continue
+        if report.deleted_blobs or report.deleted_rows or report.aborted_uploads:
+            log.info(
+                "gc: deleted %d blobs (%d bytes), %d rows, aborted %d uploads",
+                report.deleted_blobs,
+                report.deleted_bytes,
+                report.deleted_rows,
+                report.aborted_uploads,
+            )
+
+
+def start_gc_thread(
+    session_factory: sessionmaker[Session],
+    store: BlobStore,
+    *,
+    grace_seconds: float,
+    interval_seconds: float,
+    stop: threading.Event,
+) -> threading.Thread | None:
+    """Start :func:`gc_loop` in a daemon thread (None when ``interval_seconds`` is 0)."""
+    if interval_seconds <= 0:
+        return None
+    thread = threading.Thread(
+        target=gc_loop,
+        args=(session_factory, store),
+        kwargs={
+            "grace_seconds": grace_seconds,
+            "interval_seconds": interval_seconds,
+            "stop": stop,
+        },
+        name="slim-gc",
+        daemon=True,
+    )
+    thread.start()
+    return thread

@@ -4,7 +4,9 @@
   is unreachable); ``pg_url``: a fresh migrated database per test, dropped afterwards.
 - ``s3_endpoint``: moto's standalone S3 server on a free loopback port (one per session).
 - ``embedded`` / ``distributed`` / ``stack`` (both): a live Slimstore service — see
-  :class:`Stack`.
+  :class:`Stack`. Every service starts with ``SLIM_BOOTSTRAP_KEY`` =
+  :data:`tests.infra.TEST_ADMIN_KEY` and ``Stack.client`` sends it (``Stack.anonymous`` sends
+  nothing); :meth:`Stack.client_for` makes a client for another key.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from service.settings import Settings
 from storage.db import make_engine, migrate
 from storage.models import Model
 from tests.infra import (
+    AUTH_HEADERS,
     PG_ADMIN_URL,
     S3_CREDENTIALS,
+    TEST_ADMIN_KEY,
     LiveServer,
     PostgresServer,
     free_port,
@@ -114,10 +118,28 @@ class Stack:
     url: str
     client: httpx.Client
     workers: list[Worker] = field(default_factory=list)
+    anonymous: httpx.Client | None = None
+    _clients: list[httpx.Client] = field(default_factory=list)
+
+    def client_for(self, key: str | None) -> httpx.Client:
+        """A client of this service sending ``key`` as Bearer (None: no key); closed at exit."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        client = httpx.Client(base_url=self.url, timeout=120, headers=headers)
+        self._clients.append(client)
+        return client
+
+    def new_key(self, namespace: str = "default", role: str = "write") -> str:
+        """Create an API key directly in the database; returns it."""
+        from storage.keys import create_key
+
+        with self.runtime.sessions() as session:
+            token, _ = create_key(session, namespace=namespace, role=role)
+            session.commit()
+        return token
 
 
 def _settings(kind: str, tmp: Path, pg: str | None, s3: str | None, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"data_dir": tmp / "api", **FAST}
+    values: dict[str, Any] = {"data_dir": tmp / "api", "bootstrap_key": TEST_ADMIN_KEY, **FAST}
     if kind == "distributed":
         assert pg is not None and s3 is not None
         values |= {
@@ -152,8 +174,12 @@ def run_stack(
         embedded = kind == "embedded" and workers > 0
         app = create_app(settings, runtime=runtime, embedded_worker=embedded)
         server = stack.enter_context(LiveServer(app))
-        client = stack.enter_context(httpx.Client(base_url=server.url, timeout=120))
+        client = stack.enter_context(
+            httpx.Client(base_url=server.url, timeout=120, headers=AUTH_HEADERS)
+        )
         result = Stack(kind, settings, runtime, server.url, client)
+        result.anonymous = result.client_for(None)
+        stack.callback(lambda: [c.close() for c in result._clients])
         if kind == "distributed":
             for i in range(workers):
                 result.workers.append(start_worker(stack, settings, tmp / f"worker{i}"))

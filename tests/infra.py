@@ -35,6 +35,9 @@ PG_ADMIN_URL = os.environ.get(
     "SLIM_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+#: The admin key every test service starts with (``SLIM_BOOTSTRAP_KEY``; namespace default).
+TEST_ADMIN_KEY = "slim_7e57ad000000_" + "5eed" * 12
+AUTH_HEADERS = {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
 
 
 @dataclass

@@ -8,11 +8,17 @@ the same cache directory). The reconstruct endpoint and the worker both use this
 
 The cache is never evicted automatically; remove ``<cache_dir>/blobs`` to reclaim the space
 (everything in it can be fetched again).
+
+Integrity: every local file handed out (a local store's blob, or a cached copy) is hashed
+against the sha256 its content key names the first time this process uses it, and again
+whenever its size or modification time changes; a mismatch raises ``integrity_error``, so a
+job or a download never works from silently corrupted bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import threading
@@ -22,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.checkpoint import check_relpath
-from storage.blobstore import BlobStore
+from storage.blobstore import CHUNK_SIZE, BlobStore, sha256_of_key
+from storage.errors import IntegrityError
+
+log = logging.getLogger("slim.worker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +50,11 @@ class BlobCache:
         self.root = Path(cache_dir)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._verified: dict[str, tuple[int, int]] = {}  # key -> (size, mtime_ns) checked
 
     def path(self, key: str) -> Path:
-        """A local file holding the blob under ``key`` (downloaded on first use).
+        """A local file holding the blob under ``key`` (downloaded on first use), its bytes
+        checked against the key's sha256 (once per process while the file is unchanged).
 
         Raises:
             BlobNotFound: the store holds nothing under ``key``.
@@ -51,14 +62,45 @@ class BlobCache:
         """
         local = self.store.local_path(key)
         if local is not None:
+            self._verify(key, local)
             return local
         target = self.root / "blobs" / key
         if target.is_file():
+            self._verify(key, target)
             return target
         with self._lock_for(key):
             if not target.is_file():
-                self.store.get_to_file(key, target)
+                self.store.get_to_file(key, target)  # verified while downloading
+                self._remember(key, target)
+        self._verify(key, target)
         return target
+
+    def _verify(self, key: str, path: Path) -> None:
+        want = sha256_of_key(key)
+        if want is None:
+            return
+        st = path.stat()
+        if self._verified.get(key) == (st.st_size, st.st_mtime_ns):
+            return
+        with self._lock_for(key):
+            st = path.stat()
+            if self._verified.get(key) == (st.st_size, st.st_mtime_ns):
+                return
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(CHUNK_SIZE):
+                    h.update(chunk)
+            if h.hexdigest() != want:
+                log.error("integrity_error: blob %s hashes to %s on disk", key, h.hexdigest())
+                raise IntegrityError(
+                    f"blob {key} is corrupted on disk (it hashes to {h.hexdigest()}); restore it "
+                    "from a replica or re-upload the file (`slim scrub` lists what is affected)"
+                )
+            self._verified[key] = (st.st_size, st.st_mtime_ns)
+
+    def _remember(self, key: str, path: Path) -> None:
+        st = path.stat()
+        self._verified[key] = (st.st_size, st.st_mtime_ns)
 
     def materialize(self, files: Iterable[FileSpec], directory: Path) -> Path:
         """Build ``directory`` as a tree of symlinks to the files' blobs; returns it."""
@@ -83,6 +125,8 @@ class BlobCache:
         ).hexdigest()[:16]
         final = self.root / "dirs" / f"{name}-{digest}"
         if final.is_dir() and _links_alive(final):
+            for spec in files:  # checked once per process (a no-op after the first time)
+                self.path(spec.blob_key)
             return final
         with self._lock_for(str(final)):
             if final.is_dir() and _links_alive(final):

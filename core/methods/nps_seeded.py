@@ -70,6 +70,7 @@ class NpsSeeded(Method):
         sigma0: float = 0.5,
         generations: int = 20,
         popsize: int | None = None,
+        seed_trials: int = 4,
     ) -> None:
         if subspaces not in SUBSPACE_KINDS:
             raise InvalidArgument(f"subspaces must be one of {SUBSPACE_KINDS}")
@@ -82,6 +83,7 @@ class NpsSeeded(Method):
         self.sigma0 = sigma0
         self.generations = generations
         self.popsize = popsize
+        self.seed_trials = max(1, int(seed_trials))
 
     def params(self) -> dict[str, Any]:
         return {
@@ -93,6 +95,7 @@ class NpsSeeded(Method):
             "scale_bound": self.scale_bound,
             "sigma0": self.sigma0,
             "generations": self.generations,
+            "seed_trials": self.seed_trials,
         }
 
     def fit(self, ws: Workspace, ctx: FitContext) -> Fitted:
@@ -108,8 +111,6 @@ class NpsSeeded(Method):
         total = sum(t.numel() for t in taus.values())
         k = float(keep_count(self.keep, total))
         specs = {p.name: ValueSpec.from_bits(ctx.value_bits, p.dtype) for p in ws.delta_plans}
-        keys = {p.name: rng.tensor_key(ctx.seed, p.name) for p in ws.delta_plans}
-        draws = {n: torch.from_numpy(rng.uniforms(keys[n], taus[n].numel())) for n in taus}
         if self.kind == "tensor":
             names = sorted({tensor_group(p.name, len(p.shape)) for p in ws.delta_plans})
             gid = {p.name: names.index(tensor_group(p.name, len(p.shape))) for p in ws.delta_plans}
@@ -130,8 +131,15 @@ class NpsSeeded(Method):
             scale = np.exp(x[m:]) / np.maximum(rho, 1e-12)
             return rho, scale
 
-        index = {n: PrefixIndex.build(ids[n], draws[n]) for n in taus}
-        del draws
+        def build_index(seed: int) -> dict[str, PrefixIndex]:
+            """Each tensor's entries by subspace, sorted by their seeded draw."""
+            out = {}
+            for n, tau in taus.items():
+                u = torch.from_numpy(rng.uniforms(rng.tensor_key(seed, n), tau.numel()))
+                out[n] = PrefixIndex.build(ids[n], u)
+            return out
+
+        index: dict[str, PrefixIndex] = {}
 
         def apply(x: np.ndarray, part: str) -> Score:
             rho, scale = rates_scales(x)
@@ -144,6 +152,24 @@ class NpsSeeded(Method):
             return ctx.score(delta, part)
 
         x0 = np.zeros(2 * m)
+        # several draws: the seed is free to choose (the decoder only needs it), so the best
+        # of a few masks at the start point is kept before the rates and scales are searched
+        seed_scores: dict[int, float] = {}
+        best_seed = ctx.seed
+        for j in range(self.seed_trials):
+            trial = ctx.seed + 7919 * j
+            index = build_index(trial)
+            seed_scores[trial] = apply(x0, "search").fitness
+            if seed_scores[trial] >= seed_scores.get(best_seed, -math.inf):
+                best_seed, best_index = trial, index
+        index = best_index
+        ctx.report(
+            phase="seed",
+            generation=0,
+            generations=self.generations,
+            best_fitness=seed_scores[best_seed],
+            evaluations=ctx.evaluations,
+        )
         bounds = (-max(self.rate_bound, self.scale_bound), max(self.rate_bound, self.scale_bound))
         holdout = (
             (lambda x: apply(x, "holdout").fitness) if "holdout" in ctx.evaluator.parts else None
@@ -185,10 +211,12 @@ class NpsSeeded(Method):
                 "sizes": sizes.tolist(),
                 "fitness_start": outcome.before,
                 "fitness_best": outcome.fitness,
+                "seed": best_seed,
+                "seed_fitness": {str(k): v for k, v in seed_scores.items()},
                 **outcome.holdout,
             },
             trace=outcome.trace,
-            seed=ctx.seed,
+            seed=best_seed,
             ids=ids,
             rates=rho,
             scales=scale,

@@ -74,6 +74,7 @@ async def upload(
         max_header=settings.max_header_bytes,
         declared_size=int(length) if length and length.isdigit() else None,
         expected_sha256=request.headers.get(SHA256_HEADER),
+        max_tensors=settings.max_tensors_per_file,
     )
     row = await anyio.to_thread.run_sync(
         lambda: record_upload(
@@ -119,8 +120,35 @@ def file_response(
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type="application/octet-stream")
     return StreamingResponse(
-        open_chunks(byte_range),
+        _started(open_chunks(byte_range)),
         status_code=status,
         headers=headers,
         media_type="application/octet-stream",
     )
+
+
+def _started(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Read the first chunk now (in the route's thread), so that a problem found at once — a
+    missing blob, a corrupted header frame (``integrity_error``) — is a JSON error answer
+    instead of a cut stream; then stream the rest, closing the source when done."""
+    try:
+        first = next(chunks, None)
+    except BaseException:
+        _close(chunks)
+        raise
+    return _chain(first, chunks)
+
+
+def _chain(first: bytes | None, rest: Iterator[bytes]) -> Iterator[bytes]:
+    try:
+        if first is not None:
+            yield first
+            yield from rest
+    finally:
+        _close(rest)
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()

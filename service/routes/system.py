@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import anyio
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from service.auth import require
 from service.deps import NamespaceDep, RuntimeDep, SessionDep
 from service.errors import errors
 from service.runtime import Runtime
 from service.schemas import HealthPublic, ReadyPublic, StatsPublic
 from storage.db import schema_is_current
+from storage.models import ApiKeyRole
 from storage.repo import stats
 
 router = APIRouter(tags=["system"])
@@ -57,9 +59,14 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, **errors()},
+    dependencies=[Depends(require(ApiKeyRole.ADMIN))],
+)
 def metrics(request: Request) -> Response:
-    """Prometheus metrics."""
+    """Prometheus metrics (server-wide totals: an admin key is needed)."""
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from tests.conftest import Models
-from tests.infra import commit_and_wait, free_port, make_base, make_checkpoint
+from tests.infra import (
+    AUTH_HEADERS,
+    TEST_ADMIN_KEY,
+    commit_and_wait,
+    free_port,
+    make_base,
+    make_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +47,12 @@ def test_serve_embedded_then_gc(tmp_path: Path, models: Models) -> None:
     assert (data / "slim.db").is_file()
 
     port = free_port()
-    env = {**os.environ, "SLIM_WORKER_POLL_SECONDS": "0.1", "SLIM_GC_GRACE_SECONDS": "0"}
+    env = {
+        **os.environ,
+        "SLIM_WORKER_POLL_SECONDS": "0.1",
+        "SLIM_GC_GRACE_SECONDS": "0",
+        "SLIM_BOOTSTRAP_KEY": TEST_ADMIN_KEY,
+    }
     server = subprocess.Popen(
         [sys.executable, "-m", "cli", "serve", "--data-dir", str(data), "--port", str(port)],
         cwd=REPO,
@@ -49,7 +61,8 @@ def test_serve_embedded_then_gc(tmp_path: Path, models: Models) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=60, headers=AUTH_HEADERS) as client:
             deadline = time.monotonic() + 120
             while True:
                 try:

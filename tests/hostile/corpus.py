@@ -1,7 +1,23 @@
 """A generated corpus of hostile inputs, each with the error code it must produce.
 
-``build(directory)`` writes every file and returns the cases. Run as a script to write the
-corpus into a directory for manual use: ``python -m tests.hostile.corpus OUT_DIR``.
+``build(directory)`` writes every file and returns the cases. The corpus is kept in the
+repository under ``tests/hostile/files/`` (one file per case plus ``manifest.json``, which
+lists every case, its kind, the code the core must raise and the code the service answers);
+regenerate it with ``python -m tests.hostile.corpus`` (default output: that directory) —
+``tests/hostile/test_service_hostile.py`` checks the checked-in copy is what this script
+writes.
+
+Kinds:
+    safetensors   a weight file the parser must refuse (uploaded: refused as it streams)
+    delta         a stored delta the reader must refuse (``slim reconstruct``; planted as a
+                  checkpoint's delta in the service: the pull fails with the code)
+    calibration   a calibration JSONL file (``slim push --calibration``; its examples sent in
+                  the create request)
+    path          a file name (``paths.json``): refused by name
+    model         a well-formed fine-tune that does not fit the base (``_base``): refused at
+                  commit, or its job fails with the code (NaN / Inf need the tensor data)
+    limit         inputs over the service limits of :data:`HOSTILE_LIMITS` (service only)
+    stored        tampering with what the server stores (no input file; service only)
 """
 
 from __future__ import annotations
@@ -23,9 +39,38 @@ from core.safetensors_io import save_file
 @dataclass(frozen=True)
 class Case:
     name: str
-    path: Path
-    kind: str  # safetensors | delta | calibration | path
-    code: str  # the stable error code expected
+    path: Path | None  # None for "stored" cases
+    kind: str  # safetensors | delta | calibration | path | model | limit | stored
+    code: (
+        str  # the stable error code expected (from the core, or the service for service-only kinds)
+    )
+    service: str | None = None  # the code the service answers, when it differs from ``code``
+
+    @property
+    def service_code(self) -> str:
+        return self.service or self.code
+
+
+#: Service settings the ``limit`` cases are written against.
+HOSTILE_LIMITS = {
+    "max_file_bytes": 64 * 1024,
+    "max_header_bytes": 16 * 1024,
+    "max_tensors_per_file": 64,
+    "max_calibration_examples": 16,
+    "max_json_body_bytes": 64 * 1024,
+}
+
+#: How the service answers the parser cases whose stream ends early: ``truncated`` (a short
+#: body is an interrupted upload, worth sending again) instead of ``invalid_safetensors``.
+SERVICE_CODES = {
+    "empty_file": "truncated",
+    "seven_bytes": "truncated",
+    "length_only": "truncated",
+    "length_bigger_than_file": "truncated",
+    "truncated_json": "truncated",
+    "truncated_data": "truncated",
+    "offsets_past_end": "truncated",
+}
 
 
 def _header(doc: dict, pad: bool = True) -> bytes:
@@ -149,8 +194,100 @@ def safetensors_cases() -> dict[str, tuple[bytes, str]]:
             _header({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [False, 16]}}) + data16,
             "invalid_safetensors",
         ),
+        "zero_size_with_bytes": (
+            _header({"w": _tensor("F32", [0, 4], 0, 16)}) + data16,
+            "invalid_safetensors",
+        ),
+        "offsets_out_of_order": (
+            _header({"b": _tensor("F32", [2], 8, 16), "a": _tensor("F32", [2], 8, 16)}) + data16,
+            "invalid_safetensors",
+        ),
+        "header_only_whitespace": (struct.pack("<Q", 8) + b" " * 8, "invalid_safetensors"),
+        "deeply_nested_json": (_nested_header(5000) + b"\0" * 8, "invalid_safetensors"),
     }
     return cases
+
+
+def _nested_header(depth: int) -> bytes:
+    """A header whose one tensor entry carries ``depth`` nested arrays (a recursion bomb)."""
+    doc = '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":%s}}' % (
+        "[" * depth + "]" * depth
+    )
+    body = doc.encode() + b" " * (-len(doc) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+def model_cases(root: Path) -> dict[str, tuple[bytes, str]]:
+    """Well-formed fine-tunes of ``_base`` that must still be refused."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(32, 16, generator=g), torch.randn(32, generator=g)
+    nan = w.clone()
+    nan[3, 4] = float("nan")
+    inf = w.clone()
+    inf[0, 0] = float("inf")
+    tables = {
+        "model_nan_values": ({"a.weight": nan, "a.bias": b}, "invalid_checkpoint"),
+        "model_inf_values": ({"a.weight": inf, "a.bias": -b}, "invalid_checkpoint"),
+        "model_zero_size_tensors": (
+            {"a.weight": torch.zeros(0, 16), "a.bias": torch.zeros(0)},
+            "base_mismatch",
+        ),
+        "model_shape_mismatch": ({"a.weight": w.T.contiguous(), "a.bias": b}, "base_mismatch"),
+        "model_dtype_mismatch": (
+            {"a.weight": torch.zeros(32, 16, dtype=torch.int32), "a.bias": b},
+            "base_mismatch",
+        ),
+        "model_no_shared_tensors": ({"other.weight": w}, "base_mismatch"),
+    }
+    out = {}
+    for name, (tensors, code) in tables.items():
+        path = root / f"_{name}.tmp"
+        save_file(tensors, path)
+        out[name] = (path.read_bytes(), code)
+        path.unlink()
+    return out
+
+
+def limit_cases() -> dict[str, tuple[bytes, str, str]]:
+    """name -> (bytes, suffix, service code) over :data:`HOSTILE_LIMITS`."""
+    many = {f"t{i}": _tensor("F32", [1], 4 * i, 4 * i + 4) for i in range(100)}
+    big_meta = {"__metadata__": {"pad": "x" * 20_000}, "w": _tensor("F32", [1], 0, 4)}
+    big_file = 80 * 1024
+    text = "lorem ipsum " * 2_500  # 30 KB per example
+    return {
+        "limit_too_many_tensors": (_header(many) + b"\0" * 400, ".safetensors", "too_many_tensors"),
+        "limit_header_over_cap": (
+            _header(big_meta) + b"\0" * 4,
+            ".safetensors",
+            "header_too_large",
+        ),
+        "limit_file_too_large": (
+            _header({"w": _tensor("U8", [big_file], 0, big_file)}) + b"\0" * big_file,
+            ".safetensors",
+            "blob_too_large",
+        ),
+        "limit_calibration_too_many": (
+            "".join(
+                json.dumps({"text": f"example {i}", "label": i % 2}) + "\n" for i in range(17)
+            ).encode(),
+            ".jsonl",
+            "invalid_calibration",
+        ),
+        "limit_calibration_too_large": (
+            "".join(json.dumps({"text": text, "label": i % 2}) + "\n" for i in range(3)).encode(),
+            ".jsonl",
+            "body_too_large",
+        ),
+    }
+
+
+#: Tampering with stored state: name -> (what is done, the code the pull answers).
+STORED_CASES = {
+    "stored_tampered_delta_blob": "integrity_error",  # one byte of a checkpoint's delta flipped
+    "stored_tampered_base_blob": "integrity_error",  # one byte of a base weight file flipped
+    "stored_truncated_delta_blob": "integrity_error",  # the delta cut short
+    "stored_missing_delta_blob": "blob_not_found",  # the delta's object deleted
+}
 
 
 def _tiny_pair(root: Path) -> tuple[Path, Path]:
@@ -254,7 +391,27 @@ PATH_CASES = {
     "path_backslash": "..\\model.safetensors",
     "path_empty": "",
     "path_dot": ".",
+    "path_dot_segments": "a/./../../b.json",
+    "path_trailing_dotdot": "a/b/..",
+    "path_control_char": "a\x07b.json",
+    "path_too_long": "a/" * 600 + "b.json",
 }
+#: Path cases the core's check_relpath accepts but the service refuses (length, control chars).
+SERVICE_ONLY_PATHS = {"path_control_char", "path_too_long"}
+
+
+#: How the service answers calibration files whose lines parse as JSON (the client sends the
+#: examples in the create request; pydantic refuses malformed ones with ``validation_error``).
+#: Files that do not parse at all stop in the client with the core's code.
+CALIBRATION_SERVICE_CODES = {
+    "calibration_no_text": "validation_error",
+    "calibration_text_not_string": "validation_error",
+    "calibration_bad_label": "validation_error",
+    "calibration_missing_label": "invalid_calibration",
+}
+
+#: Where the checked-in corpus lives.
+DEFAULT_DIR = Path(__file__).resolve().parent / "files"
 
 
 def build(directory: str | Path) -> list[Case]:
@@ -266,18 +423,57 @@ def build(directory: str | Path) -> list[Case]:
         ("safetensors", safetensors_cases(), ".safetensors"),
         ("delta", delta_cases(root), ".slim"),
         ("calibration", calibration_cases(), ".jsonl"),
+        ("model", model_cases(root), ".safetensors"),
     ):
         for name, (data, code) in table.items():
             path = root / f"{name}{suffix}"
             path.write_bytes(data)
-            cases.append(Case(name, path, kind, code))
-    manifest = root / "paths.json"
-    manifest.write_text(json.dumps(PATH_CASES))
+            service = SERVICE_CODES.get(name) or CALIBRATION_SERVICE_CODES.get(name)
+            cases.append(Case(name, path, kind, code, service))
+    for name, (data, suffix, code) in limit_cases().items():
+        path = root / f"{name}{suffix}"
+        path.write_bytes(data)
+        cases.append(Case(name, path, "limit", code))
+    paths = root / "paths.json"
+    paths.write_text(json.dumps(PATH_CASES, indent=1, sort_keys=True) + "\n")
     for name in PATH_CASES:
-        cases.append(Case(name, manifest, "path", "invalid_path"))
+        cases.append(Case(name, paths, "path", "invalid_path"))
+    for name, code in STORED_CASES.items():
+        cases.append(Case(name, None, "stored", code))
+    (root / "manifest.json").write_text(json.dumps(manifest(cases, root), indent=1) + "\n")
     return cases
 
 
+def manifest(cases: list[Case], root: Path) -> list[dict[str, str | None]]:
+    """The cases as JSON rows (file names relative to the corpus directory)."""
+    return [
+        {
+            "name": c.name,
+            "kind": c.kind,
+            "file": c.path.relative_to(root).as_posix() if c.path else None,
+            "code": c.code,
+            "service_code": c.service_code,
+        }
+        for c in cases
+    ]
+
+
+def load(directory: str | Path = DEFAULT_DIR) -> list[Case]:
+    """The cases of a written corpus, from its ``manifest.json``."""
+    root = Path(directory)
+    rows = json.loads((root / "manifest.json").read_text())
+    return [
+        Case(
+            r["name"],
+            root / r["file"] if r["file"] else None,
+            r["kind"],
+            r["code"],
+            r["service_code"] if r["service_code"] != r["code"] else None,
+        )
+        for r in rows
+    ]
+
+
 if __name__ == "__main__":
-    out = build(sys.argv[1] if len(sys.argv) > 1 else "hostile-corpus")
+    out = build(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_DIR)
     print(f"wrote {len(out)} cases")
