@@ -248,9 +248,66 @@ def round_values(values: torch.Tensor, coding: str, bits: int) -> torch.Tensor:
     The search applies this inside its fitness so it optimises what will be stored.
     """
     if coding == "q":
+        if values.device.type != "cpu":
+            return _round_q_on_device(values, bits)
         codes, cb = quantise(values, bits)
         return dequantise(codes, cb, bits)
     return values.to(_FLOAT_CODINGS[coding]).to(torch.float32)
+
+
+def _round_q_on_device(values: torch.Tensor, bits: int, iters: int = 8) -> torch.Tensor:
+    """:func:`quantise` + :func:`dequantise` on an accelerator, without a host round trip.
+
+    The same Lloyd-Max fit (two starts, lower squared error wins) in float64 torch ops; it can
+    differ from the CPU fit in the last bits of a level, which a search's fitness tolerates.
+    The stored codebook is always fitted on the CPU by the encoder.
+    """
+    levels = 1 << (bits - 1)
+    v = values.to(torch.float64).reshape(-1)
+    if v.numel() == 0:
+        return values.to(torch.float32)
+    s, _ = torch.sort(v.abs())
+    n = s.numel()
+    zero = torch.zeros(1, dtype=torch.float64, device=v.device)
+    csum = torch.cat([zero, torch.cumsum(s, 0)])
+    csq = torch.cat([zero, torch.cumsum(s * s, 0)])
+    edges = torch.linspace(0, n, levels + 1, device=v.device).long()
+    counts0 = edges[1:] - edges[:-1]
+    equal = torch.where(
+        counts0 > 0,
+        (csum[edges[1:]] - csum[edges[:-1]]) / counts0.clamp(min=1),
+        s[edges[:-1].clamp(max=n - 1)],
+    )
+    uniform = (
+        s[0]
+        + (s[-1] - s[0])
+        * (torch.arange(levels, device=v.device, dtype=torch.float64) + 0.5)
+        / levels
+    )
+
+    def runs(cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mids = (cb[1:] + cb[:-1]) / 2
+        ends = torch.cat(
+            [torch.searchsorted(s, mids, right=True), torch.tensor([n], device=v.device)]
+        )
+        return torch.cat([torch.zeros(1, dtype=torch.long, device=v.device), ends[:-1]]), ends
+
+    best, best_err = equal, None
+    for cb in (torch.sort(equal).values, torch.sort(uniform).values):
+        for _ in range(iters):
+            a, b = runs(cb)
+            cnt = b - a
+            cb = torch.sort(torch.where(cnt > 0, (csum[b] - csum[a]) / cnt.clamp(min=1), cb)).values
+        a, b = runs(cb)
+        cnt = b - a
+        err = ((csq[b] - csq[a]) - 2 * cb * (csum[b] - csum[a]) + cnt * cb * cb).sum()
+        if best_err is None or bool(err < best_err):
+            best, best_err = cb, err
+    cb32 = best.to(torch.float32)
+    mids = (cb32[1:].double() + cb32[:-1].double()) / 2
+    level = torch.searchsorted(mids, v.abs().contiguous(), right=False)
+    mag = cb32[level]
+    return torch.where(v < 0, -mag, mag)
 
 
 _FLOAT_CODINGS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

@@ -91,6 +91,7 @@ def load_calibration(path: str | os.PathLike[str], *, need_labels: bool) -> list
 
 class Evaluator(Protocol):
     kind: str
+    device: torch.device  # where candidates are applied (searches keep their tensors there)
 
     def apply(self, name: str, delta: torch.Tensor | None) -> None:
         """Set one tensor of the candidate: base + ``delta`` (flat float32; None = base)."""

@@ -34,7 +34,7 @@ def coarse_histogram(scores: Iterable[torch.Tensor]) -> torch.Tensor:
     """Counts of ``bits >> LOW_BITS`` over all scores. # (NUM_BUCKETS,) int64"""
     hist = torch.zeros(NUM_BUCKETS, dtype=torch.int64)
     for s in scores:
-        hist += torch.bincount((score_bits(s) >> LOW_BITS).long(), minlength=NUM_BUCKETS)
+        hist += torch.bincount((score_bits(s) >> LOW_BITS).long(), minlength=NUM_BUCKETS).cpu()
     return hist
 
 
@@ -77,7 +77,7 @@ def top_k_cut(k: int, hist: torch.Tensor, scores: Callable[[], Iterable[torch.Te
     for s in scores():
         bits = score_bits(s)
         inside = bits[(bits >> LOW_BITS) == bucket] & LOW_MASK
-        fine += torch.bincount(inside.long(), minlength=1 << LOW_BITS)
+        fine += torch.bincount(inside.long(), minlength=1 << LOW_BITS).cpu()
     fine_above = torch.flip(torch.cumsum(torch.flip(fine, [0]), 0), [0]) + strictly_above
     low = int(torch.nonzero(fine_above >= k).max())
     greater = int(fine_above[low + 1]) if low + 1 < (1 << LOW_BITS) else strictly_above

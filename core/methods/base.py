@@ -42,6 +42,14 @@ class FitContext:
     progress: Progress | None = None
     evaluations: int = 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where candidate tensors live: the evaluator's device (``cuda`` when present)."""
+        return self.evaluator.device if self.evaluator is not None else torch.device("cpu")
+
+    def on_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t.to(self.device) for n, t in tensors.items()}
+
     def report(self, **info: Any) -> None:
         if self.progress is not None:
             self.progress(info)

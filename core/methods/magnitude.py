@@ -92,7 +92,7 @@ class MagnitudeScaled(Method):
                 cut=cut,
                 notes=["no model to evaluate: scale left at 1 (plain magnitude)"],
             )
-        taus = ws.load_taus()
+        taus = ctx.on_device(ws.load_taus())
         applier = CutApplier(cut)
         index = {
             p.name: torch.nonzero(applier.mask(taus[p.name].abs())).reshape(-1)

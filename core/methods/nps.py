@@ -214,7 +214,7 @@ class Nps(Method):
                     "pruning (w = 1)"
                 ],
             )
-        taus = ws.load_taus()
+        taus = ctx.on_device(ws.load_taus())
         total = sum(t.numel() for t in taus.values())
         k = keep_count(self.keep, total)
         subs = magnitude_subspaces(taus, k, self.m, self.binning)
@@ -251,7 +251,7 @@ class Nps(Method):
             holdout=holdout,
         )
         w = self.weights(outcome.x)
-        cut = weighted_cut(taus, subs, torch.tensor(w, dtype=torch.float32), k)
+        cut = weighted_cut(taus, subs, torch.tensor(w, dtype=torch.float32, device=ctx.device), k)
         fitted = NpsFitted(
             params=params | {"popsize": popsize},
             result={
@@ -264,7 +264,7 @@ class Nps(Method):
                 **outcome.holdout,
             },
             trace=outcome.trace,
-            subs=subs,
+            subs=subs.to_cpu(),
             w=torch.tensor(w, dtype=torch.float32),
             cut=cut,
         )

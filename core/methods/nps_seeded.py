@@ -107,14 +107,17 @@ class NpsSeeded(Method):
                 seed=ctx.seed,
                 notes=["weights evaluation: nothing to search with; this is DARE at the same keep"],
             )
-        taus = ws.load_taus()
+        taus = ctx.on_device(ws.load_taus())
         total = sum(t.numel() for t in taus.values())
         k = float(keep_count(self.keep, total))
         specs = {p.name: ValueSpec.from_bits(ctx.value_bits, p.dtype) for p in ws.delta_plans}
         if self.kind == "tensor":
             names = sorted({tensor_group(p.name, len(p.shape)) for p in ws.delta_plans})
             gid = {p.name: names.index(tensor_group(p.name, len(p.shape))) for p in ws.delta_plans}
-            ids = {n: torch.full((taus[n].numel(),), gid[n], dtype=torch.uint8) for n in taus}
+            ids = {
+                n: torch.full((taus[n].numel(),), gid[n], dtype=torch.uint8, device=ctx.device)
+                for n in taus
+            }
             sizes = np.zeros(len(names))
             for n in taus:
                 sizes[gid[n]] += taus[n].numel()
@@ -135,7 +138,9 @@ class NpsSeeded(Method):
             """Each tensor's entries by subspace, sorted by their seeded draw."""
             out = {}
             for n, tau in taus.items():
-                u = torch.from_numpy(rng.uniforms(rng.tensor_key(seed, n), tau.numel()))
+                u = torch.from_numpy(rng.uniforms(rng.tensor_key(seed, n), tau.numel())).to(
+                    ctx.device
+                )
                 out[n] = PrefixIndex.build(ids[n], u)
             return out
 
@@ -217,7 +222,7 @@ class NpsSeeded(Method):
             },
             trace=outcome.trace,
             seed=best_seed,
-            ids=ids,
+            ids={n: t.cpu() for n, t in ids.items()},
             rates=rho,
             scales=scale,
         )

@@ -27,7 +27,7 @@ class PrefixIndex:
     _keys_np: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._keys_np = self.keys.numpy()
+        self._keys_np = self.keys.cpu().numpy()  # binary searches run on the host: M tiny ones
         self._bounds = [
             (int(self.starts[g]), int(self.starts[g + 1]), int(self.groups[g]))
             for g in range(self.groups.numel())
@@ -41,8 +41,8 @@ class PrefixIndex:
         order = order[torch.argsort(sid[order].long(), stable=True)]
         sorted_sid = sid[order].long()
         groups, counts = torch.unique_consecutive(sorted_sid, return_counts=True)
-        starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
-        return cls(order, key[order].contiguous(), starts, groups)
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts.cpu(), 0)])
+        return cls(order, key[order].contiguous(), starts, groups.cpu())
 
     def select(
         self, limits: np.ndarray, scales: np.ndarray | None = None, *, inclusive: bool = False
@@ -66,13 +66,14 @@ class PrefixIndex:
                 parts.append(self.perm[a : a + n])
                 counts.append(n)
                 factors.append(float(scales[gid]) if scales is not None else 1.0)
+        dev = self.perm.device
         if not parts:
-            empty = torch.zeros(0, dtype=torch.int64)
-            return empty, (torch.zeros(0) if scales is not None else None)
+            empty = torch.zeros(0, dtype=torch.int64, device=dev)
+            return empty, (torch.zeros(0, device=dev) if scales is not None else None)
         idx = torch.cat(parts)
         if scales is None:
             return idx, None
         per_entry = torch.repeat_interleave(
-            torch.tensor(factors, dtype=torch.float32), torch.tensor(counts)
+            torch.tensor(factors, dtype=torch.float32, device=dev), torch.tensor(counts, device=dev)
         )
         return idx, per_entry

@@ -52,6 +52,15 @@ class MagnitudeSubspaces:
     def m(self) -> int:
         return int(self.sizes.numel())
 
+    def to_cpu(self) -> MagnitudeSubspaces:
+        return MagnitudeSubspaces(
+            {n: t.cpu() for n, t in self.ids.items()},
+            self.bounds,
+            self.sizes,
+            self.cum,
+            self.max_abs,
+        )
+
 
 def magnitude_subspaces(
     taus: dict[str, torch.Tensor], k: int, m: int, binning: str
@@ -61,21 +70,23 @@ def magnitude_subspaces(
     def scores() -> Iterable[torch.Tensor]:
         return (t.abs() for t in taus.values())
 
-    hist = coarse_histogram(scores())
+    hist = coarse_histogram(scores()).cpu()
     total = int(hist.sum())
     ranks = boundary_ranks(total, k, m, binning)
     cut_bits = [top_k_cut(r, hist, scores).bits for r in ranks]  # descending values
     thresholds = torch.tensor(sorted(set(cut_bits)), dtype=torch.int32)  # ascending bits
+    on = {t.device for t in taus.values()}
+    dev_thresholds = thresholds.to(next(iter(on))) if on else thresholds
     n_sub = thresholds.numel() + 1
     ids = {}
     sizes = torch.zeros(n_sub, dtype=torch.int64)
     for name, t in taus.items():
         # entries with bits ≥ the highest threshold are subspace 0
-        sid = (n_sub - 1 - torch.bucketize(score_bits(t.abs()), thresholds, right=True)).to(
+        sid = (n_sub - 1 - torch.bucketize(score_bits(t.abs()), dev_thresholds, right=True)).to(
             torch.uint8
         )
         ids[name] = sid
-        sizes += torch.bincount(sid.long(), minlength=n_sub)
+        sizes += torch.bincount(sid.long(), minlength=n_sub).cpu()
     values = thresholds.view(torch.float32).double().flip(0)  # descending |τ| values
     bounds = torch.cat(
         [

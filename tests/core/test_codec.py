@@ -134,3 +134,12 @@ def test_zstd_refuses_frames_larger_than_declared() -> None:
         codec.zstd_decompress(frame, 100)
     with pytest.raises(InvalidDelta, match="not a zstd frame"):
         codec.zstd_decompress(b"garbage", 5)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_accelerator_quantisation_matches_the_host_fit(bits: int) -> None:
+    """The torch-only fit used on a GPU (run here on the CPU) agrees with the stored one."""
+    t = torch.randn(5000) * torch.rand(5000)
+    host = codec.round_values(t, "q", bits)
+    device_path = codec._round_q_on_device(t, bits)
+    assert torch.allclose(host, device_path, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,394 @@
+"""Throughput and memory: ingest, compress, reconstruct, next to the machine's own ceilings.
+
+Fixture: a Llama-shaped bf16 checkpoint (bench/llm_fixture.py) as the base and a structured
+fine-tune of it. Everything is measured side by side in one run, each as the median of
+``--repeat`` runs: memory copy, safetensors read, sha256 and blake3 ceilings; ingest over
+HTTP (PUT → stored, hashed); compression with ``magnitude``, ``lossless`` and ``nps``
+(``weights`` fitness) in the worker; reconstruction streamed over HTTP and with a local
+rebuild from the delta (``pull --local``); ZipNN on the same fine-tune (plain, and on the XOR
+against the base: the delta mode its paper describes — the package's own delta mode raises
+"Not implemented Yet"). Peak RSS of the API and worker processes comes from
+``/proc/<pid>/status`` (VmHWM) for each checkpoint size.
+
+Run: ``python -m bench throughput [--params 5e8 2e9] [--repeat 3]``.
+Outputs ``bench/results/throughput.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.llm_fixture import build
+
+RESULTS = Path(__file__).parent / "results"
+KEY = "slim_bench_throughput_key_0123456789abcdef"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", type=float, nargs="+", default=[5e8, 2e9], help="checkpoint sizes")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--workdir", default=None, help="fixture cache (default bench/cache/llm)")
+    p.add_argument("--skip-zipnn", action="store_true")
+    p.add_argument("--out", default=str(RESULTS))
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """Median seconds of ``repeat`` runs, and the last result."""
+    times, out = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def ceilings(sample: Path, repeat: int) -> dict[str, float]:
+    """GB/s of the machine's basic operations, measured now."""
+    buf = np.frombuffer(os.urandom(256 << 20), dtype=np.uint8)
+    out: dict[str, float] = {}
+    t, _ = timed(lambda: buf.copy(), repeat)
+    out["memcpy_gbps"] = buf.nbytes / t / 1e9
+    data = buf.tobytes()
+    t, _ = timed(lambda: hashlib.sha256(data).digest(), repeat)
+    out["sha256_gbps"] = len(data) / t / 1e9
+    try:
+        import blake3
+
+        t, _ = timed(lambda: blake3.blake3(data).digest(), repeat)
+        out["blake3_gbps"] = len(data) / t / 1e9
+    except ImportError:
+        pass
+    size = sample.stat().st_size
+
+    def read_all() -> None:
+        with open(sample, "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+    read_all()  # warm the page cache
+    t, _ = timed(read_all, repeat)
+    out["file_read_gbps"] = size / t / 1e9
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Stack:
+    """An embedded-layout server with its worker as a separate process (so each has its RSS)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = os.environ | {"SLIM_BOOTSTRAP_KEY": KEY, "SLIM_WORKER_HEARTBEAT_SECONDS": "2"}
+        self.api = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                "serve",
+                "--no-worker",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(data_dir),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=None
+        )
+        for _ in range(600):
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                "worker",
+                "--data-dir",
+                str(data_dir),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def close(self) -> None:
+        for p in (self.worker, self.api):
+            p.send_signal(signal.SIGTERM)
+        for p in (self.worker, self.api):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.client.close()
+
+    def post(self, path: str, **kw: Any) -> dict[str, Any]:
+        r = self.client.post(path, **kw)
+        r.raise_for_status()
+        return r.json()
+
+    def put_dir(self, kind: str, rid: str, directory: Path) -> int:
+        total = 0
+        for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+            rel = f.relative_to(directory).as_posix()
+            with open(f, "rb") as fh:
+                r = self.client.put(
+                    f"/v1/{kind}/{rid}/files/{rel}", content=iter(lambda: fh.read(1 << 20), b"")
+                )
+            r.raise_for_status()
+            total += f.stat().st_size
+        return total
+
+    def wait_job(self, job_id: str) -> dict[str, Any]:
+        while True:
+            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.5)
+
+    def stream(self, path: str) -> int:
+        n = 0
+        with self.client.stream("GET", path) as r:
+            r.raise_for_status()
+            for chunk in r.iter_raw(1 << 20):
+                n += len(chunk)
+        return n
+
+
+def zipnn_rates(ft: Path, base: Path) -> dict[str, float]:
+    """ZipNN's ratio and speed on the fine-tune's shards: plain, and on the XOR with the base."""
+    from zipnn import ZipNN
+
+    z = ZipNN(input_format="byte", bytearray_dtype="bfloat16", threads=os.cpu_count() or 1)
+    raw = comp = xcomp = 0
+    t_plain = t_delta = 0.0
+    for shard in sorted(ft.glob("*.safetensors")):
+        a = shard.read_bytes()
+        b = (base / shard.name).read_bytes()
+        t = time.perf_counter()
+        comp += len(z.compress(a))
+        t_plain += time.perf_counter() - t
+        x = np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)).tobytes()
+        t = time.perf_counter()
+        xcomp += len(z.compress(x))
+        t_delta += time.perf_counter() - t
+        raw += len(a)
+        del a, b, x
+    return {
+        "zipnn_ratio": raw / comp,
+        "zipnn_gbps": raw / t_plain / 1e9,
+        "zipnn_delta_ratio": raw / xcomp,
+        "zipnn_delta_gbps": raw / t_delta / 1e9,
+    }
+
+
+def largest_tensor_mb(directory: Path) -> float:
+    from core.checkpoint import CheckpointDir
+
+    with CheckpointDir.open(directory) as c:
+        return max(ref.info.nbytes for ref in c.tensors.values()) / 2**20
+
+
+def local_pull(stack: Stack, ckpt: str, base: Path, out: Path) -> int:
+    """`pull --local`: fetch only the delta, rebuild against the local base."""
+    from core.reconstruct import reconstruct
+
+    delta = out.parent / f"{ckpt}.slim"
+    with open(delta, "wb") as f, stack.client.stream("GET", f"/v1/checkpoints/{ckpt}/delta") as r:
+        r.raise_for_status()
+        for chunk in r.iter_raw(1 << 20):
+            f.write(chunk)
+    paths = reconstruct(base, delta, out)
+    n = sum(p.stat().st_size for p in paths)
+    shutil.rmtree(out)
+    delta.unlink()
+    return n
+
+
+def run_size(
+    params: float, args: argparse.Namespace, fixtures: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    base, ft, shape = build(fixtures, params)
+    weights = sum(p.stat().st_size for p in ft.glob("*.safetensors"))
+    row: dict[str, Any] = {
+        "params": shape.num_params,
+        "shape": vars(shape) if hasattr(shape, "__dict__") else str(shape),
+        "weight_bytes": weights,
+        "largest_tensor_mb": largest_tensor_mb(ft),
+    }
+    log(f"[{params:.0e}] {shape.num_params / 1e9:.2f} B params, {weights / 1e9:.2f} GB bf16")
+    with tempfile.TemporaryDirectory(dir=fixtures) as tmp:
+        stack = Stack(Path(tmp) / "data")
+        try:
+            b = stack.post("/v1/bases", json={"name": "base"})["id"]
+            t = time.perf_counter()
+            stack.put_dir("bases", b, base)
+            stack.post(f"/v1/bases/{b}/commit")
+            row["base_ingest_s"] = time.perf_counter() - t
+            ingest, compress, recon = [], {}, []
+            for method in ("lossless", "magnitude", "nps"):
+                times, jobs = [], []
+                for rep in range(args.repeat if method != "nps" else 1):
+                    c = stack.post(
+                        "/v1/checkpoints",
+                        json={
+                            "name": f"{method}-{rep}",
+                            "base_id": b,
+                            "method": method,
+                            "keep": 0.01,
+                            "value_bits": 16,
+                            "evaluation": "weights",
+                        },
+                    )["id"]
+                    t = time.perf_counter()
+                    stack.put_dir("checkpoints", c, ft)
+                    ingest.append(time.perf_counter() - t)
+                    job = stack.post(f"/v1/checkpoints/{c}/commit")
+                    t = time.perf_counter()
+                    job = stack.wait_job(job["id"])
+                    times.append(time.perf_counter() - t)
+                    if job["state"] != "succeeded":
+                        raise RuntimeError(f"{method} job failed: {job}")
+                    jobs.append(c)
+                info = stack.client.get(f"/v1/checkpoints/{jobs[-1]}").json()
+                compress[method] = {
+                    "seconds": statistics.median(times),
+                    "gbps": weights / statistics.median(times) / 1e9,
+                    "ratio": info["ratio"],
+                    "bits_per_param": info["bits_per_param"],
+                    "stored_bytes": info["stored_bytes"],
+                }
+                log(
+                    f"  compress {method}: {compress[method]['seconds']:.1f} s, ratio {info['ratio']:.2f}"
+                )
+                if method in ("lossless", "magnitude"):
+                    files = [
+                        f["path"]
+                        for f in stack.client.get(f"/v1/checkpoints/{jobs[-1]}/files").json()[
+                            "data"
+                        ]
+                        if f["path"].endswith(".safetensors")
+                    ]
+                    for _ in range(args.repeat):
+                        t = time.perf_counter()
+                        n = sum(
+                            stack.stream(f"/v1/checkpoints/{jobs[-1]}/files/{p}") for p in files
+                        )
+                        recon.append((method, n / (time.perf_counter() - t) / 1e9))
+                    local = []
+                    for _ in range(args.repeat):
+                        t = time.perf_counter()
+                        n = local_pull(stack, jobs[-1], base, Path(tmp) / "pull")
+                        local.append(n / (time.perf_counter() - t) / 1e9)
+                    compress[method]["pull_local_gbps"] = statistics.median(local)
+            row["ingest_mbps"] = weights / statistics.median(ingest) / 1e6
+            row["compress"] = compress
+            row["reconstruct_http_gbps"] = {
+                m: statistics.median([g for mm, g in recon if mm == m])
+                for m in ("lossless", "magnitude")
+            }
+            row["rss_api_mb"] = peak_rss_mb(stack.api.pid)
+            row["rss_worker_mb"] = peak_rss_mb(stack.worker.pid)
+        finally:
+            stack.close()
+    if not args.skip_zipnn:
+        row |= zipnn_rates(ft, base)
+    row["rss_limit_mb"] = 2 * row["largest_tensor_mb"] + 300
+    log(
+        f"  ingest {row['ingest_mbps']:.0f} MB/s, reconstruct {row['reconstruct_http_gbps']}, "
+        f"RSS api {row['rss_api_mb']:.0f} MB worker {row['rss_worker_mb']:.0f} MB (limit {row['rss_limit_mb']:.0f})"
+    )
+    return row
+
+
+def main(args: argparse.Namespace) -> int:
+    fixtures = Path(args.workdir) if args.workdir else Path(__file__).parent / "cache" / "llm"
+    fixtures.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        lines.append(msg)
+
+    from bench.fidelity import machine_note
+
+    first_base, _, _ = build(fixtures, min(args.params))
+    result: dict[str, Any] = {
+        "command": "python -m bench throughput " + " ".join(sys.argv[2:]),
+        "machine": machine_note(),
+        "ceilings": ceilings(next(first_base.glob("*.safetensors")), args.repeat),
+        "sizes": [],
+    }
+    log(f"ceilings: {json.dumps({k: round(v, 2) for k, v in result['ceilings'].items()})}")
+    for p in args.params:
+        result["sizes"].append(run_size(p, args, fixtures, log))
+        write(result, out)
+    return 0
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    (out / "throughput.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    c = result["ceilings"]
+    md = [
+        "# Throughput benchmark",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}",
+        "",
+        "Ceilings measured in the same run: " + ", ".join(f"{k} {v:.2f}" for k, v in c.items()),
+        "",
+        "| params | weights GB | ingest MB/s | lossless ratio | zipnn | zipnn delta | compress lossless s | compress magnitude s | nps (weights) s | reconstruct HTTP GB/s (lossless / magnitude) | pull --local GB/s (lossless / magnitude) | RSS API MB | RSS worker MB | limit MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["sizes"]:
+        comp = r["compress"]
+        md.append(
+            f"| {r['params'] / 1e9:.2f} B | {r['weight_bytes'] / 1e9:.2f} | {r['ingest_mbps']:.0f} | "
+            f"{comp['lossless']['ratio']:.2f} | {r.get('zipnn_ratio', float('nan')):.2f} | {r.get('zipnn_delta_ratio', float('nan')):.2f} | "
+            f"{comp['lossless']['seconds']:.1f} | {comp['magnitude']['seconds']:.1f} | {comp['nps']['seconds']:.1f} | "
+            f"{r['reconstruct_http_gbps']['lossless']:.2f} / {r['reconstruct_http_gbps']['magnitude']:.2f} | "
+            f"{comp['lossless']['pull_local_gbps']:.2f} / {comp['magnitude']['pull_local_gbps']:.2f} | "
+            f"{r['rss_api_mb']:.0f} | {r['rss_worker_mb']:.0f} | {r['rss_limit_mb']:.0f} |"
+        )
+    (out / "throughput.md").write_text("\n".join(md) + "\n")
