@@ -28,10 +28,12 @@ import torch
 
 from bench.data import Example, load_task
 from bench.finetune import base_model_dir, full_recipe, load_finetune, make_finetune, read_marker
-from core.compress import CompressResult, build_evaluator, compress
+from core.auto import auto_compress
+from core.compress import build_evaluator, compress
 from core.evaluate import Example as CalExample
 from core.evaluate import ModelEvaluator
 from core.reconstruct import load_state
+from core.summary import describe
 from core.workspace import Workspace
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,15 +57,22 @@ SEEDS = (0, 1, 2)
 
 
 def full_grid() -> list[Series]:
+    """The committed grid: every method at the keep ratios where methods separate, value
+    widths 16 and quantised, three seeds where a method is random or searched (DARE at 16 and
+    4 bits, nps-seeded at 4 bits), one seed elsewhere to bound the run time on 2 cores."""
     return [
         Series("lossless", "lossless", (1.0,), (16,)),
         Series("magnitude", "magnitude", KEEPS, (16, 4)),
         Series("magnitude-scaled", "magnitude-scaled", KEEPS, (16, 4), evaluation="fidelity"),
-        Series("dare", "dare", KEEPS, (16, 4, 2), SEEDS),
-        Series("nps-paper", "nps", (0.01, 0.05), (16,), SEEDS, "accuracy", {"preset": "paper"}),
-        Series("nps", "nps", (0.005, 0.01, 0.02, 0.05), (16, 4), SEEDS, "fidelity"),
-        Series("nps-seeded", "nps-seeded", KEEPS, (4, 2), SEEDS, "fidelity"),
-        Series("nps-seeded (accuracy)", "nps-seeded", (0.01, 0.02), (4,), SEEDS, "accuracy"),
+        Series("dare", "dare", KEEPS, (16, 4), SEEDS),
+        Series("dare", "dare", KEEPS, (2,)),
+        Series("nps-paper", "nps", (0.01, 0.05), (16,), (0,), "accuracy", {"preset": "paper"}),
+        Series("nps", "nps", (0.005, 0.01, 0.02, 0.05), (16, 4), (0,), "fidelity"),
+        Series("nps-seeded", "nps-seeded", (0.005, 0.01, 0.02, 0.05), (4,), SEEDS, "fidelity"),
+        Series("nps-seeded", "nps-seeded", (0.002, 0.1), (4,), (0,), "fidelity"),
+        Series("nps-seeded", "nps-seeded", (0.01, 0.02, 0.05), (2,), (0,), "fidelity"),
+        Series("nps-seeded (accuracy)", "nps-seeded", (0.01, 0.02), (4,), (0,), "accuracy"),
+        Series("auto (floor 0.99)", "auto", (1.0,), (0,), (0,), "fidelity", {"min_fidelity": 0.99}),
     ]
 
 
@@ -180,26 +189,41 @@ def run_task(
                                 evaluators[series.evaluation] = built
                         ev = evaluators[series.evaluation]
                     out = workdir / f"{task_name}-{len(rows)}.slim"
-                    res: CompressResult = compress(
-                        base,
-                        ft_dir,
-                        out,
-                        method=series.method,
-                        keep=keep,
-                        value_bits=bits,
-                        evaluation=series.evaluation,
-                        seed=seed,
-                        options=series.options,
-                        evaluator=ev,
-                    )
+                    if series.method == "auto":
+                        opts = dict(series.options)
+                        res = auto_compress(
+                            base,
+                            ft_dir,
+                            out,
+                            min_fidelity=opts.pop("min_fidelity"),
+                            evaluation=series.evaluation,
+                            seed=seed,
+                            options=opts,
+                            evaluator=ev,
+                        )
+                        info = describe(out)
+                        keep, bits = info["keep"] or 1.0, info["value_bits"] or 16
+                    else:
+                        res = compress(
+                            base,
+                            ft_dir,
+                            out,
+                            method=series.method,
+                            keep=keep,
+                            value_bits=bits,
+                            evaluation=series.evaluation,
+                            seed=seed,
+                            options=series.options,
+                            evaluator=ev,
+                        )
                     acc = harness.accuracy(load_state(base, out))
                     gain = (acc - acc_removed) / (acc_ft - acc_removed)
                     row = Row(
                         task=task_name,
                         series=series.label,
-                        method=series.method,
-                        keep=None if series.method == "lossless" else keep,
-                        value_bits=None if series.method == "lossless" else bits,
+                        method=res.method,
+                        keep=None if res.method == "lossless" else keep,
+                        value_bits=None if res.method == "lossless" else bits,
                         seed=seed,
                         evaluation=series.evaluation,
                         stored_bytes=res.stored_bytes,
@@ -258,7 +282,7 @@ def run(
         "grid": [asdict(s) for s in grid],
         "tasks": [],
     }
-    log_path = out_dir / ("fidelity-quick.log" if quick else "fidelity.log")
+    log_path = out_dir / (("fidelity-quick" if quick else "fidelity") + f"-{'-'.join(tasks)}.log")
     with open(log_path, "w") as logf, tempfile.TemporaryDirectory() as tmp:
 
         def log(msg: str) -> None:
@@ -266,11 +290,25 @@ def run(
             logf.write(msg + "\n")
             logf.flush()
 
+        previous = _previous(out_dir, quick, tasks)
         for task in tasks:
             results["tasks"].append(run_task(task, grid, n_cal=n_cal, workdir=Path(tmp), log=log))
             results["seconds"] = time.time() - t0
-            write_outputs(results, out_dir, quick)
+            merged = dict(results, tasks=previous + results["tasks"])
+            write_outputs(merged, out_dir, quick)
     return results
+
+
+def _previous(out_dir: Path, quick: bool, tasks: list[str]) -> list[dict[str, Any]]:
+    """Results of other tasks from an earlier run (a run of some tasks keeps the others)."""
+    path = out_dir / ("fidelity-quick.json" if quick else "fidelity.json")
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return []
+    return [t for t in old.get("tasks", []) if t.get("task") not in tasks]
 
 
 def _group(rows: list[dict[str, Any]]) -> Iterator[tuple[tuple[Any, ...], list[dict[str, Any]]]]:

@@ -68,7 +68,7 @@ class NpsSeeded(Method):
         rate_bound: float = math.log(8.0),
         scale_bound: float = math.log(4.0),
         sigma0: float = 0.5,
-        generations: int = 20,
+        generations: int = 15,
         popsize: int | None = None,
         seed_trials: int = 4,
     ) -> None:
