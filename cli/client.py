@@ -1,0 +1,643 @@
+"""Client verbs: talk to a Slimstore server through :mod:`cli.sdk`.
+
+``slim base push|ls``, ``slim push``, ``slim pull``, ``slim ls``, ``slim show``, ``slim rm``,
+``slim status``, ``slim merge``, ``slim stats``. The server and key come from ``--url`` /
+``--api-key`` or ``SLIM_URL`` / ``SLIM_API_KEY`` (default http://127.0.0.1:8000, no key).
+
+Progress bars (rich, on stderr) show when stderr is a terminal; otherwise a followed job prints
+one line per generation. Results go to stdout (``--json`` for scripts). Errors the server or the
+client report carry a stable ``code``; ``cli.main`` prints them as one line and exits 2.
+
+``slim merge`` has two forms: ``slim merge ID ID ... --name N`` merges stored checkpoints on
+the server; ``slim merge BASE_DIR DELTA ... -o OUT`` is the offline merge of delta files (the
+verb registered by :mod:`cli.offline`, which this module takes over and dispatches to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+
+    from cli.sdk import Checkpoint, Job, PullReport, PushReport, SlimClient
+
+SubParsers = argparse._SubParsersAction
+
+METHODS = ("nps", "nps-seeded", "magnitude", "magnitude-scaled", "dare", "lossless", "auto")
+VALUE_BITS = (32, 16, 8, 4, 3, 2, 1)
+
+
+def register(sub: SubParsers) -> None:
+    conn = argparse.ArgumentParser(add_help=False)
+    group = conn.add_argument_group("server")
+    group.add_argument("--url", default=None, help="server URL (default $SLIM_URL or :8000)")
+    group.add_argument("--api-key", default=None, help="API key (default $SLIM_API_KEY)")
+
+    p = sub.add_parser("base", help="bases on the server: push, ls")
+    base_sub = p.add_subparsers(dest="base_verb", metavar="VERB")
+    base_sub.required = True
+    q = base_sub.add_parser("push", parents=[conn], help="upload a base model directory")
+    q.add_argument(
+        "dir", metavar="DIR", help="the base's HF model directory (config, weights, tokenizer)"
+    )
+    q.add_argument("--name", required=True, help="the base's name (unique on the server)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(handler=cmd_base_push)
+    q = base_sub.add_parser("ls", parents=[conn], help="list bases")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(handler=cmd_base_ls)
+
+    p = sub.add_parser(
+        "push",
+        parents=[conn],
+        help="upload a fine-tune and queue its compression",
+        description="Upload a fine-tune of a stored base and queue its compression. An "
+        "interrupted push resumes: run it again and only the files the server lacks are sent.",
+    )
+    p.add_argument("dir", metavar="DIR", help="the fine-tune's HF model directory")
+    p.add_argument("--base", required=True, help="the base's name or id")
+    p.add_argument("--name", default=None, help="checkpoint name (default: the directory name)")
+    p.add_argument(
+        "--method", choices=METHODS, default=None, help="default nps (auto with --min-fidelity)"
+    )
+    quality = p.add_mutually_exclusive_group()
+    quality.add_argument("--keep", type=float, default=None, help="keep ratio r (default 0.01)")
+    quality.add_argument(
+        "--min-fidelity", type=float, default=None, help="auto: smallest encoding above this"
+    )
+    p.add_argument("--value-bits", type=int, choices=VALUE_BITS, default=None)
+    p.add_argument(
+        "--eval",
+        dest="evaluation",
+        choices=("fidelity", "accuracy", "weights"),
+        default=None,
+        help="fitness (default fidelity with --calibration, else weights)",
+    )
+    p.add_argument("--calibration", default=None, help='JSONL of {"text": ..., "label": ...}')
+    p.add_argument("--generations", type=int, default=None, help="search generations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait", action="store_true", help="follow the job until it finishes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_push)
+
+    p = sub.add_parser(
+        "pull",
+        parents=[conn],
+        help="rebuild a checkpoint into a directory",
+        description="Download a checkpoint's files, rebuilt by the server (or, with --local, "
+        "only its delta, rebuilt here against a cached copy of the base). Interrupted pulls "
+        "resume from the .incomplete files they leave.",
+    )
+    p.add_argument("ref", metavar="ID", help="checkpoint id, name or id prefix")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--scale", type=float, default=1.0, help="λ of θ_pre + λ·δ (default 1)")
+    p.add_argument("--local", action="store_true", help="fetch the delta only; rebuild here")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="base cache (default $SLIM_CACHE_DIR or ~/.cache/slimstore)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_pull)
+
+    p = sub.add_parser("ls", parents=[conn], help="list checkpoints")
+    p.add_argument("--base", default=None, help="only checkpoints of this base (name or id)")
+    p.add_argument("--state", default=None, help="only checkpoints in this state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_ls)
+
+    p = sub.add_parser("show", parents=[conn], help="describe a checkpoint")
+    p.add_argument("ref", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_show)
+
+    p = sub.add_parser("rm", parents=[conn], help="delete a checkpoint")
+    p.add_argument("ref", metavar="ID")
+    p.set_defaults(handler=cmd_rm)
+
+    p = sub.add_parser(
+        "status",
+        parents=[conn],
+        help="a job's state and progress",
+        description="Show a job (by job id, or a checkpoint's latest job by its id or name). "
+        "With --follow, watch it until it finishes; a failed job then exits 2.",
+    )
+    p.add_argument("ref", metavar="JOB_ID")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    _take_over(sub, "merge")
+    p = sub.add_parser(
+        "merge",
+        parents=[conn],
+        help="merge checkpoints into a new one (server), or delta files (-o, offline)",
+        description="Server: slim merge ID ID ... --name N. Offline: slim merge BASE_DIR "
+        "DELTA ... -o OUT.slim.",
+    )
+    p.add_argument("refs", nargs="+", metavar="ID")
+    p.add_argument("--name", default=None, help="name of the merged checkpoint (server)")
+    p.add_argument("-o", "--output", default=None, help="offline: the merged delta file")
+    p.add_argument("--method", choices=("task_arithmetic", "ties"), default="task_arithmetic")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0)
+    p.add_argument("--density", type=float, default=None, help="ties: trim density")
+    p.add_argument("--wait", action="store_true", help="follow the merge job")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser("stats", parents=[conn], help="storage totals")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_stats)
+
+
+def _take_over(sub: SubParsers, name: str) -> None:
+    """Drop a verb another module registered, so this module can register its own."""
+    sub._name_parser_map.pop(name, None)
+    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != name]
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[SlimClient]:
+    from cli.sdk import SlimClient
+
+    with SlimClient(args.url, args.api_key) as client:
+        yield client
+
+
+def cmd_base_push(args: argparse.Namespace) -> int:
+    with _client(args) as client, _transfer_bar() as bar:
+        base, report = client.push_base(args.dir, args.name, progress=bar)
+    if args.json:
+        return _dump({"base": base.raw, "report": asdict(report)})
+    print(
+        f"base {base.name} ({base.id[:8]}) {base.state}: {_size(base.total_bytes)}, "
+        f"{_count(base.num_params)} parameters — {_push_line(report)}"
+    )
+    return 0
+
+
+def cmd_base_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        bases = client.list_bases()
+    if args.json:
+        return _dump([b.raw for b in bases])
+    rows = [[b.id[:8], b.name, b.state, _size(b.total_bytes), _count(b.num_params)] for b in bases]
+    _table(["ID", "NAME", "STATE", "SIZE", "PARAMS"], rows)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    options = None
+    if args.generations is not None:
+        if args.method not in (None, "nps", "nps-seeded", "auto"):
+            raise _usage("--generations sets the search of nps, nps-seeded and auto only")
+        options = {"generations": args.generations}
+    with _client(args) as client:
+        with _transfer_bar() as bar:
+            ckpt, job, report = client.push(
+                args.dir,
+                args.base,
+                name=args.name,
+                method=args.method,
+                keep=args.keep,
+                min_fidelity=args.min_fidelity,
+                value_bits=args.value_bits,
+                evaluation=args.evaluation,
+                calibration=args.calibration,
+                options=options,
+                seed=args.seed,
+                progress=bar,
+            )
+        if not args.json:
+            print(f"pushed {ckpt.name} ({ckpt.id[:8]}) — {_push_line(report)}")
+            print(f"compression job {job.id[:8]} {job.state} (method {ckpt.method})")
+        if args.wait:
+            job = _follow(client, job, quiet=args.json)
+            ckpt = client.get_checkpoint(ckpt.id)
+    if args.json:
+        return _dump({"checkpoint": ckpt.raw, "job": job.raw, "report": asdict(report)})
+    if args.wait:
+        print(_summary(ckpt))
+    else:
+        print(f"follow it with: slim status {job.id} --follow")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    with _client(args) as client, _transfer_bar() as bar:
+        if args.local:
+            report = client.pull_local(
+                args.ref, args.out_dir, scale=args.scale, cache_dir=args.cache_dir, progress=bar
+            )
+        else:
+            report = client.pull(args.ref, args.out_dir, scale=args.scale, progress=bar)
+    if args.json:
+        return _dump(asdict(report))
+    print(_pull_line(args.ref, args.out_dir, report))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        ckpts = client.list_checkpoints(base=args.base, state=args.state)
+        bases = {b.id: b.name for b in client.list_bases()} if ckpts and not args.json else {}
+    if args.json:
+        return _dump([c.raw for c in ckpts])
+    rows = [
+        [
+            c.id[:8],
+            c.name,
+            bases.get(c.base_id, c.base_id[:8]),
+            c.method,
+            _keep(c),
+            c.state,
+            _size(c.original_bytes),
+            _size(c.stored_bytes),
+            _num(c.ratio, "{:.1f}×"),
+            _num(c.bits_per_param, "{:.3f}"),
+            _num(c.fidelity, "{:.4f}"),
+        ]
+        for c in ckpts
+    ]
+    heads = [
+        "ID",
+        "NAME",
+        "BASE",
+        "METHOD",
+        "KEEP",
+        "STATE",
+        "SIZE",
+        "STORED",
+        "RATIO",
+        "BITS/PARAM",
+        "FIDELITY",
+    ]
+    _table(heads, rows)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        ckpt = client.get_checkpoint(args.ref)
+        base = client.get_base(ckpt.base_id)
+        jobs = client.list_jobs(checkpoint_id=ckpt.id)
+    if args.json:
+        return _dump(ckpt.raw)
+    fit = ckpt.fitness or {}
+    lines = [
+        ("id", ckpt.id),
+        ("name", ckpt.name),
+        ("base", f"{base.name} ({base.id})"),
+        ("state", ckpt.state),
+        ("method", ckpt.method),
+        ("keep", _keep(ckpt)),
+        ("value bits", ckpt.params.get("value_bits")),
+        ("evaluation", ckpt.params.get("evaluation")),
+        ("size", _size(ckpt.original_bytes)),
+        ("stored", _size(ckpt.stored_bytes)),
+        ("ratio", _num(ckpt.ratio, "{:.2f}×")),
+        ("bits/param", _num(ckpt.bits_per_param, "{:.4f}")),
+        ("parameters", _count(ckpt.num_params)),
+        ("fidelity", _num(ckpt.fidelity, "{:.4f}")),
+        ("fitness", _fitness_pair(fit)),
+        ("search time", _num(ckpt.search_seconds, "{:.1f} s")),
+        ("merged from", _parents(ckpt.derived_from)),
+        ("job", f"{jobs[0].id} ({jobs[0].state})" if jobs else None),
+        ("error", ckpt.error),
+    ]
+    for key, value in lines:
+        if value not in (None, "", "-"):
+            print(f"{key:>12}: {value}")
+    for note in fit.get("notes") or []:
+        print(f"{'note':>12}: {note}")
+    points = _trace_points(ckpt.trace)
+    if points:
+        first, last = points[0], points[-1]
+        print(f"{'search':>12}: {len(points)} steps, best fitness {first[1]:.6g} → {last[1]:.6g}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        ckpt = client.delete_checkpoint(args.ref)
+    print(f"deleted checkpoint {ckpt.name} ({ckpt.id})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get_job(args.ref)
+        if args.follow:
+            job = _follow(client, job, quiet=args.json)
+    if args.json:
+        return _dump(job.raw)
+    _print_job(job)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        if args.name is not None or len(args.refs) < 3:
+            raise _usage("offline merge: slim merge BASE_DIR DELTA DELTA ... -o OUT (no --name)")
+        from cli.offline import cmd_merge as offline_merge
+
+        offline = argparse.Namespace(
+            base_dir=args.refs[0],
+            deltas=args.refs[1:],
+            output=args.output,
+            method=args.method,
+            lam=args.lam,
+            density=args.density,
+            json=args.json,
+        )
+        return int(offline_merge(offline) or 0)
+    if args.name is None:
+        raise _usage("slim merge ID ID ... --name NAME (or -o OUT for the offline merge)")
+    with _client(args) as client:
+        job = client.merge(
+            args.refs, args.name, method=args.method, lam=args.lam, density=args.density
+        )
+        if args.wait:
+            job = _follow(client, job, quiet=args.json)
+        ckpt = client.get_checkpoint(job.checkpoint_id)
+    if args.json:
+        return _dump({"checkpoint": ckpt.raw, "job": job.raw})
+    if args.wait:
+        print(_summary(ckpt))
+    else:
+        print(f"merging into {ckpt.name} ({ckpt.id[:8]}): job {job.id[:8]} {job.state}")
+        print(f"follow it with: slim status {job.id} --follow")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        s = client.stats()
+    if args.json:
+        return _dump(s.raw)
+    saved = s.logical_bytes - s.stored_bytes
+    print(f"{'logical':>12}: {_size(s.logical_bytes)}")
+    print(f"{'stored':>12}: {_size(s.stored_bytes)}")
+    print(f"{'saved':>12}: {_size(saved)} ({_num(s.ratio, '{:.2f}×')})")
+    print(f"{'bases':>12}: {s.num_bases}")
+    print(f"{'checkpoints':>12}: {s.num_checkpoints} {_states(s.checkpoints_by_state)}")
+    print(f"{'jobs':>12}: {sum(s.jobs_by_state.values())} {_states(s.jobs_by_state)}")
+    return 0
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+class _TransferBar:
+    """The SDK's transfer progress as a rich bar (bytes, speed, time left)."""
+
+    def __init__(self, progress: RichProgress) -> None:
+        self.progress = progress
+        self.task: Any = None
+
+    def start(self, description: str, total: int) -> None:
+        self.finish()
+        self.task = self.progress.add_task(description, total=total or None)
+
+    def advance(self, nbytes: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, nbytes)
+
+    def finish(self) -> None:
+        if self.task is not None:
+            task = next(t for t in self.progress.tasks if t.id == self.task)
+            if task.total is not None:
+                self.progress.update(self.task, completed=task.total)
+            self.progress.stop_task(self.task)
+            self.task = None
+
+
+@contextmanager
+def _transfer_bar() -> Iterator[_TransferBar]:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not _stderr_is_terminal()) as progress:
+        yield _TransferBar(progress)
+
+
+def _follow(client: SlimClient, job: Job, *, quiet: bool = False) -> Job:
+    """Watch a job to its end: a bar of generations with the best fitness on a terminal, one
+    line per change otherwise. Raises the SDK's ``JobFailed`` if it does not succeed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    live = _stderr_is_terminal() and not quiet
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[gen]}"),
+        TextColumn("{task.fields[best]}"),
+        TimeElapsedColumn(),
+    )
+    last: list[str] = []
+    with Progress(*columns, console=console, disable=not live) as progress:
+        task = progress.add_task(f"job {job.id[:8]}", total=None, gen="", best="")
+
+        def update(j: Job) -> None:
+            p = j.progress
+            gen = f"generation {p.generation}/{p.generations}" if p.generation is not None else ""
+            best = f"best fitness {p.best_fitness:.6g}" if p.best_fitness is not None else ""
+            phase = f"{j.state}" + (f" · {p.phase}" if p.phase and j.state == "running" else "")
+            total = p.generations or None
+            done = j.state == "succeeded" and total is not None
+            progress.update(
+                task,
+                description=f"job {j.id[:8]} {phase}",
+                total=total,
+                completed=total if done else (p.generation or 0),
+                gen=gen,
+                best=best,
+            )
+            line = " ".join(x for x in (f"job {j.id[:8]}", phase, gen, best) if x)
+            if not live and not quiet and line not in last[-1:]:
+                console.print(line, highlight=False)
+                last.append(line)
+
+        return client.wait(job.id, on_update=update, poll_seconds=1.0)
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def _dump(data: Any) -> int:
+    print(json.dumps(data, indent=1, default=str))
+    return 0
+
+
+def _table(heads: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Plain aligned columns (readable in a pipe, like ``docker ps``)."""
+    if not rows:
+        print("(none)")
+        return
+    widths = [max(len(h), *(len(str(r[i])) for r in rows)) for i, h in enumerate(heads)]
+    for line in (heads, *rows):
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _keep(c: Checkpoint) -> str:
+    keep = c.keep
+    if c.method == "lossless" or keep is None:
+        return "-"
+    return f"{keep:g}"
+
+
+def _states(counts: dict[str, int]) -> str:
+    if not counts:
+        return ""
+    return "(" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"
+
+
+def _fitness_pair(fit: dict[str, Any]) -> str | None:
+    before, after = fit.get("fitness_before"), fit.get("fitness_after")
+    if before is None and after is None:
+        return None
+    return f"{_num(before, '{:.6g}')} → {_num(after, '{:.6g}')} (before → after the search)"
+
+
+def _parents(derived: Any) -> str | None:
+    if not isinstance(derived, dict):
+        return None
+    names = [p.get("name", p.get("id")) for p in derived.get("parents", [])]
+    return f"{derived.get('method')} of {', '.join(map(str, names))}"
+
+
+def _trace_points(trace: Any) -> list[tuple[float, float]]:
+    """(step, best fitness) of a search trace (nps: by generation; scaled: by evaluation)."""
+    out: list[tuple[float, float]] = []
+    for i, entry in enumerate(trace if isinstance(trace, list) else []):
+        if isinstance(entry, dict) and isinstance(entry.get("best_fitness"), int | float):
+            step = entry.get("generation", entry.get("evaluation", i))
+            if isinstance(step, int | float):
+                out.append((float(step), float(entry["best_fitness"])))
+    return out
+
+
+def _summary(c: Checkpoint) -> str:
+    parts = [f"{c.name} {c.state}: {_size(c.original_bytes)} → {_size(c.stored_bytes)} stored"]
+    if c.ratio is not None:
+        parts.append(f"({c.ratio:.1f}×, {_num(c.bits_per_param, '{:.3f}')} bits/param)")
+    if c.fidelity is not None:
+        parts.append(f"fidelity {c.fidelity:.4f}")
+    if c.search_seconds is not None:
+        parts.append(f"search {c.search_seconds:.1f} s")
+    return " ".join(parts)
+
+
+def _push_line(report: PushReport) -> str:
+    sent = f"{len(report.sent)} file(s) sent ({_size(report.bytes_sent)})"
+    skipped = f", {len(report.skipped)} already stored" if report.skipped else ""
+    speed = ""
+    if report.bytes_sent and report.seconds > 0:
+        speed = f" in {report.seconds:.1f} s ({_size(int(report.bytes_sent / report.seconds))}/s)"
+    return sent + skipped + speed
+
+
+def _pull_line(ref: str, out_dir: str, report: PullReport) -> str:
+    total = sum(f.size for f in report.files)
+    if report.local:
+        delta = "delta from the cache"
+        if report.delta_bytes:
+            delta = f"delta {_size(report.delta_bytes)} fetched"
+        base = "base from the cache"
+        if report.base_bytes:
+            base = f"base {_size(report.base_bytes)} downloaded"
+        return (
+            f"rebuilt {ref} locally into {out_dir}: {len(report.files)} file(s), "
+            f"{_size(total)} ({delta}, {base}) in {report.seconds:.1f} s"
+        )
+    resumed = sum(1 for f in report.files if f.resumed_from)
+    kept = sum(1 for f in report.files if f.skipped)
+    extra = "".join(
+        [f", {resumed} resumed" if resumed else "", f", {kept} already there" if kept else ""]
+    )
+    return (
+        f"pulled {ref} into {out_dir}: {len(report.files)} file(s), {_size(total)} "
+        f"({_size(report.bytes_received)} received{extra}) in {report.seconds:.1f} s"
+    )
+
+
+def _print_job(job: Job) -> None:
+    p = job.progress
+    lines = [
+        ("job", job.id),
+        ("kind", job.kind),
+        ("checkpoint", job.checkpoint_id),
+        ("state", job.state),
+        ("attempts", f"{job.attempts}/{job.max_attempts}"),
+        ("phase", p.phase),
+        ("generation", f"{p.generation}/{p.generations}" if p.generation is not None else None),
+        ("best fitness", _num(p.best_fitness, "{:.6g}") if p.best_fitness is not None else None),
+        ("evaluations", p.evaluations),
+        ("error", f"[{job.error_code}] {job.error_detail}" if job.error_code else None),
+    ]
+    for key, value in lines:
+        if value is not None:
+            print(f"{key:>12}: {value}")
+
+
+def _usage(message: str) -> Exception:
+    from cli.sdk import BadRequest
+
+    return BadRequest(message, code="usage")
