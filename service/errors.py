@@ -39,6 +39,7 @@ internal_error            500     a bug; the log has the traceback
 unavailable               503     the database is unreachable; retry later
 storage_unavailable       503     the object store is unreachable; retry later
 timeout                   504     the answer did not start within SLIM_REQUEST_TIMEOUT_SECONDS
+storage_full              507     the blob store's disk is full; nothing was stored
 ========================  ======  ==========================================================
 """
 
@@ -144,6 +145,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_key": 400,
     "invalid_path": 400,
     "storage_unavailable": 503,
+    "storage_full": 507,
 }
 
 #: OpenAPI ``responses=`` entries for the error statuses a route can answer.
@@ -199,7 +201,8 @@ def install(app: FastAPI) -> None:
         status = STATUS_BY_CODE.get(exc.code, 500)
         if status >= 500:
             log.error("%s: %s", exc.code, exc)
-        return error_response(exc.code, str(exc), status, RETRY_AFTER if status == 503 else None)
+        retry = RETRY_AFTER if status in (503, 507) else None
+        return error_response(exc.code, str(exc), status, retry)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:

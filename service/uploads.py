@@ -94,6 +94,8 @@ class HeaderCheck:
             if self.header is None:
                 head += chunk
                 if need is None and len(head) >= 8:
+                    if len(head) > 8:  # a zip or a pickle is "not safetensors", whatever
+                        opened = _check_opening(head, None)  # its first 8 bytes declare
                     need = 8 + self._header_len(bytes(head[:8]))
                 if not opened:
                     opened = _check_opening(head, need)

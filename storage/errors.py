@@ -13,6 +13,7 @@ HTTP status and puts in its ``{"code", "detail"}`` body; the message says what t
     ├── InvalidPath              invalid_path    400
     ├── IntegrityError           integrity_error 500 (stored bytes do not match their hash)
     └── StorageUnavailable       storage_unavailable 503 (object store unreachable; retry later)
+        └── StorageFull          storage_full    507 (no space left on the blob store's disk)
 """
 
 from __future__ import annotations
@@ -86,3 +87,12 @@ class StorageUnavailable(StorageError):
     """The object store could not be reached after retrying; try again later."""
 
     code = "storage_unavailable"
+
+
+class StorageFull(StorageUnavailable):
+    """The blob store's disk is full: nothing was stored; free space (or GC), then retry.
+
+    A subclass of :class:`StorageUnavailable`, so workers treat it as transient (the job is
+    given back and retried)."""
+
+    code = "storage_full"

@@ -8,9 +8,11 @@ does not exist.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from storage.blob_common import (
     download_to_file,
     iter_file,
 )
-from storage.errors import BlobNotFound
+from storage.errors import BlobNotFound, StorageFull
 
 
 class LocalBlobStore:
@@ -54,7 +56,7 @@ class LocalBlobStore:
         tmp = self.root / TMP_PREFIX / f"{uuid.uuid4().hex}.part"
         hasher = CappedHasher(max_bytes)
         try:
-            with tmp.open("xb") as f:
+            with _space_errors(), tmp.open("xb") as f:
                 for chunk in chunks:
                     hasher.update(chunk)
                     f.write(chunk)
@@ -67,7 +69,8 @@ class LocalBlobStore:
                 # that listed it as old and unreferenced skips it (see storage.gc).
                 os.utime(final)
             else:
-                final.parent.mkdir(parents=True, exist_ok=True)
+                with _space_errors():
+                    final.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(tmp, 0o444)
                 os.replace(tmp, final)
                 _fsync_dir(final.parent)
@@ -142,6 +145,20 @@ class LocalBlobStore:
     def cleanup_incomplete(self, older_than: datetime) -> int:
         """Nothing to do: unfinished uploads are files under ``tmp/`` that GC lists itself."""
         return 0
+
+
+@contextmanager
+def _space_errors() -> Iterator[None]:
+    """Turn "no space left" (ENOSPC, EDQUOT) into :class:`StorageFull`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(
+                "the blob store's disk is full; nothing was stored — free space (e.g. "
+                "`slim gc`) or grow the volume, then send the file again"
+            ) from exc
+        raise
 
 
 def _read_range(path: Path, key: str, start: int, end: int | None) -> Iterator[bytes]:
