@@ -7,12 +7,12 @@ import json
 import sys
 from typing import Any
 
-from core.compress import VALUE_BITS, compress
-from core.evaluate import EVAL_KINDS
-from core.merge import MERGE_METHODS, merge
-from core.methods import REGISTRY
-from core.reconstruct import reconstruct
-from core.summary import describe
+# Choices are spelled out here so `slim --help` and client verbs start without importing torch;
+# tests/core/test_cli_offline.py checks they match the core's registries.
+METHODS = ("nps", "nps-seeded", "magnitude", "magnitude-scaled", "dare", "lossless")
+VALUE_BITS = (32, 16, 8, 4, 3, 2, 1)
+EVAL_KINDS = ("fidelity", "accuracy", "weights")
+MERGE_METHODS = ("task_arithmetic", "ties")
 
 HEADLINE = (
     "method",
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("base_dir")
     p.add_argument("finetuned_dir")
     p.add_argument("-o", "--output", required=True, help="delta file to write")
-    p.add_argument("--method", default="nps", choices=[*REGISTRY, "auto"])
+    p.add_argument("--method", default="nps", choices=[*METHODS, "auto"])
     p.add_argument("--keep", type=float, default=0.01, help="keep ratio r (default 0.01)")
     p.add_argument("--value-bits", type=int, default=16, choices=VALUE_BITS)
     p.add_argument(
@@ -117,6 +117,8 @@ def _progress_printer(enabled: bool) -> Any:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from core.compress import compress
+
     evaluation = args.evaluation or ("fidelity" if args.calibration else "weights")
     kwargs: dict[str, Any] = dict(
         keep=args.keep,
@@ -148,6 +150,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from core.reconstruct import reconstruct
+
     paths = reconstruct(args.base_dir, args.delta, args.output, scale=args.scale)
     for p in paths:
         print(p)
@@ -155,6 +159,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from core.merge import merge
+
     result = merge(
         args.base_dir,
         args.deltas,
@@ -175,6 +181,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from core.summary import describe
+
     _print(describe(args.delta), args.json)
     return 0
 

@@ -171,3 +171,22 @@ def test_unknown_format_version_cli(tmp_path: Path) -> None:
     proc = _run("inspect", str(case.path))
     assert proc.returncode == 2 and "[unsupported_format_version]" in proc.stderr
     assert "upgrade" in proc.stderr
+
+
+def test_cli_choices_match_the_core_registries() -> None:
+    from cli import offline
+    from core.compress import VALUE_BITS
+    from core.evaluate import EVAL_KINDS
+    from core.merge import MERGE_METHODS
+    from core.methods import REGISTRY
+
+    assert set(offline.METHODS) == set(REGISTRY)
+    assert tuple(offline.VALUE_BITS) == tuple(VALUE_BITS)
+    assert tuple(offline.EVAL_KINDS) == tuple(EVAL_KINDS)
+    assert tuple(offline.MERGE_METHODS) == tuple(MERGE_METHODS)
+
+
+def test_parser_builds_without_importing_torch() -> None:
+    code = "import sys, cli.main; cli.main.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
