@@ -1,12 +1,17 @@
 """``auto``: the smallest stored encoding whose fidelity stays above a floor.
 
 Candidates (method, keep ratio, value bits) are ordered by their estimated stored bits per
-parameter. Each is scored without writing anything — cheap methods with one evaluation, the
-``nps-seeded`` search with a short budget — and judged on the **held-out** part of the
-calibration data (never the part a search fitted), relative to the original fine-tune. The
-first candidate at or above ``min_fidelity`` is encoded for real and measured again; if the
-stored encoding misses the floor the next candidate is tried. ``lossless`` closes the ladder,
-so auto always succeeds. The trail of everything tried is recorded in the delta.
+parameter and scored without writing anything, relative to the original fine-tune:
+
+1. the unsearched method (DARE, one evaluation each) is screened cheapest first until one
+   meets ``min_fidelity`` — an upper bound on what auto will store;
+2. the searched method (``nps-seeded``, a short search each) is tried on the candidates below
+   that bound, from the largest down, keeping the smallest that passes and stopping after two
+   misses in a row.
+
+A searched candidate is judged on the **held-out** part of the calibration data only (never
+the part its search fitted); an unsearched one on all of it. The winner is encoded for real;
+``lossless`` is the fallback, so auto always succeeds. The trail is recorded in the delta.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class Candidate:
 
 
 def ladder(
-    methods: tuple[str, ...] = ("dare", "nps-seeded", "magnitude-scaled"),
+    methods: tuple[str, ...] = ("dare", "nps-seeded"),
 ) -> list[Candidate]:
     """Every candidate, cheapest first (ties: the method order given)."""
     cands = [Candidate(m, k, b) for m in methods for k in KEEPS for b in BITS]
@@ -95,7 +100,7 @@ def auto_compress(
     options: dict[str, Any] | None = None,
     device: str | None = None,
     progress: Progress | None = None,
-    methods: tuple[str, ...] = ("dare", "nps-seeded", "magnitude-scaled"),
+    methods: tuple[str, ...] = ("dare", "nps-seeded"),
     generations: int = 8,
     evaluator: Evaluator | None = None,
     **_: Any,
@@ -126,13 +131,14 @@ def auto_compress(
         parts = ev.parts
         reference = {p: ev.run(p) for p in parts}
         ws.load_taus()
-        cands = [
+        pinned = [
             c
             for c in ladder(methods)
             if (keep is None or c.keep == keep)
             and (value_bits is None or c.value_bits == value_bits)
         ]
-        for i, cand in enumerate(cands):
+
+        def judge(cand: Candidate) -> bool:
             search, hold, n_eval = _score_candidate(ws, cand, ev, seed, generations)
             fid = relative_fidelity(evaluation, hold, reference[parts[-1]])
             if not make_method(cand.method, keep=cand.keep).searches and len(parts) > 1:
@@ -148,22 +154,45 @@ def auto_compress(
                 "fidelity_holdout": fid,
                 "fitness": search.fitness,
                 "evaluations": n_eval,
+                "passed": fid >= min_fidelity,
             }
             trail.append(step)
             if progress is not None:
                 progress(
                     {
                         "phase": "auto",
-                        "generation": i + 1,
-                        "generations": len(cands),
+                        "generation": len(trail),
                         "best_fitness": fid,
                         "candidate": step,
                     }
                 )
-            if fid >= min_fidelity:
+            return fid >= min_fidelity
+
+        # 1. screen the unsearched methods, cheapest first, until one meets the floor
+        cand: Candidate | None = None
+        for c in (c for c in pinned if not make_method(c.method, keep=c.keep).searches):
+            if judge(c):
+                cand = c
                 break
-        else:
-            cand = None
+        # 2. searched methods below that bound, from just under it downwards: keep the smallest
+        #    that passes, stop after two misses in a row (smaller budgets only get harder)
+        bound = cand.estimated_bits if cand is not None else math.inf
+        below = sorted(
+            (
+                c
+                for c in pinned
+                if make_method(c.method, keep=c.keep).searches and c.estimated_bits < bound
+            ),
+            key=lambda c: -c.estimated_bits,
+        )
+        misses = 0
+        for c in below:
+            if judge(c):
+                cand, misses = c, 0
+            else:
+                misses += 1
+                if misses >= 2:
+                    break
     chosen: CompressResult | None = None
     if cand is not None:
         opts: dict[str, Any] = {"generations": generations} if cand.method == "nps-seeded" else {}

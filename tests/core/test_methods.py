@@ -234,9 +234,21 @@ def test_auto_finds_a_small_encoding_above_the_floor(
     with DeltaReader(tmp_path / "a.slim") as reader:
         trail = reader.doc.method["auto"]["trail"]
     tried = [s for s in trail if "fidelity_holdout" in s]
-    assert tried and tried[-1]["fidelity_holdout"] >= 0.9
-    assert all(s["fidelity_holdout"] < 0.9 for s in tried[:-1])
-    assert trail[-1]["encoded"] == tried[-1]["method"]
+    passed = [s for s in tried if s["passed"]]
+    assert passed and all(s["fidelity_holdout"] >= 0.9 for s in passed)
+    assert all(s["fidelity_holdout"] < 0.9 for s in tried if not s["passed"])
+    chosen = trail[-1]
+    smallest = min(passed, key=lambda s: s["estimated_bits"])
+    assert (chosen["encoded"], chosen["keep"], chosen["value_bits"]) == (
+        smallest["method"],
+        smallest["keep"],
+        smallest["value_bits"],
+    )
+    # the DARE screen stops at its first pass; searches only run below that bound
+    screen = [s for s in tried if s["method"] == "dare"]
+    assert not any(s["passed"] for s in screen[:-1])
+    bound = screen[-1]["estimated_bits"] if screen[-1]["passed"] else float("inf")
+    assert all(s["estimated_bits"] < bound for s in tried if s["method"] == "nps-seeded")
     lossless = compress(
         tiny_models["base"], tiny_models["ft"], tmp_path / "l.slim", method="lossless"
     )
