@@ -20,7 +20,7 @@ from core.checkpoint import CheckpointDir, check_relpath
 from core.constants import CHUNK_SIZE, DTYPES, MAX_HEADER_BYTES
 from core.delta_format import DeltaReader, FileEntry, FrameSource, TensorEntry
 from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafetensors
-from core.safetensors_io import Header, bytes_to_tensor, parse_header, tensor_to_bytes
+from core.safetensors_io import Header, bytes_to_tensor, parse_header, tensor_to_bytes, tensor_view
 from core.tensor_codec import decode_sparse
 
 
@@ -40,8 +40,9 @@ def _base_tensor(base: CheckpointDir, entry: TensorEntry) -> torch.Tensor:
 
 def tensor_bytes(
     entry: TensorEntry, reader: FrameSource, base: CheckpointDir, scale: float = 1.0
-) -> bytes:
-    """The bytes of one reconstructed tensor in the fine-tune's dtype."""
+) -> bytes | memoryview:
+    """The bytes of one reconstructed tensor in the fine-tune's dtype (a view, not a copy,
+    where the tensor was built in memory)."""
     if entry.dtype not in DTYPES:
         raise InvalidDelta(f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}")
     itemsize, dtype = DTYPES[entry.dtype]
@@ -52,7 +53,7 @@ def tensor_bytes(
         return codec.zstd_decompress(reader.frame(entry.frame), nbytes)
     base_t = _base_tensor(base, entry)  # (numel,) in the base's dtype
     if entry.kind == "same":
-        return tensor_to_bytes(base_t.to(dtype))
+        return tensor_view(base_t.to(dtype))
     if entry.kind == "lossless":
         if entry.frame is None or base_t.dtype != dtype:
             raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
@@ -61,7 +62,7 @@ def tensor_bytes(
             return exact
         ft = bytes_to_tensor(exact, entry.dtype, (entry.numel,)).to(torch.float32)
         b = base_t.to(torch.float32)
-        return tensor_to_bytes((b + scale * (ft - b)).to(dtype))
+        return tensor_view((b + scale * (ft - b)).to(dtype))
     if entry.kind != "sparse":
         raise InvalidDelta(f"tensor {entry.name!r} has unknown kind {entry.kind!r}")
     positions, values = decode_sparse(entry, reader)
@@ -73,12 +74,12 @@ def tensor_bytes(
         full = base_t.to(torch.float32)
         full[idx] += scale * values
         out = full.to(dtype)
-    return tensor_to_bytes(out)
+    return tensor_view(out)
 
 
 def iter_file(
     reader: DeltaReader, base: CheckpointDir, file: FileEntry, scale: float = 1.0
-) -> Iterator[bytes]:
+) -> Iterator[bytes | memoryview]:
     """Stream one reconstructed file: header bytes, then each tensor's bytes in file order."""
     if file.role == "aux":
         if file.base_path is not None:

@@ -250,9 +250,19 @@ def bytes_to_tensor(
     torch_dtype = DTYPES[dtype][1]
     if len(buf) == 0:
         return torch.empty(shape, dtype=torch_dtype)
-    if isinstance(buf, bytes):
-        buf = bytearray(buf)
+    if isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly):
+        buf = bytearray(buf)  # torch wants a writable buffer
     return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
+
+
+def tensor_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a tensor without copying them when it is a contiguous CPU tensor."""
+    t = t.detach()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:

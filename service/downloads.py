@@ -83,10 +83,11 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     return ByteRange(start, end, size)
 
 
-def _slices(data: bytes | bytearray | memoryview) -> Iterator[bytes]:
+def _slices(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+    """CHUNK_SIZE views of ``data`` (no copies: the server writes memoryviews as they are)."""
     view = memoryview(data)
     for i in range(0, len(view), CHUNK_SIZE):
-        yield bytes(view[i : i + CHUNK_SIZE])
+        yield view[i : i + CHUNK_SIZE]
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Reconstruction:
             self.reader.close()
             self.base.close()
 
-    def chunks(self, byte_range: ByteRange | None) -> Iterator[bytes]:
+    def chunks(self, byte_range: ByteRange | None) -> Iterator[bytes | memoryview]:
         """The file's bytes (or one range of them), closing the files when done."""
         try:
             if byte_range is None:
@@ -126,7 +127,7 @@ class Reconstruction:
         finally:
             self.close()
 
-    def _iter(self, start: int, end: int) -> Iterator[bytes]:
+    def _iter(self, start: int, end: int) -> Iterator[bytes | memoryview]:
         if self.file.role == "aux":
             yield from _skip(iter_file(self.reader, self.base, self.file, self.scale), start, end)
             return
@@ -149,14 +150,14 @@ class Reconstruction:
             yield from _slices(memoryview(data)[max(start - lo, 0) : min(end, hi) - lo])
             del data
 
-    def _verified(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    def _verified(self, chunks: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
         """Pass chunks through, hashing them; hold the last one back until the hash checks."""
         want = expected_sha256(self.file, self.scale)
         if want is None:
             yield from chunks
             return
         h = hashlib.sha256()
-        held: bytes | None = None
+        held: bytes | memoryview | None = None
         for chunk in chunks:
             h.update(chunk)
             if held is not None:
@@ -177,7 +178,9 @@ class Reconstruction:
             yield held
 
 
-def _skip(chunks: Iterator[bytes], start: int, end: int) -> Iterator[bytes]:
+def _skip(
+    chunks: Iterator[bytes | memoryview], start: int, end: int
+) -> Iterator[bytes | memoryview]:
     pos = 0
     for chunk in chunks:
         lo, hi = pos, pos + len(chunk)
