@@ -6,6 +6,14 @@ import argparse
 import importlib
 import sys
 
+#: subcommand -> module under bench/
+MODULES = {
+    "throughput": "throughput",
+    "load": "load",
+    "faults": "faults",
+    "calibration": "calibration_size",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
@@ -16,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--calibration", type=int, default=384, help="validation examples for the fitness"
     )
-    for name in ("throughput", "load", "faults"):
+    for name, module_name in MODULES.items():
         try:
-            module = importlib.import_module(f"bench.{name}")
+            module = importlib.import_module(f"bench.{module_name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"bench.{name}":
+            if exc.name != f"bench.{module_name}":
                 raise
             continue
         module.add_arguments(
@@ -32,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run(args.quick, args.tasks, n_cal=args.calibration)
         return 0
-    module = importlib.import_module(f"bench.{args.name}")
+    module = importlib.import_module(f"bench.{MODULES[args.name]}")
     return int(module.main(args) or 0)
 
 
