@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one task, fewer points, one seed")
     p.add_argument("--tasks", nargs="+", default=None, choices=["rotten_tomatoes", "tweets"])
     p.add_argument(
-        "--calibration", type=int, default=384, help="validation examples for the fitness"
+        "--calibration", type=int, default=192, help="validation examples for the fitness"
     )
     for name, module_name in MODULES.items():
         try:

@@ -35,7 +35,9 @@ class LlamaShape:
 
     @property
     def num_params(self) -> int:
-        per_layer = 4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        per_layer = (
+            4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        )
         return 2 * self.vocab * self.hidden + self.layers * per_layer + self.hidden
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -44,11 +46,15 @@ class LlamaShape:
         for n in range(self.layers):
             p = f"model.layers.{n}."
             out += [
-                (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (h, h)),
-                (p + "self_attn.v_proj.weight", (h, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.k_proj.weight", (h, h)),
+                (p + "self_attn.v_proj.weight", (h, h)),
+                (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (i, h)),
+                (p + "mlp.up_proj.weight", (i, h)),
                 (p + "mlp.down_proj.weight", (h, i)),
-                (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "input_layernorm.weight", (h,)),
+                (p + "post_attention_layernorm.weight", (h,)),
             ]
         out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
         return out
@@ -98,9 +104,13 @@ def write_config(directory: Path, shape: LlamaShape) -> None:
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
-        hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab, tie_word_embeddings=False,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=shape.vocab,
+        tie_word_embeddings=False,
         torch_dtype="bfloat16",
     )
     cfg.architectures = ["LlamaForCausalLM"]
@@ -124,7 +134,11 @@ def finetune_tensor(name: str, shp: tuple[int, ...], index: int, seed: int = 0) 
     low = torch.randn(rows, 8, generator=g) @ torch.randn(8, cols, generator=g)
     sparse = torch.randn(shp, generator=g) * (torch.rand(shp, generator=g) < 1e-3)
     noise = torch.randn(shp, generator=g)
-    tau = low / low.norm() * 0.6 + sparse / max(float(sparse.norm()), 1e-12) * 0.3 + noise / noise.norm() * 0.1
+    tau = (
+        low / low.norm() * 0.6
+        + sparse / max(float(sparse.norm()), 1e-12) * 0.3
+        + noise / noise.norm() * 0.1
+    )
     tau = tau / tau.norm() * 0.01 * base.norm()
     return (base + tau).to(torch.bfloat16)
 

@@ -68,9 +68,9 @@ class NpsSeeded(Method):
         rate_bound: float = math.log(8.0),
         scale_bound: float = math.log(4.0),
         sigma0: float = 0.5,
-        generations: int = 15,
+        generations: int = 12,
         popsize: int | None = None,
-        seed_trials: int = 4,
+        seed_trials: int = 2,
     ) -> None:
         if subspaces not in SUBSPACE_KINDS:
             raise InvalidArgument(f"subspaces must be one of {SUBSPACE_KINDS}")
