@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--calibration", type=int, default=192, help="validation examples for the fitness"
     )
+    p.add_argument("--fresh", action="store_true", help="measure every row again (default: resume)")
     for name, module_name in MODULES.items():
         try:
             module = importlib.import_module(f"bench.{module_name}")
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "fidelity":
         from bench.fidelity import run
 
-        run(args.quick, args.tasks, n_cal=args.calibration)
+        run(args.quick, args.tasks, n_cal=args.calibration, fresh=args.fresh)
         return 0
     module = importlib.import_module(f"bench.{MODULES[args.name]}")
     return int(module.main(args) or 0)

@@ -907,7 +907,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    write_results(outcomes, cfg, args.out, time.monotonic() - started)
+    write_results(outcomes, cfg, args.out, time.monotonic() - started, merge=args.only is not None)
     return 0 if all(_passed(o) for o in outcomes) else 1
 
 
@@ -916,34 +916,51 @@ def _passed(o: Outcome) -> bool:
     return o.skipped is None and s["successes"] == s["trials"] and s["lost"] == 0
 
 
-def write_results(outcomes: list[Outcome], cfg: Config, out: Path, seconds: float) -> None:
+def write_results(
+    outcomes: list[Outcome], cfg: Config, out: Path, seconds: float, *, merge: bool = False
+) -> None:
+    """Write ``faults.{json,md}``; with ``merge``, scenarios not run now keep their old rows."""
     out.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    rows = {}
+    trials = {}
+    old_path = out / "faults.json"
+    if merge and old_path.exists():
+        old = json.loads(old_path.read_text())
+        rows = {r["scenario"]: r for r in old.get("scenarios", [])}
+        trials = dict(old.get("trials", {}))
+    for o in outcomes:
+        rows[o.name] = {**o.summary(), "when": now, "config": asdict(cfg)}
+        trials[o.name] = [asdict(t) for t in o.trials]
+    ordered = [rows[name] for name in SCENARIOS if name in rows]
     doc = {
         "benchmark": "faults",
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "when": now,
         "machine": f"{platform.machine()} {platform.system()}, python {platform.python_version()}",
         "stack": "PostgreSQL 15 + moto S3 server (MinIO stand-in); slim serve / slim worker "
         "as child processes",
         "config": asdict(cfg),
-        "total_seconds": round(seconds, 1),
-        "scenarios": [o.summary() for o in outcomes],
-        "trials": {o.name: [asdict(t) for t in o.trials] for o in outcomes},
+        "last_run_seconds": round(seconds, 1),
+        "scenarios": ordered,
+        "trials": trials,
     }
     (out / "faults.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    runs = sorted({r.get("when", now)[:16] for r in ordered})
     lines = [
         "# Fault benchmark",
         "",
-        f"`python -m bench faults --trials {cfg.trials}` — {doc['when']}, {doc['machine']}; "
-        f"{doc['stack']}; {seconds / 60:.1f} min in all.",
+        f"`python -m bench faults --trials {cfg.trials}` on {doc['machine']}; {doc['stack']}. "
+        f"Run{'s' if len(runs) > 1 else ''}: {', '.join(runs)} (UTC).",
         "",
         "| fault | trials | successes | lost | notes |",
         "|---|---:|---:|---:|---|",
     ]
-    for o in outcomes:
-        s = o.summary()
-        note = "; ".join(o.notes) if not o.skipped else f"skipped: {o.skipped}"
-        if s["failures"]:
-            note += " — failures: " + " | ".join(s["failures"][:3])
-        lines.append(f"| {o.name} | {s['trials']} | {s['successes']} | {s['lost']} | {note} |")
+    for r in ordered:
+        note = "; ".join(r["notes"]) if not r.get("skipped") else f"skipped: {r['skipped']}"
+        if r["failures"]:
+            note += " — failures: " + " | ".join(r["failures"][:3])
+        lines.append(
+            f"| {r['scenario']} | {r['trials']} | {r['successes']} | {r['lost']} | {note} |"
+        )
     lines += ["", "What each fault checks is in the docstring of `bench/faults.py`.", ""]
     (out / "faults.md").write_text("\n".join(lines))

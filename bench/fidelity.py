@@ -122,6 +122,13 @@ class Row:
     search_seconds: float
     evaluations: int
     notes: list[str] = field(default_factory=list)
+    grid_point: str = ""
+
+
+def grid_point(series: Series, keep: float, bits: int, seed: int) -> str:
+    """The key of one grid point (what was asked, not what auto chose), for resuming runs."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(series.options.items()))
+    return f"{series.label}|{series.method}|{series.evaluation}|{opts}|{keep}|{bits}|{seed}"
 
 
 class TestHarness:
@@ -161,8 +168,17 @@ def calibration(task_name: str, n: int, labels: bool) -> list[CalExample]:
 
 
 def run_task(
-    task_name: str, grid: list[Series], *, n_cal: int, workdir: Path, log: Any, save: Any = None
+    task_name: str,
+    grid: list[Series],
+    *,
+    n_cal: int,
+    workdir: Path,
+    log: Any,
+    save: Any = None,
+    earlier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Run the grid on one task. ``earlier`` is this task's result from an interrupted run:
+    its rows are reused when the fine-tune recipe and the calibration size are the same."""
     torch.set_num_threads(2)
     task = load_task(task_name)
     recipe = full_recipe(task_name)
@@ -185,10 +201,22 @@ def run_task(
         "recipe": read_marker(ft_dir),
         "rows": [],
     }
+    reusable: dict[str, dict[str, Any]] = {}
+    if (
+        earlier
+        and earlier.get("recipe") == summary["recipe"]
+        and earlier.get("calibration_examples") == n_cal
+    ):
+        reusable = {r["grid_point"]: r for r in earlier.get("rows", []) if r.get("grid_point")}
     for series in grid:
         for keep in series.keeps:
             for bits in series.bits:
                 for seed in series.seeds:
+                    point = grid_point(series, keep, bits, seed)
+                    if point in reusable:
+                        summary["rows"].append(reusable[point])
+                        log(f"[{task_name}] {point}: reused from the earlier run")
+                        continue
                     ev = None
                     if series.evaluation != "weights":
                         if series.evaluation not in evaluators:
@@ -249,6 +277,7 @@ def run_task(
                         search_seconds=res.search_seconds,
                         evaluations=res.evaluations,
                         notes=res.notes,
+                        grid_point=point,
                     )
                     rows.append(row)
                     log(
@@ -276,8 +305,14 @@ def machine_note() -> dict[str, Any]:
 
 
 def run(
-    quick: bool, tasks: list[str] | None, out_dir: Path = RESULTS, n_cal: int = 192
+    quick: bool,
+    tasks: list[str] | None,
+    out_dir: Path = RESULTS,
+    n_cal: int = 192,
+    fresh: bool = False,
 ) -> dict[str, Any]:
+    """Run the grid; rows an interrupted earlier run already measured are reused unless
+    ``fresh``."""
     grid = quick_grid() if quick else full_grid()
     tasks = tasks or (["rotten_tomatoes"] if quick else ["rotten_tomatoes", "tweets"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,6 +335,7 @@ def run(
             logf.flush()
 
         previous = _previous(out_dir, quick, tasks)
+        earlier = {} if fresh else _earlier(out_dir, quick)
         for task in tasks:
 
             def save(partial: dict[str, Any]) -> None:
@@ -309,11 +345,29 @@ def run(
                 )
 
             results["tasks"].append(
-                run_task(task, grid, n_cal=n_cal, workdir=Path(tmp), log=log, save=save)
+                run_task(
+                    task,
+                    grid,
+                    n_cal=n_cal,
+                    workdir=Path(tmp),
+                    log=log,
+                    save=save,
+                    earlier=earlier.get(task),
+                )
             )
             results["seconds"] = time.time() - t0
             write_outputs(dict(results, tasks=previous + results["tasks"]), out_dir, quick)
     return results
+
+
+def _earlier(out_dir: Path, quick: bool) -> dict[str, dict[str, Any]]:
+    """Each task's result in the committed output, keyed by task."""
+    path = out_dir / ("fidelity-quick.json" if quick else "fidelity.json")
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {t["task"]: t for t in old.get("tasks", []) if "task" in t}
 
 
 def _previous(out_dir: Path, quick: bool, tasks: list[str]) -> list[dict[str, Any]]:

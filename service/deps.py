@@ -8,10 +8,12 @@ route passes to every repository call — rows of other namespaces answer 404.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from service.auth import CallerDep
@@ -19,6 +21,8 @@ from service.runtime import Runtime
 from service.settings import Settings
 from storage.blobstore import BlobStore
 from worker.txn import begin_write
+
+log = logging.getLogger("slim.service")
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -32,11 +36,20 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 def get_session(request: Request, runtime: RuntimeDep) -> Iterator[Session]:
     """A session per request; routes commit what they change, the rest is rolled back.
 
-    Requests that may write begin with a write transaction (see :mod:`worker.txn`)."""
-    with runtime.sessions() as session:
+    Requests that may write begin with a write transaction (see :mod:`worker.txn`). Closing
+    runs after the answer has been decided (often sent): if the database went away meanwhile,
+    the rollback of a dead connection fails — that changes nothing stored, so it is logged and
+    swallowed instead of breaking an answer already on its way."""
+    session = runtime.sessions()
+    try:
         if request.method not in ("GET", "HEAD"):
             begin_write(session)
         yield session
+    finally:
+        try:
+            session.close()
+        except DBAPIError as exc:
+            log.info("closing a request's session failed (database gone?): %s", exc.orig)
 
 
 def get_settings(runtime: RuntimeDep) -> Settings:

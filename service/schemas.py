@@ -33,6 +33,9 @@ Name = Field(
 
 # -- files -----------------------------------------------------------------------------------
 
+#: The largest page offset a list route takes (a bound every database column can hold).
+MAX_OFFSET = 1_000_000_000
+
 
 class FilePublic(BaseModel):
     """One file of a base or checkpoint as uploaded (its sha256 lets a client resume a push)."""

@@ -9,7 +9,7 @@ from service.deps import NamespaceDep, RuntimeDep, SessionDep, SettingsDep, Stor
 from service.downloads import blob_chunks
 from service.errors import errors
 from service.routes.files import FILE_ANSWER, RAW_BODY, file_response, upload
-from service.schemas import BaseCreate, BasePublic, BasesPublic, FilePublic, FilesPublic
+from service.schemas import MAX_OFFSET, BaseCreate, BasePublic, BasesPublic, FilePublic, FilesPublic
 from service.uploads import clean_path
 from storage import repo
 from storage.blob_common import sha256_of_key
@@ -31,7 +31,7 @@ def list_bases(
     session: SessionDep,
     namespace: NamespaceDep,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> BasesPublic:
     """Bases of the namespace, oldest first."""
     rows = repo.list_bases(session, namespace=namespace, limit=limit, offset=offset)

@@ -13,6 +13,7 @@ from service.downloads import ByteRange, blob_chunks, open_reconstruction
 from service.errors import NotReady, errors
 from service.routes.files import FILE_ANSWER, RAW_BODY, file_response, upload
 from service.schemas import (
+    MAX_OFFSET,
     CheckpointCreate,
     CheckpointPublic,
     CheckpointsPublic,
@@ -46,7 +47,7 @@ def list_checkpoints(
     base_id: str | None = None,
     state: CheckpointState | None = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> CheckpointsPublic:
     """Checkpoints of the namespace, oldest first (without search traces)."""
     rows = repo.list_checkpoints(

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query
 from service import operations
 from service.deps import NamespaceDep, SessionDep, SettingsDep
 from service.errors import errors
-from service.schemas import JobPublic, JobsPublic, MergeCreate
+from service.schemas import MAX_OFFSET, JobPublic, JobsPublic, MergeCreate
 from storage.models import JobState
 
 router = APIRouter(tags=["jobs"])
@@ -20,7 +20,7 @@ def list_jobs(
     state: JobState | None = None,
     checkpoint_id: str | None = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> JobsPublic:
     """Jobs, newest first, optionally of one state or checkpoint."""
     rows = operations.list_jobs(

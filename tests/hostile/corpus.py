@@ -60,14 +60,16 @@ HOSTILE_LIMITS = {
     "max_json_body_bytes": 64 * 1024,
 }
 
-#: How the service answers the parser cases whose stream ends early: ``truncated`` (a short
-#: body is an interrupted upload, worth sending again) instead of ``invalid_safetensors``.
+#: How the service answers parser cases differently from the core: a body that ends early is
+#: ``truncated`` (an interrupted upload, worth sending again), and a declared header length no
+#: safetensors file could have is ``invalid_safetensors`` (not a size-limit problem).
 SERVICE_CODES = {
+    "header_bomb": "invalid_safetensors",  # a 2**40-byte header: not safetensors at all
+    "length_max_u64": "invalid_safetensors",
     "empty_file": "truncated",
     "seven_bytes": "truncated",
     "length_only": "truncated",
     "length_bigger_than_file": "truncated",
-    "truncated_json": "truncated",
     "truncated_data": "truncated",
     "offsets_past_end": "truncated",
 }

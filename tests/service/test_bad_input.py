@@ -276,6 +276,14 @@ def test_unknown_routes_and_ids(stack: Stack) -> None:
     assert json.loads(r.text)["detail"]
 
 
+@pytest.mark.parametrize("route", ["/v1/bases", "/v1/checkpoints", "/v1/jobs"])
+def test_page_offsets_are_bounded(stack: Stack, route: str) -> None:
+    # An offset past what a database integer holds is a 422, not a driver overflow (a 500).
+    r = stack.client.get(route, params={"offset": str(2**64)})
+    assert r.status_code == 422 and r.json()["code"] == "validation_error"
+    assert stack.client.get(route, params={"offset": "1000"}).status_code == 200
+
+
 def test_client_gone_mid_upload_leaves_nothing(stack: Stack, open_ckpt: dict) -> None:
     import socket
     import time

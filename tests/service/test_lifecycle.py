@@ -7,7 +7,6 @@ import logging
 import os
 from pathlib import Path
 
-import httpx
 import pytest
 
 from core.checkpoint import sha256_file
@@ -172,18 +171,21 @@ def test_corrupted_base_aborts_the_download(
         data[-5] ^= 0xFF  # one byte of the last base tensor
         blob.write_bytes(bytes(data))
         url = f"/v1/checkpoints/{ckpt['id']}/files/model.safetensors"
-        size = (models.finetune / "model.safetensors").stat().st_size
-        with (
-            caplog.at_level(logging.ERROR, logger="slim.service"),
-            pytest.raises(httpx.HTTPError),
-            stack.client.stream("GET", url) as r,
-        ):
-            received = sum(len(c) for c in r.iter_bytes())
-            assert received < size  # never reached: the stream is cut short
+        with caplog.at_level(logging.ERROR, logger="slim.service"):
+            r = stack.client.get(url)
+        # The base's bytes are checked before the first byte leaves: a clear error, not a
+        # silently wrong model and not a body cut off midway.
+        assert r.status_code == 500 and r.json()["code"] == "integrity_error"
+        assert "slim scrub" in r.json()["detail"]
         assert any("integrity_error" in rec.getMessage() for rec in caplog.records)
-        # A range that avoids the damaged tensor still streams (frames are checked one by one).
         part = stack.client.get(url, headers={"Range": "bytes=0-99"})
-        assert part.status_code == 206 and len(part.content) == 100
+        assert part.status_code == 500 and part.json()["code"] == "integrity_error"
+        # Restoring the blob is all it takes: nothing else was touched.
+        data[-5] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        r = stack.client.get(url)
+        assert r.status_code == 200
+        assert r.content == (models.finetune / "model.safetensors").read_bytes()
 
 
 def test_openapi_documents_every_route(stack: Stack) -> None:
