@@ -214,10 +214,12 @@ def _key_sessions(args: argparse.Namespace) -> Any:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from storage.db import session_factory
     from storage.keys import create_key
+    from worker.txn import begin_write
 
     engine, _ = _key_sessions(args)
     try:
         with session_factory(engine)() as session:
+            begin_write(session)  # SQLite: take the write lock first, beside a running server
             token, row = create_key(
                 session, namespace=args.namespace, role=args.role, name=args.name
             )
@@ -270,10 +272,12 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from storage.db import session_factory
     from storage.keys import revoke_key
+    from worker.txn import begin_write
 
     engine, _ = _key_sessions(args)
     try:
         with session_factory(engine)() as session:
+            begin_write(session)
             row = revoke_key(session, args.key)
             session.commit()
     finally:

@@ -296,6 +296,24 @@ def test_keys_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "[invalid_argument]" in capsys.readouterr().err
 
 
+def test_keys_cli_beside_a_running_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The embedded server keeps its SQLite database open and writes to it; the CLI takes the
+    # write lock up front and waits its turn, and the key works at once.
+    with run_stack("embedded", tmp_path) as s:
+        for i in range(5):
+            assert s.client.post("/v1/bases", json={"name": f"b{i}"}).status_code == 201
+        data = ["--data-dir", str(s.settings.data_dir)]
+        assert slim(["keys", "create", "--namespace", "ml-team", "--role", "read", *data]) == 0
+        key = capsys.readouterr().out.strip()
+        client = s.client_for(key)
+        r = client.get("/v1/bases")
+        assert r.status_code == 200 and r.json()["count"] == 0  # another namespace's view
+        assert slim(["keys", "revoke", prefix_of(key), *data]) == 0
+        assert client.get("/v1/bases").status_code == 401
+
+
 def test_create_key_refuses_weak_given_values(tmp_path: Path) -> None:
     runtime = Runtime.from_settings(Settings(data_dir=tmp_path))
     try:
