@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "fidelity":
         from bench.fidelity import run
 
-        run(args.quick, args.tasks, n_cal=args.calibration, fresh=args.fresh)
+        run(args.quick, args.tasks, n_cal=args.calibration, fresh=args.fresh, series=args.series)
         return 0
     module = importlib.import_module(f"bench.{MODULES[args.name]}")
     return int(module.main(args) or 0)

@@ -50,6 +50,7 @@ class Series:
     seeds: tuple[int, ...] = (0,)
     evaluation: str = "weights"
     options: dict[str, Any] = field(default_factory=dict)
+    only_reuse: bool = False  # keep rows measured earlier, measure nothing new
 
 
 KEEPS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
@@ -217,6 +218,8 @@ def run_task(
                         summary["rows"].append(reusable[point])
                         log(f"[{task_name}] {point}: reused from the earlier run")
                         continue
+                    if series.only_reuse:
+                        continue
                     ev = None
                     if series.evaluation != "weights":
                         if series.evaluation not in evaluators:
@@ -310,17 +313,38 @@ def run(
     out_dir: Path = RESULTS,
     n_cal: int = 192,
     fresh: bool = False,
+    series: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the grid; rows an interrupted earlier run already measured are reused unless
-    ``fresh``."""
+    ``fresh``. ``series`` runs only the series with these labels first (rows of the others
+    already measured are kept; the rest are left for a later run)."""
     grid = quick_grid() if quick else full_grid()
+    if series:
+        unknown = set(series) - {s.label for s in grid}
+        if unknown:
+            raise SystemExit(f"unknown series {sorted(unknown)}; known: {[s.label for s in grid]}")
+        grid = [s for s in grid if s.label in series] + [
+            Series(
+                s.label,
+                s.method,
+                s.keeps,
+                s.bits,
+                s.seeds,
+                s.evaluation,
+                s.options,
+                only_reuse=True,
+            )
+            for s in grid
+            if s.label not in series
+        ]
     tasks = tasks or (["rotten_tomatoes"] if quick else ["rotten_tomatoes", "tweets"])
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results: dict[str, Any] = {
         "command": "python -m bench fidelity"
         + (" --quick" if quick else "")
-        + (f" --tasks {' '.join(tasks)}" if tasks else ""),
+        + (f" --tasks {' '.join(tasks)}" if tasks else "")
+        + ("".join(f" --series '{label}'" for label in series) if series else ""),
         "machine": machine_note(),
         "quick": quick,
         "grid": [asdict(s) for s in grid],

@@ -64,7 +64,9 @@ class PostgresServer:
 
     def __init__(self, admin_url: str) -> None:
         self.admin_url = make_url(admin_url)
-        self.admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        # Pre-ping: a fault test may have restarted PostgreSQL since the last use, which
+        # leaves a pooled connection dead.
+        self.admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
 
     def create(self) -> str:
         name = f"slim_test_{uuid.uuid4().hex[:12]}"

@@ -125,6 +125,20 @@ def counter(client: httpx.Client, method: str, route: str, status: int) -> float
     return 0.0
 
 
+def settled_counter(
+    client: httpx.Client, method: str, route: str, status: int, expected: float
+) -> float:
+    """:func:`counter`, given up to 30 s to reach ``expected``: a request is counted once its
+    answer has gone out, a moment after the client holds the last byte. Returns the value
+    (which may overshoot ``expected``: the caller asserts equality)."""
+    deadline = time.monotonic() + 30
+    while (value := counter(client, method, route, status)) < expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return value
+
+
 CKPT_FILE_ROUTE = "/v1/checkpoints/{checkpoint_id}/files/{path:path}"
 BASE_FILE_ROUTE = "/v1/bases/{base_id}/files/{path:path}"
 
