@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         "--calibration", type=int, default=192, help="validation examples for the fitness"
     )
     p.add_argument("--fresh", action="store_true", help="measure every row again (default: resume)")
+    p.add_argument("--series", nargs="+", default=None, help="run only these series (labels)")
     for name, module_name in MODULES.items():
         try:
             module = importlib.import_module(f"bench.{module_name}")
