@@ -12,15 +12,29 @@ import numpy as np
 import torch
 import zstandard
 
-from core.constants import MAX_FRAME_BYTES, QUANT_BITS, ZSTD_LEVEL
+from core.constants import (
+    MAX_FRAME_BYTES,
+    QUANT_BITS,
+    ZSTD_BULK_BYTES,
+    ZSTD_BULK_LEVEL,
+    ZSTD_LEVEL,
+)
 from core.errors import InvalidArgument, InvalidDelta
 
 # --------------------------------------------------------------------------- zstd
 
 
 def zstd_compress(data: bytes | bytearray | memoryview, level: int = ZSTD_LEVEL) -> bytes:
-    """One zstd frame with its content size recorded (readers check it before inflating)."""
-    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+    """One zstd frame with its content size recorded (readers check it before inflating).
+
+    Bulk frames (over :data:`ZSTD_BULK_BYTES`) use at most :data:`ZSTD_BULK_LEVEL` and all
+    cores; the output is the same whatever the number of cores."""
+    threads = 0
+    if len(data) > ZSTD_BULK_BYTES:
+        level, threads = min(level, ZSTD_BULK_LEVEL), -1
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads).compress(
+        data
+    )
 
 
 def zstd_decompress(frame: bytes | memoryview, expected_size: int) -> bytes:
@@ -386,23 +400,38 @@ def unpack_codes(buf: bytes, n: int, bits: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- lossless
 
-_UINTS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
 
 def encode_xor(
-    ft_raw: bytes | bytearray, base_raw: bytes | bytearray, width: int, level: int = ZSTD_LEVEL
+    ft_raw: bytes | bytearray | memoryview,
+    base_raw: bytes | bytearray | memoryview,
+    width: int,
+    level: int = ZSTD_LEVEL,
 ) -> bytes:
-    """Exact delta: fine-tune bytes XOR base bytes, as byte planes, zstd."""
+    """Exact delta: fine-tune bytes XOR base bytes, as byte planes, zstd.
+
+    The XOR is written straight into its plane (no separate transpose pass)."""
     if len(ft_raw) != len(base_raw) or len(ft_raw) % width:
         raise InvalidArgument("xor coding needs two buffers of equal size")
-    a = np.frombuffer(ft_raw, dtype=_UINTS[width])
-    b = np.frombuffer(base_raw, dtype=_UINTS[width])
-    return zstd_compress(to_planes(np.bitwise_xor(a, b)), level)
+    n = len(ft_raw) // width
+    a = np.frombuffer(ft_raw, dtype=np.uint8).reshape(n, width)
+    b = np.frombuffer(base_raw, dtype=np.uint8).reshape(n, width)
+    planes = np.empty((width, n), dtype=np.uint8)
+    for j in range(width):
+        np.bitwise_xor(a[:, j], b[:, j], out=planes[j])
+    return zstd_compress(planes.tobytes() if n == 0 else planes.data.cast("B"), level)
 
 
-def decode_xor(frame: bytes, base_raw: bytes | bytearray, width: int) -> bytes:
-    """Inverse of :func:`encode_xor`: the fine-tune's exact bytes."""
+def decode_xor(
+    frame: bytes | memoryview, base_raw: bytes | bytearray | memoryview, width: int
+) -> memoryview:
+    """Inverse of :func:`encode_xor`: the fine-tune's exact bytes (a fresh buffer).
+
+    The base is copied once and each plane XORed into its byte column in place."""
     n = len(base_raw) // width
-    x = from_planes(zstd_decompress(frame, len(base_raw)), np.dtype(_UINTS[width]), n)
-    b = np.frombuffer(base_raw, dtype=_UINTS[width])
-    return np.bitwise_xor(x, b).tobytes()
+    planes = np.frombuffer(zstd_decompress(frame, len(base_raw)), dtype=np.uint8)
+    planes = planes.reshape(width, n)
+    out = np.frombuffer(base_raw, dtype=np.uint8).copy()
+    columns = out.reshape(n, width)
+    for j in range(width):
+        columns[:, j] ^= planes[j]
+    return out.data

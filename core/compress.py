@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from core import codec
@@ -33,7 +34,7 @@ from core.evaluate import (
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
 from core.reconstruct import tensor_bytes
-from core.safetensors_io import tensor_to_bytes
+from core.safetensors_io import tensor_to_bytes, tensor_view
 from core.tensor_codec import ValueSpec, decode_sparse, encode_sparse
 from core.workspace import Workspace
 
@@ -373,9 +374,9 @@ def _encode_lossless(
         te.base_name = te.base_dtype = None
         te.frame = writer.add(prefix, codec.zstd_compress(tensor_to_bytes(ft_t), level))
         return
-    ft_bytes = tensor_to_bytes(ft_t)
-    base_bytes = tensor_to_bytes(base_t)
-    if ft_bytes == base_bytes:
+    ft_bytes = tensor_view(ft_t)
+    base_bytes = tensor_view(base_t)
+    if np.array_equal(np.frombuffer(ft_bytes, np.uint8), np.frombuffer(base_bytes, np.uint8)):
         te.kind = "same"
         return
     te.kind = "lossless"

@@ -20,7 +20,7 @@ from core.checkpoint import CheckpointDir, check_relpath
 from core.constants import CHUNK_SIZE, DTYPES, MAX_HEADER_BYTES
 from core.delta_format import DeltaReader, FileEntry, FrameSource, TensorEntry
 from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafetensors
-from core.safetensors_io import Header, bytes_to_tensor, parse_header, tensor_to_bytes, tensor_view
+from core.safetensors_io import Header, bytes_to_tensor, parse_header, tensor_view
 from core.tensor_codec import decode_sparse
 
 
@@ -57,7 +57,7 @@ def tensor_bytes(
     if entry.kind == "lossless":
         if entry.frame is None or base_t.dtype != dtype:
             raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
-        exact = codec.decode_xor(reader.frame(entry.frame), tensor_to_bytes(base_t), itemsize)
+        exact = codec.decode_xor(reader.frame(entry.frame), tensor_view(base_t), itemsize)
         if scale == 1.0:
             return exact
         ft = bytes_to_tensor(exact, entry.dtype, (entry.numel,)).to(torch.float32)
