@@ -209,16 +209,23 @@ def run_task(
         and earlier.get("calibration_examples") == n_cal
     ):
         reusable = {r["grid_point"]: r for r in earlier.get("rows", []) if r.get("grid_point")}
+    # Rows measured before go in first, so a run cut short never loses them.
+    points = [
+        grid_point(series, keep, bits, seed)
+        for series in grid
+        for keep in series.keeps
+        for bits in series.bits
+        for seed in series.seeds
+    ]
+    summary["rows"] = [reusable[p] for p in points if p in reusable]
+    if summary["rows"]:
+        log(f"[{task_name}] {len(summary['rows'])} rows reused from the earlier run")
     for series in grid:
         for keep in series.keeps:
             for bits in series.bits:
                 for seed in series.seeds:
                     point = grid_point(series, keep, bits, seed)
-                    if point in reusable:
-                        summary["rows"].append(reusable[point])
-                        log(f"[{task_name}] {point}: reused from the earlier run")
-                        continue
-                    if series.only_reuse:
+                    if point in reusable or series.only_reuse:
                         continue
                     ev = None
                     if series.evaluation != "weights":
