@@ -12,6 +12,7 @@ MODULES = {
     "load": "load",
     "faults": "faults",
     "calibration": "calibration_size",
+    "capacity": "capacity",
 }
 
 

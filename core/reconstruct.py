@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -99,13 +100,34 @@ def iter_file(
     raw_header, header = weight_header(reader, file)
     yield raw_header
     entries = reader.doc.tensor_map()
+    todo = []
     for name in header.tensors:
         entry = entries.get(name)
         if entry is None:
             raise InvalidDelta(
                 f"weight file {file.path!r} names a tensor the delta lacks: {name!r}"
             )
-        yield tensor_bytes(entry, reader, base, scale)
+        todo.append(entry)
+    yield from rebuilt_ahead(todo, reader, base, scale)
+
+
+def rebuilt_ahead(
+    entries: list[TensorEntry], reader: FrameSource, base: CheckpointDir, scale: float = 1.0
+) -> Iterator[bytes | memoryview]:
+    """:func:`tensor_bytes` of each entry in order, the next one rebuilt in a helper thread
+    while the caller hashes, writes or sends the current one (torch, zstd, file reads and
+    sha256 release the GIL). At most two rebuilt tensors are alive at once; the reader and
+    the base are only ever used by one thread at a time."""
+    if not entries:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-rebuild") as pool:
+        ahead = pool.submit(tensor_bytes, entries[0], reader, base, scale)
+        for i in range(len(entries)):
+            data = ahead.result()
+            if i + 1 < len(entries):
+                ahead = pool.submit(tensor_bytes, entries[i + 1], reader, base, scale)
+            yield data
+            del data
 
 
 def weight_header(reader: FrameSource, file: FileEntry) -> tuple[bytes, Header]:

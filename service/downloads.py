@@ -23,9 +23,9 @@ from pathlib import Path
 
 from core.checkpoint import CheckpointDir
 from core.constants import CHUNK_SIZE
-from core.delta_format import DeltaReader, FileEntry
+from core.delta_format import DeltaReader, FileEntry, TensorEntry
 from core.errors import IntegrityError, InvalidDelta
-from core.reconstruct import check_base, expected_sha256, iter_file, tensor_bytes, weight_header
+from core.reconstruct import check_base, expected_sha256, iter_file, rebuilt_ahead, weight_header
 from service.errors import RangeNotSatisfiable
 from storage.blobstore import BlobStore, sha256_of_key
 
@@ -135,6 +135,7 @@ class Reconstruction:
         if start < len(raw):
             yield from _slices(raw[start : min(end, len(raw))])
         entries = self.reader.doc.tensor_map()
+        todo: list[tuple[str, int, int, TensorEntry]] = []
         for name, info in header.tensors.items():
             lo, hi = header.data_offset + info.start, header.data_offset + info.end
             if hi <= start or lo == hi:
@@ -144,7 +145,9 @@ class Reconstruction:
             entry = entries.get(name)
             if entry is None:
                 raise InvalidDelta(f"{self.file.path!r} names a tensor the delta lacks: {name!r}")
-            data = tensor_bytes(entry, self.reader, self.base, self.scale)
+            todo.append((name, lo, hi, entry))
+        rebuilt = rebuilt_ahead([t[3] for t in todo], self.reader, self.base, self.scale)
+        for (name, lo, hi, _), data in zip(todo, rebuilt, strict=True):
             if len(data) != hi - lo:
                 raise InvalidDelta(f"tensor {name!r} rebuilt to {len(data)} bytes, not {hi - lo}")
             yield from _slices(memoryview(data)[max(start - lo, 0) : min(end, hi) - lo])
