@@ -41,6 +41,7 @@ from tests.infra import (
     tiny_tensors,
 )
 from worker.runner import Worker
+from worker.txn import begin_write
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -133,6 +134,7 @@ class Stack:
         from storage.keys import create_key
 
         with self.runtime.sessions() as session:
+            begin_write(session)  # SQLite: the write lock first, beside a busy worker
             token, _ = create_key(session, namespace=namespace, role=role)
             session.commit()
         return token

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from tests.infra import AUTH_HEADERS, TEST_ADMIN_KEY, free_port
+from worker.txn import begin_write
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,6 +50,7 @@ class Server:
         runtime = Runtime.from_settings(Settings(data_dir=self.data_dir), migrate_schema=False)
         try:
             with runtime.sessions() as session:
+                begin_write(session)  # SQLite: the write lock first, beside a busy server
                 token, _ = create_key(session, namespace=namespace, role=role)
                 session.commit()
         finally:

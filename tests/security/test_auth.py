@@ -28,6 +28,7 @@ from tests.infra import (
     make_base,
     make_checkpoint,
 )
+from worker.txn import begin_write
 
 # -- keys ----------------------------------------------------------------------------------------
 
@@ -109,6 +110,7 @@ def test_revocation_takes_effect_at_once(embedded: Stack) -> None:
     with embedded.runtime.sessions() as session:
         from storage.keys import revoke_key
 
+        begin_write(session)
         revoke_key(session, prefix_of(key))
         session.commit()
     r = client.get("/v1/bases")
@@ -255,6 +257,7 @@ def test_bootstrap_key_setting(tmp_path: Path) -> None:
         with runtime.sessions() as session:
             from storage.keys import revoke_key
 
+            begin_write(session)
             revoke_key(session, prefix_of(given))
             session.commit()
         assert auth.bootstrap(runtime) is None  # a revoked bootstrap key stays revoked
