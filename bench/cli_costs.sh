@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-OUT=${OUT:-$(mktemp -d)}; CAL=$OUT/cal.jsonl
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"; CAL=$OUT/cal.jsonl
 BASE=$($PY -c "from bench.finetune import base_model_dir; print(base_model_dir())")
 FT=$($PY -c "from bench.finetune import make_finetune, full_recipe; print(make_finetune(full_recipe('rotten_tomatoes')))" | tail -1)
 CAL=$CAL $PY - <<'PY'
