@@ -50,7 +50,6 @@ class Series:
     seeds: tuple[int, ...] = (0,)
     evaluation: str = "weights"
     options: dict[str, Any] = field(default_factory=dict)
-    only_reuse: bool = False  # keep rows measured earlier, measure nothing new
 
 
 KEEPS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
@@ -177,9 +176,12 @@ def run_task(
     log: Any,
     save: Any = None,
     earlier: dict[str, Any] | None = None,
+    measure: set[str] | None = None,
 ) -> dict[str, Any]:
     """Run the grid on one task. ``earlier`` is this task's result from an interrupted run:
-    its rows are reused when the fine-tune recipe and the calibration size are the same."""
+    its rows are reused when the fine-tune recipe and the calibration size are the same.
+    ``measure``: labels of the series to measure now (None: all); the others only keep
+    their reused rows."""
     torch.set_num_threads(2)
     task = load_task(task_name)
     recipe = full_recipe(task_name)
@@ -225,7 +227,7 @@ def run_task(
             for bits in series.bits:
                 for seed in series.seeds:
                     point = grid_point(series, keep, bits, seed)
-                    if point in reusable or series.only_reuse:
+                    if point in reusable or (measure is not None and series.label not in measure):
                         continue
                     ev = None
                     if series.evaluation != "weights":
@@ -323,27 +325,13 @@ def run(
     series: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the grid; rows an interrupted earlier run already measured are reused unless
-    ``fresh``. ``series`` runs only the series with these labels first (rows of the others
+    ``fresh``. ``series`` measures only the series with these labels (rows of the others
     already measured are kept; the rest are left for a later run)."""
     grid = quick_grid() if quick else full_grid()
     if series:
         unknown = set(series) - {s.label for s in grid}
         if unknown:
             raise SystemExit(f"unknown series {sorted(unknown)}; known: {[s.label for s in grid]}")
-        grid = [s for s in grid if s.label in series] + [
-            Series(
-                s.label,
-                s.method,
-                s.keeps,
-                s.bits,
-                s.seeds,
-                s.evaluation,
-                s.options,
-                only_reuse=True,
-            )
-            for s in grid
-            if s.label not in series
-        ]
     tasks = tasks or (["rotten_tomatoes"] if quick else ["rotten_tomatoes", "tweets"])
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -384,6 +372,7 @@ def run(
                     log=log,
                     save=save,
                     earlier=earlier.get(task),
+                    measure=set(series) if series else None,
                 )
             )
             results["seconds"] = time.time() - t0

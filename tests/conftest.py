@@ -35,13 +35,13 @@ from tests.infra import (
     TEST_ADMIN_KEY,
     LiveServer,
     PostgresServer,
+    add_api_key,
     free_port,
     tiny_finetune,
     tiny_model,
     tiny_tensors,
 )
 from worker.runner import Worker
-from worker.txn import begin_write
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -131,13 +131,7 @@ class Stack:
 
     def new_key(self, namespace: str = "default", role: str = "write") -> str:
         """Create an API key directly in the database; returns it."""
-        from storage.keys import create_key
-
-        with self.runtime.sessions() as session:
-            begin_write(session)  # SQLite: the write lock first, beside a busy worker
-            token, _ = create_key(session, namespace=namespace, role=role)
-            session.commit()
-        return token
+        return add_api_key(self.runtime.sessions, namespace, role)
 
 
 def _settings(kind: str, tmp: Path, pg: str | None, s3: str | None, **overrides: Any) -> Settings:

@@ -243,3 +243,18 @@ def commit_and_wait(client: httpx.Client, checkpoint_id: str) -> dict[str, Any]:
     r = client.post(f"/v1/checkpoints/{checkpoint_id}/commit")
     assert r.status_code == 202, r.text
     return wait_job(client, r.json()["id"])
+
+
+def add_api_key(sessions: Any, namespace: str = "default", role: str = "write") -> str:
+    """Create an API key in the database behind ``sessions`` (a session factory); returns it.
+
+    Takes the write lock first: on SQLite a deferred transaction's upgrade fails with
+    "database is locked" while a running server or worker writes."""
+    from storage.keys import create_key
+    from worker.txn import begin_write
+
+    with sessions() as session:
+        begin_write(session)
+        token, _ = create_key(session, namespace=namespace, role=role)
+        session.commit()
+    return str(token)

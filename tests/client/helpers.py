@@ -18,8 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.infra import AUTH_HEADERS, TEST_ADMIN_KEY, free_port
-from worker.txn import begin_write
+from tests.infra import AUTH_HEADERS, TEST_ADMIN_KEY, add_api_key, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,17 +44,12 @@ class Server:
         """A new API key, made in the server's database (as ``slim keys create`` does)."""
         from service.runtime import Runtime
         from service.settings import Settings
-        from storage.keys import create_key
 
         runtime = Runtime.from_settings(Settings(data_dir=self.data_dir), migrate_schema=False)
         try:
-            with runtime.sessions() as session:
-                begin_write(session)  # SQLite: the write lock first, beside a busy server
-                token, _ = create_key(session, namespace=namespace, role=role)
-                session.commit()
+            return add_api_key(runtime.sessions, namespace, role)
         finally:
             runtime.close()
-        return token
 
 
 @contextmanager
