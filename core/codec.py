@@ -422,15 +422,22 @@ def encode_xor(
 
 
 def decode_xor(
-    frame: bytes | memoryview, base_raw: bytes | bytearray | memoryview, width: int
+    frame: bytes | memoryview,
+    base_raw: bytes | bytearray | memoryview,
+    width: int,
+    *,
+    in_place: bool = False,
 ) -> memoryview:
-    """Inverse of :func:`encode_xor`: the fine-tune's exact bytes (a fresh buffer).
+    """Inverse of :func:`encode_xor`: the fine-tune's exact bytes.
 
-    The base is copied once and each plane XORed into its byte column in place."""
+    Each plane is XORed into its byte column of a copy of the base, or of ``base_raw`` itself
+    with ``in_place`` (a writable buffer the caller owns and no longer needs as the base)."""
     n = len(base_raw) // width
     planes = np.frombuffer(zstd_decompress(frame, len(base_raw)), dtype=np.uint8)
     planes = planes.reshape(width, n)
-    out = np.frombuffer(base_raw, dtype=np.uint8).copy()
+    out = np.frombuffer(base_raw, dtype=np.uint8)
+    if not in_place:
+        out = out.copy()
     columns = out.reshape(n, width)
     for j in range(width):
         columns[:, j] ^= planes[j]

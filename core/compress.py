@@ -33,7 +33,7 @@ from core.evaluate import (
 )
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
-from core.reconstruct import tensor_bytes
+from core.reconstruct import RebuildHasher, tensor_bytes
 from core.safetensors_io import tensor_to_bytes, tensor_view
 from core.tensor_codec import ValueSpec, decode_sparse, encode_sparse
 from core.workspace import Workspace
@@ -280,7 +280,7 @@ def _encode(
     tensors: list[TensorEntry] = []
     kept = 0
     for fi, (rel, header) in enumerate(ws.ft.headers.items()):
-        hasher = hashlib.sha256(header.raw)
+        hasher = RebuildHasher(header.raw)
         entry = FileEntry(
             path=rel,
             role="weights",
@@ -332,7 +332,7 @@ def _encode(
                     ctx.evaluator.apply(name, delta_for_eval)
             tensors.append(te)
             del raw
-        entry.recon_sha256 = hasher.hexdigest()
+        hasher.record(entry)
         if method == "lossless" and entry.recon_sha256 != entry.sha256:
             raise AssertionError(f"lossless reconstruction of {rel} is not bit-identical")
         files.append(entry)

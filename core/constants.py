@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 #: Version of the delta container document; readers refuse versions they do not know.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this reader reads (1: before ``recon_xxh3``; it is checked by sha256 instead).
+READABLE_VERSIONS = (1, 2)
 #: ``__metadata__`` key of a delta container that holds the JSON document.
 METADATA_KEY = "slimstore"
 #: Magic value of the document's ``format`` field.

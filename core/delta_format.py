@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from core.checkpoint import check_relpath
-from core.constants import CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY
+from core.constants import (
+    CHUNK_SIZE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    READABLE_VERSIONS,
+)
 from core.errors import (
     IntegrityError,
     InvalidCheckpoint,
@@ -74,6 +80,7 @@ class FileEntry:
     size: int
     sha256: str
     recon_sha256: str | None = None  # weights: sha256 of the reconstructed file at scale 1
+    recon_xxh3: str | None = None  # weights: xxh3-128 of the same bytes (the fast stream check)
     header_frame: str | None = None  # weights: the original header bytes, zstd
     header_size: int | None = None  # weights: length of those bytes (8 + N)
     frame: str | None = None  # aux stored in the delta
@@ -107,10 +114,10 @@ class DeltaDoc:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
             raise InvalidDelta("not a Slimstore delta (no slimstore-delta document)")
         version = raw.get("version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise UnsupportedFormatVersion(
                 f"delta format version {version!r} is not supported by this reader (it reads "
-                f"version {FORMAT_VERSION}); upgrade Slimstore to read it"
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade Slimstore to read it"
             )
         try:
             doc = cls(
@@ -121,6 +128,7 @@ class DeltaDoc:
                 files=[FileEntry(**f) for f in raw["files"]],
                 tensors=[TensorEntry(**t) for t in raw["tensors"]],
                 frames={k: FrameRef(**v) for k, v in raw["frames"].items()},
+                version=version,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidDelta(f"delta document is malformed ({exc})") from None

@@ -12,7 +12,6 @@ non-weight files from the first delta listed; the base must be the same for ever
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from core.compress import base_fingerprint
 from core.constants import ZSTD_LEVEL
 from core.delta_format import DeltaDoc, DeltaReader, DeltaWriter, FileEntry, TensorEntry
 from core.errors import BaseMismatch, InvalidArgument
-from core.reconstruct import check_base, tensor_bytes, weight_header
+from core.reconstruct import RebuildHasher, check_base, tensor_bytes, weight_header
 from core.safetensors_io import bytes_to_tensor
 from core.tensor_codec import Selection, ValueSpec, dense_delta, encode_sparse
 
@@ -154,7 +153,7 @@ def _merge(
                 files.append(nf)
                 continue
             raw_header, header = weight_header(first, f)
-            hasher = hashlib.sha256(raw_header)
+            hasher = RebuildHasher(raw_header)
             nf = FileEntry(
                 path=f.path,
                 role="weights",
@@ -200,7 +199,7 @@ def _merge(
                     kept += te.nnz
                 hasher.update(tensor_bytes(te, writer, base))
                 tensors.append(te)
-            nf.recon_sha256 = hasher.hexdigest()
+            hasher.record(nf)
             nf.sha256 = (
                 nf.recon_sha256
             )  # a merged file has no original; its identity is the rebuild

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from core.constants import DTYPES, MAX_HEADER_BYTES, MAX_TENSORS
@@ -225,13 +226,14 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self.header.tensors[name]
 
-    def read_bytes(self, name: str) -> bytearray:
-        """The raw bytes of one tensor (one read, bounded by that tensor's size)."""
+    def read_bytes(self, name: str) -> memoryview:
+        """The raw bytes of one tensor (one read, bounded by that tensor's size) in a fresh,
+        writable buffer that is not zero-filled first."""
         info = self.header.tensors[name]
         if self._f is None:
             self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         self._f.seek(self.header.data_offset + info.start)
-        buf = bytearray(info.nbytes)
+        buf = np.empty(info.nbytes, dtype=np.uint8).data
         got = self._f.readinto(buf)
         if got != info.nbytes:
             raise InvalidSafetensors(f"{self.path.name}: truncated while reading {name!r}")

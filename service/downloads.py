@@ -5,8 +5,9 @@ base and the delta (:func:`core.reconstruct.tensor_bytes`), so every byte offset
 the recorded header without rebuilding anything: a ``Range: bytes=a-b`` request starts at the
 tensor that holds byte ``a`` and stops after the one holding ``b``.
 
-At scale 1 a full download is hashed as it streams and checked against the sha256 recorded
-when the delta was written; the last chunk is held back until the hash is known, and on a
+At scale 1 a full download is hashed as it streams and checked against the digest recorded
+when the delta was written (xxh3-128, fast enough not to cap the stream; sha256 for deltas
+written before xxh3 was recorded — the sha256 stays the ETag that clients check end to end); the last chunk is held back until the hash is known, and on a
 mismatch the stream is aborted (the client sees a short body, never a silently wrong file)
 and ``integrity_error`` is logged. Range responses cannot be checked as a whole; every delta
 frame they read is still checked against its own hash.
@@ -25,7 +26,14 @@ from core.checkpoint import CheckpointDir
 from core.constants import CHUNK_SIZE
 from core.delta_format import DeltaReader, FileEntry, TensorEntry
 from core.errors import IntegrityError, InvalidDelta
-from core.reconstruct import check_base, expected_sha256, iter_file, rebuilt_ahead, weight_header
+from core.reconstruct import (
+    StreamCheck,
+    check_base,
+    expected_sha256,
+    iter_file,
+    rebuilt_ahead,
+    weight_header,
+)
 from service.errors import RangeNotSatisfiable
 from storage.blobstore import BlobStore, sha256_of_key
 
@@ -155,26 +163,26 @@ class Reconstruction:
 
     def _verified(self, chunks: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
         """Pass chunks through, hashing them; hold the last one back until the hash checks."""
-        want = expected_sha256(self.file, self.scale)
-        if want is None:
+        if expected_sha256(self.file, self.scale) is None:
             yield from chunks
             return
-        h = hashlib.sha256()
+        check = StreamCheck(self.file)
         held: bytes | memoryview | None = None
         for chunk in chunks:
-            h.update(chunk)
+            check.update(chunk)
             if held is not None:
                 yield held
             held = chunk
-        if h.hexdigest() != want:
+        if not check.ok():
             log.error(
-                "integrity_error: %s rebuilt with sha256 %s, recorded %s; stream aborted",
+                "integrity_error: %s rebuilt with %s %s, recorded %s; stream aborted",
                 self.file.path,
-                h.hexdigest(),
-                want,
+                check.kind,
+                check.got,
+                check.want,
             )
             raise IntegrityError(
-                f"{self.file.path} does not rebuild to its recorded sha256; the base or the "
+                f"{self.file.path} does not rebuild to its recorded digest; the base or the "
                 "delta is corrupted — the download was aborted, restore the blob and retry"
             )
         if held is not None:

@@ -1,7 +1,8 @@
 """Streamed file uploads: request body → blob store, with the safetensors header checked on the fly.
 
-The body is read chunk by chunk from ``Request.stream()`` and handed to
-``BlobStore.put_stream`` in a worker thread (running sha256, size cap, temp name + atomic
+The body is read ahead from ``Request.stream()`` on the event loop, merged into ~4 MiB chunks
+(:func:`service.streaming.body_in_thread`) and handed to ``BlobStore.put_stream`` in a worker
+thread (running sha256, size cap, temp name + atomic
 rename); it is never buffered whole nor spooled twice. For ``*.safetensors`` files the first
 ``8 + N`` bytes are parsed as they pass (:class:`HeaderCheck`): a bad header, a body that ends
 early or carries trailing bytes raises *inside* the stream, so the store discards the partial
@@ -14,7 +15,6 @@ import hashlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,6 +23,7 @@ from core.checkpoint import check_relpath
 from core.errors import HeaderTooLarge, InvalidCheckpoint, InvalidSafetensors
 from core.safetensors_io import Header, parse_header
 from service.errors import ApiError, InvalidPath, TooManyFiles, TooManyTensors, Truncated
+from service.streaming import body_in_thread
 from storage import repo
 from storage.blobstore import BlobInfo, BlobStore
 from storage.errors import BlobTooLarge, Conflict
@@ -173,23 +174,8 @@ def _check_opening(head: bytearray, need: int | None) -> bool:
     return True
 
 
-def _pull(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
-    """A blocking iterator (for a worker thread) over the request's async body stream."""
-
-    async def next_chunk() -> bytes:
-        return await stream.__anext__()
-
-    while True:
-        try:
-            chunk = anyio.from_thread.run(next_chunk)
-        except StopAsyncIteration:
-            return
-        if chunk:
-            yield chunk
-
-
 def store_body(
-    stream: AsyncIterator[bytes],
+    body: Iterable[bytes],
     store: BlobStore,
     *,
     path: str,
@@ -200,7 +186,7 @@ def store_body(
     max_tensors: int | None = None,
 ) -> BlobInfo:
     """Stream a request body into the blob store (call in a worker thread)."""
-    chunks: Iterable[bytes] = _pull(stream)
+    chunks: Iterable[bytes] = body
     if role_of(path) == FileRole.WEIGHTS:
         chunks = HeaderCheck(
             chunks, max_header=max_header, declared_size=declared_size, max_tensors=max_tensors
@@ -227,18 +213,19 @@ async def receive_file(
         raise BlobTooLarge(max_bytes)
     if expected_sha256 is not None:
         expected_sha256 = expected_sha256.strip().lower()
-    return await anyio.to_thread.run_sync(
-        lambda: store_body(
-            stream,
-            store,
-            path=path,
-            max_bytes=max_bytes,
-            max_header=max_header,
-            declared_size=declared_size,
-            expected_sha256=expected_sha256,
-            max_tensors=max_tensors,
+    async with body_in_thread(stream) as body:
+        return await anyio.to_thread.run_sync(
+            lambda: store_body(
+                body,
+                store,
+                path=path,
+                max_bytes=max_bytes,
+                max_header=max_header,
+                declared_size=declared_size,
+                expected_sha256=expected_sha256,
+                max_tensors=max_tensors,
+            )
         )
-    )
 
 
 # -- rows --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from service.downloads import ByteRange, parse_range
 from service.runtime import Runtime
 from service.schemas import FilePublic
+from service.streaming import produced_in_thread
 from service.uploads import (
     check_base_open,
     check_checkpoint_open,
@@ -120,7 +121,7 @@ def file_response(
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type="application/octet-stream")
     return StreamingResponse(
-        _started(open_chunks(byte_range)),
+        produced_in_thread(_started(open_chunks(byte_range))),
         status_code=status,
         headers=headers,
         media_type="application/octet-stream",

@@ -115,6 +115,10 @@ def test_xor_is_exact_for_every_dtype_and_odd_shapes(
     ab, bb = tensor_to_bytes(a), tensor_to_bytes(b)
     width = a.element_size()
     assert codec.decode_xor(codec.encode_xor(bb, ab, width), ab, width) == bb
+    frame = codec.encode_xor(bb, ab, width)
+    mine = bytearray(ab)  # in place: the caller's own copy of the base becomes the fine-tune
+    out = codec.decode_xor(frame, mine, width, in_place=True)
+    assert out == bb and mine == bb
 
 
 def test_non_contiguous_tensors_encode_like_their_contiguous_copy() -> None:

@@ -167,13 +167,13 @@ def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
     doc = json.loads(header["__metadata__"]["slimstore"])
-    doc["version"] = 2
+    doc["version"] = 3
     header["__metadata__"]["slimstore"] = json.dumps(doc)
     body = json.dumps(header).encode()
     body += b" " * (-len(body) % 8)
-    (tmp_path / "v2.slim").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
-    with pytest.raises(UnsupportedFormatVersion, match="version 2"):
-        DeltaReader(tmp_path / "v2.slim")
+    (tmp_path / "v3.slim").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+    with pytest.raises(UnsupportedFormatVersion, match="version 3"):
+        DeltaReader(tmp_path / "v3.slim")
 
 
 def test_zero_size_and_tiny_tensors(tmp_path: Path) -> None:

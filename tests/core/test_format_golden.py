@@ -9,11 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from core.compress import compress
 from core.constants import FORMAT_VERSION
 from core.delta_format import DeltaReader
-from core.reconstruct import reconstruct
+from core.errors import IntegrityError
+from core.reconstruct import StreamCheck, reconstruct
+from core.safetensors_io import save_file
 from tests.core.golden.make_golden import CASES, HERE, write_pair
 
 MANIFEST = json.loads((HERE / "manifest.json").read_text())
@@ -34,6 +37,30 @@ def test_golden_delta_reconstructs_to_pinned_bytes(tmp_path: Path, name: str) ->
             got["model.safetensors"]
             == hashlib.sha256((ft / "model.safetensors").read_bytes()).hexdigest()
         )
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_version_1_deltas_still_read_and_are_checked_by_sha256(tmp_path: Path, name: str) -> None:
+    """Deltas written before ``recon_xxh3`` existed (version 1) rebuild to the same bytes;
+    their stream check falls back to the recorded sha256, and still catches a wrong base."""
+    base, _ = write_pair(tmp_path)
+    golden = HERE / "v1" / f"{name}.slim"
+    with DeltaReader(golden) as r:
+        assert r.doc.version == 1
+        weights = [f for f in r.doc.files if f.role == "weights"]
+        assert weights and all(f.recon_xxh3 is None for f in weights)
+        assert StreamCheck(weights[0]).kind == "sha256"
+    out = reconstruct(base, golden, tmp_path / "out")
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
+    assert got == MANIFEST[name]["files"]
+    with DeltaReader(HERE / f"{name}.slim") as r:
+        assert StreamCheck(next(f for f in r.doc.files if f.role == "weights")).kind == "xxh3"
+    # a base with the same layout but other values fails the sha256 check
+    tensors = {k: v.clone() for k, v in load_file(base / "model.safetensors").items()}
+    tensors["layer.bias"] = tensors["layer.bias"] + 1.0
+    save_file(tensors, base / "model.safetensors")
+    with pytest.raises(IntegrityError):
+        reconstruct(base, golden, tmp_path / "out2")
 
 
 def _strip_timing(doc: dict) -> dict:
