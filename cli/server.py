@@ -99,6 +99,14 @@ def _logging(level: str) -> None:
     )
 
 
+def _torch_threads(n: int | None) -> None:
+    """Size torch's intra-op thread pool for this process (None: torch's default)."""
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
@@ -112,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"slim: error [invalid_settings]: {err['msg']}", file=sys.stderr)
         return 2
     _logging(args.log_level)
+    _torch_threads(settings.torch_threads or (1 if args.no_worker else None))
     app = create_app(settings, embedded_worker=not args.no_worker)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
     return 0
@@ -123,6 +132,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _logging(args.log_level)
+    _torch_threads(settings.torch_threads)
     runtime = Runtime.from_settings(settings)
     worker = make_worker(runtime, worker_id=args.worker_id)
     stop = threading.Event()

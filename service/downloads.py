@@ -91,11 +91,16 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     return ByteRange(start, end, size)
 
 
+#: Bytes handed to the server per send: fewer, larger writes than CHUNK_SIZE (a bare
+#: Starlette stream on loopback sent 1.2 GB/s in 4 MiB pieces against 0.8 in 1 MiB ones).
+SEND_SIZE = 4 * CHUNK_SIZE
+
+
 def _slices(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
-    """CHUNK_SIZE views of ``data`` (no copies: the server writes memoryviews as they are)."""
+    """SEND_SIZE views of ``data`` (no copies: the server writes memoryviews as they are)."""
     view = memoryview(data)
-    for i in range(0, len(view), CHUNK_SIZE):
-        yield view[i : i + CHUNK_SIZE]
+    for i in range(0, len(view), SEND_SIZE):
+        yield view[i : i + SEND_SIZE]
 
 
 @dataclass

@@ -101,6 +101,14 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(default=1.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
     device: str | None = Field(default=None, description="cuda or cpu; default cuda when present.")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Threads for torch's own parallel loops. Default: 1 in an API-only process "
+        "(`slim serve --no-worker`: downloads already run several threads each, and torch "
+        "spreading a small elementwise op over busy cores made it ~30x slower), all cores "
+        "where searches run (`slim worker`, embedded `slim serve`).",
+    )
     gc_grace_seconds: float = Field(default=3600.0, ge=0)
     gc_interval_seconds: float = Field(
         default=3600.0,

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import cma
 import numpy as np
 import torch
 
@@ -85,6 +84,8 @@ def run_cma(
     held-out part of the calibration data and the best there wins (guards against over-fitting
     the search set).
     """
+    import cma  # here, not at the top: ~100 MB that only processes running searches need
+
     es = cma.CMAEvolutionStrategy(
         list(x0),
         sigma0,
