@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--fresh", action="store_true", help="measure every row again (default: resume)")
     p.add_argument("--series", nargs="+", default=None, help="run only these series (labels)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (per task run)")
     for name, module_name in MODULES.items():
         try:
             module = importlib.import_module(f"bench.{module_name}")
@@ -41,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "fidelity":
         from bench.fidelity import run
 
-        run(args.quick, args.tasks, n_cal=args.calibration, fresh=args.fresh, series=args.series)
+        run(
+            args.quick,
+            args.tasks,
+            n_cal=args.calibration,
+            fresh=args.fresh,
+            series=args.series,
+            threads=args.threads,
+        )
         return 0
     module = importlib.import_module(f"bench.{MODULES[args.name]}")
     return int(module.main(args) or 0)

@@ -12,6 +12,8 @@ Outputs ``bench/results/fidelity.{json,md,png}``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -177,12 +179,13 @@ def run_task(
     save: Any = None,
     earlier: dict[str, Any] | None = None,
     measure: set[str] | None = None,
+    threads: int = 2,
 ) -> dict[str, Any]:
     """Run the grid on one task. ``earlier`` is this task's result from an interrupted run:
     its rows are reused when the fine-tune recipe and the calibration size are the same.
     ``measure``: labels of the series to measure now (None: all); the others only keep
     their reused rows."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     task = load_task(task_name)
     recipe = full_recipe(task_name)
     ft_dir = make_finetune(recipe)
@@ -323,10 +326,14 @@ def run(
     n_cal: int = 192,
     fresh: bool = False,
     series: list[str] | None = None,
+    threads: int = 2,
 ) -> dict[str, Any]:
     """Run the grid; rows an interrupted earlier run already measured are reused unless
     ``fresh``. ``series`` measures only the series with these labels (rows of the others
-    already measured are kept; the rest are left for a later run)."""
+    already measured are kept; the rest are left for a later run). Runs of different tasks
+    may go on at the same time (each with ``threads`` torch threads): each save merges the
+    other tasks' latest results from disk under a lock."""
+    torch.set_num_threads(threads)
     grid = quick_grid() if quick else full_grid()
     if series:
         unknown = set(series) - {s.label for s in grid}
@@ -339,7 +346,8 @@ def run(
         "command": "python -m bench fidelity"
         + (" --quick" if quick else "")
         + (f" --tasks {' '.join(tasks)}" if tasks else "")
-        + ("".join(f" --series '{label}'" for label in series) if series else ""),
+        + ("".join(f" --series '{label}'" for label in series) if series else "")
+        + (f" --threads {threads}" if threads != 2 else ""),
         "machine": machine_note(),
         "quick": quick,
         "grid": [asdict(s) for s in grid],
@@ -353,15 +361,19 @@ def run(
             logf.write(msg + "\n")
             logf.flush()
 
-        previous = _previous(out_dir, quick, tasks)
         earlier = {} if fresh else _earlier(out_dir, quick)
         for task in tasks:
 
             def save(partial: dict[str, Any]) -> None:
                 results["seconds"] = time.time() - t0
-                write_outputs(
-                    dict(results, tasks=[*previous, *results["tasks"], partial]), out_dir, quick
-                )
+                partial["command"], partial["machine"] = results["command"], results["machine"]
+                with _locked(out_dir):
+                    previous = _previous(out_dir, quick, tasks)
+                    write_outputs(
+                        dict(results, tasks=[*previous, *results["tasks"], partial]),
+                        out_dir,
+                        quick,
+                    )
 
             results["tasks"].append(
                 run_task(
@@ -373,11 +385,27 @@ def run(
                     save=save,
                     earlier=earlier.get(task),
                     measure=set(series) if series else None,
+                    threads=threads,
                 )
             )
+            results["tasks"][-1]["command"] = results["command"]
+            results["tasks"][-1]["machine"] = results["machine"]
             results["seconds"] = time.time() - t0
-            write_outputs(dict(results, tasks=previous + results["tasks"]), out_dir, quick)
+            with _locked(out_dir):
+                previous = _previous(out_dir, quick, tasks)
+                write_outputs(dict(results, tasks=previous + results["tasks"]), out_dir, quick)
     return results
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    """Exclusive use of the output files while one run merges and writes them."""
+    with open(out_dir / ".fidelity.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _earlier(out_dir: Path, quick: bool) -> dict[str, dict[str, Any]]:
@@ -435,6 +463,7 @@ def write_outputs(results: dict[str, Any], out_dir: Path, quick: bool) -> None:
             f"n = {t['calibration_examples']} (validation split). Median over seeds "
             "[min–max].",
             "",
+            *([f"Last run on this task: `{t['command']}`", ""] if t.get("command") else []),
             "| series | fitness | keep | value bits | seeds | bits/param | test acc | norm. acc | gain kept | search s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
