@@ -180,6 +180,22 @@ class Stack:
             total += f.stat().st_size
         return total
 
+    def put_dir_curl(self, kind: str, rid: str, directory: Path) -> int:
+        """Upload a directory's files with curl: what the server ingests when the client
+        keeps up (the SDK's own rate is ``put_dir``)."""
+        total = 0
+        for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+            rel = f.relative_to(directory).as_posix()
+            subprocess.run(
+                ["curl", "-sfS", "-o", "/dev/null", "-T", str(f),
+                 "-H", f"Authorization: Bearer {KEY}",
+                 "-H", "Content-Type: application/octet-stream",
+                 f"{self.url}/v1/{kind}/{rid}/files/{rel}"],
+                check=True,
+            )  # fmt: skip
+            total += f.stat().st_size
+        return total
+
     def wait_job(self, job_id: str) -> dict[str, Any]:
         while True:
             job = self.client.get(f"/v1/jobs/{job_id}").json()
@@ -277,7 +293,7 @@ def run_size(
             stack.put_dir("bases", b, base)
             stack.post(f"/v1/bases/{b}/commit")
             row["base_ingest_s"] = time.perf_counter() - t
-            ingest, compress, recon = [], {}, []
+            ingest, ingest_sdk, compress, recon = [], [], {}, []
             for method in ("lossless", "magnitude", "nps"):
                 times, jobs = [], []
                 for rep in range(args.repeat if method != "nps" else 1):
@@ -293,8 +309,12 @@ def run_size(
                         },
                     )["id"]
                     t = time.perf_counter()
-                    stack.put_dir("checkpoints", c, ft)
-                    ingest.append(time.perf_counter() - t)
+                    if rep % 2 == 0:  # curl and the SDK's client take turns
+                        stack.put_dir_curl("checkpoints", c, ft)
+                        ingest.append(time.perf_counter() - t)
+                    else:
+                        stack.put_dir("checkpoints", c, ft)
+                        ingest_sdk.append(time.perf_counter() - t)
                     job = stack.post(f"/v1/checkpoints/{c}/commit")
                     t = time.perf_counter()
                     job = stack.wait_job(job["id"])
@@ -337,6 +357,8 @@ def run_size(
                         local.append(n / (time.perf_counter() - t) / 1e9)
                     compress[method]["pull_local_gbps"] = statistics.median(local)
             row["ingest_mbps"] = weights / statistics.median(ingest) / 1e6
+            if ingest_sdk:
+                row["ingest_sdk_mbps"] = weights / statistics.median(ingest_sdk) / 1e6
             row["compress"] = compress
             row["reconstruct_http_gbps"] = {
                 m: statistics.median([g for mm, g in recon if mm == m])
@@ -394,13 +416,13 @@ def write(result: dict[str, Any], out: Path) -> None:
         "",
         "Ceilings measured in the same run: " + ", ".join(f"{k} {v:.2f}" for k, v in c.items()),
         "",
-        "| params | weights GB | ingest MB/s | lossless ratio | zipnn | zipnn delta | compress lossless s | compress magnitude s | nps (weights) s | reconstruct HTTP GB/s, curl (lossless / magnitude) | same, httpx client | pull --local GB/s (lossless / magnitude) | RSS API MB | RSS worker MB | limit MB |",
+        "| params | weights GB | ingest MB/s, curl / SDK | lossless ratio | zipnn | zipnn delta | compress lossless s | compress magnitude s | nps (weights) s | reconstruct HTTP GB/s, curl (lossless / magnitude) | same, httpx client | pull --local GB/s (lossless / magnitude) | RSS API MB | RSS worker MB | limit MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["sizes"]:
         comp = r["compress"]
         md.append(
-            f"| {r['params'] / 1e9:.2f} B | {r['weight_bytes'] / 1e9:.2f} | {r['ingest_mbps']:.0f} | "
+            f"| {r['params'] / 1e9:.2f} B | {r['weight_bytes'] / 1e9:.2f} | {r['ingest_mbps']:.0f} / {r.get('ingest_sdk_mbps', float('nan')):.0f} | "
             f"{comp['lossless']['ratio']:.2f} | {r.get('zipnn_ratio', float('nan')):.2f} | {r.get('zipnn_delta_ratio', float('nan')):.2f} | "
             f"{comp['lossless']['seconds']:.1f} | {comp['magnitude']['seconds']:.1f} | {comp['nps']['seconds']:.1f} | "
             f"{r['reconstruct_http_gbps']['lossless']:.2f} / {r['reconstruct_http_gbps']['magnitude']:.2f} | "
