@@ -3,10 +3,13 @@
 # the Rotten Tomatoes fine-tune (accuracy comes from the fidelity benchmark's rows).
 # Run: bash bench/cli_costs.sh   (prints: name, compress wall time and peak RSS in KB,
 # reconstruct wall time and peak RSS in KB, then the delta's size and search figures)
+# CAL_N=128 sets the calibration size (default 192); ONLY="nps-0.01 nps-seeded-0.01" runs
+# only the named rows (e.g. to time the searches alone on an idle machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"; CAL=$OUT/cal.jsonl
+export CAL_N=${CAL_N:-192}; ONLY=${ONLY:-}
 BASE=$($PY -c "from bench.finetune import base_model_dir; print(base_model_dir())")
 FT=$($PY -c "from bench.finetune import make_finetune, full_recipe; print(make_finetune(full_recipe('rotten_tomatoes')))" | tail -1)
 CAL=$CAL $PY - <<'PY'
@@ -14,11 +17,12 @@ import json
 from bench.fidelity import calibration
 import os
 with open(os.environ['CAL'],'w') as f:
-    for e in calibration('rotten_tomatoes', 192, False):
+    for e in calibration('rotten_tomatoes', int(os.environ['CAL_N']), False):
         f.write(json.dumps({"text": e.text})+"\n")
 PY
 run() { # name, args...
   local name=$1; shift
+  if [[ -n "$ONLY" && " $ONLY " != *" $name "* ]]; then return; fi
   /usr/bin/time -v .venv/bin/slim compress "$BASE" "$FT" -o $OUT/$name.slim --json "$@" > $OUT/$name.json 2> $OUT/$name.time
   /usr/bin/time -v .venv/bin/slim reconstruct "$BASE" $OUT/$name.slim -o $OUT/$name-rec > /dev/null 2> $OUT/$name-rec.time
   rm -rf $OUT/$name-rec
