@@ -25,6 +25,17 @@ NUM_BUCKETS = 1 << (31 - LOW_BITS)  # sign bit is always 0 for |x|
 LOW_MASK = (1 << LOW_BITS) - 1
 
 
+#: Entries histogrammed at a time: bounds the temporaries (shifted bits, int64 bucket ids) to
+#: a few tens of MB whatever the tensor's size.
+SLICE = 1 << 22
+
+
+def _slices(bits: torch.Tensor) -> Iterable[torch.Tensor]:
+    flat = bits.reshape(-1)
+    for i in range(0, flat.numel(), SLICE):
+        yield flat[i : i + SLICE]
+
+
 def score_bits(scores: torch.Tensor) -> torch.Tensor:
     """int32 bit patterns of non-negative float32 scores (monotone in the score). # (n,)"""
     return scores.to(torch.float32).contiguous().view(torch.int32)
@@ -34,7 +45,8 @@ def coarse_histogram(scores: Iterable[torch.Tensor]) -> torch.Tensor:
     """Counts of ``bits >> LOW_BITS`` over all scores. # (NUM_BUCKETS,) int64"""
     hist = torch.zeros(NUM_BUCKETS, dtype=torch.int64)
     for s in scores:
-        hist += torch.bincount((score_bits(s) >> LOW_BITS).long(), minlength=NUM_BUCKETS).cpu()
+        for part in _slices(score_bits(s)):
+            hist += torch.bincount((part >> LOW_BITS).long(), minlength=NUM_BUCKETS).cpu()
     return hist
 
 
@@ -75,9 +87,9 @@ def top_k_cut(k: int, hist: torch.Tensor, scores: Callable[[], Iterable[torch.Te
     strictly_above = int(above[bucket + 1]) if bucket + 1 < NUM_BUCKETS else 0
     fine = torch.zeros(1 << LOW_BITS, dtype=torch.int64)
     for s in scores():
-        bits = score_bits(s)
-        inside = bits[(bits >> LOW_BITS) == bucket] & LOW_MASK
-        fine += torch.bincount(inside.long(), minlength=1 << LOW_BITS).cpu()
+        for bits in _slices(score_bits(s)):
+            inside = bits[(bits >> LOW_BITS) == bucket] & LOW_MASK
+            fine += torch.bincount(inside.long(), minlength=1 << LOW_BITS).cpu()
     fine_above = torch.flip(torch.cumsum(torch.flip(fine, [0]), 0), [0]) + strictly_above
     low = int(torch.nonzero(fine_above >= k).max())
     greater = int(fine_above[low + 1]) if low + 1 < (1 << LOW_BITS) else strictly_above

@@ -50,3 +50,19 @@ def test_histogram_counts_are_close_to_exact() -> None:
         exact = int((t.abs() >= x).sum())
         approx = float(count_at_least(cum, torch.tensor([x]))[0])
         assert abs(approx - exact) <= max(50, 0.002 * exact)
+
+
+def test_sliced_passes_give_the_same_cut(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Histograms are taken a slice at a time (bounded temporaries); slice edges change
+    nothing, ties included."""
+    import core.topk
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(n, generator=g).to(torch.bfloat16).float() for n in (1000, 37, 4096)]
+    whole = [_select(tensors, k) for k in (1, 100, 2500, 5000)]
+    monkeypatch.setattr(core.topk, "SLICE", 7)
+    assert all(
+        torch.equal(a, _select(tensors, k))
+        for a, k in zip(whole, (1, 100, 2500, 5000), strict=True)
+    )
+    assert coarse_histogram([t.abs() for t in tensors]).sum() == 5133
