@@ -32,6 +32,8 @@ import anyio.from_thread
 DEPTH = 4
 #: Body bytes merged before the blocking consumer takes them.
 BODY_CHUNK = 4 << 20
+#: Longest a received body part waits for more to merge with (seconds).
+FLUSH_AFTER = 0.05
 
 _END = object()
 
@@ -121,23 +123,46 @@ async def body_in_thread(
     async def read() -> None:
         pending: list[bytes] = []
         size = 0
+
+        async def hand_over() -> None:
+            nonlocal pending, size
+            await slots.acquire()
+            items.put(b"".join(pending))
+            pending, size = [], 0
+
+        parts = stream.__aiter__()
+        nxt: asyncio.Future[bytes] | None = None
         try:
-            async for part in stream:
-                if not part:
+            while True:
+                if nxt is None:
+                    nxt = asyncio.ensure_future(parts.__anext__())
+                # what has arrived goes on after FLUSH_AFTER even if the body stalls: a slow
+                # client's bytes keep reaching the store (and refreshing its temp file)
+                done, _ = await asyncio.wait({nxt}, timeout=FLUSH_AFTER if pending else None)
+                if not done:
+                    await hand_over()
                     continue
-                pending.append(part)
-                size += len(part)
-                if size >= chunk:
-                    await slots.acquire()
-                    items.put(b"".join(pending))
-                    pending, size = [], 0
+                try:
+                    part = nxt.result()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    if done:
+                        nxt = None
+                if part:
+                    pending.append(part)
+                    size += len(part)
+                    if size >= chunk:
+                        await hand_over()
             if pending:
-                await slots.acquire()
-                items.put(b"".join(pending))
+                await hand_over()
             items.put(_END)
         except BaseException as exc:  # the consumer must never wait for a reader that is gone
             items.put(_Failed(exc if isinstance(exc, Exception) else BodyNotRead()))
             raise
+        finally:
+            if nxt is not None:
+                nxt.cancel()
 
     reader = asyncio.ensure_future(read())
     try:

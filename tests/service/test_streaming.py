@@ -138,3 +138,25 @@ def test_a_consumer_that_stops_early_leaves_the_rest_unread() -> None:
     assert asyncio.run(main()) == b"x" * 2000
     assert time.monotonic() - start < 5
     assert read <= 2 * 4 + 4  # queue bound (2 chunks of 2 parts) + the one merged and taken
+
+
+def test_a_slow_body_is_handed_over_as_it_arrives() -> None:
+    """Bytes of a slow client are not held back waiting for a full chunk (the store's temp
+    file must keep growing, or a sweeper would take it for abandoned)."""
+
+    async def slow() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield bytes([i]) * 100
+            await asyncio.sleep(0.3)
+
+    async def main() -> list[tuple[float, bytes]]:
+        t0 = time.monotonic()
+        async with body_in_thread(slow(), chunk=1 << 20) as body:
+            return await anyio.to_thread.run_sync(
+                lambda: [(time.monotonic() - t0, c) for c in body]
+            )
+
+    got = asyncio.run(main())
+    assert [c for _, c in got] == [bytes([i]) * 100 for i in range(3)]
+    for i, (t, _) in enumerate(got):
+        assert t < 0.3 * i + 0.25, got  # each part within ~FLUSH_AFTER of its arrival
