@@ -199,10 +199,8 @@ def _merge(
                     kept += te.nnz
                 hasher.update(tensor_bytes(te, writer, base))
                 tensors.append(te)
-            hasher.record(nf)
-            nf.sha256 = (
-                nf.recon_sha256
-            )  # a merged file has no original; its identity is the rebuild
+            # a merged file has no original; its identity is the rebuild
+            nf.sha256 = hasher.record(nf)
             files.append(nf)
         doc = DeltaDoc(
             base=base_fingerprint(base) | {"sha256": first.doc.base.get("sha256")},

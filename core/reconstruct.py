@@ -54,9 +54,11 @@ class RebuildHasher:
         self._sha.update(data)
         self._xxh.update(data)
 
-    def record(self, entry: FileEntry) -> None:
+    def record(self, entry: FileEntry) -> str:
+        """Write both digests into ``entry``; returns the sha256."""
         entry.recon_sha256 = self._sha.hexdigest()
         entry.recon_xxh3 = self._xxh.hexdigest()
+        return entry.recon_sha256
 
 
 class StreamCheck:
@@ -64,6 +66,7 @@ class StreamCheck:
     records it, sha256 for deltas written before it was recorded."""
 
     def __init__(self, file: FileEntry) -> None:
+        self.want: str | None
         if file.role != "aux" and file.recon_xxh3:
             self.kind, self.want = "xxh3", file.recon_xxh3
             self._h: Any = xxhash.xxh3_128()
