@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one task, fewer points, one seed")
     p.add_argument("--tasks", nargs="+", default=None, choices=["rotten_tomatoes", "tweets"])
     p.add_argument(
-        "--calibration", type=int, default=192, help="validation examples for the fitness"
+        "--calibration", type=int, default=128, help="validation examples for the fitness"
     )
     p.add_argument("--fresh", action="store_true", help="measure every row again (default: resume)")
     p.add_argument("--series", nargs="+", default=None, help="run only these series (labels)")
