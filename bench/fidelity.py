@@ -354,7 +354,7 @@ def run(
         "command": "python -m bench fidelity"
         + (" --quick" if quick else "")
         + (f" --tasks {' '.join(tasks)}" if tasks else "")
-        + ("".join(f" --series '{label}'" for label in series) if series else "")
+        + (" --series " + " ".join(f"'{label}'" for label in series) if series else "")
         + (f" --calibration {n_cal}" if n_cal != DEFAULT_CALIBRATION else "")
         + (f" --threads {threads}" if threads != 2 else ""),
         "machine": machine_note(),
