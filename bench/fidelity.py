@@ -363,7 +363,7 @@ def run(
         "tasks": [],
     }
     log_path = out_dir / (("fidelity-quick" if quick else "fidelity") + f"-{'-'.join(tasks)}.log")
-    with open(log_path, "w") as logf, tempfile.TemporaryDirectory() as tmp:
+    with open(log_path, "a") as logf, tempfile.TemporaryDirectory() as tmp:
 
         def log(msg: str) -> None:
             print(msg, flush=True)
