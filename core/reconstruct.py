@@ -62,17 +62,11 @@ class RebuildHasher:
 
 
 class StreamCheck:
-    """The check a rebuilt file's stream must pass at scale 1: xxh3-128 where the delta
-    records it, sha256 for deltas written before it was recorded."""
+    """A digest (``sha256`` or ``xxh3``, i.e. xxh3-128) that bytes passing by must match."""
 
-    def __init__(self, file: FileEntry) -> None:
-        self.want: str | None
-        if file.role != "aux" and file.recon_xxh3:
-            self.kind, self.want = "xxh3", file.recon_xxh3
-            self._h: Any = xxhash.xxh3_128()
-        else:
-            self.kind, self.want = "sha256", expected_sha256(file, 1.0)
-            self._h = hashlib.sha256()
+    def __init__(self, kind: str, want: str) -> None:
+        self.kind, self.want = kind, want
+        self._h: Any = xxhash.xxh3_128() if kind == "xxh3" else hashlib.sha256()
 
     def update(self, data: bytes | memoryview) -> None:
         self._h.update(data)
@@ -82,7 +76,17 @@ class StreamCheck:
         return str(self._h.hexdigest())
 
     def ok(self) -> bool:
-        return self.want is None or self.got == self.want
+        return self.got == self.want
+
+
+def rebuild_check(file: FileEntry, scale: float) -> StreamCheck | None:
+    """The check a rebuilt file's bytes must pass: xxh3-128 where the delta records it,
+    sha256 for files of version-1 deltas and for aux files; None where nothing is recorded
+    (scale ≠ 1)."""
+    if scale == 1.0 and file.recon_xxh3:
+        return StreamCheck("xxh3", file.recon_xxh3)
+    want = expected_sha256(file, scale)
+    return None if want is None else StreamCheck("sha256", want)
 
 
 def tensor_bytes(
@@ -220,7 +224,8 @@ def reconstruct(
     """Rebuild the fine-tune's directory from a base and a delta.
 
     Each file is written to ``<name>.incomplete``, checked against its recorded digest (at
-    scale 1: xxh3-128 where recorded, else sha256) and moved into place; a mismatch raises and leaves no file at the final name.
+    scale 1: xxh3-128 where recorded, else sha256) and moved into place; a mismatch raises
+    and leaves no file at the final name.
 
     Args:
         base_dir: directory of the base model the delta was made from.
@@ -243,7 +248,7 @@ def reconstruct(
             target = out / check_relpath(file.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".incomplete")
-            check = StreamCheck(file) if scale == 1.0 else None
+            check = rebuild_check(file, scale)
             with open(tmp, "wb") as f:
                 for chunk in iter_file(reader, base, file, scale):
                     if check is not None:
@@ -252,8 +257,9 @@ def reconstruct(
             if check is not None and not check.ok():
                 tmp.unlink()
                 raise IntegrityError(
-                    f"reconstructed {file.path} does not match the sha256 recorded when the "
-                    "delta was written; the base or the delta is not the one it was made with"
+                    f"reconstructed {file.path} does not match the file recorded when the delta "
+                    f"was written (sha256 {file.recon_sha256 or file.sha256}, checked by its "
+                    f"{check.kind}); the base or the delta is not the one it was made with"
                 )
             os.replace(tmp, target)
             written.append(target)

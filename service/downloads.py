@@ -6,16 +6,16 @@ the recorded header without rebuilding anything: a ``Range: bytes=a-b`` request 
 tensor that holds byte ``a`` and stops after the one holding ``b``.
 
 At scale 1 a full download is hashed as it streams and checked against the digest recorded
-when the delta was written (xxh3-128, fast enough not to cap the stream; sha256 for deltas
-written before xxh3 was recorded — the sha256 stays the ETag that clients check end to end); the last chunk is held back until the hash is known, and on a
-mismatch the stream is aborted (the client sees a short body, never a silently wrong file)
-and ``integrity_error`` is logged. Range responses cannot be checked as a whole; every delta
+when the delta was written (:func:`core.reconstruct.rebuild_check`: xxh3-128, fast enough not
+to cap the stream; sha256 for version-1 deltas — the sha256 stays the ETag that clients check
+end to end); the last chunk is held back until the hash is known (:func:`verified`, shared
+with stored blobs), and on a mismatch the stream is aborted (the client sees a short body,
+never a silently wrong file) and ``integrity_error`` is logged. Range responses cannot be checked as a whole; every delta
 frame they read is still checked against its own hash.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -31,6 +31,7 @@ from core.reconstruct import (
     check_base,
     expected_sha256,
     iter_file,
+    rebuild_check,
     rebuilt_ahead,
     weight_header,
 )
@@ -167,31 +168,16 @@ class Reconstruction:
             del data
 
     def _verified(self, chunks: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
-        """Pass chunks through, hashing them; hold the last one back until the hash checks."""
-        if expected_sha256(self.file, self.scale) is None:
-            yield from chunks
-            return
-        check = StreamCheck(self.file)
-        held: bytes | memoryview | None = None
-        for chunk in chunks:
-            check.update(chunk)
-            if held is not None:
-                yield held
-            held = chunk
-        if not check.ok():
-            log.error(
-                "integrity_error: %s rebuilt with %s %s, recorded %s; stream aborted",
-                self.file.path,
-                check.kind,
-                check.got,
-                check.want,
-            )
-            raise IntegrityError(
-                f"{self.file.path} does not rebuild to its recorded digest; the base or the "
-                "delta is corrupted — the download was aborted, restore the blob and retry"
-            )
-        if held is not None:
-            yield held
+        check = rebuild_check(self.file, self.scale)
+        if check is None:
+            return chunks
+        return verified(
+            chunks,
+            check,
+            what=self.file.path,
+            cause="the base or the delta is corrupted — the download was aborted; restore the "
+            "blob (see `slim scrub`) and retry",
+        )
 
 
 def _skip(
@@ -238,21 +224,31 @@ def blob_chunks(store: BlobStore, key: str, byte_range: ByteRange | None) -> Ite
     if byte_range is None:
         want = sha256_of_key(key)
         chunks = store.open_range(key)
-        return chunks if want is None else verified(chunks, want, what=f"blob {key}")
+        if want is None:
+            return chunks
+        return verified(
+            chunks,
+            StreamCheck("sha256", want),
+            what=f"blob {key}",
+            cause="the stored bytes are corrupted — the download was aborted; restore the blob "
+            "(see `slim scrub`) and retry",
+        )
     return store.open_range(key, byte_range.start, byte_range.end)
 
 
-def verified(chunks: Iterator[bytes], want: str, *, what: str) -> Iterator[bytes]:
-    """Pass chunks through, hashing them; hold the last one back until the sha256 checks.
+def verified(
+    chunks: Iterator[bytes | memoryview], check: StreamCheck, *, what: str, cause: str
+) -> Iterator[bytes | memoryview]:
+    """Pass chunks through ``check``; hold the last one back until the digest is known.
 
     Raises:
-        IntegrityError: the bytes do not hash to ``want`` (after all but the last chunk went).
+        IntegrityError: the bytes do not match (after all but the last chunk went); the
+            message names ``what`` and ends with ``cause``.
     """
-    h = hashlib.sha256()
-    held: bytes | None = None
+    held: bytes | memoryview | None = None
     try:
         for chunk in chunks:
-            h.update(chunk)
+            check.update(chunk)
             if held is not None:
                 yield held
             held = chunk
@@ -260,16 +256,14 @@ def verified(chunks: Iterator[bytes], want: str, *, what: str) -> Iterator[bytes
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
-    if h.hexdigest() != want:
+    if not check.ok():
         log.error(
-            "integrity_error: %s reads back with sha256 %s, recorded %s; stream aborted",
+            "integrity_error: %s reads back with %s %s, recorded %s; stream aborted",
             what,
-            h.hexdigest(),
-            want,
+            check.kind,
+            check.got,
+            check.want,
         )
-        raise IntegrityError(
-            f"{what} does not match its recorded sha256; the stored bytes are corrupted — "
-            "the download was aborted; restore the blob (see `slim scrub`) and retry"
-        )
+        raise IntegrityError(f"{what} does not match its recorded {check.kind}; {cause}")
     if held is not None:
         yield held

@@ -26,7 +26,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import anyio.from_thread
 
 #: Chunks kept in flight between the producing thread and the event loop.
 DEPTH = 4
@@ -142,13 +141,11 @@ async def body_in_thread(
                 if not done:
                     await hand_over()
                     continue
+                arrived, nxt = nxt, None
                 try:
-                    part = nxt.result()
+                    part = arrived.result()
                 except StopAsyncIteration:
                     break
-                finally:
-                    if done:
-                        nxt = None
                 if part:
                     pending.append(part)
                     size += len(part)

@@ -2,8 +2,8 @@
 
 The body is read ahead from ``Request.stream()`` on the event loop, merged into ~4 MiB chunks
 (:func:`service.streaming.body_in_thread`) and handed to ``BlobStore.put_stream`` in a worker
-thread (running sha256, size cap, temp name + atomic
-rename); it is never buffered whole nor spooled twice. For ``*.safetensors`` files the first
+thread (running sha256, size cap, temp name + atomic rename); it is never buffered whole nor
+spooled twice. For ``*.safetensors`` files the first
 ``8 + N`` bytes are parsed as they pass (:class:`HeaderCheck`): a bad header, a body that ends
 early or carries trailing bytes raises *inside* the stream, so the store discards the partial
 blob and no row is written.

@@ -15,7 +15,7 @@ from core.compress import compress
 from core.constants import FORMAT_VERSION
 from core.delta_format import DeltaReader
 from core.errors import IntegrityError
-from core.reconstruct import StreamCheck, reconstruct
+from core.reconstruct import rebuild_check, reconstruct
 from core.safetensors_io import save_file
 from tests.core.golden.make_golden import CASES, HERE, write_pair
 
@@ -49,12 +49,14 @@ def test_version_1_deltas_still_read_and_are_checked_by_sha256(tmp_path: Path, n
         assert r.doc.version == 1
         weights = [f for f in r.doc.files if f.role == "weights"]
         assert weights and all(f.recon_xxh3 is None for f in weights)
-        assert StreamCheck(weights[0]).kind == "sha256"
+        assert rebuild_check(weights[0], 1.0).kind == "sha256"
     out = reconstruct(base, golden, tmp_path / "out")
     got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
     assert got == MANIFEST[name]["files"]
     with DeltaReader(HERE / f"{name}.slim") as r:
-        assert StreamCheck(next(f for f in r.doc.files if f.role == "weights")).kind == "xxh3"
+        assert (
+            rebuild_check(next(f for f in r.doc.files if f.role == "weights"), 1.0).kind == "xxh3"
+        )
     # a base with the same layout but other values fails the sha256 check
     tensors = {k: v.clone() for k, v in load_file(base / "model.safetensors").items()}
     tensors["layer.bias"] = tensors["layer.bias"] + 1.0
