@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one task, fewer points, one seed")
     p.add_argument("--tasks", nargs="+", default=None, choices=["rotten_tomatoes", "tweets"])
     p.add_argument(
-        "--calibration", type=int, default=128, help="validation examples for the fitness"
+        "--calibration",
+        type=int,
+        default=None,
+        help="validation examples for the fitness (default: bench.fidelity.DEFAULT_CALIBRATION)",
     )
     p.add_argument("--fresh", action="store_true", help="measure every row again (default: resume)")
     p.add_argument("--series", nargs="+", default=None, help="run only these series (labels)")
@@ -40,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     args = parser.parse_args(argv)
     if args.name == "fidelity":
-        from bench.fidelity import run
+        from bench.fidelity import DEFAULT_CALIBRATION, run
 
         run(
             args.quick,
             args.tasks,
-            n_cal=args.calibration,
+            n_cal=args.calibration or DEFAULT_CALIBRATION,
             fresh=args.fresh,
             series=args.series,
             threads=args.threads,

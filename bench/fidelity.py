@@ -187,13 +187,11 @@ def run_task(
     save: Any = None,
     earlier: dict[str, Any] | None = None,
     measure: set[str] | None = None,
-    threads: int = 2,
 ) -> dict[str, Any]:
-    """Run the grid on one task. ``earlier`` is this task's result from an interrupted run:
-    its rows are reused when the fine-tune recipe and the calibration size are the same.
-    ``measure``: labels of the series to measure now (None: all); the others only keep
-    their reused rows."""
-    torch.set_num_threads(threads)
+    """Run the grid on one task (torch's thread count as the caller set it). ``earlier`` is
+    this task's result from an interrupted run: its rows are reused when the fine-tune recipe
+    and the calibration size are the same. ``measure``: labels of the series to measure now
+    (None: all); the others only keep their reused rows."""
     task = load_task(task_name)
     recipe = full_recipe(task_name)
     ft_dir = make_finetune(recipe)
@@ -370,20 +368,17 @@ def run(
             logf.write(msg + "\n")
             logf.flush()
 
+        def publish(mine: list[dict[str, Any]]) -> None:
+            """Write this run's tasks next to the other tasks' latest results on disk."""
+            results["seconds"] = time.time() - t0
+            for t in mine:
+                t["command"], t["machine"] = results["command"], results["machine"]
+            with _locked(out_dir):
+                others = _previous(out_dir, quick, tasks)
+                write_outputs(dict(results, tasks=[*others, *mine]), out_dir, quick)
+
         earlier = {} if fresh else _earlier(out_dir, quick)
         for task in tasks:
-
-            def save(partial: dict[str, Any]) -> None:
-                results["seconds"] = time.time() - t0
-                partial["command"], partial["machine"] = results["command"], results["machine"]
-                with _locked(out_dir):
-                    previous = _previous(out_dir, quick, tasks)
-                    write_outputs(
-                        dict(results, tasks=[*previous, *results["tasks"], partial]),
-                        out_dir,
-                        quick,
-                    )
-
             results["tasks"].append(
                 run_task(
                     task,
@@ -391,18 +386,12 @@ def run(
                     n_cal=n_cal,
                     workdir=Path(tmp),
                     log=log,
-                    save=save,
+                    save=lambda partial: publish([*results["tasks"], partial]),
                     earlier=earlier.get(task),
                     measure=set(series) if series else None,
-                    threads=threads,
                 )
             )
-            results["tasks"][-1]["command"] = results["command"]
-            results["tasks"][-1]["machine"] = results["machine"]
-            results["seconds"] = time.time() - t0
-            with _locked(out_dir):
-                previous = _previous(out_dir, quick, tasks)
-                write_outputs(dict(results, tasks=previous + results["tasks"]), out_dir, quick)
+            publish(results["tasks"])
     return results
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench.llm_fixture import build
-from bench.throughput import Stack, peak_rss_mb
+from bench.throughput import Stack, rss_mb
 
 
 def main() -> None:
@@ -62,9 +62,7 @@ def main() -> None:
                     f"{' '.join(f'{r:.2f}' for r in rates)} (median {statistics.median(rates):.2f})",
                     flush=True,
                 )
-            print(
-                f"peak RSS: api {peak_rss_mb(s.api.pid):.0f} MB, worker {peak_rss_mb(s.worker.pid):.0f} MB"
-            )
+            print(f"peak RSS: api {rss_mb(s.api.pid):.0f} MB, worker {rss_mb(s.worker.pid):.0f} MB")
         finally:
             s.close()
 

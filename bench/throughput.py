@@ -98,8 +98,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
-    """Peak RSS (or, with ``field="VmRSS"``, the current one) of a process, in MB."""
+def rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """A process's peak RSS (``VmHWM``) or current RSS (``VmRSS``), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
@@ -195,15 +195,18 @@ class Stack:
         total = 0
         for f in sorted(p for p in directory.rglob("*") if p.is_file()):
             rel = f.relative_to(directory).as_posix()
-            subprocess.run(
-                ["curl", "-sfS", "-o", "/dev/null", "-T", str(f),
-                 "-H", f"Authorization: Bearer {KEY}",
-                 "-H", "Content-Type: application/octet-stream",
-                 f"{self.url}/v1/{kind}/{rid}/files/{rel}"],
-                check=True,
-            )  # fmt: skip
+            self._curl(f"/v1/{kind}/{rid}/files/{rel}", "-T", str(f),
+                       "-H", "Content-Type: application/octet-stream")  # fmt: skip
             total += f.stat().st_size
         return total
+
+    def _curl(self, path: str, *args: str) -> str:
+        """curl ``path`` on this server with the bench key; the body goes to /dev/null."""
+        return subprocess.run(
+            ["curl", "-sfS", "-o", "/dev/null", "-H", f"Authorization: Bearer {KEY}",
+             *args, self.url + path],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
 
     def wait_job(self, job_id: str) -> dict[str, Any]:
         while True:
@@ -224,12 +227,7 @@ class Stack:
     def curl(self, path: str) -> int:
         """Bytes of one GET read by curl: what the server sends when the client keeps up
         (httpx on its own tops out near 0.25 GB/s on this machine, whatever the server)."""
-        out = subprocess.run(
-            ["curl", "-sfS", "-o", "/dev/null", "-w", "%{size_download}",
-             "-H", f"Authorization: Bearer {KEY}", self.url + path],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        return int(out.stdout)
+        return int(self._curl(path, "-w", "%{size_download}"))
 
 
 def zipnn_rates(ft: Path, base: Path) -> dict[str, float]:
@@ -297,7 +295,7 @@ def run_size(
     with tempfile.TemporaryDirectory(dir=fixtures) as tmp:
         stack = Stack(Path(tmp) / "data")
         try:
-            row["rss_api_idle_mb"] = peak_rss_mb(stack.api.pid, "VmRSS")  # imports, no work yet
+            row["rss_api_idle_mb"] = rss_mb(stack.api.pid, "VmRSS")  # imports, no work yet
             b = stack.post("/v1/bases", json={"name": "base"})["id"]
             t = time.perf_counter()
             stack.put_dir("bases", b, base)
@@ -307,7 +305,7 @@ def run_size(
             peaks: dict[str, float] = {}
 
             def peak(name: str, pid: int) -> None:
-                peaks[name] = max(peaks.get(name, 0.0), peak_rss_mb(pid))
+                peaks[name] = max(peaks.get(name, 0.0), rss_mb(pid))
 
             for method in ("lossless", "magnitude", "nps"):
                 times, jobs = [], []
