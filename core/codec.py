@@ -421,6 +421,10 @@ def encode_xor(
     return zstd_compress(planes.tobytes() if n == 0 else planes.data.cast("B"), level)
 
 
+#: Plane bytes inflated per step of :func:`decode_xor` (fits in L2 with its column slice).
+XOR_STEP = 1 << 18
+
+
 def decode_xor(
     frame: bytes | memoryview,
     base_raw: bytes | bytearray | memoryview,
@@ -431,14 +435,38 @@ def decode_xor(
     """Inverse of :func:`encode_xor`: the fine-tune's exact bytes.
 
     Each plane is XORed into its byte column of a copy of the base, or of ``base_raw`` itself
-    with ``in_place`` (a writable buffer the caller owns and no longer needs as the base)."""
-    n = len(base_raw) // width
-    planes = np.frombuffer(zstd_decompress(frame, len(base_raw)), dtype=np.uint8)
-    planes = planes.reshape(width, n)
+    with ``in_place`` (a writable buffer the caller owns and no longer needs as the base).
+    The planes are inflated :data:`XOR_STEP` bytes at a time and XORed while still in cache,
+    so no plane-sized buffer is ever held (the same size guards as :func:`zstd_decompress`)."""
+    size = len(base_raw)
+    n = size // width
+    if size > MAX_FRAME_BYTES:
+        raise InvalidDelta(f"a frame claims {size} bytes, over the limit")
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        raise InvalidDelta("a frame is not a zstd frame") from None
+    if declared != size:
+        raise InvalidDelta(f"a frame declares {declared} bytes where {size} were expected")
     out = np.frombuffer(base_raw, dtype=np.uint8)
     if not in_place:
         out = out.copy()
     columns = out.reshape(n, width)
-    for j in range(width):
-        columns[:, j] ^= planes[j]
+    step = np.empty(min(XOR_STEP, max(n, 1)), dtype=np.uint8)
+    view = memoryview(step)
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
+        with reader:
+            for j in range(width):
+                column, i = columns[:, j], 0
+                while i < n:
+                    got = reader.readinto(view[: min(step.size, n - i)])
+                    if got == 0:
+                        raise InvalidDelta("a frame inflated to the wrong size")
+                    column[i : i + got] ^= step[:got]
+                    i += got
+            if reader.read(1):
+                raise InvalidDelta("a frame inflated to the wrong size")
+    except zstandard.ZstdError as exc:
+        raise InvalidDelta(f"a frame does not decompress ({exc})") from None
     return out.data

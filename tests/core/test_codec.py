@@ -121,6 +121,32 @@ def test_xor_is_exact_for_every_dtype_and_odd_shapes(
     assert out == bb and mine == bb
 
 
+def test_xor_decodes_in_steps_smaller_than_a_plane(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planes are inflated a few bytes at a time; a step boundary mid-plane changes nothing."""
+    monkeypatch.setattr(codec, "XOR_STEP", 7)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1001, generator=g).to(torch.bfloat16)
+    b = (a.float() + 0.01 * torch.randn(1001, generator=g)).to(torch.bfloat16)
+    from core.safetensors_io import tensor_to_bytes
+
+    ab, bb = tensor_to_bytes(a), tensor_to_bytes(b)
+    assert codec.decode_xor(codec.encode_xor(bb, ab, 2), ab, 2) == bb
+
+
+def test_xor_refuses_frames_of_the_wrong_size_or_damaged() -> None:
+    base = bytes(range(256)) * 40
+    frame = codec.encode_xor(bytes(reversed(base)), base, 4)
+    with pytest.raises(InvalidDelta, match="declares"):
+        codec.decode_xor(frame, base[:-4], 4)
+    with pytest.raises(InvalidDelta, match="not a zstd frame"):
+        codec.decode_xor(b"garbage!", base, 4)
+    with pytest.raises(InvalidDelta, match=r"wrong size|does not decompress"):
+        codec.decode_xor(frame[: len(frame) // 2], base, 4)
+    mine = bytearray(base)
+    with pytest.raises(InvalidDelta):  # a frame with trailing garbage after its content
+        codec.decode_xor(frame + codec.zstd_compress(b"x" * 64), mine, 4)
+
+
 def test_non_contiguous_tensors_encode_like_their_contiguous_copy() -> None:
     t = torch.randn(10, 12).t()[::2]  # a strided view
     assert not t.is_contiguous()
