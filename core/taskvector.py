@@ -106,6 +106,10 @@ def task_vector(ft: CheckpointDir, base: CheckpointDir, plan: TensorPlan) -> tor
     """τ = ft − base for one ``delta`` tensor, float32, flat. # (numel,)"""
     assert plan.kind == "delta" and plan.base_name is not None
     ft_t = ft.get(plan.name).reshape(-1).to(torch.float32)
-    base_t = base.get(plan.base_name).reshape(-1).to(torch.float32)
+    base_t = base.get(plan.base_name).reshape(-1)
+    if base_t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        base_t = base_t.to(torch.float32)
+    # half-precision bases are widened element by element inside the subtraction (exact),
+    # not into a τ-sized float32 copy
     ft_t -= base_t
     return ft_t

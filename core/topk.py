@@ -115,6 +115,15 @@ class CutApplier:
                 self.equal_left -= take.numel()
         return keep
 
+    def mask_abs(self, tau: torch.Tensor) -> torch.Tensor:
+        """:meth:`mask` of |τ|, computed :data:`SLICE` entries at a time (no τ-sized float
+        temporary; ties are spent in position order as for the whole tensor). # (n,) bool"""
+        flat = tau.reshape(-1)
+        keep = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
+        for i in range(0, flat.numel(), SLICE):
+            keep[i : i + SLICE] = self.mask(flat[i : i + SLICE].abs())
+        return keep
+
 
 def count_at_least(hist_cum: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Approximate count of scores ≥ ``value`` from a cumulative coarse histogram.

@@ -50,7 +50,7 @@ class MaskFitted(Fitted):
         self._applier = CutApplier(self.cut)
 
     def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection:
-        return from_mask(tau, self._applier.mask(tau.abs()), self.scale)
+        return from_mask(tau, self._applier.mask_abs(tau), self.scale)
 
 
 class Magnitude(Method):
@@ -95,7 +95,7 @@ class MagnitudeScaled(Method):
         taus = ctx.on_device(ws.load_taus())
         applier = CutApplier(cut)
         index = {
-            p.name: torch.nonzero(applier.mask(taus[p.name].abs())).reshape(-1)
+            p.name: torch.nonzero(applier.mask_abs(taus[p.name])).reshape(-1)
             for p in ws.delta_plans
         }
         kept = {n: taus[n][idx] for n, idx in index.items()}

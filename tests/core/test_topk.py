@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -66,3 +67,20 @@ def test_sliced_passes_give_the_same_cut(monkeypatch) -> None:  # type: ignore[n
         for a, k in zip(whole, (1, 100, 2500, 5000), strict=True)
     )
     assert coarse_histogram([t.abs() for t in tensors]).sum() == 5133
+
+
+def test_mask_abs_in_slices_equals_the_whole_tensor_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ties straddling a slice boundary are spent in position order, as on the whole tensor."""
+    from core import topk
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(n, generator=g).round(decimals=1) for n in (37, 50, 13)]
+    scores = [t.abs() for t in tensors]
+    hist = coarse_histogram(scores)
+    cut = top_k_cut(29, hist, lambda: iter(scores))
+    assert cut.take_equal > 0  # the cut falls inside a run of equal scores
+    whole = CutApplier(cut).mask(torch.cat(scores))
+    monkeypatch.setattr(topk, "SLICE", 8)
+    applier = CutApplier(cut)
+    sliced = torch.cat([applier.mask_abs(t) for t in tensors])
+    assert torch.equal(sliced, whole) and int(sliced.sum()) == 29
