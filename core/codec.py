@@ -453,7 +453,7 @@ def decode_xor(
         out = out.copy()
     columns = out.reshape(n, width)
     step = np.empty(min(XOR_STEP, max(n, 1)), dtype=np.uint8)
-    view = memoryview(step)
+    view = step.data
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
         with reader:

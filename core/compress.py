@@ -311,6 +311,7 @@ def _encode(
                     assert tau is not None
                     spec = ValueSpec.from_bits(value_bits, plan.dtype)
                     sel = fitted.select(plan, tau, spec)
+                    tau = None  # not held while the tensor is rebuilt and hashed below
                     encode_sparse(te, prefix, sel, spec, writer, level)
                     kept += te.nnz
                     if ctx.evaluator is not None:
