@@ -3,9 +3,12 @@
 Our variant of NPS (Du et al., ACL 2025, https://arxiv.org/abs/2505.18713) that borrows
 DARE's free positions (Yu et al., ICML 2024, https://arxiv.org/abs/2311.03099). Each subspace
 m gets a keep rate ρ_m and a scale; an entry of subspace m is kept when its seeded draw
-u < ρ_m and stored as s_m·τ. The search starts at DARE (ρ_m = r, s_m = 1/r) and keeps the
-expected number of kept entries at r·D for every candidate, so it never buys fidelity with
-storage.
+u < ρ_m and stored as s_m·τ. The search starts at DARE (ρ_m = r, s_m = 1/r) and holds every
+candidate to DARE's expected stored bits (``budget="bits"``): each subspace's kept entries are
+weighted by what one more of them costs in its tensors' value sections, measured at the start
+(4-bit codes of a token-embedding row compress to ~2.4 bits, of an attention matrix to ~4), so
+the search never buys fidelity with storage. ``budget="entries"`` holds the expected count
+r·D instead (cheaper entries then get traded for dearer ones: 8–13% more bits than DARE).
 
 Subspaces:
 - ``tensor``: tensor groups by role (embed, norm, bias, attn_in, attn_out, mlp_in, mlp_out,
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import rng
+from core import codec, rng
 from core.errors import InvalidArgument
 from core.evaluate import Score
 from core.methods.base import Candidate, FitContext, Fitted, Method, check_keep, keep_count
@@ -37,10 +40,54 @@ from core.tensor_codec import Seeded, Selection, ValueSpec
 from core.workspace import Workspace
 
 SUBSPACE_KINDS = ("tensor", "magnitude")
+BUDGETS = ("bits", "entries")
+#: Below this many kept entries a tensor's marginal cost is not measured (its subspaces take the
+#: average of the others).
+MIN_COSTED = 64
+
+
+def marginal_bits(values: torch.Tensor, spec: ValueSpec) -> float | None:
+    """Bits one more kept value adds to its tensor's value section: the coded size of all the
+    values against that of their first half (fixed costs — codebook, frame header — cancel).
+    None when there are too few values to tell. # values: (n,)"""
+    n = values.numel()
+    if n < MIN_COSTED:
+        return None
+    full = len(codec.encode_values(values, spec.coding, spec.bits)[0])
+    half = len(codec.encode_values(values[: n // 2], spec.coding, spec.bits)[0])
+    return 8.0 * (full - half) / (n - n // 2)
+
+
+def subspace_costs(
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ids: dict[str, torch.Tensor],
+    m: int,
+    specs: dict[str, ValueSpec],
+) -> np.ndarray:
+    """Bits per kept entry of each subspace: the marginal cost of each tensor's values,
+    averaged over the subspace's kept entries (tensors too small to measure, and subspaces
+    with none measured, take the overall average). # (M,)
+
+    Args:
+        kept: per tensor, (kept entry indices, the values that would be stored).
+    """
+    bits = np.zeros(m)
+    count = np.zeros(m)
+    for name, (idx, values) in kept.items():
+        cost = marginal_bits(values, specs[name])
+        if cost is None:
+            continue
+        per = np.bincount(ids[name][idx].long().cpu().numpy(), minlength=m)[:m]
+        bits += cost * per
+        count += per
+    mean = float(bits.sum() / count.sum()) if count.sum() else 1.0
+    return np.where(count > 0, bits / np.maximum(count, 1), mean)
 
 
 def budget_rates(a: np.ndarray, sizes: np.ndarray, k: float) -> np.ndarray:
-    """ρ_m = min(1, c·e^{a_m}) with c chosen so that Σ n_m ρ_m = k (bisection). # (M,)"""
+    """ρ_m = min(1, c·e^{a_m}) with c chosen so that Σ n_m ρ_m = k (bisection). # (M,)
+
+    With ``sizes`` weighted by a cost per entry, ``k`` is a budget in that unit."""
     e = np.exp(a)
     lo, hi = 0.0, 1.0 / max(float(e[sizes > 0].min(initial=1.0)), 1e-300)
     if float((sizes * np.minimum(1.0, hi * e)).sum()) <= k:
@@ -71,9 +118,13 @@ class NpsSeeded(Method):
         generations: int = 12,
         popsize: int | None = None,
         seed_trials: int = 2,
+        budget: str = "bits",
     ) -> None:
         if subspaces not in SUBSPACE_KINDS:
             raise InvalidArgument(f"subspaces must be one of {SUBSPACE_KINDS}")
+        if budget not in BUDGETS:
+            raise InvalidArgument(f"budget must be one of {BUDGETS}")
+        self.budget = budget
         self.keep = check_keep(keep)
         self.kind = subspaces
         self.m = m
@@ -96,6 +147,7 @@ class NpsSeeded(Method):
             "sigma0": self.sigma0,
             "generations": self.generations,
             "seed_trials": self.seed_trials,
+            "budget": self.budget,
         }
 
     def fit(self, ws: Workspace, ctx: FitContext) -> Fitted:
@@ -129,8 +181,12 @@ class NpsSeeded(Method):
             labels = [f"m{i}" for i in range(subs.m)]
         m = len(labels)
 
+        # the budget: expected kept entries, or their expected bits once the costs are known
+        cost = np.ones(m)
+        target = k
+
         def rates_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            rho = budget_rates(x[:m], sizes, k)
+            rho = budget_rates(x[:m], sizes * cost, target)
             scale = np.exp(x[m:]) / np.maximum(rho, 1e-12)
             return rho, scale
 
@@ -168,6 +224,17 @@ class NpsSeeded(Method):
             if seed_scores[trial] >= seed_scores.get(best_seed, -math.inf):
                 best_seed, best_index = trial, index
         index = best_index
+        if self.budget == "bits":
+            # DARE's own selection prices each subspace; at x0 the rates stay r either way
+            rho0, scale0 = rates_scales(x0)
+            kept = {}
+            for n in taus:
+                idx, factor = index[n].select(rho0, scale0)
+                assert factor is not None
+                kept[n] = (idx, taus[n][idx] * factor)
+            cost = subspace_costs(kept, ids, m, specs)
+            target = float((sizes * cost * rho0).sum())
+            del kept
         ctx.report(
             phase="seed",
             generation=0,
@@ -214,6 +281,7 @@ class NpsSeeded(Method):
                 "rates": rho.tolist(),
                 "scales": scale.tolist(),
                 "sizes": sizes.tolist(),
+                "bits_per_entry": cost.tolist(),
                 "fitness_start": outcome.before,
                 "fitness_best": outcome.fitness,
                 "seed": best_seed,

@@ -12,9 +12,10 @@ from core.compress import build_evaluator, compress
 from core.delta_format import DeltaReader
 from core.errors import EvaluationUnavailable, InvalidArgument, InvalidCalibration
 from core.methods import REGISTRY, FitContext, make_method
-from core.methods.nps_seeded import budget_rates
+from core.methods.nps_seeded import budget_rates, marginal_bits, subspace_costs
 from core.methods.subspaces import boundary_ranks, tensor_group
 from core.reconstruct import load_state
+from core.tensor_codec import ValueSpec
 from core.workspace import Workspace
 
 
@@ -46,6 +47,37 @@ def test_budget_rates_keep_the_expected_count() -> None:
     rho = budget_rates(np.array([2.0, 0.0, -1.0]), sizes, 300.0)
     assert abs(float((rho * sizes).sum()) - 300.0) < 1e-6
     assert rho[0] > rho[1] > rho[2]
+
+
+def test_marginal_bits_price_entries_by_what_their_codes_cost() -> None:
+    """Values with few distinct codes are cheaper to keep than noise-like ones; fixed costs
+    (codebook, frame header) do not count; too few values give no estimate."""
+    g = torch.Generator().manual_seed(0)
+    spec = ValueSpec.from_bits(4, "F32")
+    noisy = torch.randn(20_000, generator=g)
+    peaked = torch.where(torch.rand(20_000, generator=g) < 0.9, 0.01, 1.0) * noisy.sign()
+    dear, cheap = marginal_bits(noisy, spec), marginal_bits(peaked, spec)
+    assert dear is not None and cheap is not None
+    assert 3.0 < dear <= 4.3 and cheap < 0.5 * dear
+    assert marginal_bits(noisy[:10], spec) is None
+    ids = {"a": torch.zeros(20_000, dtype=torch.uint8), "b": torch.ones(20_000, dtype=torch.uint8)}
+    idx = torch.arange(20_000)
+    costs = subspace_costs({"a": (idx, noisy), "b": (idx, peaked)}, ids, 3, {"a": spec, "b": spec})
+    assert costs[0] == pytest.approx(dear) and costs[1] == pytest.approx(cheap)
+    assert costs[2] == pytest.approx((dear + cheap) / 2)  # no entries: the average
+
+
+def test_seeded_search_holds_dare_s_expected_bits(tiny_models: dict[str, Path]) -> None:
+    """With the bits budget every candidate's expected stored bits equal DARE's at the keep."""
+    ws = Workspace(tiny_models["base"], tiny_models["ft"])
+    ev = build_evaluator("fidelity", ws, tiny_models["ft"], tiny_models["calibration"])
+    ctx = FitContext(keep=0.05, value_bits=4, evaluator=ev)
+    res = make_method("nps-seeded", keep=0.05, generations=2).fit(ws, ctx).result
+    sizes, rates, cost = (np.array(res[k]) for k in ("sizes", "rates", "bits_per_entry"))
+    spent, dare = float((sizes * cost * rates).sum()), 0.05 * float((sizes * cost).sum())
+    assert spent == pytest.approx(dare, rel=1e-4)  # (the kept count is ⌈r·D⌉, not r·D)
+    assert len(set(np.round(cost, 6))) > 1  # the groups do differ in price here
+    assert not np.allclose(rates, 0.05)  # and the search moved the rates
 
 
 def test_tensor_groups() -> None:
