@@ -48,14 +48,16 @@ MIN_COSTED = 64
 
 def marginal_bits(values: torch.Tensor, spec: ValueSpec) -> float | None:
     """Bits one more kept value adds to its tensor's value section: the coded size of all the
-    values against that of their first half (fixed costs — codebook, frame header — cancel).
-    None when there are too few values to tell. # values: (n,)"""
+    values against that of every other one (fixed costs — codebook, frame header — cancel; a
+    strided half, since a prefix of a tensor, such as the first rows of an embedding, need not
+    look like the rest). None when there are too few values to tell. # values: (n,)"""
     n = values.numel()
     if n < MIN_COSTED:
         return None
     full = len(codec.encode_values(values, spec.coding, spec.bits)[0])
-    half = len(codec.encode_values(values[: n // 2], spec.coding, spec.bits)[0])
-    return 8.0 * (full - half) / (n - n // 2)
+    half = values[::2]
+    part = len(codec.encode_values(half, spec.coding, spec.bits)[0])
+    return 8.0 * (full - part) / (n - half.numel())
 
 
 def subspace_costs(
