@@ -153,6 +153,15 @@ def grid_point(series: Series, keep: float, bits: int, seed: int) -> str:
     return f"{series.label}|{series.method}|{series.evaluation}|{opts}|{keep}|{bits}|{seed}"
 
 
+def same_finetune(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two fine-tune markers describe the same weights: the recipe's key and outcome agree
+    (the fine-tune is deterministic; when it was made does not matter)."""
+    when = {"created"}
+    return {k: v for k, v in a.items() if k not in when} == {
+        k: v for k, v in b.items() if k not in when
+    }
+
+
 class TestHarness:
     """The fine-tune's model, kept in memory; scores a delta on the full test split."""
 
@@ -228,7 +237,7 @@ def run_task(
     reusable: dict[str, dict[str, Any]] = {}
     if (
         earlier
-        and earlier.get("recipe") == summary["recipe"]
+        and same_finetune(earlier.get("recipe") or {}, summary["recipe"])
         and earlier.get("calibration_examples") == n_cal
     ):
         reusable = {r["grid_point"]: r for r in earlier.get("rows", []) if r.get("grid_point")}
