@@ -155,8 +155,8 @@ def grid_point(series: Series, keep: float, bits: int, seed: int) -> str:
 
 def same_finetune(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two fine-tune markers describe the same weights: the recipe's key and outcome agree
-    (the fine-tune is deterministic; when it was made does not matter)."""
-    when = {"created"}
+    (the fine-tune is deterministic; when it was made, and how fast, does not matter)."""
+    when = {"created", "train_seconds", "seconds_per_step"}
     return {k: v for k, v in a.items() if k not in when} == {
         k: v for k, v in b.items() if k not in when
     }
