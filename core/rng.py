@@ -14,7 +14,8 @@ import numpy as np
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
-CHUNK = 1 << 22
+#: Draws made per step (each step holds a few uint64 arrays of this length: 8 MiB each).
+CHUNK = 1 << 20
 
 
 def tensor_key(seed: int, name: str) -> int:

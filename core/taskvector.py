@@ -21,6 +21,7 @@ import torch
 from core.checkpoint import CheckpointDir
 from core.constants import FLOAT_DTYPES
 from core.errors import BaseMismatch
+from core.topk import SLICE
 
 Kind = Literal["delta", "dense"]
 
@@ -107,9 +108,16 @@ def task_vector(ft: CheckpointDir, base: CheckpointDir, plan: TensorPlan) -> tor
     assert plan.kind == "delta" and plan.base_name is not None
     ft_t = ft.get(plan.name).reshape(-1).to(torch.float32)
     base_t = base.get(plan.base_name).reshape(-1)
-    if base_t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        base_t = base_t.to(torch.float32)
-    # half-precision bases are widened element by element inside the subtraction (exact),
-    # not into a τ-sized float32 copy
-    ft_t -= base_t
+    # the base is widened a slice at a time: a mixed-dtype in-place subtraction would make a
+    # τ-sized float32 copy of it first
+    for i in range(0, ft_t.numel(), SLICE):
+        ft_t[i : i + SLICE] -= base_t[i : i + SLICE].to(torch.float32)
     return ft_t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite, checked a slice at a time (no tensor-sized mask)."""
+    flat = t.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[i : i + SLICE]).all()) for i in range(0, flat.numel(), SLICE)
+    )

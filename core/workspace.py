@@ -9,7 +9,7 @@ import torch
 
 from core.checkpoint import CheckpointDir
 from core.errors import InvalidCheckpoint
-from core.taskvector import TensorPlan, plan_tensors, task_vector
+from core.taskvector import TensorPlan, all_finite, plan_tensors, task_vector
 
 
 class Workspace:
@@ -39,7 +39,7 @@ class Workspace:
         if self._taus is not None and plan.name in self._taus:
             return self._taus[plan.name]
         t = task_vector(self.ft, self.base, plan)
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InvalidCheckpoint(
                 f"tensor {plan.name!r} has NaN or infinite values (in the fine-tune or the base); "
                 "lossy methods cannot compress it — fix the checkpoint or use --method lossless"
