@@ -451,19 +451,37 @@ def decode_xor(
     out = np.frombuffer(base_raw, dtype=np.uint8)
     if not in_place:
         out = out.copy()
-    columns = out.reshape(n, width)
     step = np.empty(min(XOR_STEP, max(n, 1)), dtype=np.uint8)
     view = step.data
+    if width in (2, 4, 8):
+        # byte j of a little-endian element is plane j: each step is widened and shifted into
+        # place and XORed into whole elements (contiguous, ~2x a strided byte-column XOR)
+        items = out.view(f"<u{width}")
+        wide = np.empty(step.size, dtype=items.dtype)
+
+        def xor_in(j: int, i: int, got: int) -> None:
+            w = wide[:got]
+            np.copyto(w, step[:got], casting="unsafe")
+            if j:
+                np.left_shift(w, 8 * j, out=w)
+            items[i : i + got] ^= w
+
+    else:
+        columns = out.reshape(n, width)
+
+        def xor_in(j: int, i: int, got: int) -> None:
+            columns[i : i + got, j] ^= step[:got]
+
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
         with reader:
             for j in range(width):
-                column, i = columns[:, j], 0
+                i = 0
                 while i < n:
                     got = reader.readinto(view[: min(step.size, n - i)])
                     if got == 0:
                         raise InvalidDelta("a frame inflated to the wrong size")
-                    column[i : i + got] ^= step[:got]
+                    xor_in(j, i, got)
                     i += got
             if reader.read(1):
                 raise InvalidDelta("a frame inflated to the wrong size")
