@@ -50,6 +50,13 @@ class Workspace:
         for plan in self.delta_plans:
             yield plan, self.tau(plan)
 
+    def iter_abs_taus(self) -> Iterator[torch.Tensor]:
+        """|τ| of each delta tensor in plan order; a τ computed for the purpose is made
+        absolute in place (no second τ-sized tensor), a loaded one is left as it is."""
+        for plan in self.delta_plans:
+            t = self.tau(plan)
+            yield t.abs() if self._taus is not None and plan.name in self._taus else t.abs_()
+
     def load_taus(self) -> dict[str, torch.Tensor]:
         """All task vectors in memory (float32, CPU), computed once."""
         if self._taus is None:

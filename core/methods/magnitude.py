@@ -34,7 +34,7 @@ def global_cut(ws: Workspace, keep: float) -> Cut:
     """The exact global top-⌈r·D⌉ cut of |τ| over every delta tensor (two streamed passes)."""
 
     def scores() -> Any:
-        return (tau.abs() for _, tau in ws.iter_taus())
+        return ws.iter_abs_taus()
 
     hist = coarse_histogram(scores())
     return top_k_cut(keep_count(keep, int(hist.sum())), hist, scores)
