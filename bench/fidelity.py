@@ -72,8 +72,27 @@ def full_grid() -> list[Series]:
         Series("lossless", "lossless", (1.0,), (16,)),
         Series("nps-seeded", "nps-seeded", (0.02,), (4,), SEEDS, "fidelity"),
         Series("dare", "dare", (0.02, 0.01), (4, 16), SEEDS),
-        Series("nps-seeded", "nps-seeded", (0.025,), (3,), SEEDS, "fidelity"),
         Series("dare", "dare", (0.025,), (3,), SEEDS),
+        # token embeddings left at DARE's rate: calibration texts exercise few of their rows
+        Series(
+            "nps-seeded (embeddings fixed)",
+            "nps-seeded",
+            (0.025,),
+            (3,),
+            SEEDS,
+            "fidelity",
+            {"fixed": "embed"},
+        ),
+        Series(
+            "nps-seeded (embeddings fixed)",
+            "nps-seeded",
+            (0.02,),
+            (4,),
+            SEEDS,
+            "fidelity",
+            {"fixed": "embed"},
+        ),
+        Series("nps-seeded", "nps-seeded", (0.025,), (3,), SEEDS, "fidelity"),
         Series("auto (floor 0.99)", "auto", (1.0,), (0,), (0,), "fidelity", {"min_fidelity": 0.99}),
         # the search under the earlier entry-count budget (see NOTES.md, "bits budget")
         Series(

@@ -121,12 +121,15 @@ class NpsSeeded(Method):
         popsize: int | None = None,
         seed_trials: int = 2,
         budget: str = "bits",
+        fixed: str = "",
     ) -> None:
         if subspaces not in SUBSPACE_KINDS:
             raise InvalidArgument(f"subspaces must be one of {SUBSPACE_KINDS}")
         if budget not in BUDGETS:
             raise InvalidArgument(f"budget must be one of {BUDGETS}")
         self.budget = budget
+        #: comma-separated subspaces left at DARE's rate and scale, e.g. "embed"
+        self.fixed = tuple(g for g in fixed.split(",") if g)
         self.keep = check_keep(keep)
         self.kind = subspaces
         self.m = m
@@ -150,6 +153,7 @@ class NpsSeeded(Method):
             "generations": self.generations,
             "seed_trials": self.seed_trials,
             "budget": self.budget,
+            "fixed": ",".join(self.fixed),
         }
 
     def fit(self, ws: Workspace, ctx: FitContext) -> Fitted:
@@ -187,10 +191,30 @@ class NpsSeeded(Method):
         cost = np.ones(m)
         target = k
 
+        # subspaces left at DARE's rate and scale (not searched)
+        pinned = np.array([label in self.fixed for label in labels], dtype=bool)
+        free = np.flatnonzero(~pinned)
+        if free.size == 0:
+            raise InvalidArgument("every subspace is fixed: nothing left to search")
+
         def rates_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            rho = budget_rates(x[:m], sizes * cost, target)
-            scale = np.exp(x[m:]) / np.maximum(rho, 1e-12)
+            w = sizes * cost
+            if not pinned.any():
+                rho = budget_rates(x[:m], w, target)
+            else:
+                rho = budget_rates(np.zeros(m), w, target)  # the start: r everywhere
+                rest = target - float((w * rho)[pinned].sum())
+                rho[free] = budget_rates(x[:m][free], w[free], rest)
+            scale = np.exp(np.where(pinned, 0.0, x[m:])) / np.maximum(rho, 1e-12)
             return rho, scale
+
+        def full(y: np.ndarray) -> np.ndarray:
+            """The searched vector (free subspaces' log-rates, then log-scales), bounded and
+            spread over every subspace (pinned ones at 0). # (2·M,)"""
+            x = np.zeros(2 * m)
+            x[free] = np.clip(y[: free.size], -self.rate_bound, self.rate_bound)
+            x[m + free] = np.clip(y[free.size :], -self.scale_bound, self.scale_bound)
+            return x
 
         def build_index(seed: int) -> dict[str, PrefixIndex]:
             """Each tensor's entries by subspace, sorted by their seeded draw."""
@@ -246,36 +270,22 @@ class NpsSeeded(Method):
         )
         bounds = (-max(self.rate_bound, self.scale_bound), max(self.rate_bound, self.scale_bound))
         holdout = (
-            (lambda x: apply(x, "holdout").fitness) if "holdout" in ctx.evaluator.parts else None
+            (lambda y: apply(full(y), "holdout").fitness)
+            if "holdout" in ctx.evaluator.parts
+            else None
         )
         outcome = run_cma(
-            lambda x: (
-                apply(
-                    np.concatenate(
-                        [
-                            np.clip(x[:m], -self.rate_bound, self.rate_bound),
-                            np.clip(x[m:], -self.scale_bound, self.scale_bound),
-                        ]
-                    ),
-                    "search",
-                ).fitness
-            ),
-            x0,
+            lambda y: apply(full(y), "search").fitness,
+            np.zeros(2 * free.size),
             sigma0=self.sigma0,
             bounds=bounds,
-            popsize=self.popsize or default_popsize(2 * m),
+            popsize=self.popsize or default_popsize(2 * free.size),
             generations=self.generations,
             seed=ctx.seed,
             ctx=ctx,
             holdout=holdout,
         )
-        x = np.concatenate(
-            [
-                np.clip(outcome.x[:m], -self.rate_bound, self.rate_bound),
-                np.clip(outcome.x[m:], -self.scale_bound, self.scale_bound),
-            ]
-        )
-        rho, scale = rates_scales(x)
+        rho, scale = rates_scales(full(outcome.x))
         return SeededFitted(
             params=params,
             result={
@@ -284,6 +294,7 @@ class NpsSeeded(Method):
                 "scales": scale.tolist(),
                 "sizes": sizes.tolist(),
                 "bits_per_entry": cost.tolist(),
+                "fixed": [label for label, p in zip(labels, pinned, strict=True) if p],
                 "fitness_start": outcome.before,
                 "fitness_best": outcome.fitness,
                 "seed": best_seed,

@@ -80,6 +80,25 @@ def test_seeded_search_holds_dare_s_expected_bits(tiny_models: dict[str, Path]) 
     assert not np.allclose(rates, 0.05)  # and the search moved the rates
 
 
+def test_fixed_subspaces_stay_at_dare_s_rate_and_scale(tiny_models: dict[str, Path]) -> None:
+    """Token embeddings can be left out of the search (calibration texts exercise few rows)."""
+    ws = Workspace(tiny_models["base"], tiny_models["ft"])
+    ev = build_evaluator("fidelity", ws, tiny_models["ft"], tiny_models["calibration"])
+    ctx = FitContext(keep=0.05, value_bits=4, evaluator=ev)
+    res = make_method("nps-seeded", keep=0.05, generations=2, fixed="embed").fit(ws, ctx).result
+    e = res["subspaces"].index("embed")
+    assert res["fixed"] == ["embed"]
+    assert res["rates"][e] == pytest.approx(0.05, rel=1e-3)
+    assert res["scales"][e] == pytest.approx(1 / res["rates"][e])
+    sizes, rates, cost = (np.array(res[k]) for k in ("sizes", "rates", "bits_per_entry"))
+    spent, dare = float((sizes * cost * rates).sum()), 0.05 * float((sizes * cost).sum())
+    assert spent == pytest.approx(dare, rel=1e-4)
+    assert not np.allclose(np.delete(rates, e), 0.05)
+    everything = ",".join(res["subspaces"])
+    with pytest.raises(InvalidArgument, match="nothing left to search"):
+        make_method("nps-seeded", keep=0.05, fixed=everything).fit(ws, ctx)
+
+
 def test_tensor_groups() -> None:
     assert tensor_group("bert.encoder.layer.0.attention.self.query.weight", 2) == "attn_in"
     assert tensor_group("bert.encoder.layer.0.attention.output.dense.weight", 2) == "attn_out"
