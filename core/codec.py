@@ -37,8 +37,9 @@ def zstd_compress(data: bytes | bytearray | memoryview, level: int = ZSTD_LEVEL)
     )
 
 
-def zstd_decompress(frame: bytes | memoryview, expected_size: int) -> bytes:
-    """Inflate one frame whose declared size must equal ``expected_size`` (no zstd bombs)."""
+def check_frame_size(frame: bytes | memoryview, expected_size: int) -> None:
+    """Refuse a frame over the size limit or declaring another size than expected (no zstd
+    bombs: checked before anything is inflated)."""
     if expected_size > MAX_FRAME_BYTES:
         raise InvalidDelta(f"a frame claims {expected_size} bytes, over the limit")
     try:
@@ -47,6 +48,11 @@ def zstd_decompress(frame: bytes | memoryview, expected_size: int) -> bytes:
         raise InvalidDelta("a frame is not a zstd frame") from None
     if declared != expected_size:
         raise InvalidDelta(f"a frame declares {declared} bytes where {expected_size} were expected")
+
+
+def zstd_decompress(frame: bytes | memoryview, expected_size: int) -> bytes:
+    """Inflate one frame whose declared size must equal ``expected_size``."""
+    check_frame_size(frame, expected_size)
     if expected_size == 0:
         return b""
     try:
@@ -438,40 +444,20 @@ def decode_xor(
     with ``in_place`` (a writable buffer the caller owns and no longer needs as the base).
     The planes are inflated :data:`XOR_STEP` bytes at a time and XORed while still in cache,
     so no plane-sized buffer is ever held (the same size guards as :func:`zstd_decompress`)."""
+    if width not in (1, 2, 4, 8):
+        raise InvalidDelta(f"lossless planes of {width}-byte elements are not a known dtype")
     size = len(base_raw)
     n = size // width
-    if size > MAX_FRAME_BYTES:
-        raise InvalidDelta(f"a frame claims {size} bytes, over the limit")
-    try:
-        declared = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError:
-        raise InvalidDelta("a frame is not a zstd frame") from None
-    if declared != size:
-        raise InvalidDelta(f"a frame declares {declared} bytes where {size} were expected")
+    check_frame_size(frame, size)
     out = np.frombuffer(base_raw, dtype=np.uint8)
     if not in_place:
         out = out.copy()
+    # byte j of a little-endian element is plane j: each step is widened and shifted into place
+    # and XORed into whole elements (contiguous, ~2x a strided byte-column XOR)
+    items = out.view(f"<u{width}")
     step = np.empty(min(XOR_STEP, max(n, 1)), dtype=np.uint8)
     view = step.data
-    if width in (2, 4, 8):
-        # byte j of a little-endian element is plane j: each step is widened and shifted into
-        # place and XORed into whole elements (contiguous, ~2x a strided byte-column XOR)
-        items = out.view(f"<u{width}")
-        wide = np.empty(step.size, dtype=items.dtype)
-
-        def xor_in(j: int, i: int, got: int) -> None:
-            w = wide[:got]
-            np.copyto(w, step[:got], casting="unsafe")
-            if j:
-                np.left_shift(w, 8 * j, out=w)
-            items[i : i + got] ^= w
-
-    else:
-        columns = out.reshape(n, width)
-
-        def xor_in(j: int, i: int, got: int) -> None:
-            columns[i : i + got, j] ^= step[:got]
-
+    wide = np.empty(step.size, dtype=items.dtype)
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
         with reader:
@@ -481,7 +467,11 @@ def decode_xor(
                     got = reader.readinto(view[: min(step.size, n - i)])
                     if got == 0:
                         raise InvalidDelta("a frame inflated to the wrong size")
-                    xor_in(j, i, got)
+                    w = wide[:got]
+                    np.copyto(w, step[:got], casting="unsafe")
+                    if j:
+                        np.left_shift(w, 8 * j, out=w)
+                    items[i : i + got] ^= w
                     i += got
             if reader.read(1):
                 raise InvalidDelta("a frame inflated to the wrong size")

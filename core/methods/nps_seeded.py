@@ -199,12 +199,9 @@ class NpsSeeded(Method):
 
         def rates_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             w = sizes * cost
-            if not pinned.any():
-                rho = budget_rates(x[:m], w, target)
-            else:
-                rho = budget_rates(np.zeros(m), w, target)  # the start: r everywhere
-                rest = target - float((w * rho)[pinned].sum())
-                rho[free] = budget_rates(x[:m][free], w[free], rest)
+            rho = budget_rates(np.zeros(m), w, target)  # the start: r everywhere
+            rest = target - float((w * rho)[pinned].sum())  # what the free subspaces share
+            rho[free] = budget_rates(x[:m][free], w[free], rest)
             scale = np.exp(np.where(pinned, 0.0, x[m:])) / np.maximum(rho, 1e-12)
             return rho, scale
 
