@@ -36,7 +36,8 @@ class Workspace:
 
     def tau(self, plan: TensorPlan) -> torch.Tensor:
         """τ of one delta tensor, float32, flat. Non-finite values are refused. # (numel,)"""
-        if self._taus is not None and plan.name in self._taus:
+        if self._loaded(plan):
+            assert self._taus is not None
             return self._taus[plan.name]
         t = task_vector(self.ft, self.base, plan)
         if not all_finite(t):
@@ -55,7 +56,11 @@ class Workspace:
         absolute in place (no second τ-sized tensor), a loaded one is left as it is."""
         for plan in self.delta_plans:
             t = self.tau(plan)
-            yield t.abs() if self._taus is not None and plan.name in self._taus else t.abs_()
+            yield t.abs() if self._loaded(plan) else t.abs_()
+
+    def _loaded(self, plan: TensorPlan) -> bool:
+        """Whether ``plan``'s τ is held by :meth:`load_taus` (callers must not change it)."""
+        return self._taus is not None and plan.name in self._taus
 
     def load_taus(self) -> dict[str, torch.Tensor]:
         """All task vectors in memory (float32, CPU), computed once."""
