@@ -481,6 +481,99 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.median(values):.4f} [{min(values):.4f}–{max(values):.4f}]"
 
 
+#: The baselines the NPS family has to beat at equal bits (the issue's Pareto front).
+BASELINES = ("magnitude", "magnitude-scaled", "dare")
+#: The range of bits per parameter where the front is compared.
+FRONT_RANGE = (0.03, 1.0)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point over its seeds: median bits/param and test accuracy, and their spread."""
+
+    label: str
+    bpp: float
+    acc: float
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, key: tuple[Any, ...], rows: list[dict[str, Any]]) -> Point:
+        series, keep, bits = key
+        accs = [r["test_accuracy"] for r in rows]
+        name = f"{series} {keep:g}/{bits}" if keep is not None else series
+        return cls(
+            f"{name} ×{len(rows)}",
+            statistics.median(r["bits_per_param"] for r in rows),
+            statistics.median(accs),
+            min(accs),
+            max(accs),
+        )
+
+
+def verdict(mine: Point, other: Point) -> str:
+    """``better`` / ``worse`` only outside both seed spreads, else ``within spread``."""
+    if mine.lo > other.hi:
+        return "better"
+    if mine.hi < other.lo:
+        return "worse"
+    return "within spread"
+
+
+def front_comparison(rows: list[dict[str, Any]]) -> list[tuple[Point, Point | None, str]]:
+    """Each point of one family against the other family's best point that stores no more
+    (NPS family: series whose method is ``nps`` or ``nps-seeded``; baselines: :data:`BASELINES`),
+    inside :data:`FRONT_RANGE`. Returns (point, best rival at ≤ its bits, verdict of the NPS
+    family against it), NPS points first."""
+    nps: list[Point] = []
+    base: list[Point] = []
+    for key, rs in _group(rows):
+        method = rs[0]["method"]
+        pt = Point.of(key, rs)
+        if not FRONT_RANGE[0] <= pt.bpp <= FRONT_RANGE[1]:
+            continue
+        if method in ("nps", "nps-seeded") and not key[0].startswith("auto"):
+            nps.append(pt)
+        elif key[0] in BASELINES:
+            base.append(pt)
+
+    def best(pts: list[Point], bpp: float) -> Point | None:
+        fit = [p for p in pts if p.bpp <= bpp]
+        return max(fit, key=lambda p: p.acc) if fit else None
+
+    out: list[tuple[Point, Point | None, str]] = []
+    for mine, rivals, flip in ((nps, base, False), (base, nps, True)):
+        for p in sorted(mine, key=lambda p: p.bpp):
+            rival = best(rivals, p.bpp)
+            if rival is None:
+                out.append((p, None, "no rival stores as little"))
+            else:
+                out.append((p, rival, verdict(rival, p) if flip else verdict(p, rival)))
+    return out
+
+
+def _front_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lo, hi = FRONT_RANGE
+    lines = [
+        f"### NPS family against the baselines' front ({lo}–{hi} bits/param)",
+        "",
+        "Each point against the best point of the other family that stores no more bits. The "
+        "verdict is the NPS family's: better/worse only when the seed spreads do not overlap "
+        "(single-seed points: their one value).",
+        "",
+        "| point | bits/param | test acc | best rival at ≤ bits | its bits/param | its test acc | NPS family is |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def acc(p: Point) -> str:
+        return f"{p.acc:.4f}" if p.lo == p.hi else f"{p.acc:.4f} [{p.lo:.4f}–{p.hi:.4f}]"
+
+    for p, rival, v in front_comparison(rows):
+        r = ("—", "—", "—") if rival is None else (rival.label, f"{rival.bpp:.4f}", acc(rival))
+        lines.append(f"| {p.label} | {p.bpp:.4f} | {acc(p)} | {r[0]} | {r[1]} | {r[2]} | {v} |")
+    return [*lines, ""]
+
+
 def write_outputs(results: dict[str, Any], out_dir: Path, quick: bool) -> None:
     stem = "fidelity-quick" if quick else "fidelity"
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -516,7 +609,7 @@ def write_outputs(results: dict[str, Any], out_dir: Path, quick: bool) -> None:
                 f"{_stat([r['gain_kept'] for r in rs])} | "
                 f"{statistics.median(r['search_seconds'] for r in rs):.0f} |"
             )
-        lines.append("")
+        lines += ["", *_front_lines(t["rows"])]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(results, out_dir / f"{stem}.png")
 
