@@ -115,7 +115,7 @@ def full_grid() -> list[Series]:
         Series("dare", "dare", ends, (16, 4)),
         Series("dare", "dare", (0.01, 0.02, 0.05), (2,)),
         Series("nps-seeded", "nps-seeded", (0.05,), (4,), (0,), "fidelity"),
-        Series("nps-seeded", "nps-seeded", (0.01, 0.02), (2,), (0,), "fidelity"),
+        Series("nps-seeded", "nps-seeded", (0.02, 0.01), (2,), SEEDS, "fidelity"),
         Series("nps", "nps", (0.01,), (4,), (0,), "fidelity"),
         Series("magnitude", "magnitude", (0.01, 0.05), (4,)),
         Series("nps-seeded (accuracy)", "nps-seeded", (0.01,), (4,), (0,), "accuracy"),
