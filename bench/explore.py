@@ -18,131 +18,140 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import zstandard
 
 from bench.data import load_task
-from bench.fidelity import DEFAULT_CALIBRATION, RESULTS, TestHarness
+from bench.fidelity import DEFAULT_CALIBRATION, RESULTS, TestHarness, calibration
 from bench.finetune import base_model_dir, full_recipe, make_finetune
 from core import codec, rng
 from core.compress import compress
-from core.evaluate import Example as CalExample
-from core.evaluate import ModelEvaluator
+from core.evaluate import ModelEvaluator, score_with
+from core.methods.nps_seeded import budget_rates
 from core.reconstruct import load_state
+from core.taskvector import TensorPlan
 from core.tensor_codec import ValueSpec
 from core.workspace import Workspace
 
-
-def _record(name: str, row: dict[str, Any], started: float) -> None:
-    print(json.dumps(row), f"{time.time() - started:.1f}s", flush=True)
-    with open(RESULTS / f"explore-{name}.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+#: Validation texts beyond the calibration set that the draws are also scored on.
+MORE_TEXTS = 768
 
 
-def row_rates(tau: torch.Tensor, shape: tuple[int, ...], gamma: float, budget: float) -> tuple:
+@dataclass
+class Fixture:
+    """One task's benchmark fine-tune: its test harness, τ and base values of its tensors."""
+
+    task: str
+    ft: Path
+    base: Path
+    harness: TestHarness
+    acc_ft: float
+    plans: dict[str, TensorPlan]
+    taus: dict[str, torch.Tensor]  # flat float32
+    base_values: dict[str, torch.Tensor]  # flat float32
+
+    @classmethod
+    def load(cls, task: str) -> Fixture:
+        ft, base = make_finetune(full_recipe(task)), base_model_dir()
+        harness = TestHarness(ft, list(load_task(task).test))
+        with Workspace(base, ft) as ws:
+            plans = {p.name: p for p in ws.delta_plans}
+            taus = ws.load_taus()
+            base_values = {
+                n: ws.base.get(p.base_name).reshape(-1).float()
+                for n, p in plans.items()
+                if p.base_name is not None
+            }
+        return cls(task, ft, base, harness, harness.accuracy(), plans, taus, base_values)
+
+    def record(
+        self,
+        name: str,
+        args: argparse.Namespace,
+        fields: dict[str, Any],
+        acc: float,
+        started: float,
+    ) -> None:
+        """Print one point and append it to ``results/explore-<name>.jsonl``."""
+        row = {"task": self.task, "keep": args.keep, "bits": args.bits, **fields}
+        row |= {"acc": acc, "norm": acc / self.acc_ft}
+        print(json.dumps(row), f"{time.time() - started:.1f}s", flush=True)
+        with open(RESULTS / f"explore-{name}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def row_rates(
+    tau: torch.Tensor, shape: tuple[int, ...], gamma: float, budget: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-row keep rates ∝ rms(τ_row)^γ with Σ cols·p_row = budget, as stored: a 1/4-octave
     code q per row, p = 2^(−q/4). Returns (rates # (rows,), codes # (rows,) uint8)."""
     rows = shape[0] if len(shape) == 2 else 1
     t = tau.reshape(rows, -1)
-    w = (t.pow(2).mean(1).sqrt().double().numpy() + 1e-30) ** gamma
-    cols = t.shape[1]
-    lo, hi = 0.0, 1.0 / w.min()
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if (cols * np.minimum(1, mid * w)).sum() < budget:
-            lo = mid
-        else:
-            hi = mid
-    q = np.clip(np.round(-4 * np.log2(np.minimum(1, hi * w))), 0, 255).astype(np.uint8)
+    rms = t.pow(2).mean(1).sqrt().double().numpy() + 1e-30
+    rho = budget_rates(gamma * np.log(rms), np.full(rows, float(t.shape[1])), budget)
+    q = np.clip(np.round(-4 * np.log2(rho)), 0, 255).astype(np.uint8)
     return 2.0 ** (-q.astype(np.float64) / 4), q
 
 
 def explore_row_rates(args: argparse.Namespace) -> None:
-    task = load_task(args.task)
-    ft, base = make_finetune(full_recipe(args.task)), base_model_dir()
-    harness = TestHarness(ft, list(task.test))
-    acc_ft = harness.accuracy()
-    params = sum(v.numel() for v in harness.original.values())
-    with Workspace(base, ft) as ws:
-        taus = ws.load_taus()
-        plans = {p.name: p for p in ws.delta_plans}
-        base_v = {n: ws.base.get(plans[n].base_name).reshape(-1).float() for n in taus}
+    fx = Fixture.load(args.task)
+    params = sum(v.numel() for v in fx.harness.original.values())
     for gamma in args.gammas:
         for seed in args.seeds:
             t0 = time.time()
-            state = {k: v.clone() for k, v in harness.original.items()}
+            state = dict(fx.harness.original)  # the delta tensors are replaced below
             value_bytes = rate_bytes = kept = 0
-            for n, tau in taus.items():
-                shape = plans[n].shape
+            for n, tau in fx.taus.items():
+                shape = fx.plans[n].shape
                 p, q = row_rates(tau, shape, gamma, args.keep * tau.numel())
                 p_entry = torch.from_numpy(np.repeat(p, tau.numel() // len(p))).float()
                 u = torch.from_numpy(rng.uniforms(rng.tensor_key(seed, n), tau.numel()))
                 idx = torch.nonzero(u < p_entry).squeeze(1)
-                spec = ValueSpec.from_bits(args.bits, plans[n].dtype)
+                spec = ValueSpec.from_bits(args.bits, fx.plans[n].dtype)
                 values = spec.round(tau[idx] / p_entry[idx])
                 value_bytes += len(codec.encode_values(values, spec.coding, spec.bits)[0])
                 if len(p) > 1 and gamma:
-                    rate_bytes += len(zstandard.ZstdCompressor(level=19).compress(q.tobytes()))
+                    rate_bytes += len(codec.zstd_compress(q.tobytes(), 19))
                 kept += idx.numel()
-                delta = torch.zeros_like(tau)
-                delta[idx] = values
-                state[n] = (base_v[n] + delta).reshape(shape).to(state[n].dtype)
-            acc = harness.accuracy(state)
-            row = {
-                "task": args.task,
-                "keep": args.keep,
-                "bits": args.bits,
+                rebuilt = fx.base_values[n].clone()
+                rebuilt[idx] += values
+                state[n] = rebuilt.reshape(shape).to(state[n].dtype)
+            fields = {
                 "gamma": gamma,
                 "seed": seed,
                 "kept": kept,
                 "value_bpp": 8 * value_bytes / params,
                 "rate_bpp": 8 * rate_bytes / params,
-                "acc": acc,
-                "norm": acc / acc_ft,
             }
-            _record("row-rates", row, t0)
+            fx.record("row-rates", args, fields, fx.harness.accuracy(state), t0)
 
 
 def explore_draws(args: argparse.Namespace) -> None:
-    task = load_task(args.task)
-    ft, base = make_finetune(full_recipe(args.task)), base_model_dir()
-    harness = TestHarness(ft, list(task.test))
-    acc_ft = harness.accuracy()
-    val = list(task.validation)
-    random.Random(f"calibration-{args.task}").shuffle(val)  # as bench.fidelity.calibration
+    fx = Fixture.load(args.task)
     n = DEFAULT_CALIBRATION
-    cal = [CalExample(e.text, None) for e in val[:n]]
-    more = [CalExample(e.text, None) for e in val[n : n + 768]]
-    with Workspace(base, ft) as ws:
-        ev = ModelEvaluator("fidelity", ft, ws.base, ws.plans, cal, holdout=more)
+    texts = calibration(args.task, n + MORE_TEXTS, labels=False)  # the benchmark's first n
+    with Workspace(fx.base, fx.ft) as ws:
+        ev = ModelEvaluator("fidelity", fx.ft, ws.base, ws.plans, texts[:n], holdout=texts[n:])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "d.slim"
         for seed in range(args.seeds):
             t0 = time.time()
-            compress(base, ft, out, method="dare", keep=args.keep, value_bits=args.bits, seed=seed)
-            state = load_state(base, out)
-            for name in ev.tensor_names:
-                ev.apply(name, state[name].reshape(-1).float() - ev._base[name])
-            a, b = ev.run("search"), ev.run("holdout")
-            acc = harness.accuracy(state)
-            row = {
-                "task": args.task,
-                "keep": args.keep,
-                "bits": args.bits,
-                "seed": seed,
-                f"kl{n}": a.metrics["kl"],
-                "kl768": b.metrics["kl"],
-                "acc": acc,
-                "norm": acc / acc_ft,
-            }
-            _record("draws", row, t0)
+            compress(
+                fx.base, fx.ft, out, method="dare", keep=args.keep, value_bits=args.bits, seed=seed
+            )
+            state = load_state(fx.base, out)
+            a = score_with(
+                ev, lambda name, s=state: s[name].reshape(-1).float() - fx.base_values[name]
+            )
+            b = ev.run("holdout")  # the same candidate, still written into the model
+            fields = {"seed": seed, f"kl{n}": a.metrics["kl"], f"kl{MORE_TEXTS}": b.metrics["kl"]}
+            fx.record("draws", args, fields, fx.harness.accuracy(state), t0)
 
 
 def main(argv: list[str] | None = None) -> None:

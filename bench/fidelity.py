@@ -489,25 +489,32 @@ FRONT_RANGE = (0.03, 1.0)
 
 @dataclass(frozen=True)
 class Point:
-    """One grid point over its seeds: median bits/param and test accuracy, and their spread."""
+    """One grid point over its seeds: median bits/param and its seeds' test accuracies."""
 
     label: str
     bpp: float
-    acc: float
-    lo: float
-    hi: float
+    accs: tuple[float, ...]
+
+    @property
+    def acc(self) -> float:
+        return statistics.median(self.accs)
+
+    @property
+    def lo(self) -> float:
+        return min(self.accs)
+
+    @property
+    def hi(self) -> float:
+        return max(self.accs)
 
     @classmethod
     def of(cls, key: tuple[Any, ...], rows: list[dict[str, Any]]) -> Point:
         series, keep, bits = key
-        accs = [r["test_accuracy"] for r in rows]
         name = f"{series} {keep:g}/{bits}" if keep is not None else series
         return cls(
             f"{name} ×{len(rows)}",
             statistics.median(r["bits_per_param"] for r in rows),
-            statistics.median(accs),
-            min(accs),
-            max(accs),
+            tuple(r["test_accuracy"] for r in rows),
         )
 
 
@@ -564,13 +571,15 @@ def _front_lines(rows: list[dict[str, Any]]) -> list[str]:
         "| point | bits/param | test acc | best rival at ≤ bits | its bits/param | its test acc | NPS family is |",
         "|---|---|---|---|---|---|---|",
     ]
-
-    def acc(p: Point) -> str:
-        return f"{p.acc:.4f}" if p.lo == p.hi else f"{p.acc:.4f} [{p.lo:.4f}–{p.hi:.4f}]"
-
     for p, rival, v in front_comparison(rows):
-        r = ("—", "—", "—") if rival is None else (rival.label, f"{rival.bpp:.4f}", acc(rival))
-        lines.append(f"| {p.label} | {p.bpp:.4f} | {acc(p)} | {r[0]} | {r[1]} | {r[2]} | {v} |")
+        r = (
+            ("—", "—", "—")
+            if rival is None
+            else (rival.label, f"{rival.bpp:.4f}", _stat([*rival.accs]))
+        )
+        lines.append(
+            f"| {p.label} | {p.bpp:.4f} | {_stat([*p.accs])} | {r[0]} | {r[1]} | {r[2]} | {v} |"
+        )
     return [*lines, ""]
 
 

@@ -36,9 +36,9 @@ class Workspace:
 
     def tau(self, plan: TensorPlan) -> torch.Tensor:
         """τ of one delta tensor, float32, flat. Non-finite values are refused. # (numel,)"""
-        if self._loaded(plan):
-            assert self._taus is not None
-            return self._taus[plan.name]
+        held = self._held(plan)
+        if held is not None:
+            return held
         t = task_vector(self.ft, self.base, plan)
         if not all_finite(t):
             raise InvalidCheckpoint(
@@ -56,11 +56,11 @@ class Workspace:
         absolute in place (no second τ-sized tensor), a loaded one is left as it is."""
         for plan in self.delta_plans:
             t = self.tau(plan)
-            yield t.abs() if self._loaded(plan) else t.abs_()
+            yield t.abs() if self._held(plan) is not None else t.abs_()
 
-    def _loaded(self, plan: TensorPlan) -> bool:
-        """Whether ``plan``'s τ is held by :meth:`load_taus` (callers must not change it)."""
-        return self._taus is not None and plan.name in self._taus
+    def _held(self, plan: TensorPlan) -> torch.Tensor | None:
+        """``plan``'s τ where :meth:`load_taus` holds it (callers must not change it)."""
+        return None if self._taus is None else self._taus.get(plan.name)
 
     def load_taus(self) -> dict[str, torch.Tensor]:
         """All task vectors in memory (float32, CPU), computed once."""
