@@ -84,15 +84,6 @@ def full_grid() -> list[Series]:
             "fidelity",
             {"fixed": "embed"},
         ),
-        Series(
-            "nps-seeded (embeddings fixed)",
-            "nps-seeded",
-            (0.02,),
-            (4,),
-            SEEDS,
-            "fidelity",
-            {"fixed": "embed"},
-        ),
         Series("nps-seeded", "nps-seeded", (0.025,), (3,), SEEDS, "fidelity"),
         Series("auto (floor 0.99)", "auto", (1.0,), (0,), (0,), "fidelity", {"min_fidelity": 0.99}),
         # the search under the earlier entry-count budget (see NOTES.md, "bits budget")
