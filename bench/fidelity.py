@@ -107,7 +107,7 @@ def full_grid() -> list[Series]:
         Series("dare", "dare", ends, (16, 4), SEEDS),
         Series("dare", "dare", (0.01, 0.02, 0.05), (2,), SEEDS),
         Series("nps-seeded", "nps-seeded", (0.02, 0.01), (2,), SEEDS, "fidelity"),
-        Series("nps-seeded", "nps-seeded", (0.05,), (4,), SEEDS, "fidelity"),
+        Series("nps-seeded", "nps-seeded", (0.05, 0.1), (4,), SEEDS, "fidelity"),
         Series("nps", "nps", (0.01,), (4,), SEEDS, "fidelity"),
         Series("magnitude", "magnitude", (0.01, 0.05), (4,)),
         Series("nps-seeded (accuracy)", "nps-seeded", (0.01,), (4,), SEEDS, "accuracy"),
