@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -467,7 +467,7 @@ def _group(rows: list[dict[str, Any]]) -> Iterator[tuple[tuple[Any, ...], list[d
     yield from groups.items()
 
 
-def _stat(values: list[float]) -> str:
+def _stat(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{statistics.median(values):.4f} [{min(values):.4f}–{max(values):.4f}]"
@@ -565,13 +565,11 @@ def _front_lines(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for p, rival, v in front_comparison(rows):
         r = (
-            ("—", "—", "—")
+            "— | — | —"
             if rival is None
-            else (rival.label, f"{rival.bpp:.4f}", _stat([*rival.accs]))
+            else f"{rival.label} | {rival.bpp:.4f} | {_stat(rival.accs)}"
         )
-        lines.append(
-            f"| {p.label} | {p.bpp:.4f} | {_stat([*p.accs])} | {r[0]} | {r[1]} | {r[2]} | {v} |"
-        )
+        lines.append(f"| {p.label} | {p.bpp:.4f} | {_stat(p.accs)} | {r} | {v} |")
     return [*lines, ""]
 
 

@@ -55,8 +55,8 @@ class Workspace:
         """|τ| of each delta tensor in plan order; a τ computed for the purpose is made
         absolute in place (no second τ-sized tensor), a loaded one is left as it is."""
         for plan in self.delta_plans:
-            t = self.tau(plan)
-            yield t.abs() if self._held(plan) is not None else t.abs_()
+            held = self._held(plan)
+            yield held.abs() if held is not None else self.tau(plan).abs_()
 
     def _held(self, plan: TensorPlan) -> torch.Tensor | None:
         """``plan``'s τ where :meth:`load_taus` holds it (callers must not change it)."""
