@@ -147,11 +147,19 @@ class CheckpointDir:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor in its stored dtype (reads only that tensor)."""
+        return self._file(name).get(name)
+
+    def _file(self, name: str) -> SafetensorsFile:
         ref = self.tensors[name]
         f = self._open.get(ref.file)
         if f is None:
             f = self._open[ref.file] = SafetensorsFile(self.root / ref.file)
-        return f.get(name)
+        return f
+
+    def read_bytes(self, name: str, start: int = 0, size: int | None = None) -> memoryview:
+        """Raw bytes of one tensor, or ``size`` of them from byte ``start`` (a fresh,
+        writable buffer)."""
+        return self._file(name).read_bytes(name, start, size)
 
     def close(self) -> None:
         for f in self._open.values():

@@ -407,28 +407,141 @@ def unpack_codes(buf: bytes, n: int, bits: int) -> np.ndarray:
 # --------------------------------------------------------------------------- lossless
 
 
+class FrameStream:
+    """One zstd frame inflated a piece at a time: its declared size is checked before anything
+    is inflated, and a frame that inflates to more or fewer bytes raises."""
+
+    def __init__(self, frame: bytes | memoryview, size: int) -> None:
+        check_frame_size(frame, size)
+        self.left = size
+        self._reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
+
+    def readinto(self, buf: memoryview) -> None:
+        """Fill all of ``buf`` with the next bytes."""
+        if len(buf) > self.left:
+            raise InvalidDelta("a frame inflated to the wrong size")
+        i = 0
+        try:
+            while i < len(buf):
+                got = self._reader.readinto(buf[i:])
+                if got == 0:
+                    raise InvalidDelta("a frame inflated to the wrong size")
+                i += got
+        except zstandard.ZstdError as exc:
+            raise InvalidDelta(f"a frame does not decompress ({exc})") from None
+        self.left -= i
+
+    def finish(self) -> None:
+        """Check that the frame ends where its size says (nothing left, nothing more)."""
+        try:
+            extra = self._reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise InvalidDelta(f"a frame does not decompress ({exc})") from None
+        finally:
+            self._reader.close()
+        if self.left or extra:
+            raise InvalidDelta("a frame inflated to the wrong size")
+
+
 def encode_xor(
     ft_raw: bytes | bytearray | memoryview,
     base_raw: bytes | bytearray | memoryview,
     width: int,
     level: int = ZSTD_LEVEL,
-) -> bytes:
-    """Exact delta: fine-tune bytes XOR base bytes, as byte planes, zstd.
+) -> tuple[bytes, list[int]]:
+    """Exact delta: fine-tune bytes XOR base bytes, as byte planes, each its own zstd frame.
 
-    The XOR is written straight into its plane (no separate transpose pass)."""
+    Returns the frames back to back and the size of each (so that a reader can inflate all
+    planes side by side, a piece at a time). The XOR is written straight into its plane."""
     if len(ft_raw) != len(base_raw) or len(ft_raw) % width:
         raise InvalidArgument("xor coding needs two buffers of equal size")
     n = len(ft_raw) // width
     a = np.frombuffer(ft_raw, dtype=np.uint8).reshape(n, width)
     b = np.frombuffer(base_raw, dtype=np.uint8).reshape(n, width)
-    planes = np.empty((width, n), dtype=np.uint8)
+    plane = np.empty(n, dtype=np.uint8)
+    frames = []
     for j in range(width):
-        np.bitwise_xor(a[:, j], b[:, j], out=planes[j])
-    return zstd_compress(planes.tobytes() if n == 0 else planes.data.cast("B"), level)
+        np.bitwise_xor(a[:, j], b[:, j], out=plane)
+        frames.append(zstd_compress(plane.data if n else b"", level))
+    return b"".join(frames), [len(f) for f in frames]
 
 
-#: Plane bytes inflated per step of :func:`decode_xor` (fits in L2 with its column slice).
+#: Plane bytes inflated per step of :class:`XorPlanes` (fits in L2 with its slice of elements).
 XOR_STEP = 1 << 18
+
+
+class XorPlanes:
+    """The XOR planes of one lossless tensor of ``n`` elements, applied a piece at a time.
+
+    With ``plane_sizes`` (format version 3) each plane is its own zstd frame and all of them
+    are inflated side by side, so any run of elements is rebuilt from a few steps of memory.
+    Without (versions 1–2) the planes are one frame, plane after plane, and only the whole
+    tensor can be rebuilt (one :meth:`apply` over all ``n`` elements)."""
+
+    def __init__(
+        self, frame: bytes | memoryview, width: int, n: int, plane_sizes: list[int] | None
+    ) -> None:
+        if width not in (1, 2, 4, 8):
+            raise InvalidDelta(f"lossless planes of {width}-byte elements are not a known dtype")
+        self.width, self.n, self.done = width, n, 0
+        if plane_sizes is None:
+            self._streams = [FrameStream(frame, n * width)]
+        else:
+            if len(plane_sizes) != width or sum(plane_sizes) != len(frame) or min(plane_sizes) < 0:
+                raise InvalidDelta(
+                    "the plane sizes of a lossless tensor do not add up to its frame"
+                )
+            view, at, self._streams = memoryview(frame), 0, []
+            for size in plane_sizes:
+                self._streams.append(FrameStream(view[at : at + size], n))
+                at += size
+        step = min(XOR_STEP, max(n, 1))
+        self._step = np.empty(step, dtype=np.uint8)
+        self._wide = np.empty(step, dtype=f"<u{width}")
+
+    @property
+    def streamable(self) -> bool:
+        """Whether pieces can be rebuilt one after another (planes stored side by side)."""
+        return len(self._streams) == self.width or self.width == 1
+
+    def _plane(self, j: int) -> FrameStream:
+        return self._streams[j] if len(self._streams) > 1 else self._streams[0]
+
+    def apply(self, items: np.ndarray) -> None:
+        """XOR the next ``len(items)`` elements' planes into ``items`` (unsigned, the dtype's
+        width; little-endian byte j of an element is plane j)."""
+        k = len(items)
+        if not self.streamable and (self.done or k != self.n):
+            raise InvalidDelta("a lossless tensor of this format version rebuilds only whole")
+        if self.done + k > self.n:
+            raise InvalidDelta("a lossless tensor was asked for more elements than it has")
+        view = self._step.data
+        for j in range(self.width):
+            stream = self._plane(j)
+            i = 0
+            while i < k:
+                got = min(self._step.size, k - i)
+                stream.readinto(view[:got])
+                w = self._wide[:got]
+                np.copyto(w, self._step[:got], casting="unsafe")
+                if j:
+                    np.left_shift(w, 8 * j, out=w)
+                items[i : i + got] ^= w
+                i += got
+        self.done += k
+
+    def skip(self, k: int) -> None:
+        """Pass over the next ``k`` elements (their planes are inflated and dropped)."""
+        scratch = np.zeros(min(k, XOR_STEP), dtype=f"<u{self.width}")
+        while k:
+            m = min(k, scratch.size)
+            self.apply(scratch[:m])
+            k -= m
+
+    def finish(self) -> None:
+        """Check that every plane ended exactly after its ``n`` bytes."""
+        for s in self._streams:
+            s.finish()
 
 
 def decode_xor(
@@ -437,44 +550,22 @@ def decode_xor(
     width: int,
     *,
     in_place: bool = False,
+    plane_sizes: list[int] | None = None,
 ) -> memoryview:
     """Inverse of :func:`encode_xor`: the fine-tune's exact bytes.
 
-    Each plane is XORed into its byte column of a copy of the base, or of ``base_raw`` itself
-    with ``in_place`` (a writable buffer the caller owns and no longer needs as the base).
-    The planes are inflated :data:`XOR_STEP` bytes at a time and XORed while still in cache,
-    so no plane-sized buffer is ever held (the same size guards as :func:`zstd_decompress`)."""
+    The planes are XORed into a copy of the base, or into ``base_raw`` itself with
+    ``in_place`` (a writable buffer the caller owns and no longer needs as the base), a step
+    of :data:`XOR_STEP` bytes at a time (no plane-sized buffer is held). ``plane_sizes`` as
+    recorded with the tensor (version 3); None reads the single-frame planes of versions 1–2."""
     if width not in (1, 2, 4, 8):
         raise InvalidDelta(f"lossless planes of {width}-byte elements are not a known dtype")
-    size = len(base_raw)
-    n = size // width
-    check_frame_size(frame, size)
+    if len(base_raw) % width:
+        raise InvalidDelta("a lossless tensor's base is not a whole number of elements")
     out = np.frombuffer(base_raw, dtype=np.uint8)
     if not in_place:
         out = out.copy()
-    # byte j of a little-endian element is plane j: each step is widened and shifted into place
-    # and XORed into whole elements (contiguous, ~2x a strided byte-column XOR)
-    items = out.view(f"<u{width}")
-    step = np.empty(min(XOR_STEP, max(n, 1)), dtype=np.uint8)
-    view = step.data
-    wide = np.empty(step.size, dtype=items.dtype)
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
-        with reader:
-            for j in range(width):
-                i = 0
-                while i < n:
-                    got = reader.readinto(view[: min(step.size, n - i)])
-                    if got == 0:
-                        raise InvalidDelta("a frame inflated to the wrong size")
-                    w = wide[:got]
-                    np.copyto(w, step[:got], casting="unsafe")
-                    if j:
-                        np.left_shift(w, 8 * j, out=w)
-                    items[i : i + got] ^= w
-                    i += got
-            if reader.read(1):
-                raise InvalidDelta("a frame inflated to the wrong size")
-    except zstandard.ZstdError as exc:
-        raise InvalidDelta(f"a frame does not decompress ({exc})") from None
+    planes = XorPlanes(frame, width, len(base_raw) // width, plane_sizes)
+    planes.apply(out.view(f"<u{width}"))
+    planes.finish()
     return out.data

@@ -33,7 +33,7 @@ from core.evaluate import (
 )
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
-from core.reconstruct import RebuildHasher, tensor_bytes
+from core.reconstruct import RebuildHasher, tensor_pieces
 from core.safetensors_io import tensor_to_bytes, tensor_view
 from core.tensor_codec import ValueSpec, decode_sparse, encode_sparse
 from core.workspace import Workspace
@@ -318,8 +318,8 @@ def _encode(
                         positions, values = decode_sparse(te, writer)
                         delta_for_eval = torch.zeros(plan.numel, dtype=torch.float32)
                         delta_for_eval[torch.from_numpy(positions)] = values
-            raw = tensor_bytes(te, writer, ws.base)
-            hasher.update(raw)
+            for piece in tensor_pieces(te, writer, ws.base):
+                hasher.update(piece)
             if (
                 ctx.evaluator is not None
                 and plan.kind == "delta"
@@ -332,7 +332,6 @@ def _encode(
                 else:
                     ctx.evaluator.apply(name, delta_for_eval)
             tensors.append(te)
-            del raw
         hasher.record(entry)
         if method == "lossless" and entry.recon_sha256 != entry.sha256:
             raise AssertionError(f"lossless reconstruction of {rel} is not bit-identical")
@@ -381,6 +380,5 @@ def _encode_lossless(
         te.kind = "same"
         return
     te.kind = "lossless"
-    te.frame = writer.add(
-        prefix, codec.encode_xor(ft_bytes, base_bytes, DTYPES[plan_dtype][0], level)
-    )
+    frame, te.planes = codec.encode_xor(ft_bytes, base_bytes, DTYPES[plan_dtype][0], level)
+    te.frame = writer.add(prefix, frame)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 #: Version of the delta container document; readers refuse versions they do not know.
-FORMAT_VERSION = 2
-#: Versions this reader reads (1: before ``recon_xxh3``; it is checked by sha256 instead).
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this reader reads (1: before ``recon_xxh3``, checked by sha256 instead; 1–2:
+#: lossless planes in one zstd frame, rebuilt a whole tensor at a time).
+READABLE_VERSIONS = (1, 2, 3)
 #: ``__metadata__`` key of a delta container that holds the JSON document.
 METADATA_KEY = "slimstore"
 #: Magic value of the document's ``format`` field.
@@ -15,6 +16,9 @@ FORMAT_NAME = "slimstore-delta"
 
 #: Streaming unit for file I/O and hashing.
 CHUNK_SIZE = 1 << 20
+#: Bytes of a tensor rebuilt at a time when reconstructing (memory does not grow with the
+#: size of the largest tensor).
+PIECE_BYTES = 8 << 20
 #: Largest safetensors header we parse (the reference implementation uses 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Largest number of tensors in one safetensors file.

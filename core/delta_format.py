@@ -62,6 +62,7 @@ class TensorEntry:
     positions: dict[str, Any] | None = None  # sparse: how positions are coded (+ section size)
     values: dict[str, Any] | None = None  # sparse: how values are coded (+ section size)
     frame: str | None = None  # the tensor's one frame (sparse sections, dense or lossless data)
+    planes: list[int] | None = None  # lossless (version 3): size of each plane's zstd frame
 
     @property
     def numel(self) -> int:

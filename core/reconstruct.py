@@ -10,35 +10,44 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import xxhash
 
 from core import codec
 from core.checkpoint import CheckpointDir, check_relpath
-from core.constants import CHUNK_SIZE, DTYPES, MAX_HEADER_BYTES
+from core.constants import CHUNK_SIZE, DTYPES, MAX_HEADER_BYTES, PIECE_BYTES
 from core.delta_format import DeltaReader, FileEntry, FrameSource, TensorEntry
 from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafetensors
-from core.safetensors_io import Header, bytes_to_tensor, parse_header, tensor_view
+from core.safetensors_io import Header, TensorInfo, bytes_to_tensor, parse_header, tensor_view
 from core.tensor_codec import decode_sparse
 
 
-def _base_tensor(base: CheckpointDir, entry: TensorEntry) -> torch.Tensor:
+def _base_info(base: CheckpointDir, entry: TensorEntry) -> TensorInfo:
+    """The base tensor ``entry`` is a delta of (raises BaseMismatch if the base lacks it)."""
     if entry.base_name is None or entry.base_name not in base.tensors:
         raise BaseMismatch(
             f"the base has no tensor {entry.base_name!r} that the delta needs; "
             "reconstruct against the base the delta was made from"
         )
-    ref = base.tensors[entry.base_name]
-    if list(ref.info.shape) != list(entry.shape):
+    info = base.tensors[entry.base_name].info
+    if list(info.shape) != list(entry.shape):
         raise BaseMismatch(
             f"base tensor {entry.base_name!r} has another shape than the delta expects"
         )
-    return base.get(entry.base_name).reshape(-1)
+    return info
+
+
+def _base_tensor(base: CheckpointDir, entry: TensorEntry) -> torch.Tensor:
+    _base_info(base, entry)
+    return base.get(entry.base_name or "").reshape(-1)
 
 
 class RebuildHasher:
@@ -108,11 +117,12 @@ def tensor_bytes(
     if entry.kind == "lossless":
         if entry.frame is None or base_t.dtype != dtype:
             raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
+        frame = reader.frame(entry.frame)
         if scale == 1.0:  # base_t is a fresh buffer of ours: the planes are XORed into it
             return codec.decode_xor(
-                reader.frame(entry.frame), tensor_view(base_t), itemsize, in_place=True
+                frame, tensor_view(base_t), itemsize, in_place=True, plane_sizes=entry.planes
             )
-        exact = codec.decode_xor(reader.frame(entry.frame), tensor_view(base_t), itemsize)
+        exact = codec.decode_xor(frame, tensor_view(base_t), itemsize, plane_sizes=entry.planes)
         ft = bytes_to_tensor(exact, entry.dtype, (entry.numel,)).to(torch.float32)
         b = base_t.to(torch.float32)
         return tensor_view((b + scale * (ft - b)).to(dtype))
@@ -159,27 +169,193 @@ def iter_file(
             raise InvalidDelta(
                 f"weight file {file.path!r} names a tensor the delta lacks: {name!r}"
             )
-        todo.append(entry)
+        todo.append((entry, 0, None))
     yield from rebuilt_ahead(todo, reader, base, scale)
 
 
+T = TypeVar("T")
+
+
+def run_ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """``items``, produced in a helper thread up to ``depth`` items ahead of the caller (so
+    rebuilding the next piece overlaps hashing, writing or sending this one: torch, zstd, file
+    reads and hashes release the GIL). Closing the returned iterator stops the helper; an
+    error in it is raised here, in order."""
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((False, item)):
+                    return
+            put((True, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((True, exc))
+
+    helper = threading.Thread(target=produce, name="slim-rebuild", daemon=True)
+    helper.start()
+    try:
+        while True:
+            done, item = q.get()
+            if done:
+                if item is not None:
+                    raise item
+                return
+            yield item
+            del item
+    finally:
+        stop.set()
+        helper.join()
+
+
 def rebuilt_ahead(
-    entries: list[TensorEntry], reader: FrameSource, base: CheckpointDir, scale: float = 1.0
+    parts: Sequence[tuple[TensorEntry, int, int | None]],
+    reader: FrameSource,
+    base: CheckpointDir,
+    scale: float = 1.0,
 ) -> Iterator[bytes | memoryview]:
-    """:func:`tensor_bytes` of each entry in order, the next one rebuilt in a helper thread
-    while the caller hashes, writes or sends the current one (torch, zstd, file reads and
-    sha256 release the GIL). At most two rebuilt tensors are alive at once; the reader and
-    the base are only ever used by one thread at a time."""
-    if not entries:
+    """Bytes ``[start, end)`` of each ``(entry, start, end)`` in order (``end`` None: to the
+    tensor's end), as :func:`tensor_pieces` rebuilt ahead in a helper thread. Memory holds a
+    few pieces, not tensors; the reader and the base are only used by the helper."""
+    return run_ahead(
+        chain.from_iterable(
+            tensor_pieces(entry, reader, base, scale, start, end) for entry, start, end in parts
+        )
+    )
+
+
+def tensor_pieces(
+    entry: TensorEntry,
+    reader: FrameSource,
+    base: CheckpointDir,
+    scale: float = 1.0,
+    start: int = 0,
+    end: int | None = None,
+    piece: int = PIECE_BYTES,
+) -> Iterator[bytes | memoryview]:
+    """Bytes ``[start, end)`` of one reconstructed tensor, rebuilt about ``piece`` bytes at a
+    time: memory holds one piece and the tensor's stored entries, not the tensor. The bytes
+    are those of :func:`tensor_bytes` (the same arithmetic, element by element)."""
+    if entry.dtype not in DTYPES:
+        raise InvalidDelta(f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}")
+    itemsize = DTYPES[entry.dtype][0]
+    nbytes = entry.numel * itemsize
+    end = nbytes if end is None else end
+    if not 0 <= start <= end <= nbytes:
+        raise ValueError(f"bytes {start}:{end} lie outside tensor {entry.name!r}")
+    if start == end:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-rebuild") as pool:
-        ahead = pool.submit(tensor_bytes, entries[0], reader, base, scale)
-        for i in range(len(entries)):
-            data = ahead.result()
-            if i + 1 < len(entries):
-                ahead = pool.submit(tensor_bytes, entries[i + 1], reader, base, scale)
-            yield data
-            del data
+    first, last = start // itemsize, -(-end // itemsize)  # elements covering the bytes
+    make = _piece_maker(entry, reader, base, scale, first)
+    if make is None:  # only rebuilt whole (lossless planes of format versions 1–2)
+        whole = memoryview(tensor_bytes(entry, reader, base, scale))
+        for i in range(start, end, piece):
+            yield whole[i : min(i + piece, end)]
+        return
+    step = max(piece // itemsize, 1)
+    for a in range(first, last, step):
+        b = min(a + step, last)
+        data = make(a, b)
+        lo, hi = max(start, a * itemsize) - a * itemsize, min(end, b * itemsize) - a * itemsize
+        yield data if (lo, hi) == (0, len(data)) else memoryview(data)[lo:hi]
+    if last == entry.numel:
+        make(last, last)  # lets a stream check that it ended where it should
+
+
+def _piece_maker(
+    entry: TensorEntry, reader: FrameSource, base: CheckpointDir, scale: float, first: int
+) -> Callable[[int, int], bytes | memoryview] | None:
+    """A function rebuilding elements ``[a, b)`` of the tensor, called with increasing,
+    adjacent ranges from element ``first`` on; called with ``a == b == numel`` after the last
+    piece, it checks that a streamed frame ended where it should. None: the tensor can only be
+    rebuilt whole (lossless planes of format versions 1–2)."""
+    itemsize, dtype = DTYPES[entry.dtype]
+    numel = entry.numel
+    if entry.kind == "dense":
+        if entry.frame is None:
+            raise InvalidDelta(f"dense tensor {entry.name!r} has no frame")
+        stream = codec.FrameStream(reader.frame(entry.frame), numel * itemsize)
+        _skip_stream(stream, first * itemsize)
+
+        def dense(a: int, b: int) -> bytes | memoryview:
+            if a == b:
+                stream.finish()
+                return b""
+            buf = np.empty((b - a) * itemsize, dtype=np.uint8).data
+            stream.readinto(buf)
+            return buf
+
+        return dense
+    if entry.kind not in ("same", "sparse", "lossless"):
+        raise InvalidDelta(f"tensor {entry.name!r} has unknown kind {entry.kind!r}")
+    info = _base_info(base, entry)
+    bitem = DTYPES[info.dtype][0]
+
+    def base_piece(a: int, b: int) -> torch.Tensor:
+        raw = base.read_bytes(info.name, a * bitem, (b - a) * bitem)
+        return bytes_to_tensor(raw, info.dtype, (b - a,))
+
+    if entry.kind == "same":
+        return lambda a, b: tensor_view(base_piece(a, b).to(dtype))
+    if entry.kind == "lossless":
+        if entry.frame is None or info.dtype != entry.dtype:
+            raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
+        planes = codec.XorPlanes(reader.frame(entry.frame), itemsize, numel, entry.planes)
+        if not planes.streamable:
+            return None
+        planes.skip(first)
+
+        def lossless(a: int, b: int) -> bytes | memoryview:
+            if a == b:
+                planes.finish()
+                return b""
+            t = base_piece(a, b)
+            b_f32 = t.to(torch.float32, copy=True) if scale != 1.0 else None
+            raw = tensor_view(t)
+            planes.apply(np.frombuffer(raw, dtype=f"<u{itemsize}"))
+            if b_f32 is None:
+                return raw
+            return tensor_view((b_f32 + scale * (t.to(torch.float32) - b_f32)).to(dtype))
+
+        return lossless
+    positions, values = decode_sparse(entry, reader)
+    scaled = values if scale == 1.0 else scale * values
+    at = [int(np.searchsorted(positions, first))]
+
+    def sparse(a: int, b: int) -> bytes | memoryview:
+        if a == b:
+            return b""
+        i0 = at[0]
+        i1 = i0 + int(np.searchsorted(positions[i0:], b))
+        at[0] = i1
+        t = base_piece(a, b)
+        idx = torch.from_numpy(positions[i0:i1] - a)
+        if info.dtype == entry.dtype:
+            t[idx] = (t[idx].to(torch.float32) + scaled[i0:i1]).to(dtype)
+            return tensor_view(t)
+        full = t.to(torch.float32)
+        full[idx] += scaled[i0:i1]
+        return tensor_view(full.to(dtype))
+
+    return sparse
+
+
+def _skip_stream(stream: codec.FrameStream, n: int) -> None:
+    scratch = np.empty(min(n, CHUNK_SIZE), dtype=np.uint8).data
+    while n:
+        m = min(n, len(scratch))
+        stream.readinto(scratch[:m])
+        n -= m
 
 
 def weight_header(reader: FrameSource, file: FileEntry) -> tuple[bytes, Header]:

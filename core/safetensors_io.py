@@ -226,16 +226,21 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self.header.tensors[name]
 
-    def read_bytes(self, name: str) -> memoryview:
-        """The raw bytes of one tensor (one read, bounded by that tensor's size) in a fresh,
-        writable buffer that is not zero-filled first."""
+    def read_bytes(self, name: str, start: int = 0, size: int | None = None) -> memoryview:
+        """The raw bytes of one tensor, or ``size`` of them from byte ``start`` (one read,
+        bounded by that tensor's size) in a fresh, writable buffer that is not zero-filled
+        first."""
         info = self.header.tensors[name]
+        if size is None:
+            size = info.nbytes - start
+        if not 0 <= start <= start + size <= info.nbytes:
+            raise ValueError(f"bytes {start}+{size} lie outside tensor {name!r}")
         if self._f is None:
             self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
-        self._f.seek(self.header.data_offset + info.start)
-        buf = np.empty(info.nbytes, dtype=np.uint8).data
+        self._f.seek(self.header.data_offset + info.start + start)
+        buf = np.empty(size, dtype=np.uint8).data
         got = self._f.readinto(buf)
-        if got != info.nbytes:
+        if got != size:
             raise InvalidSafetensors(f"{self.path.name}: truncated while reading {name!r}")
         return buf
 

@@ -1,9 +1,10 @@
 """Streamed downloads: reconstructed checkpoint files, stored blobs, with ``Range`` support.
 
 A reconstructed weight file is its original header followed by each tensor rebuilt from the
-base and the delta (:func:`core.reconstruct.tensor_bytes`), so every byte offset is known from
-the recorded header without rebuilding anything: a ``Range: bytes=a-b`` request starts at the
-tensor that holds byte ``a`` and stops after the one holding ``b``.
+base and the delta a piece at a time (:func:`core.reconstruct.tensor_pieces`), so every byte
+offset is known from the recorded header without rebuilding anything and memory holds a few
+pieces whatever the tensor sizes: a ``Range: bytes=a-b`` request rebuilds only the elements
+that hold bytes ``a`` to ``b``.
 
 At scale 1 a full download is hashed as it streams and checked against the digest recorded
 when the delta was written (:func:`core.reconstruct.rebuild_check`: xxh3-128, fast enough not
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.checkpoint import CheckpointDir
-from core.constants import CHUNK_SIZE
+from core.constants import CHUNK_SIZE, DTYPES
 from core.delta_format import DeltaReader, FileEntry, TensorEntry
 from core.errors import IntegrityError, InvalidDelta
 from core.reconstruct import (
@@ -149,7 +150,7 @@ class Reconstruction:
         if start < len(raw):
             yield from _slices(raw[start : min(end, len(raw))])
         entries = self.reader.doc.tensor_map()
-        todo: list[tuple[str, int, int, TensorEntry]] = []
+        parts: list[tuple[TensorEntry, int, int]] = []
         for name, info in header.tensors.items():
             lo, hi = header.data_offset + info.start, header.data_offset + info.end
             if hi <= start or lo == hi:
@@ -159,12 +160,11 @@ class Reconstruction:
             entry = entries.get(name)
             if entry is None:
                 raise InvalidDelta(f"{self.file.path!r} names a tensor the delta lacks: {name!r}")
-            todo.append((name, lo, hi, entry))
-        rebuilt = rebuilt_ahead([t[3] for t in todo], self.reader, self.base, self.scale)
-        for (name, lo, hi, _), data in zip(todo, rebuilt, strict=True):
-            if len(data) != hi - lo:
-                raise InvalidDelta(f"tensor {name!r} rebuilt to {len(data)} bytes, not {hi - lo}")
-            yield from _slices(memoryview(data)[max(start - lo, 0) : min(end, hi) - lo])
+            if entry.dtype in DTYPES and entry.numel * DTYPES[entry.dtype][0] != hi - lo:
+                raise InvalidDelta(f"tensor {name!r} rebuilds to another size than its header says")
+            parts.append((entry, max(start - lo, 0), min(end, hi) - lo))
+        for data in rebuilt_ahead(parts, self.reader, self.base, self.scale):
+            yield from _slices(data)
             del data
 
     def _verified(self, chunks: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:

@@ -100,6 +100,22 @@ def test_code_packing_round_trip(n: int, bits: int, seed: int) -> None:
     assert np.array_equal(codec.unpack_codes(codec.pack_codes(codes, bits), n, bits), codes)
 
 
+def _pair(n: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> tuple[bytes, bytes]:
+    """Base and fine-tune bytes of ``n`` elements that differ a little."""
+    from core.safetensors_io import tensor_to_bytes
+
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(n, generator=g) * 10).to(dtype)
+    b = (a.float() + torch.randn(n, generator=g)).to(dtype)
+    return tensor_to_bytes(a), tensor_to_bytes(b)
+
+
+def _single_frame_planes(ft: bytes, base: bytes, width: int) -> bytes:
+    """The lossless frame of format versions 1–2: all planes, one after another, one frame."""
+    x = np.bitwise_xor(np.frombuffer(ft, np.uint8), np.frombuffer(base, np.uint8))
+    return codec.zstd_compress(x.reshape(-1, width).T.copy().tobytes())
+
+
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8]
 )
@@ -107,44 +123,70 @@ def test_code_packing_round_trip(n: int, bits: int, seed: int) -> None:
 def test_xor_is_exact_for_every_dtype_and_odd_shapes(
     dtype: torch.dtype, shape: tuple[int, ...]
 ) -> None:
-    g = torch.Generator().manual_seed(0)
-    a = (torch.randn(shape, generator=g) * 10).to(dtype)
-    b = (a.float() + torch.randn(shape, generator=g)).to(dtype)
-    from core.safetensors_io import tensor_to_bytes
-
-    ab, bb = tensor_to_bytes(a), tensor_to_bytes(b)
-    width = a.element_size()
-    assert codec.decode_xor(codec.encode_xor(bb, ab, width), ab, width) == bb
-    frame = codec.encode_xor(bb, ab, width)
+    n = int(np.prod(shape))
+    ab, bb = _pair(n, dtype)
+    width = torch.empty(0, dtype=dtype).element_size()
+    frame, sizes = codec.encode_xor(bb, ab, width)
+    assert len(sizes) == width and sum(sizes) == len(frame)  # one zstd frame per byte plane
+    assert codec.decode_xor(frame, ab, width, plane_sizes=sizes) == bb
     mine = bytearray(ab)  # in place: the caller's own copy of the base becomes the fine-tune
-    out = codec.decode_xor(frame, mine, width, in_place=True)
+    out = codec.decode_xor(frame, mine, width, in_place=True, plane_sizes=sizes)
     assert out == bb and mine == bb
+    # the single-frame planes of format versions 1–2 still decode
+    assert codec.decode_xor(_single_frame_planes(bb, ab, width), ab, width) == bb
 
 
 def test_xor_decodes_in_steps_smaller_than_a_plane(monkeypatch: pytest.MonkeyPatch) -> None:
     """Planes are inflated a few bytes at a time; a step boundary mid-plane changes nothing."""
     monkeypatch.setattr(codec, "XOR_STEP", 7)
-    g = torch.Generator().manual_seed(1)
-    a = torch.randn(1001, generator=g).to(torch.bfloat16)
-    b = (a.float() + 0.01 * torch.randn(1001, generator=g)).to(torch.bfloat16)
-    from core.safetensors_io import tensor_to_bytes
+    ab, bb = _pair(1001, seed=1)
+    frame, sizes = codec.encode_xor(bb, ab, 2)
+    assert codec.decode_xor(frame, ab, 2, plane_sizes=sizes) == bb
+    assert codec.decode_xor(_single_frame_planes(bb, ab, 2), ab, 2) == bb
 
-    ab, bb = tensor_to_bytes(a), tensor_to_bytes(b)
-    assert codec.decode_xor(codec.encode_xor(bb, ab, 2), ab, 2) == bb
+
+def test_xor_planes_rebuild_any_run_of_pieces() -> None:
+    """Side-by-side planes rebuild piece after piece, from any element on (skip), to the same
+    bytes as the whole; the single-frame layout refuses pieces instead of misreading them."""
+    n, width = 5000, 4
+    ab, bb = _pair(n, torch.float32, seed=2)
+    frame, sizes = codec.encode_xor(bb, ab, width)
+    for first, step in [(0, 1), (0, 999), (1234, 321), (4999, 7)]:
+        planes = codec.XorPlanes(frame, width, n, sizes)
+        planes.skip(first)
+        got = bytearray(ab[first * width :])
+        items = np.frombuffer(got, dtype="<u4")
+        for i in range(0, n - first, step):
+            planes.apply(items[i : i + step])
+        planes.finish()
+        assert bytes(got) == bb[first * width :]
+    legacy = codec.XorPlanes(_single_frame_planes(bb, ab, width), width, n, None)
+    assert not legacy.streamable
+    with pytest.raises(InvalidDelta, match="only whole"):
+        legacy.apply(np.zeros(10, dtype="<u4"))
 
 
 def test_xor_refuses_frames_of_the_wrong_size_or_damaged() -> None:
     base = bytes(range(256)) * 40
-    frame = codec.encode_xor(bytes(reversed(base)), base, 4)
+    frame, sizes = codec.encode_xor(bytes(reversed(base)), base, 4)
     with pytest.raises(InvalidDelta, match="declares"):
-        codec.decode_xor(frame, base[:-4], 4)
+        codec.decode_xor(frame, base[:-4], 4, plane_sizes=sizes)
     with pytest.raises(InvalidDelta, match="not a zstd frame"):
         codec.decode_xor(b"garbage!", base, 4)
+    with pytest.raises(InvalidDelta, match="do not add up"):
+        codec.decode_xor(frame, base, 4, plane_sizes=[*sizes[:-1], sizes[-1] + 1])
+    with pytest.raises(InvalidDelta, match="do not add up"):
+        codec.decode_xor(frame, base, 4, plane_sizes=sizes[:2])
+    cut = frame[: len(frame) - sizes[-1] // 2]
     with pytest.raises(InvalidDelta, match=r"wrong size|does not decompress"):
-        codec.decode_xor(frame[: len(frame) // 2], base, 4)
-    mine = bytearray(base)
-    with pytest.raises(InvalidDelta):  # a frame with trailing garbage after its content
-        codec.decode_xor(frame + codec.zstd_compress(b"x" * 64), mine, 4)
+        codec.decode_xor(cut, base, 4, plane_sizes=[*sizes[:-1], sizes[-1] - sizes[-1] // 2])
+    extra = codec.zstd_compress(b"x" * 64)  # a plane with trailing garbage after its content
+    with pytest.raises(InvalidDelta):
+        codec.decode_xor(frame + extra, bytearray(base), 4,
+                         plane_sizes=[*sizes[:-1], sizes[-1] + len(extra)])  # fmt: skip
+    legacy = _single_frame_planes(bytes(reversed(base)), base, 4)
+    with pytest.raises(InvalidDelta):
+        codec.decode_xor(legacy + extra, bytearray(base), 4)
 
 
 def test_non_contiguous_tensors_encode_like_their_contiguous_copy() -> None:

@@ -12,6 +12,7 @@ import torch
 
 from core.checkpoint import sha256_file
 from core.compress import compress
+from core.constants import FORMAT_VERSION
 from core.delta_format import DeltaReader
 from core.errors import BaseMismatch, IntegrityError, InvalidCheckpoint, UnsupportedFormatVersion
 from core.reconstruct import load_state, reconstruct
@@ -167,13 +168,13 @@ def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
     doc = json.loads(header["__metadata__"]["slimstore"])
-    doc["version"] = 3
+    doc["version"] = FORMAT_VERSION + 1
     header["__metadata__"]["slimstore"] = json.dumps(doc)
     body = json.dumps(header).encode()
     body += b" " * (-len(body) % 8)
-    (tmp_path / "v3.slim").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
-    with pytest.raises(UnsupportedFormatVersion, match="version 3"):
-        DeltaReader(tmp_path / "v3.slim")
+    (tmp_path / "future.slim").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+    with pytest.raises(UnsupportedFormatVersion, match=f"version {FORMAT_VERSION + 1}"):
+        DeltaReader(tmp_path / "future.slim")
 
 
 def test_zero_size_and_tiny_tensors(tmp_path: Path) -> None:

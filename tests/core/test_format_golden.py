@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from core.checkpoint import CheckpointDir
 from core.compress import compress
 from core.constants import FORMAT_VERSION
 from core.delta_format import DeltaReader
 from core.errors import IntegrityError
-from core.reconstruct import rebuild_check, reconstruct
+from core.reconstruct import rebuild_check, reconstruct, tensor_bytes, tensor_pieces
 from core.safetensors_io import save_file
 from tests.core.golden.make_golden import CASES, HERE, write_pair
 
@@ -29,6 +30,8 @@ def test_golden_delta_reconstructs_to_pinned_bytes(tmp_path: Path, name: str) ->
     assert golden.stat().st_size == MANIFEST[name]["size"]
     with DeltaReader(golden) as r:
         assert r.doc.version == FORMAT_VERSION
+        lossless = [t for t in r.doc.tensors if t.kind == "lossless"]
+        assert all(t.planes and len(t.planes) > 1 for t in lossless if t.dtype != "U8")
     out = reconstruct(base, golden, tmp_path / "out")
     got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
     assert got == MANIFEST[name]["files"]
@@ -63,6 +66,26 @@ def test_version_1_deltas_still_read_and_are_checked_by_sha256(tmp_path: Path, n
     save_file(tensors, base / "model.safetensors")
     with pytest.raises(IntegrityError):
         reconstruct(base, golden, tmp_path / "out2")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_version_2_deltas_still_read(tmp_path: Path, name: str) -> None:
+    """Deltas written before lossless planes were stored side by side (version 2: all planes
+    in one zstd frame, rebuilt a whole tensor at a time) rebuild to the same bytes, also in
+    pieces and from an offset inside a lossless tensor."""
+    base, _ = write_pair(tmp_path)
+    golden = HERE / "v2" / f"{name}.slim"
+    with DeltaReader(golden) as r:
+        assert r.doc.version == 2
+        assert all(t.planes is None for t in r.doc.tensors)
+    out = reconstruct(base, golden, tmp_path / "out")
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
+    assert got == MANIFEST[name]["files"]
+    with DeltaReader(golden) as r, CheckpointDir.open(base) as b:
+        for t in r.doc.tensors:
+            whole = bytes(tensor_bytes(t, r, b))
+            parts = b"".join(tensor_pieces(t, r, b, start=3, piece=16))
+            assert parts == whole[3:], t.name
 
 
 def _strip_timing(doc: dict) -> dict:
