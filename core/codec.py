@@ -6,6 +6,9 @@ specified in ``docs/format.md``; golden-byte tests pin them.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -468,6 +471,34 @@ def encode_xor(
 
 #: Plane bytes inflated per step of :class:`XorPlanes` (fits in L2 with its slice of elements).
 XOR_STEP = 1 << 18
+#: Elements from which :meth:`XorPlanes.apply` inflates the planes in parallel.
+PARALLEL_PLANES_MIN = 1 << 16
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _plane_pool() -> ThreadPoolExecutor:
+    """Threads that inflate lossless planes, shared by the process (one per core)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="slim-planes")
+        return _pool
+
+
+@dataclass
+class Inflating:
+    """Planes being inflated by :meth:`XorPlanes.inflate`."""
+
+    planes: list[tuple[np.ndarray, Future[None]]]
+
+    def result(self) -> list[np.ndarray]:
+        """The inflated planes, once all are done (the first error is raised after every
+        thread has stopped using its buffer and stream)."""
+        for _, fut in self.planes:
+            fut.exception()
+        return [buf for buf, fut in self.planes if fut.result() is None]
 
 
 class XorPlanes:
@@ -515,20 +546,53 @@ class XorPlanes:
             raise InvalidDelta("a lossless tensor of this format version rebuilds only whole")
         if self.done + k > self.n:
             raise InvalidDelta("a lossless tensor was asked for more elements than it has")
-        view = self._step.data
+        if self.streamable and self.width > 1 and k >= PARALLEL_PLANES_MIN:
+            self.xor_into(items, self.inflate(k))
+            return
+        self._xor_inflated(items)
+        self.done += k
+
+    def inflate(self, k: int) -> Inflating:
+        """Start inflating the next ``k`` elements' planes, each in a thread of its own (zstd
+        releases the GIL; plane 0 of a float tensor, the noisy low byte, takes as long as the
+        rest), while the caller does something else — e.g. reads the base. Hand the result to
+        :meth:`xor_into`. Needs the planes stored side by side."""
+        if not self.streamable or self.done + k > self.n:
+            raise InvalidDelta("a lossless tensor was asked for more elements than it has")
+        self.done += k
+        pool = _plane_pool()
+        bufs = [np.empty(k, dtype=np.uint8) for _ in range(self.width)]
+        return Inflating(
+            [(b, pool.submit(self._plane(j).readinto, b.data)) for j, b in enumerate(bufs)]
+        )
+
+    def xor_into(self, items: np.ndarray, planes: Inflating) -> None:
+        """XOR planes started by :meth:`inflate` into ``items`` (waits for them)."""
+        got = planes.result()
+        if any(len(b) != len(items) for b in got):
+            raise InvalidDelta("inflated planes do not match the elements they are XORed into")
+        for j, buf in enumerate(got):
+            self._xor_plane(items, j, buf)
+
+    def _xor_inflated(self, items: np.ndarray) -> None:
+        """Inflate the planes a step at a time and XOR them in while in cache."""
+        view, k = self._step.data, len(items)
         for j in range(self.width):
             stream = self._plane(j)
-            i = 0
-            while i < k:
+            for i in range(0, k, self._step.size):
                 got = min(self._step.size, k - i)
                 stream.readinto(view[:got])
-                w = self._wide[:got]
-                np.copyto(w, self._step[:got], casting="unsafe")
-                if j:
-                    np.left_shift(w, 8 * j, out=w)
-                items[i : i + got] ^= w
-                i += got
-        self.done += k
+                self._xor_plane(items[i : i + got], j, self._step[:got])
+
+    def _xor_plane(self, items: np.ndarray, j: int, plane: np.ndarray) -> None:
+        """``items ^= plane << 8j``, a step at a time through the widening buffer."""
+        for i in range(0, len(items), self._wide.size):
+            got = min(self._wide.size, len(items) - i)
+            w = self._wide[:got]
+            np.copyto(w, plane[i : i + got], casting="unsafe")
+            if j:
+                np.left_shift(w, 8 * j, out=w)
+            items[i : i + got] ^= w
 
     def skip(self, k: int) -> None:
         """Pass over the next ``k`` elements (their planes are inflated and dropped)."""

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+import xxhash
+
 from core.checkpoint import check_relpath
 from core.constants import (
     CHUNK_SIZE,
@@ -42,10 +44,26 @@ class FrameSource(Protocol):
     def frame(self, name: str) -> bytes: ...
 
 
+#: Frames of at least this many bytes also record their xxh3-128 (format version 3), which
+#: readers check instead of the sha256; below it the sha256 costs next to nothing and the
+#: extra digest would only make small deltas bigger.
+XXH3_MIN_FRAME = 1 << 20
+
+
 @dataclass
 class FrameRef:
     size: int
     sha256: str
+    xxh3: str | None = None  # version 3: xxh3-128 of the same bytes, what readers check
+
+    def check(self, data: bytes) -> bool:
+        """Whether ``data`` is this frame: by its xxh3-128 where recorded (≈ 9 GB/s on one
+        core), else by its sha256 (≈ 1 GB/s; frames of versions 1–2)."""
+        if len(data) != self.size:
+            return False
+        if self.xxh3 is not None:
+            return bool(xxhash.xxh3_128(data).hexdigest() == self.xxh3)
+        return hashlib.sha256(data).hexdigest() == self.sha256
 
 
 @dataclass
@@ -177,7 +195,8 @@ class DeltaWriter:
         self._recent[name] = data
         self._data.write(data)
         self._order.append(name)
-        self.frames[name] = FrameRef(len(data), hashlib.sha256(data).hexdigest())
+        fast = xxhash.xxh3_128(data).hexdigest() if len(data) >= XXH3_MIN_FRAME else None
+        self.frames[name] = FrameRef(len(data), hashlib.sha256(data).hexdigest(), fast)
         return name
 
     def forget_recent(self) -> None:
@@ -240,7 +259,7 @@ class DeltaReader:
         return self.header.file_size
 
     def frame(self, name: str) -> bytes:
-        """The bytes of one frame, checked against the sha256 recorded at write time."""
+        """The bytes of one frame, checked against the digest recorded at write time."""
         ref = self.doc.frames.get(name)
         if ref is None:
             raise InvalidDelta(f"delta has no frame {name!r}")
@@ -249,10 +268,11 @@ class DeltaReader:
             self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         self._f.seek(self.header.data_offset + info.start)
         data = self._f.read(info.nbytes)
-        if len(data) != info.nbytes or hashlib.sha256(data).hexdigest() != ref.sha256:
+        if len(data) != info.nbytes or not ref.check(data):
             raise IntegrityError(
-                f"frame {name!r} of {self.path.name} does not match its recorded sha256; "
-                "the delta is corrupted — restore it from a replica"
+                f"frame {name!r} of {self.path.name} does not match its recorded "
+                f"{'xxh3' if ref.xxh3 else 'sha256'}; the delta is corrupted — restore it from "
+                "a replica"
             )
         return data
 

@@ -319,10 +319,11 @@ def _piece_maker(
             if a == b:
                 planes.finish()
                 return b""
+            inflating = planes.inflate(b - a)  # in other threads, while the base is read
             t = base_piece(a, b)
             b_f32 = t.to(torch.float32, copy=True) if scale != 1.0 else None
             raw = tensor_view(t)
-            planes.apply(np.frombuffer(raw, dtype=f"<u{itemsize}"))
+            planes.xor_into(np.frombuffer(raw, dtype=f"<u{itemsize}"), inflating)
             if b_f32 is None:
                 return raw
             return tensor_view((b_f32 + scale * (t.to(torch.float32) - b_f32)).to(dtype))

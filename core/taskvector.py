@@ -19,8 +19,9 @@ from typing import Literal
 import torch
 
 from core.checkpoint import CheckpointDir
-from core.constants import FLOAT_DTYPES
+from core.constants import DTYPES, FLOAT_DTYPES
 from core.errors import BaseMismatch
+from core.safetensors_io import bytes_to_tensor
 from core.topk import SLICE
 
 Kind = Literal["delta", "dense"]
@@ -104,15 +105,23 @@ def plan_tensors(ft: CheckpointDir, base: CheckpointDir) -> list[TensorPlan]:
 
 
 def task_vector(ft: CheckpointDir, base: CheckpointDir, plan: TensorPlan) -> torch.Tensor:
-    """τ = ft − base for one ``delta`` tensor, float32, flat. # (numel,)"""
+    """τ = ft − base for one ``delta`` tensor, float32, flat. # (numel,)
+
+    Both tensors are read and widened a slice at a time into τ, so nothing but τ is held
+    (reading each whole first held 2 + 2 bytes per entry beside τ's 4)."""
     assert plan.kind == "delta" and plan.base_name is not None
-    ft_t = ft.get(plan.name).reshape(-1).to(torch.float32)
-    base_t = base.get(plan.base_name).reshape(-1)
-    # the base is widened a slice at a time: a mixed-dtype in-place subtraction would make a
-    # τ-sized float32 copy of it first
-    for i in range(0, ft_t.numel(), SLICE):
-        ft_t[i : i + SLICE] -= base_t[i : i + SLICE].to(torch.float32)
-    return ft_t
+    f_info, b_info = ft.tensors[plan.name].info, base.tensors[plan.base_name].info
+    f_item, b_item = DTYPES[f_info.dtype][0], DTYPES[b_info.dtype][0]
+    n = f_info.numel
+    tau = torch.empty(n, dtype=torch.float32)
+    for i in range(0, n, SLICE):
+        k = min(SLICE, n - i)
+        f = bytes_to_tensor(ft.read_bytes(plan.name, i * f_item, k * f_item), f_info.dtype, (k,))
+        b = bytes_to_tensor(
+            base.read_bytes(plan.base_name, i * b_item, k * b_item), b_info.dtype, (k,)
+        )
+        torch.sub(f.to(torch.float32), b.to(torch.float32), out=tau[i : i + k])
+    return tau
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -201,3 +201,32 @@ def test_delta_file_hash_of_frames_detects_tampering(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match="sha256"):
         reconstruct(base, tmp_path / "bad.slim", tmp_path / "out")
     assert hashlib.sha256(bytes(raw)).hexdigest() != sha256_file(tmp_path / "d.slim")
+
+
+def test_large_frames_are_checked_by_their_xxh3(tmp_path: Path) -> None:
+    """Frames of 1 MiB or more record an xxh3-128 beside the sha256 and are checked by it;
+    a damaged byte inside one is refused just the same."""
+    g = torch.Generator().manual_seed(9)
+    base = {"w": torch.randn(700, 1024, generator=g)}  # 2.8 MB: its lossless planes ≥ 1 MiB
+    ft = {"w": base["w"] + 0.01 * torch.randn(700, 1024, generator=g)}
+    for d, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / d).mkdir()
+        save_file(tensors, tmp_path / d / "model.safetensors")
+    compress(tmp_path / "base", tmp_path / "ft", tmp_path / "d.slim", method="lossless")
+    with DeltaReader(tmp_path / "d.slim") as r:
+        big = {n for n, f in r.doc.frames.items() if f.size >= 1 << 20}
+        assert big and all(r.doc.frames[n].xxh3 for n in big)
+        assert all(f.xxh3 is None for n, f in r.doc.frames.items() if n not in big)
+        w = next(t for t in r.doc.tensors if t.name == "w")
+        assert w.frame in big
+        start = r.header.data_offset + r.header.tensors[w.frame].start
+    raw = bytearray((tmp_path / "d.slim").read_bytes())
+    raw[start + 100] ^= 0x01
+    (tmp_path / "bad.slim").write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="xxh3"):
+        reconstruct(tmp_path / "base", tmp_path / "bad.slim", tmp_path / "out")
+    out = reconstruct(tmp_path / "base", tmp_path / "d.slim", tmp_path / "good")
+    assert _files(tmp_path / "good")["model.safetensors"] == sha256_file(
+        tmp_path / "ft" / "model.safetensors"
+    )
+    assert out
