@@ -35,7 +35,7 @@ from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
 from core.reconstruct import RebuildHasher, tensor_pieces
 from core.safetensors_io import tensor_to_bytes, tensor_view
-from core.tensor_codec import ValueSpec, decode_sparse, encode_sparse
+from core.tensor_codec import Selection, ValueSpec, decode_sparse, encode_sparse
 from core.workspace import Workspace
 
 #: Value bit widths accepted by ``--value-bits``.
@@ -302,17 +302,22 @@ def _encode(
             else:
                 base_ref = ws.base.tensors[plan.base_name or ""]
                 te.base_name, te.base_dtype = plan.base_name, base_ref.info.dtype
-                tau = ws.tau(plan) if fitted is not None else None
+                sel: Selection | None = None
                 if fitted is None:  # lossless
                     _encode_lossless(ws, te, prefix, writer, level)
-                elif tau is not None and not bool(tau.any()):
-                    te.kind = "same"
                 else:
-                    assert tau is not None
                     spec = ValueSpec.from_bits(value_bits, plan.dtype)
-                    sel = fitted.select(plan, tau, spec)
-                    tau = None  # not held while the tensor is rebuilt and hashed below
+                    if fitted.streams:  # τ a slice at a time: never whole in memory
+                        sel = fitted.select_slices(plan, ws.tau_slices(plan), spec)
+                    else:
+                        tau = ws.tau(plan)
+                        sel = fitted.select(plan, tau, spec) if bool(tau.any()) else None
+                        del tau  # not held while the tensor is rebuilt and hashed below
+                    if sel is None:
+                        te.kind = "same"  # τ is all zero
+                if sel is not None:
                     encode_sparse(te, prefix, sel, spec, writer, level)
+                    sel = None
                     kept += te.nnz
                     if ctx.evaluator is not None:
                         positions, values = decode_sparse(te, writer)

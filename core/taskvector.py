@@ -13,6 +13,7 @@ tensors wins. Tensors are then planned as:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -109,19 +110,30 @@ def task_vector(ft: CheckpointDir, base: CheckpointDir, plan: TensorPlan) -> tor
 
     Both tensors are read and widened a slice at a time into τ, so nothing but τ is held
     (reading each whole first held 2 + 2 bytes per entry beside τ's 4)."""
+    tau = torch.empty(ft.tensors[plan.name].info.numel, dtype=torch.float32)
+    for i, part in task_vector_slices(ft, base, plan):
+        tau[i : i + part.numel()] = part
+    return tau
+
+
+def task_vector_slices(
+    ft: CheckpointDir, base: CheckpointDir, plan: TensorPlan
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """τ of one ``delta`` tensor as ``(offset, float32 slice)`` pairs of :data:`SLICE`
+    entries, in order, each computed from slices read from both files (τ is never whole)."""
     assert plan.kind == "delta" and plan.base_name is not None
     f_info, b_info = ft.tensors[plan.name].info, base.tensors[plan.base_name].info
     f_item, b_item = DTYPES[f_info.dtype][0], DTYPES[b_info.dtype][0]
     n = f_info.numel
-    tau = torch.empty(n, dtype=torch.float32)
     for i in range(0, n, SLICE):
         k = min(SLICE, n - i)
         f = bytes_to_tensor(ft.read_bytes(plan.name, i * f_item, k * f_item), f_info.dtype, (k,))
         b = bytes_to_tensor(
             base.read_bytes(plan.base_name, i * b_item, k * b_item), b_info.dtype, (k,)
         )
-        torch.sub(f.to(torch.float32), b.to(torch.float32), out=tau[i : i + k])
-    return tau
+        part = f.to(torch.float32)  # F32: f itself, a fresh buffer of ours
+        part -= b.to(torch.float32)
+        yield i, part
 
 
 def all_finite(t: torch.Tensor) -> bool:

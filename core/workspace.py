@@ -9,7 +9,21 @@ import torch
 
 from core.checkpoint import CheckpointDir
 from core.errors import InvalidCheckpoint
-from core.taskvector import TensorPlan, all_finite, plan_tensors, task_vector
+from core.taskvector import (
+    TensorPlan,
+    all_finite,
+    plan_tensors,
+    task_vector,
+    task_vector_slices,
+)
+from core.topk import SLICE
+
+
+def _not_finite(plan: TensorPlan) -> InvalidCheckpoint:
+    return InvalidCheckpoint(
+        f"tensor {plan.name!r} has NaN or infinite values (in the fine-tune or the base); "
+        "lossy methods cannot compress it — fix the checkpoint or use --method lossless"
+    )
 
 
 class Workspace:
@@ -41,22 +55,33 @@ class Workspace:
             return held
         t = task_vector(self.ft, self.base, plan)
         if not all_finite(t):
-            raise InvalidCheckpoint(
-                f"tensor {plan.name!r} has NaN or infinite values (in the fine-tune or the base); "
-                "lossy methods cannot compress it — fix the checkpoint or use --method lossless"
-            )
+            raise _not_finite(plan)
         return t
+
+    def tau_slices(self, plan: TensorPlan) -> Iterator[tuple[int, torch.Tensor]]:
+        """τ of one delta tensor as ``(offset, slice)`` pairs in order, never whole unless
+        :meth:`load_taus` holds it (then views of it). Non-finite values are refused."""
+        held = self._held(plan)
+        if held is not None:
+            for i in range(0, held.numel(), SLICE):
+                yield i, held[i : i + SLICE]
+            return
+        for i, part in task_vector_slices(self.ft, self.base, plan):
+            if not all_finite(part):
+                raise _not_finite(plan)
+            yield i, part
 
     def iter_taus(self) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
         for plan in self.delta_plans:
             yield plan, self.tau(plan)
 
     def iter_abs_taus(self) -> Iterator[torch.Tensor]:
-        """|τ| of each delta tensor in plan order; a τ computed for the purpose is made
-        absolute in place (no second τ-sized tensor), a loaded one is left as it is."""
+        """|τ| of every delta tensor in plan order, as slices (a τ computed for the purpose
+        is never whole; a held one is made absolute a slice at a time too)."""
         for plan in self.delta_plans:
-            held = self._held(plan)
-            yield held.abs() if held is not None else self.tau(plan).abs_()
+            held = self._held(plan) is not None
+            for _, part in self.tau_slices(plan):
+                yield part.abs() if held else part.abs_()
 
     def _held(self, plan: TensorPlan) -> torch.Tensor | None:
         """``plan``'s τ where :meth:`load_taus` holds it (callers must not change it)."""

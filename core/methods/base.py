@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -82,9 +82,20 @@ class Fitted(ABC):
     fitness_before: Score | None = None
     fitness_after: Score | None = None
 
+    #: Whether :meth:`select_slices` works (τ need not be whole to select from it).
+    streams: ClassVar[bool] = False
+
     @abstractmethod
     def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection:
         """The kept positions and values of one tensor (called in file order, once each)."""
+
+    def select_slices(
+        self, plan: TensorPlan, slices: Iterable[tuple[int, torch.Tensor]], spec: ValueSpec
+    ) -> Selection | None:
+        """What :meth:`select` returns, from τ's ``(offset, slice)`` pairs in order (for
+        methods that set :attr:`streams`); None where τ is all zero (the tensor is ``same``
+        and nothing was selected)."""
+        raise NotImplementedError(f"{type(self).__name__} selects from whole task vectors")
 
 
 class Method(ABC):

@@ -11,9 +11,11 @@ searched method must beat it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from core.methods.base import (
@@ -49,8 +51,27 @@ class MaskFitted(Fitted):
         assert self.cut is not None
         self._applier = CutApplier(self.cut)
 
+    streams = True
+
     def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection:
         return from_mask(tau, self._applier.mask_abs(tau), self.scale)
+
+    def select_slices(
+        self, plan: TensorPlan, slices: Iterable[tuple[int, torch.Tensor]], spec: ValueSpec
+    ) -> Selection | None:
+        equal_left = self._applier.equal_left
+        positions: list[np.ndarray] = []
+        values: list[torch.Tensor] = []
+        nonzero = False
+        for offset, part in slices:
+            nonzero = nonzero or bool(part.any())
+            idx = torch.nonzero(self._applier.mask(part.abs())).reshape(-1)
+            positions.append(idx.cpu().numpy().astype(np.int64) + offset)
+            values.append((part[idx] * self.scale).to(torch.float32).cpu())
+        if not nonzero:  # `same`: as if never selected (ties at the cut stay for later tensors)
+            self._applier.equal_left = equal_left
+            return None
+        return Selection(np.concatenate(positions), torch.cat(values))
 
 
 class Magnitude(Method):

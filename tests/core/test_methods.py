@@ -304,3 +304,41 @@ def test_auto_finds_a_small_encoding_above_the_floor(
         tiny_models["base"], tiny_models["ft"], tmp_path / "l.slim", method="lossless"
     )
     assert r.stored_bytes < lossless.stored_bytes
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.9])
+def test_magnitude_selects_from_slices_exactly_as_from_whole_task_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: float
+) -> None:
+    """The worker selects magnitude's entries from τ a slice at a time (τ never whole): same
+    delta as selecting from whole task vectors, also with ties at the cut (keep 0.9 cuts
+    inside the zeros) and an all-zero tensor before others (its ties are not spent)."""
+    import core.taskvector
+    import core.topk
+    import core.workspace
+    from core.compress import compress
+    from core.delta_format import DeltaReader
+    from core.methods.magnitude import MaskFitted
+    from core.safetensors_io import save_file
+
+    for mod in (core.topk, core.taskvector, core.workspace):
+        monkeypatch.setattr(mod, "SLICE", 64)  # many slices per tensor
+    g = torch.Generator().manual_seed(5)
+    base = {f"t{i}": torch.randn(300 + 37 * i, generator=g) for i in range(4)}
+    ft = {k: v.clone() for k, v in base.items()}
+    for k in ("t1", "t3"):  # t0 and t2 unchanged: all-zero τ
+        changed = torch.rand(ft[k].shape, generator=g) < 0.5  # half the entries: zero τ
+        ft[k] = torch.where(changed, ft[k] + torch.randn(ft[k].shape, generator=g), ft[k])
+    for d, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / d).mkdir()
+        save_file(tensors, tmp_path / d / "model.safetensors")
+    compress(tmp_path / "base", tmp_path / "ft", tmp_path / "s.slim", method="magnitude", keep=keep)
+    monkeypatch.setattr(MaskFitted, "streams", False)
+    compress(tmp_path / "base", tmp_path / "ft", tmp_path / "w.slim", method="magnitude", keep=keep)
+    with DeltaReader(tmp_path / "s.slim") as s, DeltaReader(tmp_path / "w.slim") as w:
+        assert [(t.name, t.kind, t.nnz) for t in s.doc.tensors] == [
+            (t.name, t.kind, t.nnz) for t in w.doc.tensors
+        ]
+        assert {t.name: t.kind for t in s.doc.tensors}["t0"] == "same"
+        assert all(s.frame(n) == w.frame(n) for n in w.doc.frames)
+        assert s.doc.stats["kept"] == w.doc.stats["kept"] == sum(t.nnz for t in s.doc.tensors)
