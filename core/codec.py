@@ -446,6 +446,59 @@ class FrameStream:
             raise InvalidDelta("a frame inflated to the wrong size")
 
 
+class XorEncoder:
+    """The lossless planes of one tensor of ``n`` elements, fed a piece at a time (so neither
+    tensor is ever whole in memory): each byte plane streams into its own zstd frame of
+    ``n`` bytes, with the level and threads :func:`zstd_compress` would choose for the whole
+    tensor's bytes (a bulk tensor's planes at the bulk level: deeper levels compress these
+    noise-like planes worse, not better)."""
+
+    def __init__(self, width: int, n: int, level: int = ZSTD_LEVEL) -> None:
+        threads = 0
+        if n * width > ZSTD_BULK_BYTES:
+            level, threads = min(level, ZSTD_BULK_LEVEL), -1
+        self.width, self.n, self.done = width, n, 0
+        self._objs = [
+            zstandard.ZstdCompressor(
+                level=level, write_content_size=True, threads=threads
+            ).compressobj(size=n)
+            for _ in range(width)
+        ]
+        self._out: list[list[bytes]] = [[] for _ in range(width)]
+        self.equal = True  # whether every byte fed so far was equal in both buffers
+
+    def add(
+        self, ft_raw: bytes | bytearray | memoryview, base_raw: bytes | bytearray | memoryview
+    ) -> None:
+        """XOR the next elements of the fine-tune and the base (equal sizes) into the planes."""
+        if len(ft_raw) != len(base_raw) or len(ft_raw) % self.width:
+            raise InvalidArgument("xor coding needs two buffers of equal size")
+        k = len(ft_raw) // self.width
+        if self.done + k > self.n:
+            raise InvalidArgument("more elements than the tensor has")
+        a = np.frombuffer(ft_raw, dtype=np.uint8).reshape(k, self.width)
+        b = np.frombuffer(base_raw, dtype=np.uint8).reshape(k, self.width)
+        plane = np.empty(k, dtype=np.uint8)
+        for j in range(self.width):
+            np.bitwise_xor(a[:, j], b[:, j], out=plane)
+            if self.equal and plane.any():
+                self.equal = False
+            if k:
+                self._out[j].append(self._objs[j].compress(plane.data))
+        self.done += k
+
+    def finish(self) -> tuple[bytes, list[int]]:
+        """The plane frames back to back, and the size of each."""
+        if self.done != self.n:
+            raise InvalidArgument(f"{self.done} of {self.n} elements were given")
+        frames = []
+        for j in range(self.width):
+            self._out[j].append(self._objs[j].flush())
+            frames.append(b"".join(self._out[j]))
+            self._out[j].clear()
+        return b"".join(frames), [len(f) for f in frames]
+
+
 def encode_xor(
     ft_raw: bytes | bytearray | memoryview,
     base_raw: bytes | bytearray | memoryview,
@@ -455,18 +508,12 @@ def encode_xor(
     """Exact delta: fine-tune bytes XOR base bytes, as byte planes, each its own zstd frame.
 
     Returns the frames back to back and the size of each (so that a reader can inflate all
-    planes side by side, a piece at a time). The XOR is written straight into its plane."""
+    planes side by side, a piece at a time). See :class:`XorEncoder` to feed it in pieces."""
     if len(ft_raw) != len(base_raw) or len(ft_raw) % width:
         raise InvalidArgument("xor coding needs two buffers of equal size")
-    n = len(ft_raw) // width
-    a = np.frombuffer(ft_raw, dtype=np.uint8).reshape(n, width)
-    b = np.frombuffer(base_raw, dtype=np.uint8).reshape(n, width)
-    plane = np.empty(n, dtype=np.uint8)
-    frames = []
-    for j in range(width):
-        np.bitwise_xor(a[:, j], b[:, j], out=plane)
-        frames.append(zstd_compress(plane.data if n else b"", level))
-    return b"".join(frames), [len(f) for f in frames]
+    enc = XorEncoder(width, len(ft_raw) // width, level)
+    enc.add(ft_raw, base_raw)
+    return enc.finish()
 
 
 #: Plane bytes inflated per step of :class:`XorPlanes` (fits in L2 with its slice of elements).

@@ -14,12 +14,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from core import codec
 from core.checkpoint import CheckpointDir, sha256_file
-from core.constants import DTYPES, ZSTD_LEVEL
+from core.constants import DTYPES, PIECE_BYTES, ZSTD_LEVEL
 from core.delta_format import DeltaDoc, DeltaWriter, FileEntry, TensorEntry
 from core.errors import InvalidArgument
 from core.evaluate import (
@@ -34,7 +33,7 @@ from core.evaluate import (
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
 from core.reconstruct import RebuildHasher, tensor_pieces
-from core.safetensors_io import tensor_to_bytes, tensor_view
+from core.safetensors_io import tensor_to_bytes
 from core.tensor_codec import Selection, ValueSpec, decode_sparse, encode_sparse
 from core.workspace import Workspace
 
@@ -369,21 +368,30 @@ def _encode(
 def _encode_lossless(
     ws: Workspace, te: TensorEntry, prefix: str, writer: DeltaWriter, level: int
 ) -> None:
-    """Exact coding of one tensor: XOR planes, or dense when the base's dtype differs."""
+    """Exact coding of one tensor: XOR planes fed a piece at a time (neither tensor is ever
+    whole), ``same`` where the bytes are equal, or dense when the base's dtype differs."""
     plan_dtype = te.dtype
-    base_ref = ws.base.tensors[te.base_name or ""]
-    ft_t = ws.ft.get(te.name).reshape(-1)
-    base_t = ws.base.get(base_ref.info.name).reshape(-1)
-    if base_ref.info.dtype != plan_dtype:
+    base_info = ws.base.tensors[te.base_name or ""].info
+    if base_info.dtype != plan_dtype:
         te.kind = "dense"
         te.base_name = te.base_dtype = None
+        ft_t = ws.ft.get(te.name).reshape(-1)
         te.frame = writer.add(prefix, codec.zstd_compress(tensor_to_bytes(ft_t), level))
         return
-    ft_bytes = tensor_view(ft_t)
-    base_bytes = tensor_view(base_t)
-    if np.array_equal(np.frombuffer(ft_bytes, np.uint8), np.frombuffer(base_bytes, np.uint8)):
+    width = DTYPES[plan_dtype][0]
+    n = ws.ft.tensors[te.name].info.numel
+    enc = codec.XorEncoder(width, n, level)
+    step = max(PIECE_BYTES // width, 1)
+    for i in range(0, n, step):
+        k = min(step, n - i)
+        enc.add(
+            ws.ft.read_bytes(te.name, i * width, k * width),
+            ws.base.read_bytes(base_info.name, i * width, k * width),
+        )
+    frame, planes = enc.finish()
+    if enc.equal:
         te.kind = "same"
         return
     te.kind = "lossless"
-    frame, te.planes = codec.encode_xor(ft_bytes, base_bytes, DTYPES[plan_dtype][0], level)
+    te.planes = planes
     te.frame = writer.add(prefix, frame)
