@@ -1,4 +1,8 @@
-"""Reconstruction: base + decoded delta (× λ), streamed tensor by tensor.
+"""Reconstruction: base + decoded delta (× λ), streamed a piece of a tensor at a time.
+
+Every tensor is rebuilt :data:`~core.constants.PIECE_BYTES` at a time from slices of the base
+and its stored entries (:func:`tensor_pieces`), so memory does not grow with the size of the
+largest tensor, and any byte range is rebuilt without the bytes before it.
 
 Each weight file is rebuilt with its original header bytes, so names, dtypes, shapes, offsets
 and shard layout are the fine-tune's own. Reconstruction is deterministic (elementwise float32
