@@ -25,9 +25,11 @@ NUM_BUCKETS = 1 << (31 - LOW_BITS)  # sign bit is always 0 for |x|
 LOW_MASK = (1 << LOW_BITS) - 1
 
 
-#: Entries histogrammed at a time: bounds the temporaries (shifted bits, int64 bucket ids) to
-#: a few tens of MB whatever the tensor's size.
-SLICE = 1 << 22
+#: Entries histogrammed (and task vectors computed) at a time: bounds the temporaries
+#: (shifted bits, int64 bucket ids, float32 slices) to a few MB whatever the tensor's size.
+#: 1 Mi against 4 Mi: the worker's magnitude job on 1 B parameters peaked at 466 MB instead
+#: of 589 (fewer, smaller temporaries for the allocator to keep) and ran 25 s instead of 28.
+SLICE = 1 << 20
 
 
 def _slices(bits: torch.Tensor) -> Iterable[torch.Tensor]:
