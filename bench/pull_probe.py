@@ -1,10 +1,12 @@
 """A quick A/B probe of the HTTP paths: ingest and curl pulls of one fixture, no compression grid.
 
-Run it with two trees of the code to compare them side by side in one sitting (the server is
-started with the ``cli`` package the PYTHONPATH points at)::
+Run it with two trees of the code to compare them side by side in one sitting, each from
+inside its own tree (``python -m`` puts the working directory first on ``sys.path``, ahead of
+PYTHONPATH, so running both from one directory runs that directory's code twice; the server
+and worker are started from the same working directory)::
 
-    PYTHONPATH=/path/to/old python -m bench.pull_probe
-    PYTHONPATH=/path/to/new python -m bench.pull_probe
+    cd /path/to/old && python -m bench.pull_probe --workdir /path/to/new/bench/cache/llm
+    cd /path/to/new && python -m bench.pull_probe
 
 Prints ingest MB/s (SDK client) and curl pull GB/s for ``magnitude`` (1% keep) and ``lossless``.
 """
