@@ -267,3 +267,19 @@ def test_keys_and_roles(
     other = embedded.new_key(namespace="team-b", role="write")
     code, out, _ = run(embedded, capsys, "ls", key=other)
     assert code == 0 and out.strip() == "(none)"  # another namespace sees nothing
+
+
+def test_serve_limits_malloc_arenas_unless_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`slim serve` caps glibc's malloc arenas (freed download pieces are not kept once per
+    thread); an operator's MALLOC_ARENA_MAX wins."""
+    import platform
+
+    from cli.server import limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    if platform.libc_ver()[0] == "glibc":
+        assert limit_malloc_arenas(2) is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas(2) is False
