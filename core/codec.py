@@ -32,12 +32,16 @@ def zstd_compress(data: bytes | bytearray | memoryview, level: int = ZSTD_LEVEL)
 
     Bulk frames (over :data:`ZSTD_BULK_BYTES`) use at most :data:`ZSTD_BULK_LEVEL` and all
     cores; the output is the same whatever the number of cores."""
+    return _compressor(len(data), level).compress(data)
+
+
+def _compressor(size: int, level: int) -> zstandard.ZstdCompressor:
+    """The compressor for ``size`` bytes of input: over :data:`ZSTD_BULK_BYTES`, at most
+    :data:`ZSTD_BULK_LEVEL` on all cores (the output does not depend on the core count)."""
     threads = 0
-    if len(data) > ZSTD_BULK_BYTES:
+    if size > ZSTD_BULK_BYTES:
         level, threads = min(level, ZSTD_BULK_LEVEL), -1
-    return zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads).compress(
-        data
-    )
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads)
 
 
 def check_frame_size(frame: bytes | memoryview, expected_size: int) -> None:
@@ -434,6 +438,14 @@ class FrameStream:
             raise InvalidDelta(f"a frame does not decompress ({exc})") from None
         self.left -= i
 
+    def skip(self, n: int) -> None:
+        """Pass over the next ``n`` bytes (inflated and dropped, a step at a time)."""
+        scratch = memoryview(bytearray(min(n, XOR_STEP)))
+        while n:
+            m = min(n, len(scratch))
+            self.readinto(scratch[:m])
+            n -= m
+
     def finish(self) -> None:
         """Check that the frame ends where its size says (nothing left, nothing more)."""
         try:
@@ -454,16 +466,8 @@ class XorEncoder:
     noise-like planes worse, not better)."""
 
     def __init__(self, width: int, n: int, level: int = ZSTD_LEVEL) -> None:
-        threads = 0
-        if n * width > ZSTD_BULK_BYTES:
-            level, threads = min(level, ZSTD_BULK_LEVEL), -1
         self.width, self.n, self.done = width, n, 0
-        self._objs = [
-            zstandard.ZstdCompressor(
-                level=level, write_content_size=True, threads=threads
-            ).compressobj(size=n)
-            for _ in range(width)
-        ]
+        self._objs = [_compressor(n * width, level).compressobj(size=n) for _ in range(width)]
         self._out: list[list[bytes]] = [[] for _ in range(width)]
         self.equal = True  # whether every byte fed so far was equal in both buffers
 
@@ -518,8 +522,6 @@ def encode_xor(
 
 #: Plane bytes inflated per step of :class:`XorPlanes` (fits in L2 with its slice of elements).
 XOR_STEP = 1 << 18
-#: Elements from which :meth:`XorPlanes.apply` inflates the planes in parallel.
-PARALLEL_PLANES_MIN = 1 << 16
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -545,7 +547,9 @@ class Inflating:
         thread has stopped using its buffer and stream)."""
         for _, fut in self.planes:
             fut.exception()
-        return [buf for buf, fut in self.planes if fut.result() is None]
+        for _, fut in self.planes:
+            fut.result()
+        return [buf for buf, _ in self.planes]
 
 
 class XorPlanes:
@@ -562,6 +566,8 @@ class XorPlanes:
         if width not in (1, 2, 4, 8):
             raise InvalidDelta(f"lossless planes of {width}-byte elements are not a known dtype")
         self.width, self.n, self.done = width, n, 0
+        #: Whether pieces can be rebuilt one after another (planes stored side by side).
+        self.streamable = plane_sizes is not None or width == 1
         if plane_sizes is None:
             self._streams = [FrameStream(frame, n * width)]
         else:
@@ -577,11 +583,6 @@ class XorPlanes:
         self._step = np.empty(step, dtype=np.uint8)
         self._wide = np.empty(step, dtype=f"<u{width}")
 
-    @property
-    def streamable(self) -> bool:
-        """Whether pieces can be rebuilt one after another (planes stored side by side)."""
-        return len(self._streams) == self.width or self.width == 1
-
     def _plane(self, j: int) -> FrameStream:
         return self._streams[j] if len(self._streams) > 1 else self._streams[0]
 
@@ -589,23 +590,22 @@ class XorPlanes:
         """XOR the next ``len(items)`` elements' planes into ``items`` (unsigned, the dtype's
         width; little-endian byte j of an element is plane j)."""
         k = len(items)
-        if not self.streamable and (self.done or k != self.n):
+        self._check_piece(k)
+        self._xor_inflated(items)
+        self.done += k
+
+    def _check_piece(self, k: int) -> None:
+        if not self.streamable and k != self.n:
             raise InvalidDelta("a lossless tensor of this format version rebuilds only whole")
         if self.done + k > self.n:
             raise InvalidDelta("a lossless tensor was asked for more elements than it has")
-        if self.streamable and self.width > 1 and k >= PARALLEL_PLANES_MIN:
-            self.xor_into(items, self.inflate(k))
-            return
-        self._xor_inflated(items)
-        self.done += k
 
     def inflate(self, k: int) -> Inflating:
         """Start inflating the next ``k`` elements' planes, each in a thread of its own (zstd
         releases the GIL; plane 0 of a float tensor, the noisy low byte, takes as long as the
         rest), while the caller does something else — e.g. reads the base. Hand the result to
         :meth:`xor_into`. Needs the planes stored side by side."""
-        if not self.streamable or self.done + k > self.n:
-            raise InvalidDelta("a lossless tensor was asked for more elements than it has")
+        self._check_piece(k)
         self.done += k
         pool = _plane_pool()
         bufs = [np.empty(k, dtype=np.uint8) for _ in range(self.width)]
@@ -643,11 +643,10 @@ class XorPlanes:
 
     def skip(self, k: int) -> None:
         """Pass over the next ``k`` elements (their planes are inflated and dropped)."""
-        scratch = np.zeros(min(k, XOR_STEP), dtype=f"<u{self.width}")
-        while k:
-            m = min(k, scratch.size)
-            self.apply(scratch[:m])
-            k -= m
+        self._check_piece(k)
+        for stream in self._streams:
+            stream.skip(k)
+        self.done += k
 
     def finish(self) -> None:
         """Check that every plane ended exactly after its ``n`` bytes."""

@@ -49,11 +49,6 @@ def _base_info(base: CheckpointDir, entry: TensorEntry) -> TensorInfo:
     return info
 
 
-def _base_tensor(base: CheckpointDir, entry: TensorEntry) -> torch.Tensor:
-    _base_info(base, entry)
-    return base.get(entry.base_name or "").reshape(-1)
-
-
 class RebuildHasher:
     """Both digests recorded for a rebuilt weight file: sha256 (the ETag, what clients check
     end to end) and xxh3-128 (what the server checks as it streams: ~9 GB/s on one core
@@ -105,43 +100,19 @@ def rebuild_check(file: FileEntry, scale: float) -> StreamCheck | None:
 def tensor_bytes(
     entry: TensorEntry, reader: FrameSource, base: CheckpointDir, scale: float = 1.0
 ) -> bytes | memoryview:
-    """The bytes of one reconstructed tensor in the fine-tune's dtype (a view, not a copy,
-    where the tensor was built in memory)."""
-    if entry.dtype not in DTYPES:
-        raise InvalidDelta(f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}")
-    itemsize, dtype = DTYPES[entry.dtype]
-    nbytes = entry.numel * itemsize
-    if entry.kind == "dense":
-        if entry.frame is None:
-            raise InvalidDelta(f"dense tensor {entry.name!r} has no frame")
-        return codec.zstd_decompress(reader.frame(entry.frame), nbytes)
-    base_t = _base_tensor(base, entry)  # (numel,) in the base's dtype
-    if entry.kind == "same":
-        return tensor_view(base_t.to(dtype))
-    if entry.kind == "lossless":
-        if entry.frame is None or base_t.dtype != dtype:
-            raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
-        frame = reader.frame(entry.frame)
-        if scale == 1.0:  # base_t is a fresh buffer of ours: the planes are XORed into it
-            return codec.decode_xor(
-                frame, tensor_view(base_t), itemsize, in_place=True, plane_sizes=entry.planes
-            )
-        exact = codec.decode_xor(frame, tensor_view(base_t), itemsize, plane_sizes=entry.planes)
-        ft = bytes_to_tensor(exact, entry.dtype, (entry.numel,)).to(torch.float32)
-        b = base_t.to(torch.float32)
-        return tensor_view((b + scale * (ft - b)).to(dtype))
-    if entry.kind != "sparse":
-        raise InvalidDelta(f"tensor {entry.name!r} has unknown kind {entry.kind!r}")
-    positions, values = decode_sparse(entry, reader)
-    idx = torch.from_numpy(positions)
-    if base_t.dtype == dtype:
-        out = base_t.clone() if not base_t.is_contiguous() else base_t
-        out[idx] = (base_t[idx].to(torch.float32) + scale * values).to(dtype)
-    else:
-        full = base_t.to(torch.float32)
-        full[idx] += scale * values
-        out = full.to(dtype)
-    return tensor_view(out)
+    """The bytes of one reconstructed tensor in the fine-tune's dtype: its
+    :func:`tensor_pieces` in one buffer (the piece itself, not a copy, when there is one)."""
+    pieces = tensor_pieces(entry, reader, base, scale)
+    first = next(pieces, b"")
+    second = next(pieces, None)
+    if second is None:
+        return first
+    out = np.empty(entry.numel * DTYPES[entry.dtype][0], dtype=np.uint8)
+    at = 0
+    for part in chain((first, second), pieces):
+        out[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
+        at += len(part)
+    return out.data
 
 
 def iter_file(
@@ -165,16 +136,32 @@ def iter_file(
         return
     raw_header, header = weight_header(reader, file)
     yield raw_header
+    yield from rebuilt_ahead(weight_parts(reader, file, header), reader, base, scale)
+
+
+def weight_parts(
+    reader: DeltaReader, file: FileEntry, header: Header, start: int = 0, end: int | None = None
+) -> list[tuple[TensorEntry, int, int]]:
+    """``(entry, start, end)`` of each tensor holding bytes ``[start, end)`` of a weight file
+    (``end`` None: to the end), the byte range within that tensor, in file order."""
+    end = header.file_size if end is None else end
     entries = reader.doc.tensor_map()
-    todo = []
-    for name in header.tensors:
+    parts = []
+    for name, info in header.tensors.items():
+        lo, hi = header.data_offset + info.start, header.data_offset + info.end
+        if hi <= start or lo == hi:
+            continue
+        if lo >= end:
+            break
         entry = entries.get(name)
         if entry is None:
             raise InvalidDelta(
                 f"weight file {file.path!r} names a tensor the delta lacks: {name!r}"
             )
-        todo.append((entry, 0, None))
-    yield from rebuilt_ahead(todo, reader, base, scale)
+        if entry.dtype in DTYPES and entry.numel * DTYPES[entry.dtype][0] != hi - lo:
+            raise InvalidDelta(f"tensor {name!r} rebuilds to another size than its header says")
+        parts.append((entry, max(start - lo, 0), min(end, hi) - lo))
+    return parts
 
 
 T = TypeVar("T")
@@ -247,9 +234,9 @@ def tensor_pieces(
     end: int | None = None,
     piece: int = PIECE_BYTES,
 ) -> Iterator[bytes | memoryview]:
-    """Bytes ``[start, end)`` of one reconstructed tensor, rebuilt about ``piece`` bytes at a
-    time: memory holds one piece and the tensor's stored entries, not the tensor. The bytes
-    are those of :func:`tensor_bytes` (the same arithmetic, element by element)."""
+    """Bytes ``[start, end)`` of one reconstructed tensor in the fine-tune's dtype, rebuilt
+    about ``piece`` bytes at a time: memory holds one piece and the tensor's stored entries,
+    not the tensor (except a lossless tensor of format versions 1–2, inflated whole once)."""
     if entry.dtype not in DTYPES:
         raise InvalidDelta(f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}")
     itemsize = DTYPES[entry.dtype][0]
@@ -260,12 +247,7 @@ def tensor_pieces(
     if start == end:
         return
     first, last = start // itemsize, -(-end // itemsize)  # elements covering the bytes
-    make = _piece_maker(entry, reader, base, scale, first)
-    if make is None:  # only rebuilt whole (lossless planes of format versions 1–2)
-        whole = memoryview(tensor_bytes(entry, reader, base, scale))
-        for i in range(start, end, piece):
-            yield whole[i : min(i + piece, end)]
-        return
+    make, finish = _piece_maker(entry, reader, base, scale, first)
     step = max(piece // itemsize, 1)
     for a in range(first, last, step):
         b = min(a + step, last)
@@ -273,33 +255,38 @@ def tensor_pieces(
         lo, hi = max(start, a * itemsize) - a * itemsize, min(end, b * itemsize) - a * itemsize
         yield data if (lo, hi) == (0, len(data)) else memoryview(data)[lo:hi]
     if last == entry.numel:
-        make(last, last)  # lets a stream check that it ended where it should
+        finish()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _items(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as unsigned integers of its element width (a view, for XORing)."""
+    return np.frombuffer(tensor_view(t), dtype=f"<u{t.element_size()}")
 
 
 def _piece_maker(
     entry: TensorEntry, reader: FrameSource, base: CheckpointDir, scale: float, first: int
-) -> Callable[[int, int], bytes | memoryview] | None:
-    """A function rebuilding elements ``[a, b)`` of the tensor, called with increasing,
-    adjacent ranges from element ``first`` on; called with ``a == b == numel`` after the last
-    piece, it checks that a streamed frame ended where it should. None: the tensor can only be
-    rebuilt whole (lossless planes of format versions 1–2)."""
+) -> tuple[Callable[[int, int], bytes | memoryview], Callable[[], None]]:
+    """A function rebuilding elements ``[a, b)`` of the tensor, to be called with increasing,
+    adjacent ranges from element ``first`` on, and one to call after the last element (it
+    checks that a streamed frame ended where it should)."""
     itemsize, dtype = DTYPES[entry.dtype]
     numel = entry.numel
     if entry.kind == "dense":
         if entry.frame is None:
             raise InvalidDelta(f"dense tensor {entry.name!r} has no frame")
         stream = codec.FrameStream(reader.frame(entry.frame), numel * itemsize)
-        _skip_stream(stream, first * itemsize)
+        stream.skip(first * itemsize)
 
-        def dense(a: int, b: int) -> bytes | memoryview:
-            if a == b:
-                stream.finish()
-                return b""
+        def dense(a: int, b: int) -> memoryview:
             buf = np.empty((b - a) * itemsize, dtype=np.uint8).data
             stream.readinto(buf)
             return buf
 
-        return dense
+        return dense, stream.finish
     if entry.kind not in ("same", "sparse", "lossless"):
         raise InvalidDelta(f"tensor {entry.name!r} has unknown kind {entry.kind!r}")
     info = _base_info(base, entry)
@@ -310,57 +297,50 @@ def _piece_maker(
         return bytes_to_tensor(raw, info.dtype, (b - a,))
 
     if entry.kind == "same":
-        return lambda a, b: tensor_view(base_piece(a, b).to(dtype))
+        return (lambda a, b: tensor_view(base_piece(a, b).to(dtype))), _nothing
     if entry.kind == "lossless":
         if entry.frame is None or info.dtype != entry.dtype:
             raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
         planes = codec.XorPlanes(reader.frame(entry.frame), itemsize, numel, entry.planes)
-        if not planes.streamable:
-            return None
-        planes.skip(first)
+        whole: torch.Tensor | None = None
+        if planes.streamable:
+            planes.skip(first)
+        else:  # versions 1–2: all planes in one frame, one after another: inflated whole, once
+            whole = base_piece(0, numel)
+            planes.apply(_items(whole))
+            planes.finish()
 
-        def lossless(a: int, b: int) -> bytes | memoryview:
-            if a == b:
-                planes.finish()
-                return b""
-            inflating = planes.inflate(b - a)  # in other threads, while the base is read
-            t = base_piece(a, b)
-            b_f32 = t.to(torch.float32, copy=True) if scale != 1.0 else None
-            raw = tensor_view(t)
-            planes.xor_into(np.frombuffer(raw, dtype=f"<u{itemsize}"), inflating)
-            if b_f32 is None:
-                return raw
-            return tensor_view((b_f32 + scale * (t.to(torch.float32) - b_f32)).to(dtype))
+        def lossless(a: int, b: int) -> memoryview:
+            if whole is not None:
+                ft, before = whole[a:b], base_piece(a, b) if scale != 1.0 else None
+            else:
+                inflating = planes.inflate(b - a)  # in other threads, while the base is read
+                ft = base_piece(a, b)
+                before = ft.clone() if scale != 1.0 else None
+                planes.xor_into(_items(ft), inflating)
+            if before is None:
+                return tensor_view(ft)
+            b32 = before.to(torch.float32)
+            return tensor_view((b32 + scale * (ft.to(torch.float32) - b32)).to(dtype))
 
-        return lossless
+        return lossless, (_nothing if whole is not None else planes.finish)
     positions, values = decode_sparse(entry, reader)
     scaled = values if scale == 1.0 else scale * values
-    at = [int(np.searchsorted(positions, first))]
+    at = int(np.searchsorted(positions, first))
 
-    def sparse(a: int, b: int) -> bytes | memoryview:
-        if a == b:
-            return b""
-        i0 = at[0]
-        i1 = i0 + int(np.searchsorted(positions[i0:], b))
-        at[0] = i1
+    def sparse(a: int, b: int) -> memoryview:
+        nonlocal at
+        i0, at = at, at + int(np.searchsorted(positions[at:], b))
         t = base_piece(a, b)
-        idx = torch.from_numpy(positions[i0:i1] - a)
+        idx = torch.from_numpy(positions[i0:at] - a)
         if info.dtype == entry.dtype:
-            t[idx] = (t[idx].to(torch.float32) + scaled[i0:i1]).to(dtype)
+            t[idx] = (t[idx].to(torch.float32) + scaled[i0:at]).to(dtype)
             return tensor_view(t)
         full = t.to(torch.float32)
-        full[idx] += scaled[i0:i1]
+        full[idx] += scaled[i0:at]
         return tensor_view(full.to(dtype))
 
-    return sparse
-
-
-def _skip_stream(stream: codec.FrameStream, n: int) -> None:
-    scratch = np.empty(min(n, CHUNK_SIZE), dtype=np.uint8).data
-    while n:
-        m = min(n, len(scratch))
-        stream.readinto(scratch[:m])
-        n -= m
+    return sparse, _nothing
 
 
 def weight_header(reader: FrameSource, file: FileEntry) -> tuple[bytes, Header]:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.checkpoint import CheckpointDir
-from core.constants import CHUNK_SIZE, DTYPES
-from core.delta_format import DeltaReader, FileEntry, TensorEntry
+from core.constants import CHUNK_SIZE
+from core.delta_format import DeltaReader, FileEntry
 from core.errors import IntegrityError, InvalidDelta
 from core.reconstruct import (
     StreamCheck,
@@ -35,6 +35,7 @@ from core.reconstruct import (
     rebuild_check,
     rebuilt_ahead,
     weight_header,
+    weight_parts,
 )
 from service.errors import RangeNotSatisfiable
 from storage.blobstore import BlobStore, sha256_of_key
@@ -149,20 +150,7 @@ class Reconstruction:
         raw, header = weight_header(self.reader, self.file)
         if start < len(raw):
             yield from _slices(raw[start : min(end, len(raw))])
-        entries = self.reader.doc.tensor_map()
-        parts: list[tuple[TensorEntry, int, int]] = []
-        for name, info in header.tensors.items():
-            lo, hi = header.data_offset + info.start, header.data_offset + info.end
-            if hi <= start or lo == hi:
-                continue
-            if lo >= end:
-                break
-            entry = entries.get(name)
-            if entry is None:
-                raise InvalidDelta(f"{self.file.path!r} names a tensor the delta lacks: {name!r}")
-            if entry.dtype in DTYPES and entry.numel * DTYPES[entry.dtype][0] != hi - lo:
-                raise InvalidDelta(f"tensor {name!r} rebuilds to another size than its header says")
-            parts.append((entry, max(start - lo, 0), min(end, hi) - lo))
+        parts = weight_parts(self.reader, self.file, header, start, end)
         for data in rebuilt_ahead(parts, self.reader, self.base, self.scale):
             yield from _slices(data)
             del data

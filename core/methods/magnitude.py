@@ -65,9 +65,9 @@ class MaskFitted(Fitted):
         nonzero = False
         for offset, part in slices:
             nonzero = nonzero or bool(part.any())
-            idx = torch.nonzero(self._applier.mask(part.abs())).reshape(-1)
-            positions.append(idx.cpu().numpy().astype(np.int64) + offset)
-            values.append((part[idx] * self.scale).to(torch.float32).cpu())
+            sel = from_mask(part, self._applier.mask(part.abs()), self.scale)
+            positions.append(sel.positions + offset)
+            values.append(sel.values)
         if not nonzero:  # `same`: as if never selected (ties at the cut stay for later tensors)
             self._applier.equal_left = equal_left
             return None
