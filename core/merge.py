@@ -6,14 +6,19 @@
   Σ τ_i per entry, average the entries that agree with it (disjoint mean), × λ (Yadav et al.,
   NeurIPS 2023, https://arxiv.org/abs/2306.01708).
 
-The merged delta takes its file layout, its tensors that are not in the base (heads) and its
-non-weight files from the first delta listed; the base must be the same for every delta.
+Tensors that exist only in the fine-tunes (a classifier head, a resized embedding) cannot be
+merged meaningfully — two heads map different features to different labels — so they are never
+averaged: when the deltas agree on them (the same bytes), they are kept; when they differ, the
+caller names the parent whose own tensors, file layout and non-weight files (``config.json``
+with its label names) the merged delta takes (``heads_from``), or the merge is refused. The
+merged delta records which parent that was. The base must be the same for every delta.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +42,8 @@ class MergeResult:
     sources: int
     stored_bytes: int
     kept: int
+    heads_from: int  # index of the delta whose own (non-base) tensors and files were taken
+    own_tensors: list[str]  # those tensors' names (empty when the fine-tunes add none)
 
 
 def task_delta(entry: TensorEntry, reader: DeltaReader, base: CheckpointDir) -> torch.Tensor | None:
@@ -88,6 +95,7 @@ def merge(
     density: float | None = None,
     value_bits: int = 16,
     level: int = ZSTD_LEVEL,
+    heads_from: int | None = None,
 ) -> MergeResult:
     """Merge deltas of one base into a new delta.
 
@@ -99,9 +107,14 @@ def merge(
         lam: λ, the scale of the merged task vector.
         density: TIES trim density per tensor (None keeps each delta's entries as stored).
         value_bits: 32 or 16 for the merged values.
+        heads_from: index in ``deltas`` of the parent whose tensors that are not in the base
+            (heads), file layout and non-weight files are taken. Needed only when the deltas'
+            own tensors differ; default: the first delta when they are all the same.
 
     Raises:
-        InvalidArgument, BaseMismatch.
+        InvalidArgument: bad method, fewer than two deltas, bad ``heads_from``, or own
+            tensors that differ between the deltas with no ``heads_from`` named.
+        BaseMismatch: deltas of different bases, or a base tensor missing from one.
     """
     if method not in MERGE_METHODS:
         raise InvalidArgument(f"merge method must be one of {', '.join(MERGE_METHODS)}")
@@ -119,11 +132,46 @@ def merge(
             )
         for r in readers:
             check_base(r, base)
-        return _merge(base, readers, out_path, method, lam, density, value_bits, level)
+        source = _heads_source(readers, base, heads_from)
+        ordered = [readers[source], *(r for i, r in enumerate(readers) if i != source)]
+        heads = f"delta {source + 1} of {len(readers)} ({Path(deltas[source]).name})"
+        result = _merge(base, ordered, out_path, method, lam, density, value_bits, level, heads)
+        result.heads_from = source
+        return result
     finally:
         for r in readers:
             r.close()
         base.close()
+
+
+def own_tensors(reader: DeltaReader, base: CheckpointDir) -> dict[str, bytes]:
+    """A delta's tensors that are not in the base (heads, resized embeddings) → their bytes."""
+    return {
+        t.name: bytes(tensor_bytes(t, reader, base))
+        for t in reader.doc.tensors
+        if t.kind == "dense"
+    }
+
+
+def _heads_source(readers: list[DeltaReader], base: CheckpointDir, heads_from: int | None) -> int:
+    """The index of the delta whose own tensors the merge keeps (see the module docstring)."""
+    if heads_from is not None:
+        if not 0 <= heads_from < len(readers):
+            raise InvalidArgument(
+                f"heads_from must name one of the {len(readers)} merged deltas "
+                f"(0..{len(readers) - 1}); got {heads_from}"
+            )
+        return heads_from
+    owns = [own_tensors(r, base) for r in readers]
+    differ = sorted({name for o in owns for name in o if any(x.get(name) != o[name] for x in owns)})
+    if differ:
+        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise InvalidArgument(
+            f"the fine-tunes have their own, different tensors that are not in the base "
+            f"({shown}: e.g. classifier heads); averaging them would mix unrelated heads — "
+            "name the parent whose heads the merged model keeps (heads_from)"
+        )
+    return 0
 
 
 def _merge(
@@ -135,9 +183,17 @@ def _merge(
     density: float | None,
     value_bits: int,
     level: int,
+    heads: str,
 ) -> MergeResult:
-    first = readers[0]
+    first = readers[0]  # the parent whose own tensors and files are kept
     maps = [r.doc.tensor_map() for r in readers]
+    own = sorted(t.name for t in first.doc.tensors if t.kind == "dense")
+    notes = [f"merged from {len(readers)} deltas"]
+    if own:
+        notes.append(
+            f"tensors not in the base ({', '.join(own[:4])}{' …' if len(own) > 4 else ''}) "
+            f"and non-weight files taken from {heads}, not merged"
+        )
     writer = DeltaWriter(out_path)
     files: list[FileEntry] = []
     tensors: list[TensorEntry] = []
@@ -213,10 +269,11 @@ def _merge(
                     "density": density,
                     "value_bits": value_bits,
                     "sources": [r.doc.method.get("name") for r in readers],
+                    "own_tensors": own,
                 },
                 "result": {},
             },
-            evaluation={"kind": "weights", "notes": [f"merged from {len(readers)} deltas"]},
+            evaluation={"kind": "weights", "notes": notes},
             stats={"num_params": first.doc.stats.get("num_params"), "kept": kept},
             files=files,
             tensors=tensors,
@@ -225,4 +282,4 @@ def _merge(
     except BaseException:
         writer.abort()
         raise
-    return MergeResult(str(out_path), method, len(readers), stored, kept)
+    return MergeResult(str(out_path), method, len(readers), stored, kept, 0, own)

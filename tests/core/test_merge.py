@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from core.compress import compress
+from core.delta_format import DeltaReader
 from core.errors import BaseMismatch, InvalidArgument
 from core.merge import merge, merge_tensors
 from core.reconstruct import load_state, reconstruct
@@ -70,3 +71,38 @@ def test_merge_refuses_mismatched_inputs(tmp_path: Path) -> None:
         merge(base, [tmp_path / "1.slim"], tmp_path / "m.slim")
     with pytest.raises(InvalidArgument, match="merge method"):
         merge(base, [tmp_path / "1.slim", tmp_path / "1.slim"], tmp_path / "m.slim", method="dare")
+
+
+def _finetune_with_own_head(tmp_path: Path, name: str, seed: int) -> tuple[Path, dict]:
+    """A fine-tune of the shared base whose head (a tensor not in the base) is its own."""
+    _, ft, _, ft_t = make_pair(tmp_path / name, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    ft_t["head.weight"] = torch.randn(ft_t["head.weight"].shape, generator=g)
+    ft_t["m.enc.a.weight"] = ft_t["m.enc.a.weight"] + 0.05 * torch.randn(
+        ft_t["m.enc.a.weight"].shape, generator=g
+    )
+    save_file(ft_t, ft / "model.safetensors")
+    return ft, ft_t
+
+
+def test_merge_never_averages_heads_that_differ(tmp_path: Path) -> None:
+    base, _, _, _ = make_pair(tmp_path / "base", seed=0)
+    ft1, ft1_t = _finetune_with_own_head(tmp_path, "one", seed=1)
+    ft2, ft2_t = _finetune_with_own_head(tmp_path, "two", seed=2)
+    compress(base, ft1, tmp_path / "1.slim", method="lossless")
+    compress(base, ft2, tmp_path / "2.slim", method="lossless")
+    deltas = [tmp_path / "1.slim", tmp_path / "2.slim"]
+    with pytest.raises(InvalidArgument, match=r"\(head\.weight: .*heads_from") as err:
+        merge(base, deltas, tmp_path / "m.slim")
+    assert "m.enc.emb" not in str(err.value)  # own tensors the parents share are not a conflict
+    assert not (tmp_path / "m.slim").exists()
+    result = merge(base, deltas, tmp_path / "m.slim", heads_from=1)
+    assert result.heads_from == 1 and "head.weight" in result.own_tensors
+    merged = load_state(base, tmp_path / "m.slim")
+    assert torch.equal(merged["head.weight"], ft2_t["head.weight"])  # the named parent's head
+    assert not torch.equal(merged["head.weight"], ft1_t["head.weight"])
+    with DeltaReader(tmp_path / "m.slim") as r:
+        assert "head.weight" in r.doc.method["params"]["own_tensors"]
+        assert any("head.weight" in n and "2.slim" in n for n in r.doc.evaluation["notes"])
+    with pytest.raises(InvalidArgument, match="heads_from must name"):
+        merge(base, deltas, tmp_path / "m2.slim", heads_from=2)
