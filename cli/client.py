@@ -382,13 +382,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    """Storage totals; ``stored`` is split into what it keeps (the server's parts and labels,
+    see ``GET /v1/stats``), so the figures read like the dashboard's."""
     with _client(args) as client:
         s = client.stats()
     if args.json:
         return _dump(s.raw)
     saved = s.logical_bytes - s.stored_bytes
-    print(f"{'logical':>12}: {_size(s.logical_bytes)}")
-    print(f"{'stored':>12}: {_size(s.stored_bytes)}")
+    print(f"{'logical':>12}: {_size(s.logical_bytes)} (the models as plain files)")
+    print(f"{'stored':>12}: {_size(s.stored_bytes)} (blobs kept, each counted once)")
+    parts = s.raw.get("stored_parts") or {}
+    labels = s.raw.get("stored_part_labels") or {}
+    for part, size in parts.items():
+        if size or part in ("bases", "deltas"):
+            print(f"{'':>14}{_size(size):>10}  {labels.get(part, part)}")
     print(f"{'saved':>12}: {_size(saved)} ({_num(s.ratio, '{:.2f}×')})")
     print(f"{'bases':>12}: {s.num_bases}")
     print(f"{'checkpoints':>12}: {s.num_checkpoints} {_states(s.checkpoints_by_state)}")

@@ -39,6 +39,7 @@ from core.reconstruct import (
 )
 from service.errors import RangeNotSatisfiable
 from storage.blobstore import BlobStore, sha256_of_key
+from storage.errors import BlobNotFound
 
 log = logging.getLogger("slim.service")
 
@@ -201,6 +202,40 @@ def open_reconstruction(
         reader.close()
         raise
     return Reconstruction(reader, base, file, scale, file.size)
+
+
+def reconstructed_size(delta_path: Path, path: str) -> int:
+    """How many bytes the rebuilt file ``path`` streams: the size the delta records for it (the
+    same at every scale — a rebuilt tensor keeps its dtype and shape), read from the delta's
+    document, never from a database row.
+
+    Raises:
+        InvalidDelta: the delta has no such file.
+    """
+    with DeltaReader(delta_path) as reader:
+        file = next((f for f in reader.doc.files if f.path == path), None)
+    if file is None:
+        raise InvalidDelta(
+            f"the stored delta has no file {path!r}; list what it rebuilds with "
+            "GET /v1/checkpoints/{id}/files"
+        )
+    return file.size
+
+
+def blob_size(store: BlobStore, key: str, what: str) -> int:
+    """The size of the stored blob ``key`` as the store holds it (the bytes a download of it
+    streams).
+
+    Raises:
+        BlobNotFound: the store holds nothing under ``key``.
+    """
+    size = store.head(key)
+    if size is None:
+        raise BlobNotFound(
+            f"the bytes of {what} are missing from the blob store (key {key}); restore the blob "
+            "(see `slim scrub`) or push it again"
+        )
+    return size
 
 
 def blob_chunks(store: BlobStore, key: str, byte_range: ByteRange | None) -> Iterator[bytes]:

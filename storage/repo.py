@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import exists, func, select, union
+from sqlalchemy import String, case, exists, func, literal, select, union, union_all
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
 
@@ -317,15 +318,62 @@ def unreferenced_blob_condition() -> Any:
 
 
 # -- stats -----------------------------------------------------------------------------------
+#
+# Stored bytes, defined once: the bytes of the blobs that rows point at (base files, checkpoint
+# files, checkpoint deltas), each distinct blob counted once in any total. Every figure — the
+# checkpoint record's ``stored_bytes`` (its delta blob, written by the worker from the blob it
+# stored), ``GET /v1/stats``, the dashboard and ``slim stats`` — is a sum of these, split into
+# the parts below so a total always says what it counts.
+
+
+class StoredPart(StrEnum):
+    """What a stored blob is kept for, in the order a blob with several uses is counted under
+    (a tokenizer file shared by a base and its checkpoints counts once, as a base file)."""
+
+    BASES = "bases"
+    DELTAS = "deltas"
+    RETAINED = "retained"
+    PENDING = "pending"
+    FAILED = "failed"
+
+
+#: What each part counts, as the dashboard and ``slim stats`` print it.
+STORED_PART_LABELS: dict[str, str] = {
+    StoredPart.BASES: "base files",
+    StoredPart.DELTAS: "checkpoint deltas",
+    StoredPart.RETAINED: "originals retained beside a delta",
+    StoredPart.PENDING: "uploads not compressed yet",
+    StoredPart.FAILED: "uploads of failed pushes (freed when deleted, then GC)",
+}
+
+
+@dataclass(slots=True)
+class StoredBytes:
+    """Stored bytes split by :class:`StoredPart` (each blob in one part); ``total`` is their sum."""
+
+    parts: dict[str, int] = field(default_factory=lambda: {p.value: 0 for p in StoredPart})
+    num_blobs: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def add(self, part: int | str, size: int, blobs: int = 1) -> None:
+        name = _PART_ORDER[part] if isinstance(part, int) else StoredPart(part).value
+        self.parts[name] += int(size)
+        self.num_blobs += int(blobs)
+
+
+_PART_ORDER = [p.value for p in StoredPart]
 
 
 @dataclass(slots=True)
 class Stats:
-    """Storage totals for the dashboard.
+    """Storage totals of ``GET /v1/stats``, the dashboard and ``slim stats``.
 
     ``logical_bytes``: what the stored models would take as plain files (base files plus
-    original checkpoint files). ``stored_bytes``: what the referenced blobs actually take,
-    each distinct blob counted once.
+    original checkpoint files). ``stored_bytes``: the stored bytes as defined above (distinct
+    referenced blobs), ``stored_parts`` the same total split by :class:`StoredPart`.
     """
 
     logical_bytes: int = 0
@@ -335,6 +383,7 @@ class Stats:
     num_blobs: int = 0
     checkpoints_by_state: dict[str, int] = field(default_factory=dict)
     jobs_by_state: dict[str, int] = field(default_factory=dict)
+    stored_parts: dict[str, int] = field(default_factory=lambda: StoredBytes().parts)
 
     @property
     def ratio(self) -> float | None:
@@ -371,17 +420,94 @@ def stats(session: Session, *, namespace: str | None = None) -> Stats:
     for state, count in job_rows:
         out.jobs_by_state[JobState(state).value] = count
 
-    keys = union(
-        select(File.blob_key.label("key")).where(File.base_id.in_(select(base_q.c.id))),
-        select(File.blob_key).where(File.checkpoint_id.in_(select(ckpt_q.c.id))),
-        select(Checkpoint.delta_blob_key).where(Checkpoint.id.in_(select(ckpt_q.c.id))),
-    ).subquery()
-    out.num_blobs, stored = session.execute(
-        select(func.count(), func.coalesce(func.sum(Blob.size), 0)).where(
-            Blob.key.in_(select(keys.c.key))
+    stored = stored_bytes(session, namespace=namespace)
+    out.stored_bytes, out.stored_parts, out.num_blobs = stored.total, stored.parts, stored.num_blobs
+    return out
+
+
+def stored_bytes(session: Session, *, namespace: str | None = None) -> StoredBytes:
+    """The stored bytes of a namespace (of everything when None), each blob counted once."""
+    return _stored_by(session, _blob_refs(namespace), None).get(None, StoredBytes())
+
+
+def stored_bytes_by_base(
+    session: Session, *, namespace: str | None = None
+) -> dict[str, StoredBytes]:
+    """Stored bytes per base: its files plus its checkpoints' blobs, each blob once per base."""
+    refs = _blob_refs(namespace)
+    return _stored_by(session, refs, refs.c.base_id)
+
+
+def stored_bytes_by_checkpoint(
+    session: Session, checkpoint_ids: Collection[str]
+) -> dict[str, StoredBytes]:
+    """Stored bytes per checkpoint: its delta and the uploaded files it still keeps."""
+    if not checkpoint_ids:
+        return {}
+    refs = _blob_refs(None, checkpoint_ids=checkpoint_ids)
+    return _stored_by(session, refs, refs.c.checkpoint_id)
+
+
+def _blob_refs(namespace: str | None, checkpoint_ids: Collection[str] | None = None) -> Any:
+    """(key, part, base_id, checkpoint_id) of every row pointing at a blob."""
+    ckpt_part = case(
+        (Checkpoint.state == CheckpointState.READY, _PART_ORDER.index(StoredPart.RETAINED)),
+        (Checkpoint.state == CheckpointState.FAILED, _PART_ORDER.index(StoredPart.FAILED)),
+        else_=_PART_ORDER.index(StoredPart.PENDING),
+    )
+    base_files = (
+        select(
+            File.blob_key.label("key"),
+            literal(_PART_ORDER.index(StoredPart.BASES)).label("part"),
+            File.base_id.label("base_id"),
+            literal(None, String).label("checkpoint_id"),
         )
-    ).one()
-    out.stored_bytes = int(stored)
+        .join(Base, File.base_id == Base.id)
+        .where(File.blob_key.is_not(None))
+    )
+    ckpt_files = (
+        select(
+            File.blob_key.label("key"),
+            ckpt_part.label("part"),
+            Checkpoint.base_id.label("base_id"),
+            Checkpoint.id.label("checkpoint_id"),
+        )
+        .join(Checkpoint, File.checkpoint_id == Checkpoint.id)
+        .where(File.blob_key.is_not(None))
+    )
+    deltas = select(
+        Checkpoint.delta_blob_key,
+        literal(_PART_ORDER.index(StoredPart.DELTAS)),
+        Checkpoint.base_id,
+        Checkpoint.id,
+    ).where(Checkpoint.delta_blob_key.is_not(None))
+    if namespace is not None:
+        base_files = base_files.where(Base.namespace == namespace)
+        ckpt_files = ckpt_files.where(Checkpoint.namespace == namespace)
+        deltas = deltas.where(Checkpoint.namespace == namespace)
+    if checkpoint_ids is not None:
+        ckpt_files = ckpt_files.where(Checkpoint.id.in_(checkpoint_ids))
+        deltas = deltas.where(Checkpoint.id.in_(checkpoint_ids))
+        return union_all(ckpt_files, deltas).subquery()
+    return union_all(base_files, ckpt_files, deltas).subquery()
+
+
+def _stored_by(session: Session, refs: Any, owner: Any) -> dict[Any, StoredBytes]:
+    """Sum distinct blobs by part (a blob used twice counts once, under its first part),
+    separately for each ``owner`` value (one total when None)."""
+    group = [refs.c.key] if owner is None else [owner, refs.c.key]
+    first = select(*group, func.min(refs.c.part).label("part")).group_by(*group).subquery()
+    by = [] if owner is None else [first.c[owner.name]]
+    rows = session.execute(
+        select(*by, first.c.part, func.count(), func.coalesce(func.sum(Blob.size), 0))
+        .join(Blob, Blob.key == first.c.key)
+        .group_by(*by, first.c.part)
+    )
+    out: dict[Any, StoredBytes] = {}
+    for row in rows:
+        who = None if owner is None else row[0]
+        part, count, size = row[-3:]
+        out.setdefault(who, StoredBytes()).add(int(part), size, count)
     return out
 
 

@@ -309,8 +309,6 @@ class Worker:
             files = {f.path: f for f in reader.doc.files}
         fields = {
             "original_bytes": summary["original_bytes"],
-            "stored_bytes": summary["stored_bytes"],
-            "ratio": summary["ratio"],
             "bits_per_param": summary["bits_per_param"],
             "num_params": summary["num_params"],
             "fitness": _finite(
@@ -334,7 +332,12 @@ class Worker:
         new_files: bool,
     ) -> set[str]:
         """Commit the rows that make a checkpoint ready, in one transaction, if we still hold
-        the lease. Returns the original blobs to drop."""
+        the lease. Returns the original blobs to drop.
+
+        ``stored_bytes`` is the size of the delta blob as stored (``info.size``, the bytes a
+        pull of ``/delta`` streams — see :mod:`storage.repo` for the one definition of stored
+        bytes) and ``ratio`` is ``original_bytes / stored_bytes``: whatever the method's own
+        accounting said (``auto`` rewrites its document after compressing) is replaced here."""
         drop: set[str] = set()
         with self.sessions() as session:
             begin_write(session)
@@ -353,6 +356,8 @@ class Worker:
             checkpoint.delta_blob_key = info.key
             for name, value in fields.items():
                 setattr(checkpoint, name, value)
+            checkpoint.stored_bytes = info.size
+            checkpoint.ratio = checkpoint.original_bytes / info.size if info.size else None
             checkpoint.state = CheckpointState.READY
             checkpoint.error = None
             if new_files:

@@ -18,7 +18,7 @@ from typing import Any
 
 import jinja2
 
-from service.dashboard.view import human_bytes, ratio_text
+from service.dashboard.view import human_bytes, parts_text, ratio_text
 from storage.models import JobState
 
 #: Static files the dashboard serves, with their media types.
@@ -37,6 +37,7 @@ def environment() -> jinja2.Environment:
     env.globals.update(
         human_bytes=human_bytes,
         ratio_text=ratio_text,
+        parts_text=parts_text,
         fmt=lambda value, spec: "–" if value is None else spec.format(value),
         job_states=[s.value for s in JobState],
     )

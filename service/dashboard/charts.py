@@ -42,6 +42,18 @@ class Bar:
     note: str
 
 
+@dataclass(frozen=True)
+class TrailStep:
+    """One candidate ``auto`` judged: its place in the trail, its fidelity, the verdict."""
+
+    index: int
+    fidelity: float
+    passed: bool
+    label: str  # "dare keep 0.03 3-bit"
+    title: str  # the tooltip: everything the step recorded
+    chosen: bool = False
+
+
 def css_class(name: str) -> str:
     """A method name as a safe CSS class suffix."""
     return re.sub(r"[^a-z0-9-]", "-", name.lower())[:40] or "x"
@@ -179,14 +191,76 @@ def line(steps: Sequence[tuple[float, float]], xlabel: str, ylabel: str, title: 
     return _svg("trace", body, title)
 
 
+def trail(
+    steps: Sequence[TrailStep], floor: float | None, title: str, *, empty_message: str
+) -> Markup:
+    """``auto``'s trail drawn like a search trace: candidate (in the order judged) on x, its
+    fidelity on y, the floor as a dashed line; passed candidates filled, rejected ones hollow
+    with a cross, the chosen one ringed."""
+    if not steps:
+        return empty("trace auto-trail", empty_message)
+    values = [s.fidelity for s in steps] + ([floor] if floor is not None else [])
+    x = _Axis(1, max(len(steps), 2), PAD_L, W - PAD_R)
+    y = _Axis(min(values), max(values), H - PAD_B, PAD_T)
+    body = _frame(x, y, "candidate (in the order auto judged them)", "fidelity", x_ticks=False)
+    every = max(1, math.ceil(len(steps) / 12))
+    for s in steps[::every]:
+        body.append(
+            f'<text class="tick" x="{_f(x(s.index))}" y="{H - PAD_B + 16}" '
+            f'text-anchor="middle">{s.index}</text>'
+        )
+    if floor is not None:
+        fy = _f(y(floor))
+        body.append(
+            f'<line class="trail-floor" x1="{PAD_L}" y1="{fy}" x2="{W - PAD_R}" y2="{fy}"/>'
+            f'<text class="trail-floor-label" x="{W - PAD_R - 4}" y="{float(fy) - 5:.1f}" '
+            f'text-anchor="end">floor {floor:.4g}</text>'
+        )
+    coords = " ".join(f"{_f(x(s.index))},{_f(y(s.fidelity))}" for s in steps)
+    body.append(f'<polyline class="trail-line" points="{coords}"/>')
+    for s in steps:
+        cx, cy = x(s.index), y(s.fidelity)
+        kind = "trail-pass" if s.passed else "trail-fail"
+        mark = f'<circle cx="{_f(cx)}" cy="{_f(cy)}" r="5"/>'
+        if not s.passed:
+            mark += (
+                f'<path d="M{cx - 3:.1f},{cy - 3:.1f}L{cx + 3:.1f},{cy + 3:.1f}'
+                f'M{cx - 3:.1f},{cy + 3:.1f}L{cx + 3:.1f},{cy - 3:.1f}"/>'
+            )
+        if s.chosen:
+            mark += f'<circle class="trail-chosen" cx="{_f(cx)}" cy="{_f(cy)}" r="9"/>'
+        label = (
+            f'<text class="point-label" x="{_f(cx)}" y="{cy - 11:.1f}" '
+            f'text-anchor="middle">{escape(s.label)}</text>'
+            if len(steps) <= 8 or s.chosen
+            else ""
+        )
+        body.append(
+            f'<g class="trail-step {kind}{" chosen" if s.chosen else ""}" data-index="{s.index}">'
+            f"{mark}{label}<title>{escape(s.title)}</title></g>"
+        )
+    lx, ly = PAD_L, H + 12  # the legend: a row under the axis label
+    body.append(
+        f'<g class="trail-legend"><circle class="trail-pass" cx="{lx}" cy="{ly - 4}" r="4"/>'
+        f'<text class="tick" x="{lx + 8}" y="{ly}">passed</text>'
+        f'<circle class="trail-fail" cx="{lx + 64}" cy="{ly - 4}" r="4"/>'
+        f'<text class="tick" x="{lx + 72}" y="{ly}">rejected</text>'
+        f'<circle class="trail-chosen" cx="{lx + 136}" cy="{ly - 4}" r="6"/>'
+        f'<text class="tick" x="{lx + 146}" y="{ly}">stored</text>'
+        f'<line class="trail-floor" x1="{lx + 196}" y1="{ly - 4}" x2="{lx + 220}" y2="{ly - 4}"/>'
+        f'<text class="tick" x="{lx + 226}" y="{ly}">floor</text></g>'
+    )
+    return _svg("trace auto-trail", body, title, height=H + 20)
+
+
 def savings(bars: Sequence[Bar], title: str, size: Callable[[int], str]) -> Markup:
     """Two horizontal bars per row (logical and stored bytes) on one shared scale."""
     if not bars:
         return empty("savings", "no base yet")
-    row, gap, left = 46, 14, 150
+    row, gap, left = 46, 30, 150
     height = PAD_T + len(bars) * (row + gap) + 30
     top = max(max(b.logical, b.stored) for b in bars) or 1
-    span = W - left - 150
+    span = W - left - 110  # room right of the longest bar for "999.9 MB logical"
     body = []
     for i, b in enumerate(bars):
         y0 = PAD_T + i * (row + gap)
@@ -203,7 +277,9 @@ def savings(bars: Sequence[Bar], title: str, size: Callable[[int], str]) -> Mark
             f'<rect class="bar-stored" x="{left}" y="{y0 + row / 2:.0f}" width="{ws:.1f}" '
             f'height="{row / 2 - 2:.0f}"><title>stored {escape(size(b.stored))}</title></rect>'
             f'<text class="bar-value" x="{left + ws + 6:.1f}" y="{y0 + 3 * row / 4:.0f}" '
-            f'dominant-baseline="middle">{escape(size(b.stored))} stored · {escape(b.note)}</text>'
+            f'dominant-baseline="middle">{escape(size(b.stored))} stored</text>'
+            f'<text class="bar-note" x="{left}" y="{y0 + row + 12:.0f}" '
+            f'dominant-baseline="middle">{escape(b.note)}</text>'
             f"</g>"
         )
     legend_y = height - 12

@@ -1,10 +1,17 @@
 """What the dashboard shows, read from the database in one pass: :func:`build`.
 
-Numbers follow ``GET /v1/stats``: *logical* bytes are what the models would take as plain
-files (base files plus every checkpoint's files as uploaded); *stored* bytes are the distinct
-blobs actually kept. Per base, the savings chart compares the base plus its checkpoints'
-original files against the base plus their stored deltas (a checkpoint not compressed yet
-counts its uploaded files as stored).
+Every byte figure follows the one definition of stored bytes (:mod:`storage.repo`): the blobs
+the rows reference, each counted once where shared, split into parts — base files, checkpoint
+deltas, originals retained, uploads not compressed yet, uploads of failed pushes — and each
+total on the page says which parts it holds. The tile is the namespace's total (``GET
+/v1/stats``); a base's bar is its files plus its checkpoints' blobs (the bars add up to the
+tile unless bases share a file); a checkpoint's "stored" is the blobs it references (its delta
+once compressed). *Logical* bytes are what the models would take as plain files.
+
+``auto`` checkpoints show their trail (every candidate judged, its fidelity against the floor)
+instead of a search trace, the encoding auto chose, and auto's whole run as their search time
+(``search_seconds`` of records written before auto reported it counted only the final
+encoding's own search).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from service import operations
 from service.dashboard import charts
 from service.schemas import split_error
 from storage import repo
-from storage.models import Checkpoint, CheckpointState, Job, JobState
+from storage.models import Checkpoint, Job, JobState
 
 #: How many rows the page lists at most (the JSON API pages through everything).
 MAX_ROWS = 1000
@@ -56,12 +63,23 @@ class CheckpointRow:
     evaluation: str | None
     original_bytes: int
     stored_bytes: int | None
+    stored_parts: dict[str, int]
     ratio: float | None
     bits_per_param: float | None
     fidelity: float | None
     search_seconds: float | None
     error: str | None
     trace_points: int
+    encoded: str | None = None  # the encoding ``auto`` chose
+
+    @property
+    def method_text(self) -> str:
+        return f"{self.method} → {self.encoded}" if self.encoded else self.method
+
+    @property
+    def stored_title(self) -> str:
+        """What the stored figure holds, part by part (a tooltip)."""
+        return parts_text(self.stored_parts) or "nothing stored"
 
 
 @dataclass
@@ -72,14 +90,25 @@ class BaseRow:
     total_bytes: int
     num_params: int | None
     checkpoints: list[CheckpointRow] = field(default_factory=list)
+    stored: repo.StoredBytes = field(default_factory=repo.StoredBytes)
 
     @property
     def checkpoints_logical(self) -> int:
         return sum(c.original_bytes for c in self.checkpoints)
 
     @property
+    def base_stored(self) -> int:
+        """The base's own files."""
+        return self.stored.parts[repo.StoredPart.BASES]
+
+    @property
+    def checkpoint_parts(self) -> dict[str, int]:
+        """Its checkpoints' blobs by part (a file shared with the base counts as the base's)."""
+        return {k: v for k, v in self.stored.parts.items() if k != repo.StoredPart.BASES}
+
+    @property
     def checkpoints_stored(self) -> int:
-        return sum(_stored(c) for c in self.checkpoints)
+        return sum(self.checkpoint_parts.values())
 
 
 @dataclass
@@ -98,9 +127,29 @@ class JobRow:
     error_detail: str | None
     attempts: int
     max_attempts: int
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_auto(self) -> bool:
+        return self.progress.get("phase") == "auto" and "candidate" in self.progress
+
+    @property
+    def steps(self) -> tuple[int, int] | None:
+        """(done, planned) for the progress bar, or None when unknown (an indefinite bar)."""
+        p = self.progress
+        if self.is_auto:
+            k, n = _int(p.get("candidate_index")), _int(p.get("candidates_total"))
+        else:
+            k, n = self.generation, self.generations
+        return (k or 0, n) if n else None
 
     @property
     def progress_text(self) -> str:
+        if self.state == JobState.QUEUED.value:
+            text = "waiting for a worker"
+            return f"{text} (retry after: {self.error_detail})" if self.error_detail else text
+        if self.is_auto:
+            return auto_progress_text(self.progress)
         parts = [self.phase or self.state]
         if self.generation is not None:
             parts.append(f"generation {self.generation}/{self.generations or '?'}")
@@ -109,6 +158,47 @@ class JobRow:
         if self.evaluations:
             parts.append(f"{self.evaluations} evaluations")
         return " · ".join(parts)
+
+
+def auto_progress_text(p: dict[str, Any]) -> str:
+    """``auto``'s progress (CONTRACT: candidate k of N, the candidate, its score against the
+    floor, elapsed time and an estimate of what is left)."""
+    k, n = _int(p.get("candidate_index")), _int(p.get("candidates_total"))
+    parts = [f"auto · candidate {k or '?'}/{n or '?'}"]
+    cand = p.get("candidate")
+    if isinstance(cand, dict):
+        parts.append(candidate_text(cand))
+    fid, floor = _float(p.get("fidelity")), _float(p.get("floor"))
+    if fid is None:
+        parts.append("judging" + (f" against floor {floor:.4g}" if floor is not None else ""))
+    else:
+        verdict = {True: "passed", False: "rejected"}.get(p.get("passed"), "")  # type: ignore[call-overload]
+        against = f" vs floor {floor:.4g}" if floor is not None else ""
+        parts.append(f"fidelity {fid:.4f}{against}{' ' + verdict if verdict else ''}")
+    elapsed, eta = _float(p.get("elapsed_seconds")), _float(p.get("eta_seconds"))
+    if elapsed is not None:
+        parts.append(f"{elapsed:.0f} s elapsed")
+    parts.append(f"about {eta:.0f} s left" if eta is not None else "time left unknown")
+    return " · ".join(parts)
+
+
+def candidate_text(c: dict[str, Any]) -> str:
+    """``dare keep 0.03 · 3-bit`` (lossless: just the method)."""
+    method = str(c.get("method") or c.get("encoded") or "?")
+    keep, bits = _float(c.get("keep")), _int(c.get("value_bits"))
+    out = method
+    if keep is not None and method != "lossless":
+        out += f" keep {keep:g}"
+    if bits is not None and method != "lossless":
+        out += f" {bits}-bit"
+    return out
+
+
+def parts_text(parts: dict[str, int]) -> str:
+    """``checkpoint deltas 2.1 MB, uploads of failed pushes 8.2 MB`` (non-zero parts)."""
+    return ", ".join(
+        f"{repo.STORED_PART_LABELS[k]} {human_bytes(v)}" for k, v in parts.items() if v
+    )
 
 
 @dataclass
@@ -120,10 +210,21 @@ class Totals:
     num_blobs: int
     checkpoints_by_state: dict[str, int]
     jobs_by_state: dict[str, int]
+    stored_parts: dict[str, int] = field(default_factory=lambda: repo.StoredBytes().parts)
 
     @property
     def saved_bytes(self) -> int:
         return max(0, self.logical_bytes - self.stored_bytes)
+
+    @property
+    def parts(self) -> list[tuple[str, str]]:
+        """(part, label) of the stored tile's lines: bases and deltas always, others when
+        something is in them."""
+        return [
+            (k, repo.STORED_PART_LABELS[k])
+            for k, v in self.stored_parts.items()
+            if v or k in (repo.StoredPart.BASES, repo.StoredPart.DELTAS)
+        ]
 
     def text(self) -> dict[str, str]:
         """The figures as the page prints them (also sent to the live refresh)."""
@@ -135,6 +236,8 @@ class Totals:
             "bases": str(self.num_bases),
             "checkpoints": str(self.num_checkpoints),
         }
+        for part, size in self.stored_parts.items():
+            out[f"stored-{part}"] = human_bytes(size)
         for state in JobState:
             out[f"jobs-{state.value}"] = str(self.jobs_by_state.get(state.value, 0))
         return out
@@ -152,24 +255,36 @@ class Dashboard:
     scatter_chart: Any
     trace_chart: Any
     fingerprint: str
+    trail: AutoTrail | None = None
 
 
 def build(session: Session, namespace: str, selected_id: str | None = None) -> Dashboard:
     """Everything the page shows for one namespace."""
     totals = live_totals(session, namespace)
+    stored_by_base = repo.stored_bytes_by_base(session, namespace=namespace)
     bases = [
-        BaseRow(b.id, b.name, b.state.value, b.total_bytes, b.num_params)
+        BaseRow(
+            b.id,
+            b.name,
+            b.state.value,
+            b.total_bytes,
+            b.num_params,
+            stored=stored_by_base.get(b.id, repo.StoredBytes()),
+        )
         for b in repo.list_bases(session, namespace=namespace, limit=MAX_ROWS)
     ]
     by_id = {b.id: b for b in bases}
     rows = repo.list_checkpoints(session, namespace=namespace, limit=MAX_ROWS)
+    stored = repo.stored_bytes_by_checkpoint(session, [c.id for c in rows])
+    trails = {c.id: auto_trail(c) for c in rows}
     traces = {c.id: trace_points(c.trace) for c in rows}
-    checkpoints = [_row(c, by_id, len(traces[c.id])) for c in rows]
+    checkpoints = [_row(c, by_id, stored.get(c.id), trails[c.id], len(traces[c.id])) for c in rows]
     for c in checkpoints:
         if c.base_id in by_id:
             by_id[c.base_id].checkpoints.append(c)
     active, failed = jobs(session, namespace, {c.id: c.name for c in checkpoints})
-    selected = _select(checkpoints, selected_id, traces)
+    selected = _select(checkpoints, selected_id)
+    trail = trails.get(selected.id) if selected else None
     return Dashboard(
         totals=totals,
         bases=bases,
@@ -186,7 +301,7 @@ def build(session: Session, namespace: str, selected_id: str | None = None) -> D
                     c.bits_per_param,
                     c.fidelity,
                     c.name,
-                    f"{c.name} ({c.method}): {c.bits_per_param:.3f} bits/param, "
+                    f"{c.name} ({c.method_text}): {c.bits_per_param:.3f} bits/param, "
                     f"fidelity {c.fidelity:.4f}",
                     c.method,
                     c.id,
@@ -198,13 +313,9 @@ def build(session: Session, namespace: str, selected_id: str | None = None) -> D
             "fidelity",
             "Bits per parameter against fidelity",
         ),
-        trace_chart=charts.line(
-            traces.get(selected.id, []) if selected else [],
-            _step_name(next((c.trace for c in rows if selected and c.id == selected.id), None)),
-            "best fitness",
-            f"Search trace of {selected.name}" if selected else "Search trace",
-        ),
+        trace_chart=_trace_chart(selected, trail, traces, rows),
         fingerprint=fingerprint(rows),
+        trail=trail,
     )
 
 
@@ -218,6 +329,7 @@ def live_totals(session: Session, namespace: str) -> Totals:
         s.num_blobs,
         dict(s.checkpoints_by_state),
         dict(s.jobs_by_state),
+        dict(s.stored_parts),
     )
 
 
@@ -254,7 +366,7 @@ def checkpoints_fingerprint(session: Session, namespace: str) -> str:
 
 def trace_points(trace: Any) -> list[tuple[float, float]]:
     """(step, best fitness) of a search trace: nps records generations, ``magnitude-scaled``
-    evaluations; ``auto`` prefixes its trail (skipped here)."""
+    evaluations; ``auto`` prefixes its trail (read by :func:`auto_trail`, skipped here)."""
     out: list[tuple[float, float]] = []
     for i, entry in enumerate(trace if isinstance(trace, list) else []):
         if not isinstance(entry, dict) or not isinstance(entry.get("best_fitness"), int | float):
@@ -263,6 +375,83 @@ def trace_points(trace: Any) -> list[tuple[float, float]]:
         if isinstance(step, int | float):
             out.append((float(step), float(entry["best_fitness"])))
     return out
+
+
+@dataclass
+class AutoTrail:
+    """``auto``'s trail as the page draws it: the judged candidates, the floor, the choice."""
+
+    steps: list[charts.TrailStep]
+    floor: float | None
+    encoded: str | None
+    chosen: str | None  # "dare keep 0.03 3-bit"
+    fidelity: float | None
+    reason: str | None
+    seconds: float | None
+
+
+def auto_trail(c: Checkpoint) -> AutoTrail | None:
+    """The trail of an ``auto`` checkpoint (None for other methods).
+
+    Reads the steps of CONTRACT.md (``fidelity``, ``floor``, ``passed``, ``part``,
+    ``examples``, ``seconds``; final ``encoded``, ``reason``) and the older records too
+    (``fidelity_holdout``, ``evaluations``, ``fidelity_search``; floor from the checkpoint's
+    ``min_fidelity``)."""
+    if c.method != "auto":
+        return None
+    trace = c.trace if isinstance(c.trace, list) else []
+    raw = next(
+        (e["auto"] for e in trace if isinstance(e, dict) and isinstance(e.get("auto"), list)), []
+    )
+    params = c.params or {}
+    floor = _float(params.get("min_fidelity"))
+    judged = [s for s in raw if isinstance(s, dict) and "encoded" not in s]
+    final = next((s for s in reversed(raw) if isinstance(s, dict) and "encoded" in s), None)
+    steps: list[charts.TrailStep] = []
+    for i, step in enumerate(judged, 1):
+        fid = _float(step.get("fidelity", step.get("fidelity_holdout")))
+        if fid is None:
+            continue
+        step_floor = _float(step.get("floor"))
+        floor = step_floor if step_floor is not None else floor
+        passed = step.get("passed")
+        passed = bool(passed) if isinstance(passed, bool) else floor is not None and fid >= floor
+        examples = _int(step.get("examples", step.get("evaluations")))
+        secs = _float(step.get("seconds"))
+        bits = _float(step.get("estimated_bits"))
+        detail = [
+            f"{i}. {candidate_text(step)}",
+            f"fidelity {fid:.4f}" + (f" vs floor {floor:.4g}" if floor is not None else ""),
+            "passed" if passed else "rejected",
+        ]
+        if step.get("part") or examples:
+            detail.append(
+                f"on {examples or '?'} {step.get('part') or ''} examples".replace("  ", " ")
+            )
+        if bits is not None:
+            detail.append(f"≈{bits:.3g} bits/param")
+        if secs is not None:
+            detail.append(f"{secs:.1f} s")
+        chosen = final is not None and all(
+            final.get(k) == step.get(k2)
+            for k, k2 in (("encoded", "method"), ("keep", "keep"), ("value_bits", "value_bits"))
+        )
+        steps.append(
+            charts.TrailStep(i, fid, passed, candidate_text(step), " · ".join(detail), chosen)
+        )
+    fitness = c.fitness or {}
+    seconds = _auto_seconds(c, judged)
+    return AutoTrail(
+        steps=steps,
+        floor=floor,
+        encoded=str(final["encoded"]) if final else _encoded(fitness.get("method")),
+        chosen=candidate_text(final) if final else None,
+        fidelity=_float(final.get("fidelity", final.get("fidelity_search")))
+        if final
+        else _float(fitness.get("fidelity")),
+        reason=str(final["reason"]) if final and final.get("reason") else None,
+        seconds=seconds,
+    )
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -276,11 +465,69 @@ def _step_name(trace: Any) -> str:
     return "evaluation"
 
 
-def _row(c: Checkpoint, bases: dict[str, BaseRow], trace_len: int) -> CheckpointRow:
+def _trace_chart(
+    selected: CheckpointRow | None,
+    trail: AutoTrail | None,
+    traces: dict[str, list[tuple[float, float]]],
+    rows: list[Checkpoint],
+) -> Any:
+    if selected is None:
+        return charts.empty("trace", "no checkpoint with a search trace or an auto trail yet")
+    if trail is not None:
+        return charts.trail(
+            trail.steps,
+            trail.floor,
+            f"Auto's trail of {selected.name}",
+            empty_message="auto judged no candidate"
+            + (f"; it stored {trail.encoded}" if trail.encoded else ""),
+        )
+    points = traces.get(selected.id, [])
+    if not points:
+        return charts.empty("trace", f"no search trace ({selected.method} does not search)")
+    row = next((c for c in rows if c.id == selected.id), None)
+    return charts.line(
+        points,
+        _step_name(row.trace if row else None),
+        "best fitness",
+        f"Search trace of {selected.name}",
+    )
+
+
+def _auto_seconds(c: Checkpoint, judged: list[dict[str, Any]]) -> float | None:
+    """Auto's whole run: its judged steps and the final encoding. Records from before auto
+    reported its search time hold only the final encoding's search in ``search_seconds``; the
+    run's length is then ``fitness.total_seconds``."""
+    fitness = c.fitness or {}
+    steps = sum(_float(s.get("seconds")) or 0.0 for s in judged)
+    found = [
+        v for v in (c.search_seconds, _float(fitness.get("total_seconds")), steps or None) if v
+    ]
+    return max(found) if found else c.search_seconds
+
+
+def _encoded(method: Any) -> str | None:
+    """The encoding behind ``auto:dare`` (the method recorded in fitness)."""
+    if isinstance(method, str) and method.startswith("auto:"):
+        return method.split(":", 1)[1]
+    return None
+
+
+def _row(
+    c: Checkpoint,
+    bases: dict[str, BaseRow],
+    stored: repo.StoredBytes | None,
+    trail: AutoTrail | None,
+    trace_len: int,
+) -> CheckpointRow:
     params = c.params or {}
     fitness = c.fitness or {}
     fidelity = fitness.get("fidelity")
     base = bases.get(c.base_id)
+    keep, bits = params.get("keep"), params.get("value_bits")
+    encoded = trail.encoded if trail else None
+    if encoded:  # auto: what it chose
+        keep, bits = fitness.get("keep"), fitness.get("value_bits")
+    stored = stored or repo.StoredBytes()
     return CheckpointRow(
         id=c.id,
         name=c.name,
@@ -288,42 +535,40 @@ def _row(c: Checkpoint, bases: dict[str, BaseRow], trace_len: int) -> Checkpoint
         base_name=base.name if base else c.base_id[:8],
         state=c.state.value,
         method=c.method,
-        keep=params.get("keep") if c.method != "lossless" else None,
-        value_bits=params.get("value_bits"),
+        keep=keep if (encoded or c.method) != "lossless" else None,
+        value_bits=bits if (encoded or c.method) != "lossless" else None,
         evaluation=params.get("evaluation"),
         original_bytes=c.original_bytes,
-        stored_bytes=c.stored_bytes,
+        stored_bytes=stored.total if stored.num_blobs else None,
+        stored_parts=stored.parts,
         ratio=c.ratio,
         bits_per_param=c.bits_per_param,
         fidelity=float(fidelity) if isinstance(fidelity, int | float) else None,
-        search_seconds=c.search_seconds,
+        search_seconds=trail.seconds if trail else c.search_seconds,
         error=c.error,
-        trace_points=trace_len,
+        trace_points=len(trail.steps) if trail else trace_len,
+        encoded=encoded,
     )
-
-
-def _stored(c: CheckpointRow) -> int:
-    if c.state == CheckpointState.READY.value and c.stored_bytes is not None:
-        return c.stored_bytes
-    return c.original_bytes if c.state != CheckpointState.FAILED.value else 0
 
 
 def _bar(b: BaseRow) -> charts.Bar:
     logical = b.total_bytes + b.checkpoints_logical
-    stored = b.total_bytes + b.checkpoints_stored
+    stored = b.stored.total
     n = len(b.checkpoints)
-    note = f"{n} checkpoint{'s' if n != 1 else ''}, saved {human_bytes(max(0, logical - stored))}"
-    return charts.Bar(b.name, logical, stored, f"{note} ({ratio_text(logical, stored)})")
+    note = (
+        f"base files {human_bytes(b.base_stored)} + {n} checkpoint{'s' if n != 1 else ''} "
+        f"{human_bytes(b.checkpoints_stored)} · saved {human_bytes(max(0, logical - stored))} "
+        f"({ratio_text(logical, stored)})"
+    )
+    return charts.Bar(b.name, logical, stored, note)
 
 
-def _select(
-    checkpoints: list[CheckpointRow], selected_id: str | None, traces: dict[str, Any]
-) -> CheckpointRow | None:
-    """The checkpoint asked for, else the newest one with a search trace."""
+def _select(checkpoints: list[CheckpointRow], selected_id: str | None) -> CheckpointRow | None:
+    """The checkpoint asked for, else the newest one with a search trace or an auto trail."""
     for c in checkpoints:
         if c.id == selected_id:
             return c
-    with_trace = [c for c in checkpoints if traces.get(c.id)]
+    with_trace = [c for c in checkpoints if c.trace_points]
     return with_trace[-1] if with_trace else None
 
 
@@ -333,14 +578,17 @@ def _names(session: Session, namespace: str) -> dict[str, str]:
     }
 
 
+def _int(v: Any) -> int | None:
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _float(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
 def _job(j: Job, names: dict[str, str]) -> JobRow:
     p = j.progress or {}
     error = split_error(j.error)
-
-    def num(key: str) -> Any:
-        v = p.get(key)
-        return v if isinstance(v, int | float) and not isinstance(v, bool) else None
-
     return JobRow(
         id=j.id,
         kind=j.kind.value,
@@ -348,12 +596,13 @@ def _job(j: Job, names: dict[str, str]) -> JobRow:
         checkpoint_name=names.get(j.checkpoint_id, j.checkpoint_id[:8]),
         state=j.state.value,
         phase=p.get("phase") if isinstance(p.get("phase"), str) else None,
-        generation=num("generation"),
-        generations=num("generations"),
-        best_fitness=num("best_fitness"),
-        evaluations=num("evaluations"),
+        generation=_int(p.get("generation")),
+        generations=_int(p.get("generations")),
+        best_fitness=_float(p.get("best_fitness")),
+        evaluations=_int(p.get("evaluations")),
         error_code=error.code if error else None,
         error_detail=error.detail if error else None,
         attempts=j.attempts,
         max_attempts=j.max_attempts,
+        progress=dict(p),
     )

@@ -9,7 +9,13 @@ from sqlalchemy.orm import Session
 
 from service import operations
 from service.deps import NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
-from service.downloads import ByteRange, blob_chunks, open_reconstruction
+from service.downloads import (
+    ByteRange,
+    blob_chunks,
+    blob_size,
+    open_reconstruction,
+    reconstructed_size,
+)
 from service.errors import NotReady, errors
 from service.routes.files import FILE_ANSWER, RAW_BODY, file_response, upload
 from service.schemas import (
@@ -135,10 +141,12 @@ def download_checkpoint_file(
     row = repo.get_file(session, path=rel, checkpoint_id=ckpt.id)
     digest = row.recon_sha256 or row.sha256
     etag = f'"{digest}"' if scale == 1.0 else None
-    size, delta_key, base_id = row.size, ckpt.delta_blob_key, ckpt.base_id
+    delta_key, base_id = ckpt.delta_blob_key, ckpt.base_id
     base_files = _specs(session, base_id)
     session.close()  # release the connection before a long stream
     assert delta_key is not None
+    # Content-Length is what the rebuild streams: the size the delta records for the file
+    size = reconstructed_size(runtime.cache.path(delta_key), rel)
 
     def open_chunks(byte_range: ByteRange | None) -> Iterator[bytes]:
         delta = runtime.cache.path(delta_key)
@@ -164,12 +172,11 @@ def download_delta(
 ) -> Response:
     """The stored delta (a safetensors container; rebuild client-side with ``slim reconstruct``)."""
     ckpt = _ready(session, checkpoint_id, namespace)
-    key = ckpt.delta_blob_key
+    key, name = ckpt.delta_blob_key, ckpt.name
     assert key is not None
-    size = ckpt.stored_bytes
     session.close()
-    if size is None:
-        size = runtime.store.head(key) or 0
+    # the blob's own size, never the stored_bytes accounting field
+    size = blob_size(runtime.store, key, f"the delta of checkpoint {name!r}")
     return file_response(
         request,
         size=size,

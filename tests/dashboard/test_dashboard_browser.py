@@ -61,9 +61,19 @@ def test_dashboard_totals_charts_and_live_progress(chromium: Path, tmp_path: Pat
                 calibration=calibration,
             )  # fmt: skip
             client.wait(job.id, poll_seconds=0.2, timeout=300)
+        _, job, _ = client.push(
+            ft2, "tiny-bert", name="auto", min_fidelity=0.8, calibration=calibration,
+            options={"generations": 2},
+        )  # fmt: skip
+        client.wait(job.id, poll_seconds=0.2, timeout=300)
         # A search long enough to watch (cancelled at the end).
         _, live_job, _ = client.push(
             ft1, "tiny-bert", name="nps-live", method="nps", keep=0.02,
+            calibration=calibration, options={"generations": 500},
+        )  # fmt: skip
+        # and one behind it that waits for the single worker (deleted at the end)
+        waiting, _, _ = client.push(
+            ft2, "tiny-bert", name="nps-waiting", method="nps", keep=0.05,
             calibration=calibration, options={"generations": 500},
         )  # fmt: skip
         stats = client.stats()
@@ -80,21 +90,46 @@ def test_dashboard_totals_charts_and_live_progress(chromium: Path, tmp_path: Pat
             total = lambda key: page.text_content(f'[data-total="{key}"]')  # noqa: E731
             assert total("logical") == human_bytes(stats.logical_bytes)
             assert total("stored") == human_bytes(stats.stored_bytes)
-            assert total("bases") == "1" and total("checkpoints") == "3"
+            parts = stats.raw["stored_parts"]
+            assert total("stored-bases") == human_bytes(parts["bases"])
+            assert total("stored-deltas") == human_bytes(parts["deltas"])
+            assert "checkpoint deltas" in (page.text_content(".stored-tile") or "")
+            assert total("bases") == "1" and total("checkpoints") == "5"
             rows = page.locator("#checkpoints tbody tr")
-            assert rows.count() == 3
+            assert rows.count() == 5
+            assert "auto → " in (rows.nth(2).text_content() or "")
             table = page.text_content("#checkpoints table") or ""
             assert "scaled" in table and "dare" in table and "magnitude-scaled" in table
 
             # Charts: a savings bar pair, a point per compressed checkpoint, a search trace.
             assert page.locator("svg.savings rect.bar-stored").count() >= 1
-            assert page.locator("svg.scatter g.point circle").count() == 2
+            assert page.locator("svg.scatter g.point circle").count() >= 2
+            # the newest checkpoint with a trail is auto's: drawn like a search trace
+            assert page.locator("svg.auto-trail .trail-step").count() >= 1
+            assert page.locator("svg.auto-trail .trail-floor").count() >= 1
+            assert page.locator("svg.auto-trail .trail-step.chosen").count() == 1
+            caption = page.text_content("#trace figcaption") or ""
+            assert "Auto's trail of auto" in caption and "Stored " in caption
+            assert "does not search" not in (page.text_content("#trace") or "")
+            page.goto(f"{server.url}/dashboard?checkpoint={client.get_checkpoint('scaled').id}")
             assert page.locator("svg.trace .trace-point").count() >= 5
             assert "scaled" in (page.text_content("#trace figcaption") or "")
+            page.goto(f"{server.url}/dashboard")
 
             # The running job's progress changes on the page (polled, no reload).
             panel = page.locator("#jobs-panel")
             expect(panel).to_contain_text("nps-live", timeout=60_000)
+            # queued and running jobs look different: a bar only on the running one
+            queued = page.locator('.job.state-queued:has-text("nps-waiting")')
+            expect(queued).to_contain_text("waiting for a worker", timeout=60_000)
+            assert queued.locator("progress").count() == 0
+            running = page.locator('.job.state-running:has-text("nps-live")')
+            expect(running.locator("progress[max]")).to_have_count(1, timeout=120_000)
+            colours = page.evaluate(
+                """() => ['running', 'queued'].map(s => getComputedStyle(
+                    document.querySelector('.job.state-' + s)).borderLeftColor)"""
+            )
+            assert colours[0] != colours[1]
             expect(panel).to_contain_text(re.compile(r"generation \d+/500"), timeout=120_000)
             first = panel.inner_text()
             page.wait_for_function(
@@ -110,6 +145,7 @@ def test_dashboard_totals_charts_and_live_progress(chromium: Path, tmp_path: Pat
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
             # The job ends (cancelled): tables and totals follow without a reload.
+            client.delete_checkpoint(waiting.id)
             client.cancel_job(live_job.id)
             row = page.locator('#checkpoints tr:has-text("nps-live") .badge')
             expect(row).to_have_text("failed", timeout=60_000)

@@ -228,7 +228,7 @@ def test_openapi_documents_every_route(stack: Stack) -> None:
         "JobPublic",
         "JobsPublic",
         "MergeCreate",
-        "StatsPublic",
+        "StatsPartsPublic",
         "FilePublic",
         "FilesPublic",
         "ErrorPublic",

@@ -278,6 +278,71 @@ def test_stats_count_each_stored_blob_once(database: Database) -> None:
         assert len(repo.referenced_blob_keys(session)) == 5
 
 
+def test_stored_bytes_are_split_by_what_they_keep_and_count_each_blob_once(
+    database: Database,
+) -> None:
+    """One definition of stored bytes: the parts (bases, deltas, retained originals, pending
+    uploads, failed pushes) add up to the total, a shared blob counts once (under its first
+    part), per base and per checkpoint alike."""
+    shared = blob(b"tokenizer" * 10)  # 90 B, in the base and in every checkpoint
+    with database.sessions.begin() as session:
+        base = ready_base(session)
+        add_file(session, blob(b"base" * 100), "model.safetensors", base_id=base.id)  # 400
+        add_file(session, shared, "tokenizer.json", base_id=base.id)
+        ids = {}
+        for name, state, upload, delta in [
+            ("ready", CheckpointState.READY, None, b"d" * 30),
+            ("kept", CheckpointState.READY, b"kept" * 10, b"e" * 31),
+            ("queued", CheckpointState.QUEUED, b"queued" * 10, None),
+            ("failed", CheckpointState.FAILED, b"fail" * 2, None),
+        ]:
+            checkpoint = repo.create_checkpoint(session, name=name, base_id=base.id, method="nps")
+            add_file(session, shared, "tokenizer.json", checkpoint_id=checkpoint.id)
+            if upload is not None:
+                add_file(session, blob(upload), "model.safetensors", checkpoint_id=checkpoint.id)
+            if delta is not None:
+                info = blob(delta)
+                repo.record_blob(session, info)
+                checkpoint.delta_blob_key = info.key
+            checkpoint.state = state
+            ids[name] = checkpoint.id
+        other = ready_base(session, name="other")
+        add_file(session, shared, "tokenizer.json", base_id=other.id)
+
+    with database.sessions() as session:
+        whole = repo.stored_bytes(session, namespace="default")
+        assert whole.parts == {
+            "bases": 400 + 90,
+            "deltas": 30 + 31,
+            "retained": 40,
+            "pending": 60,
+            "failed": 8,
+        }
+        assert whole.total == 400 + 90 + 61 + 40 + 60 + 8 and whole.num_blobs == 7
+        totals = repo.stats(session, namespace="default")
+        assert totals.stored_bytes == whole.total and totals.stored_parts == whole.parts
+        assert totals.num_blobs == 7
+        assert set(repo.STORED_PART_LABELS) == set(whole.parts)
+
+        by_base = repo.stored_bytes_by_base(session, namespace="default")
+        assert by_base[base.id].total == whole.total
+        assert by_base[other.id].parts["bases"] == 90 and by_base[other.id].total == 90
+
+        by_ckpt = repo.stored_bytes_by_checkpoint(session, list(ids.values()))
+        # the shared tokenizer is an upload of each checkpoint until its originals go
+        assert by_ckpt[ids["ready"]].parts["deltas"] == 30
+        assert by_ckpt[ids["ready"]].total == 30 + 90
+        assert by_ckpt[ids["kept"]].parts == {**_zero(), "deltas": 31, "retained": 40 + 90}
+        assert by_ckpt[ids["queued"]].total == 60 + 90
+        assert by_ckpt[ids["failed"]].parts["failed"] == 8 + 90
+        assert repo.stored_bytes_by_checkpoint(session, []) == {}
+        assert repo.stored_bytes(session, namespace="empty").total == 0
+
+
+def _zero() -> dict[str, int]:
+    return {part.value: 0 for part in repo.StoredPart}
+
+
 def test_models_default_sensibly(database: Database) -> None:
     with database.sessions.begin() as session:
         base = Base(name="b", state=BaseState.READY)
