@@ -102,7 +102,7 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
     unless a lossy choice was made explicitly (a method, ``keep`` or ``value_bits``). A lossy
     choice without calibration is stored as asked (``evaluation`` "weights", data-free), with
     a warning that its loss is unmeasured. ``keep`` 0.01 and ``value_bits`` 16 unless given
-    (``auto`` searches both unless pinned).
+    (``auto`` searches both unless pinned; ``lossless`` records neither).
     """
     calibration = [e.model_dump() for e in body.calibration or []]
     lossy_asked = body.keep is not None or body.value_bits is not None
@@ -139,10 +139,11 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
         )
     if evaluation == "accuracy" and any(e["label"] is None for e in calibration):
         raise InvalidCalibration('evaluation "accuracy" needs a label on every calibration example')
-    auto = method == "auto"  # auto searches keep and value bits unless pinned
+    # auto searches keep and value bits unless pinned; lossless has neither
+    searched = method in ("auto", "lossless")
     params = {
-        "keep": body.keep if body.keep is not None or auto else 0.01,
-        "value_bits": body.value_bits if body.value_bits is not None or auto else 16,
+        "keep": body.keep if body.keep is not None or searched else 0.01,
+        "value_bits": body.value_bits if body.value_bits is not None or searched else 16,
         "evaluation": evaluation,
         "min_fidelity": body.min_fidelity,
         "seed": body.seed,

@@ -44,8 +44,10 @@ class CheckpointCreated(CheckpointPublic):
 @router.post(
     "",
     status_code=201,
-    responses={200: {"description": "The name's checkpoint, same options: resume it."}}
-    | errors(400, 404, 409),
+    responses={
+        200: {"description": "The name's checkpoint, same options: resume it."},
+        **errors(400, 404, 409),
+    },
 )
 def create_checkpoint(
     body: CheckpointCreate,
