@@ -182,15 +182,12 @@ def create_checkpoint(
         if not differ:
             return CheckpointCreation(existing, False, request.warnings)
         if not repo.replaceable(existing):
-            raise ApiError(
-                f"checkpoint {body.name!r} already exists ({existing.state.value}) with other "
-                f"options — {'; '.join(differ)}. Push under another name, or delete it first "
-                f"(`slim rm {body.name}`, DELETE /v1/checkpoints/{existing.id}); pushing with "
-                "its own options resumes it",
-                code="options_differ",
-                status=409,
-            )
+            raise _options_differ(existing, differ)
+        existing_id = existing.id
         begin_write(session)
+        existing = repo.get_checkpoint(session, existing_id)  # again, under the write lock
+        if not repo.replaceable(existing):  # resumed meanwhile
+            raise _options_differ(existing, differ)
         repo.delete_checkpoint(session, existing.id, namespace=namespace)
     ckpt = repo.create_checkpoint(
         session,
@@ -202,6 +199,17 @@ def create_checkpoint(
     )
     session.commit()
     return CheckpointCreation(ckpt, True, request.warnings)
+
+
+def _options_differ(existing: Checkpoint, differ: list[str]) -> ApiError:
+    return ApiError(
+        f"checkpoint {existing.name!r} already exists ({existing.state.value}) with other "
+        f"options — {'; '.join(differ)}. Push under another name, or delete it first "
+        f"(`slim rm {existing.name}`, DELETE /v1/checkpoints/{existing.id}); pushing with "
+        "its own options resumes it",
+        code="options_differ",
+        status=409,
+    )
 
 
 def _differences(existing: Checkpoint, base_id: str, request: CheckpointRequest) -> list[str]:
