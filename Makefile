@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# `make run HOST=0.0.0.0 PORT=9000` (default $SLIM_HOST / $SLIM_PORT, else 127.0.0.1:8000).
+# Plain `=`, not `?=`: a shell's own $HOST (zsh sets it to the machine name) must not leak in.
+# Binding beyond loopback needs API keys (docs/security.md).
+HOST = $(or $(SLIM_HOST),127.0.0.1)
+PORT = $(or $(SLIM_PORT),8000)
 
 .PHONY: run test test-fast bench lint format system-deps
 
@@ -20,7 +25,7 @@ system-deps:
 	  else echo "install Debian's chromium for the browser tests"; fi; }
 
 run: $(STAMP)
-	$(VENV)/bin/slim serve
+	$(VENV)/bin/slim serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest

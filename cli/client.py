@@ -41,7 +41,7 @@ def register(sub: SubParsers) -> None:
     group.add_argument("--url", default=None, help="server URL (default $SLIM_URL or :8000)")
     group.add_argument("--api-key", default=None, help="API key (default $SLIM_API_KEY)")
 
-    p = sub.add_parser("base", help="bases on the server: push, ls")
+    p = sub.add_parser("base", help="bases on the server: push, ls, rm")
     base_sub = p.add_subparsers(dest="base_verb", metavar="VERB")
     base_sub.required = True
     q = base_sub.add_parser("push", parents=[conn], help="upload a base model directory")
@@ -54,19 +54,33 @@ def register(sub: SubParsers) -> None:
     q = base_sub.add_parser("ls", parents=[conn], help="list bases")
     q.add_argument("--json", action="store_true")
     q.set_defaults(handler=cmd_base_ls)
+    q = base_sub.add_parser(
+        "rm",
+        parents=[conn],
+        help="delete a base (refused while checkpoints are stored against it)",
+    )
+    q.add_argument("ref", metavar="NAME", help="the base's name, id or id prefix")
+    q.set_defaults(handler=cmd_base_rm)
 
     p = sub.add_parser(
         "push",
         parents=[conn],
         help="upload a fine-tune and queue its compression",
-        description="Upload a fine-tune of a stored base and queue its compression. An "
-        "interrupted push resumes: run it again and only the files the server lacks are sent.",
+        description="Upload a fine-tune of a stored base and queue its compression. Without "
+        "--calibration (and without --method/--keep/--value-bits) it is stored exact "
+        "(lossless); --min-fidelity 0.99 --calibration FILE stores the smallest delta that "
+        "keeps 99% fidelity on your examples. An interrupted push resumes: run it again with "
+        "the same options and only the files the server lacks are sent. Pickled files (*.bin, "
+        "*.pt, *.pth, *.ckpt, *.pkl) are left out with a warning.",
     )
     p.add_argument("dir", metavar="DIR", help="the fine-tune's HF model directory")
     p.add_argument("--base", required=True, help="the base's name or id")
     p.add_argument("--name", default=None, help="checkpoint name (default: the directory name)")
     p.add_argument(
-        "--method", choices=METHODS, default=None, help="default nps (auto with --min-fidelity)"
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="default: auto with --min-fidelity, nps with --calibration, else lossless",
     )
     quality = p.add_mutually_exclusive_group()
     quality.add_argument("--keep", type=float, default=None, help="keep ratio r (default 0.01)")
@@ -178,6 +192,7 @@ def _client(args: argparse.Namespace) -> Iterator[SlimClient]:
 def cmd_base_push(args: argparse.Namespace) -> int:
     with _client(args) as client, _transfer_bar() as bar:
         base, report = client.push_base(args.dir, args.name, progress=bar)
+    _warn_report(report)
     if args.json:
         return _dump({"base": base.raw, "report": asdict(report)})
     print(
@@ -195,6 +210,26 @@ def cmd_base_ls(args: argparse.Namespace) -> int:
     rows = [[b.id[:8], b.name, b.state, _size(b.total_bytes), _count(b.num_params)] for b in bases]
     _table(["ID", "NAME", "STATE", "SIZE", "PARAMS"], rows)
     return 0
+
+
+def cmd_base_rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        base = client.delete_base(args.ref)
+    print(f"deleted base {base.name} ({base.id})")
+    return 0
+
+
+def _warn_report(report: PushReport) -> None:
+    """The files a push left out and the server's warnings, on stderr (stdout stays data)."""
+    if report.left_out:
+        print(
+            f"slim: warning: left out {len(report.left_out)} file(s) the server does not read "
+            f"(pickled weights): {', '.join(report.left_out)} — Slimstore stores "
+            "*.safetensors weights (save_pretrained(..., safe_serialization=True))",
+            file=sys.stderr,
+        )
+    for warning in report.warnings:
+        print(f"slim: warning: {warning}", file=sys.stderr)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -219,6 +254,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 progress=bar,
             )
+        _warn_report(report)
         if not args.json:
             print(f"pushed {ckpt.name} ({ckpt.id[:8]}) — {_push_line(report)}")
             print(f"compression job {job.id[:8]} {job.state} (method {ckpt.method})")

@@ -70,6 +70,11 @@ CHUNK_SIZE = 1 << 20
 INCOMPLETE = ".incomplete"
 #: Directory names a push never uploads (VCS and download caches).
 SKIP_DIRS = frozenset({".git", ".cache", ".huggingface", "__pycache__"})
+#: File name endings a push leaves out: formats the server never reads and refuses (415
+#: ``unsupported_file``) — pickled weights and other pickles. The server's list
+#: (``service.uploads.UNREAD_SUFFIXES``) is the rule; this copy only spares the upload of
+#: bytes that would be refused (the SDK imports no server package).
+UNREAD_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".dill")
 #: Marker that says a cached base directory is complete and verified.
 BASE_MARKER = ".slim-base.json"
 
@@ -345,12 +350,16 @@ class Stats:
 
 @dataclass
 class PushReport:
-    """What a push did: files sent, files skipped (already stored with the same sha256)."""
+    """What a push did: files sent, files skipped (already stored with the same sha256),
+    files left out (formats the server does not read, e.g. ``pytorch_model.bin``) and the
+    server's warnings about the checkpoint (e.g. stored exact, or a loss not measured)."""
 
     sent: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     bytes_sent: int = 0
     seconds: float = 0.0
+    left_out: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -413,6 +422,15 @@ def local_files(directory: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     if not out:
         raise BadRequest(f"{root} holds no files", code="invalid_checkpoint")
     return out
+
+
+def split_unread(
+    files: list[tuple[str, Path]],
+) -> tuple[list[tuple[str, Path]], list[str]]:
+    """``files`` without those the server does not read (:data:`UNREAD_SUFFIXES`), and the
+    relative paths of those left out."""
+    keep = [(rel, p) for rel, p in files if not rel.lower().endswith(UNREAD_SUFFIXES)]
+    return keep, [rel for rel, _ in files if rel.lower().endswith(UNREAD_SUFFIXES)]
 
 
 def sha256_file(path: Path) -> str:
@@ -586,20 +604,27 @@ class SlimClient:
         Raises:
             AlreadyExists: a ready base of that name holds other files.
         """
-        files = local_files(directory)
+        files, left_out = split_unread(local_files(directory))
         existing = next((b for b in self.list_bases() if b.name == name), None)
         if existing is not None and existing.state == "ready":
             local = manifest_sha256((rel, sha256_file(p)) for rel, p in files)
             if local != existing.manifest_sha256:
                 raise AlreadyExists(
                     f"base {name!r} already exists with other files; pick another --name "
-                    "(or delete it once no checkpoint depends on it)"
+                    "(or delete it with `slim base rm` once no checkpoint depends on it)"
                 )
-            return existing, PushReport(skipped=[rel for rel, _ in files])
+            return existing, PushReport(skipped=[rel for rel, _ in files], left_out=left_out)
         base = existing or _build(Base, self._json("POST", "/v1/bases", json={"name": name}))
         report = self._upload(f"/v1/bases/{base.id}", files, progress)
+        report.left_out = left_out
         committed = _build(Base, self._json("POST", f"/v1/bases/{base.id}/commit"))
         return committed, report
+
+    def delete_base(self, ref: str) -> Base:
+        """Delete a base (409 ``conflict`` while checkpoints are stored against it)."""
+        base = self.get_base(ref)
+        self._request("DELETE", f"/v1/bases/{base.id}")
+        return base
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -653,23 +678,28 @@ class SlimClient:
     ) -> tuple[Checkpoint, Job, PushReport]:
         """Upload a fine-tune of ``base`` and queue its compression.
 
-        Re-running an interrupted push (same ``name``) re-sends only the files the server does
-        not hold with the same sha256; once committed, pushing the same files again answers
-        with the existing checkpoint and its latest job. The checkpoint's parameters are the
-        ones it was created with.
+        The server decides what a name in use means: the same base and options (after its
+        defaults) resume that checkpoint — only the files it does not hold with the same sha256
+        are sent, and once committed, pushing the same files again answers with the existing
+        checkpoint and its latest job; other options are a 409 ``options_differ`` naming them,
+        unless that checkpoint failed unstored, which the new one replaces. Files the server
+        does not read (``*.bin``, ``*.pt``, pickles: :data:`UNREAD_SUFFIXES`) are left out and
+        listed in the report's ``left_out``; the server's ``warnings`` land in ``warnings``.
 
         Args:
             directory: the fine-tune's model directory.
             base: the base's name or id (ready).
             name: the checkpoint's name (default: the directory's name).
             method, keep, min_fidelity, value_bits, evaluation, options, seed: see the API's
-                ``POST /v1/checkpoints``.
+                ``POST /v1/checkpoints`` (without calibration and without a lossy choice the
+                server stores the checkpoint exact).
             calibration: a JSONL file (or list) of ``{"text", "label"}`` examples.
 
         Raises:
             AlreadyExists: a committed checkpoint of that name holds other files.
+            Conflict: (``options_differ``) the name is taken with other options.
         """
-        files = local_files(directory)
+        files, left_out = split_unread(local_files(directory))
         name = name or Path(directory).resolve().name
         the_base = self.get_base(base)
         if the_base.state != "ready":
@@ -677,32 +707,31 @@ class SlimClient:
                 f"base {the_base.name!r} is {the_base.state}; finish it with "
                 f"`slim base push DIR --name {the_base.name}`"
             )
-        existing = next((c for c in self.list_checkpoints() if c.name == name), None)
-        if existing is not None and existing.base_id != the_base.id:
-            raise AlreadyExists(
-                f"checkpoint {name!r} already exists on another base; pick another --name"
+        body: dict[str, Any] = {"name": name, "base_id": the_base.id, "seed": seed}
+        optional = {
+            "method": method,
+            "keep": keep,
+            "min_fidelity": min_fidelity,
+            "value_bits": value_bits,
+            "evaluation": evaluation,
+            "options": options,
+        }
+        body |= {k: v for k, v in optional.items() if v is not None}
+        if calibration is not None:
+            body["calibration"] = (
+                calibration if isinstance(calibration, list) else read_calibration(calibration)
             )
-        if existing is not None and existing.state not in ("uploading", "failed"):
-            return self._same_push(existing, files)
-        if existing is None:
-            body: dict[str, Any] = {"name": name, "base_id": the_base.id, "seed": seed}
-            optional = {
-                "method": method,
-                "keep": keep,
-                "min_fidelity": min_fidelity,
-                "value_bits": value_bits,
-                "evaluation": evaluation,
-                "options": options,
-            }
-            body |= {k: v for k, v in optional.items() if v is not None}
-            if calibration is not None:
-                body["calibration"] = (
-                    calibration if isinstance(calibration, list) else read_calibration(calibration)
-                )
-            existing = self.create_checkpoint(**body)
-        report = self._upload(f"/v1/checkpoints/{existing.id}", files, progress)
-        job = self.commit(existing.id)
-        return self.get_checkpoint(existing.id), job, report
+        answer = self._json("POST", "/v1/checkpoints", json=body)
+        ckpt = _build(Checkpoint, answer)
+        warnings = [str(w) for w in answer.get("warnings") or []]
+        if ckpt.state not in ("uploading", "failed"):
+            ckpt, job, report = self._same_push(ckpt, files)
+        else:
+            report = self._upload(f"/v1/checkpoints/{ckpt.id}", files, progress)
+            job = self.commit(ckpt.id)
+            ckpt = self.get_checkpoint(ckpt.id)
+        report.left_out, report.warnings = left_out, warnings
+        return ckpt, job, report
 
     def _same_push(
         self, ckpt: Checkpoint, files: list[tuple[str, Path]]

@@ -5,7 +5,12 @@ The key and scrub verbs work on the database and blob store directly (like ``gc`
 for whoever runs the server, not for API clients.
 
 All of them read their configuration from ``SLIM_*`` environment variables (see
-``service.settings.Settings``); flags override the few that matter on a command line.
+``service.settings.Settings``); flags override the few that matter on a command line. They all
+find the same data directory — ``--data-dir``, else ``$SLIM_DATA_DIR``, else one default per
+user (``~/.local/share/slimstore``), never relative to the current directory — and each says
+on stderr which database it uses. ``slim keys`` never creates a database: a key written to a
+database no server reads is rejected by the server, so a missing embedded database is an error
+(``no_database``) that says where the verb looked.
 """
 
 from __future__ import annotations
@@ -23,35 +28,48 @@ from dataclasses import asdict
 from types import FrameType
 from typing import Any
 
+DATA_DIR_HELP = "local state directory (default $SLIM_DATA_DIR, else ~/.local/share/slimstore)"
+
+
+class NoDatabase(Exception):
+    """``slim keys`` found no database to write to (it never creates one)."""
+
+    code = "no_database"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
         help="run the API (and, unless --no-worker, a job worker) — embedded by default",
-        description="Embedded default: SQLite + local blobs under ./slim-data, API and worker "
+        description="Embedded default: SQLite + local blobs under the data directory "
+        "(--data-dir, $SLIM_DATA_DIR, else ~/.local/share/slimstore), API and worker "
         "in one process on 127.0.0.1:8000, migrations applied at start. Distributed: set "
         "SLIM_DATABASE_URL and SLIM_BLOB_BACKEND=s3 (+ SLIM_S3_*) and pass --no-worker.",
     )
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--no-worker", action="store_true", help="API only; run `slim worker` apart")
-    p.add_argument("--data-dir", default=None, help="local state directory (default ./slim-data)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("worker", help="run a job worker (claims jobs from the database)")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--worker-id", default=None, help="lease owner name (default host:pid:rand)")
     p.add_argument("--once", action="store_true", help="run at most one job, then exit")
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("migrate", help="create or upgrade the database schema (alembic head)")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.set_defaults(handler=cmd_migrate)
 
     p = sub.add_parser("gc", help="delete blobs nothing references (older than a grace period)")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument(
         "--grace-seconds", type=float, default=None, help="default SLIM_GC_GRACE_SECONDS"
     )
@@ -63,7 +81,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="read back every stored blob and delta frame and check their hashes",
         description="Prints a JSON report; exits 1 when anything is missing or corrupt.",
     )
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--no-deltas", action="store_true", help="only hash the blobs")
     p.set_defaults(handler=cmd_scrub)
 
@@ -74,16 +92,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--namespace", default="default")
     p.add_argument("--role", choices=["read", "write", "admin"], default="read")
     p.add_argument("--name", default="", help="a note saying who or what the key is for")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.set_defaults(handler=cmd_keys_create)
     p = keys.add_parser("list", help="list keys (prefix, namespace, role; never the secret)")
     p.add_argument("--namespace", default=None)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.set_defaults(handler=cmd_keys_list)
     p = keys.add_parser("revoke", help="revoke a key by its prefix or id (takes effect at once)")
     p.add_argument("key", help="the key's prefix (as listed) or id")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.set_defaults(handler=cmd_keys_revoke)
 
 
@@ -94,6 +112,29 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     if getattr(args, "data_dir", None):
         values["data_dir"] = args.data_dir
     return Settings(**values)
+
+
+def _say_database(settings: Any, verb: str) -> None:
+    """Tell (on stderr) which database and data directory a server verb uses."""
+    from service.settings import LEGACY_DATA_DIR
+
+    where = f"database {_redact(settings.resolved_database_url)}"
+    if settings.blob_backend == "local":
+        where += f", blobs {settings.resolved_blob_dir.resolve()}"
+    print(f"slim {verb}: {where}", file=sys.stderr)
+    legacy = LEGACY_DATA_DIR / "slim.db"
+    if (
+        settings.sqlite_path is not None
+        and not settings.sqlite_path.exists()
+        and legacy.is_file()
+        and legacy.resolve() != settings.sqlite_path
+    ):
+        print(
+            f"slim {verb}: note: {legacy.resolve()} is a database of the old default data "
+            "directory (./slim-data); to keep using it pass --data-dir ./slim-data or set "
+            "SLIM_DATA_DIR",
+            file=sys.stderr,
+        )
 
 
 def _logging(level: str) -> None:
@@ -142,6 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for err in exc.errors():
             print(f"slim: error [invalid_settings]: {err['msg']}", file=sys.stderr)
         return 2
+    _say_database(settings, "serve")
     _logging(args.log_level)
     _torch_threads(settings.torch_threads or (1 if args.no_worker else None))
     app = create_app(settings, embedded_worker=not args.no_worker)
@@ -154,6 +196,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from storage.gc import start_gc_thread
 
     settings = _settings(args)
+    _say_database(settings, "worker")
     _logging(args.log_level)
     _torch_threads(settings.torch_threads)
     runtime = Runtime.from_settings(settings)
@@ -193,6 +236,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.resolved_database_url)
     print(f"schema is current ({_redact(settings.resolved_database_url)})")
+    if settings.sqlite_path is not None:
+        print(f"slim migrate: data directory {settings.data_dir.resolve()}", file=sys.stderr)
     return 0
 
 
@@ -201,6 +246,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from storage.gc import collect_garbage
 
     settings = _settings(args)
+    _say_database(settings, "gc")
     runtime = Runtime.from_settings(settings, migrate_schema=False)
     try:
         grace = settings.gc_grace_seconds if args.grace_seconds is None else args.grace_seconds
@@ -218,6 +264,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     from storage.scrub import scrub
 
     settings = _settings(args)
+    _say_database(settings, "scrub")
     runtime = Runtime.from_settings(settings, migrate_schema=False)
     try:
         report = scrub(runtime.sessions, runtime.store, deltas=not args.no_deltas)
@@ -233,13 +280,26 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
 
 def _key_sessions(args: argparse.Namespace) -> Any:
-    """An engine on the settings' database (an embedded SQLite one is created/migrated)."""
+    """An engine on the settings' database, which must exist (an embedded one is upgraded to
+    the current schema when the settings migrate).
+
+    Raises:
+        NoDatabase: the embedded SQLite database does not exist.
+    """
     from storage.db import make_engine, migrate
 
     settings = _settings(args)
+    verb = f"keys {args.keys_verb}"
+    _say_database(settings, verb)
+    db = settings.sqlite_path
+    if db is not None and not db.is_file():
+        raise NoDatabase(
+            f"there is no Slimstore database at {db}; `slim {verb}` writes keys to the "
+            "database the server uses and never creates one. Run it with the server's "
+            "--data-dir (or SLIM_DATA_DIR), or start the server once (`slim serve`, or "
+            "`slim migrate` to only create the database) and run it again"
+        )
     if settings.should_migrate:
-        if settings.is_sqlite:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate(settings.resolved_database_url)
     return make_engine(settings.resolved_database_url), settings
 

@@ -7,17 +7,21 @@ refused here, before any job is queued.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core.compress import VALUE_BITS
-from core.errors import InvalidArgument, InvalidCalibration
+from core.errors import InvalidArgument, InvalidCalibration, SlimError
 from core.methods import REGISTRY
+from service.errors import ApiError
 from service.schemas import CheckpointCreate, MergeCreate
 from service.settings import Settings
-from service.uploads import OPEN_CHECKPOINT_STATES, manifest_sha256
+from service.uploads import manifest_sha256
 from service.validation import check_fits_base, stored_checkpoint
 from storage import queue, repo
 from storage.blobstore import BlobStore
@@ -31,6 +35,7 @@ from storage.models import (
     JobKind,
     JobState,
 )
+from storage.repo import OPEN_CHECKPOINT_STATES
 from worker.txn import begin_write
 
 # -- bases -----------------------------------------------------------------------------------
@@ -61,11 +66,54 @@ def available_methods() -> list[str]:
     return [*REGISTRY, "auto"]
 
 
-def create_checkpoint(
-    session: Session, settings: Settings, body: CheckpointCreate, namespace: str
-) -> Checkpoint:
-    """A new checkpoint in state ``uploading``; its parameters are checked now, not later."""
-    method = body.method or ("auto" if body.min_fidelity is not None else "nps")
+#: What every checkpoint stored exact by default is told (``warnings`` of the create answer).
+EXACT_BY_DEFAULT = (
+    "stored exact (method lossless, bit-identical): no calibration examples were sent, so no "
+    "lossy encoding could be measured. For a smaller delta, push under a new name with "
+    '--min-fidelity 0.99 --calibration FILE (API: "min_fidelity": 0.99 and '
+    '"calibration": [{"text": ...}, ...]); auto then keeps the smallest encoding that stays '
+    "above the floor"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRequest:
+    """A create request with every default applied: what a checkpoint stores as its options."""
+
+    method: str
+    params: dict[str, Any]
+    warnings: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointCreation:
+    """The checkpoint a create request answers with, whether it is new, and what to tell."""
+
+    checkpoint: Checkpoint
+    created: bool
+    warnings: list[str]
+
+
+def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointRequest:
+    """Check a create request and apply the defaults — the one place they are decided.
+
+    Defaults: ``auto`` when ``min_fidelity`` is given; else, with calibration examples, ``nps``
+    measured by ``fidelity`` on them; else — no data to measure a loss with — ``lossless``,
+    unless a lossy choice was made explicitly (a method, ``keep`` or ``value_bits``). A lossy
+    choice without calibration is stored as asked (``evaluation`` "weights", data-free), with
+    a warning that its loss is unmeasured. ``keep`` 0.01 and ``value_bits`` 16 unless given
+    (``auto`` searches both unless pinned; ``lossless`` records neither).
+    """
+    calibration = [e.model_dump() for e in body.calibration or []]
+    lossy_asked = body.keep is not None or body.value_bits is not None
+    if body.method is not None:
+        method = body.method
+    elif body.min_fidelity is not None:
+        method = "auto"
+    elif calibration or lossy_asked or body.evaluation not in (None, "weights"):
+        method = "nps"
+    else:
+        method = "lossless"
     methods = available_methods()
     if method not in methods:
         raise InvalidArgument(f"unknown method {method!r}; choose one of {', '.join(methods)}")
@@ -73,7 +121,6 @@ def create_checkpoint(
         raise InvalidArgument("min_fidelity goes with method 'auto'; drop one of the two")
     if body.value_bits is not None and body.value_bits not in VALUE_BITS:
         raise InvalidArgument(f"value_bits must be one of {VALUE_BITS}")
-    calibration = [e.model_dump() for e in body.calibration or []]
     if len(calibration) > settings.max_calibration_examples:
         raise InvalidCalibration(
             f"{len(calibration)} calibration examples; at most "
@@ -92,26 +139,112 @@ def create_checkpoint(
         )
     if evaluation == "accuracy" and any(e["label"] is None for e in calibration):
         raise InvalidCalibration('evaluation "accuracy" needs a label on every calibration example')
-    auto = method == "auto"  # auto searches keep and value bits unless pinned
+    # auto searches keep and value bits unless pinned; lossless has neither
+    searched = method in ("auto", "lossless")
     params = {
-        "keep": body.keep if body.keep is not None or auto else 0.01,
-        "value_bits": body.value_bits if body.value_bits is not None or auto else 16,
+        "keep": body.keep if body.keep is not None or searched else 0.01,
+        "value_bits": body.value_bits if body.value_bits is not None or searched else 16,
         "evaluation": evaluation,
         "min_fidelity": body.min_fidelity,
         "seed": body.seed,
         "options": body.options,
         "calibration": calibration or None,
     }
+    warnings: list[str] = []
+    if method == "lossless" and body.method is None:
+        warnings.append(EXACT_BY_DEFAULT)
+    elif method != "lossless" and evaluation == "weights":
+        searches = method in ("nps", "nps-seeded", "magnitude-scaled")
+        warnings.append(
+            f"method {method} keeps {params['keep']:g} of the task vector at "
+            f"{params['value_bits']} bits without calibration examples, so its loss is not "
+            "measured"
+            + (" (data-free, its search reduces to magnitude pruning)" if searches else "")
+            + ". Send --calibration FILE "
+            "to measure it, use --min-fidelity 0.99 --calibration FILE for the smallest delta "
+            "that keeps 99% fidelity, or drop --method/--keep to store it exact"
+        )
+    return CheckpointRequest(method, params, warnings)
+
+
+def create_checkpoint(
+    session: Session, settings: Settings, body: CheckpointCreate, namespace: str
+) -> CheckpointCreation:
+    """A new checkpoint in state ``uploading``; its parameters are checked now, not later.
+
+    A name already taken answers according to the checkpoint holding it: the same base and
+    options (after defaults) give that checkpoint back, so an interrupted push resumes; other
+    options are a 409 ``options_differ`` naming them — unless the holder failed and was never
+    stored (:func:`storage.repo.replaceable`), which the new checkpoint then replaces (its
+    files go to garbage collection).
+    """
+    request = resolve_request(settings, body)
+    existing = repo.find_checkpoint(session, name=body.name, namespace=namespace)
+    if existing is not None:
+        differ = _differences(existing, body.base_id, request)
+        if not differ:
+            return CheckpointCreation(existing, False, request.warnings)
+        if not repo.replaceable(existing):
+            raise _options_differ(existing, differ)
+        existing_id = existing.id
+        begin_write(session)
+        existing = repo.get_checkpoint(session, existing_id)  # again, under the write lock
+        if not repo.replaceable(existing):  # resumed meanwhile
+            raise _options_differ(existing, differ)
+        repo.delete_checkpoint(session, existing.id, namespace=namespace)
     ckpt = repo.create_checkpoint(
         session,
         name=body.name,
         base_id=body.base_id,
-        method=method,
-        params=params,
+        method=request.method,
+        params=request.params,
         namespace=namespace,
     )
     session.commit()
-    return ckpt
+    return CheckpointCreation(ckpt, True, request.warnings)
+
+
+def _options_differ(existing: Checkpoint, differ: list[str]) -> ApiError:
+    return ApiError(
+        f"checkpoint {existing.name!r} already exists ({existing.state.value}) with other "
+        f"options — {'; '.join(differ)}. Push under another name, or delete it first "
+        f"(`slim rm {existing.name}`, DELETE /v1/checkpoints/{existing.id}); pushing with "
+        "its own options resumes it",
+        code="options_differ",
+        status=409,
+    )
+
+
+def _differences(existing: Checkpoint, base_id: str, request: CheckpointRequest) -> list[str]:
+    """``"what: asked X, stored Y"`` for each option a request sets differently."""
+    out = []
+    if existing.base_id != base_id:
+        out.append(f"base: asked {base_id}, stored {existing.base_id}")
+    if existing.method != request.method:
+        out.append(f"method: asked {request.method}, stored {existing.method}")
+    stored = dict(existing.params or {})
+    for key, asked in request.params.items():
+        have = stored.get(key)
+        if asked == have:
+            continue
+        if key == "calibration":
+            n_asked, n_have = len(asked or []), len(have or [])
+            what = "other examples" if n_asked == n_have else f"{n_asked} examples"
+            out.append(f"calibration: asked {what}, stored {n_have} examples")
+        else:
+            out.append(f"{key}: asked {_show(asked)}, stored {_show(have)}")
+    return out
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+#: Appended to the error of a commit that failed validation.
+FAILED_COMMIT = (
+    " — the checkpoint is now failed and its uploaded files were dropped; fix the files and "
+    "push again under the same name"
+)
 
 
 def commit_checkpoint(
@@ -127,11 +260,23 @@ def commit_checkpoint(
     base = repo.get_base(session, ckpt.base_id)
     rows = repo.list_files(session, checkpoint_id=ckpt.id)
     max_header = settings.max_header_bytes
-    ft = stored_checkpoint(store, rows, max_header=max_header, what="checkpoint")
-    base_ckpt = stored_checkpoint(
-        store, repo.list_files(session, base_id=base.id), max_header=max_header, what="base"
-    )
-    check_fits_base(ft, base_ckpt)
+    try:
+        ft = stored_checkpoint(store, rows, max_header=max_header, what="checkpoint")
+        base_ckpt = stored_checkpoint(
+            store, repo.list_files(session, base_id=base.id), max_header=max_header, what="base"
+        )
+        check_fits_base(ft, base_ckpt)
+    except (SlimError, ApiError) as exc:  # the upload is unusable (not an outage): clean up
+        ckpt_id = ckpt.id
+        session.rollback()
+        begin_write(session)
+        if repo.fail_upload(session, ckpt_id, f"{exc.code}: {exc.detail}"):
+            session.commit()
+            exc.detail += FAILED_COMMIT
+            exc.args = (exc.detail,)
+        else:
+            session.rollback()
+        raise
     claimed = session.execute(
         update(Checkpoint)
         .where(Checkpoint.id == ckpt.id, Checkpoint.state.in_(OPEN_CHECKPOINT_STATES))

@@ -1,7 +1,10 @@
 """Deployment settings, read from ``SLIM_*`` environment variables (pydantic-settings).
 
 One :class:`Settings` object configures the API, the worker and the server verbs of the CLI.
-Embedded defaults need nothing set: a SQLite file and a blob directory under ``./slim-data``.
+Embedded defaults need nothing set: a SQLite file and a blob directory under the data
+directory, ``$SLIM_DATA_DIR`` or else :func:`default_data_dir` (one per user, whatever the
+current directory — so ``slim serve`` and ``slim keys`` run from different directories find
+the same database).
 Distributed mode sets ``SLIM_DATABASE_URL=postgresql+psycopg://...`` and
 ``SLIM_BLOB_BACKEND=s3`` with ``SLIM_S3_ENDPOINT_URL``, ``SLIM_S3_BUCKET`` and credentials.
 
@@ -10,6 +13,7 @@ This module imports neither FastAPI nor the worker, so every edge can use it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +26,19 @@ MIB = 1 << 20
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+#: Where an older default kept the embedded state: ``./slim-data`` under the current directory.
+LEGACY_DATA_DIR = Path("slim-data")
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/slimstore``, else ``~/.local/share/slimstore``.
+
+    Not relative to the current directory: that default (``./slim-data``) made ``slim keys
+    create`` run elsewhere create a second database whose keys the server rejected."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "slimstore"
+
+
 class Settings(BaseSettings):
     """Everything a Slimstore process needs to know about its deployment."""
 
@@ -29,7 +46,9 @@ class Settings(BaseSettings):
 
     # -- where things live ---------------------------------------------------------------------
     data_dir: Path = Field(
-        default=Path("./slim-data"), description="Root of local state (embedded)."
+        default_factory=default_data_dir,
+        description="Root of local state (embedded); default $XDG_DATA_HOME/slimstore or "
+        "~/.local/share/slimstore.",
     )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/slim.db."
@@ -152,6 +171,16 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'slim.db').resolve()}"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None for another database."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.resolved_database_url)
+        if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+            return None
+        return Path(url.database).resolve()
 
     @property
     def resolved_blob_dir(self) -> Path:

@@ -28,13 +28,18 @@ from storage import repo
 from storage.blobstore import BlobInfo, BlobStore
 from storage.errors import BlobTooLarge, Conflict
 from storage.errors import IntegrityError as StorageIntegrityError
-from storage.models import BaseState, CheckpointState, File, FileRole
+from storage.models import BaseState, File, FileRole
+from storage.repo import OPEN_CHECKPOINT_STATES
 from worker.txn import begin_write
 
 #: A declared header length at or above this is not a safetensors file at all.
 IMPLAUSIBLE_HEADER = 1 << 32
-#: Checkpoint states in which files may still change.
-OPEN_CHECKPOINT_STATES = (CheckpointState.UPLOADING, CheckpointState.FAILED)
+#: File name endings of formats the service never reads: pickled weights (torch ``.bin``,
+#: ``.pt``, ``.pth``, Lightning ``.ckpt``) and other pickles. Storing them would keep bytes no
+#: pull should hand back (a pickle runs code when loaded), so a PUT of one is refused.
+UNREAD_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".dill")
+#: First bytes of a pickle of protocol 2 to 5 (PROTO opcode, then the protocol number).
+PICKLE_MAGIC = tuple(bytes([0x80, n]) for n in range(2, 6))
 
 
 #: Longest file path accepted (UTF-8 bytes; the database column holds 1024 characters).
@@ -56,6 +61,44 @@ def clean_path(path: str) -> str:
             "use a shorter name without control characters"
         )
     return rel
+
+
+class UnsupportedFile(ApiError):
+    """415 ``unsupported_file``: a file the service does not read (pickled weights)."""
+
+    code = "unsupported_file"
+    status = 415
+
+
+def check_readable(path: str) -> None:
+    """Refuse a file the service does not read, by its name (415 ``unsupported_file``)."""
+    if path.lower().endswith(UNREAD_SUFFIXES):
+        raise UnsupportedFile(
+            f"{path}: Slimstore does not store {path.rsplit('.', 1)[-1]} files (pickled "
+            "weights are never read and a pickle runs code when loaded); save the weights with "
+            "save_pretrained(..., safe_serialization=True) and leave this file out — `slim push` "
+            "skips such files"
+        )
+
+
+class PickleCheck:
+    """Pass chunks through, refusing a body that opens like a pickle whatever its name."""
+
+    def __init__(self, chunks: Iterable[bytes], path: str) -> None:
+        self._chunks = chunks
+        self._path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        head = b""
+        for chunk in self._chunks:
+            if len(head) < 2:
+                head += chunk[:2]
+                if len(head) >= 2 and head[:2] in PICKLE_MAGIC:
+                    raise UnsupportedFile(
+                        f"{self._path} is a Python pickle; Slimstore never stores pickles "
+                        "(they run code when loaded) — leave it out of the upload"
+                    )
+            yield chunk
 
 
 def role_of(path: str) -> FileRole:
@@ -191,6 +234,8 @@ def store_body(
         chunks = HeaderCheck(
             chunks, max_header=max_header, declared_size=declared_size, max_tensors=max_tensors
         )
+    else:
+        chunks = PickleCheck(chunks, path)
     try:
         return store.put_stream(chunks, max_bytes=max_bytes, expected_sha256=expected_sha256)
     except StorageIntegrityError as exc:
@@ -208,7 +253,9 @@ async def receive_file(
     expected_sha256: str | None,
     max_tensors: int | None = None,
 ) -> BlobInfo:
-    """Store an upload from the event loop without blocking it."""
+    """Store an upload from the event loop without blocking it (a file the service does not
+    read is refused before its body is read)."""
+    check_readable(path)
     if declared_size is not None and declared_size > max_bytes:
         raise BlobTooLarge(max_bytes)
     if expected_sha256 is not None:

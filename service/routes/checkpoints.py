@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Query, Request, Response
+from pydantic import Field
 from sqlalchemy.orm import Session
 
 from service import operations
@@ -36,14 +37,41 @@ from worker.materialize import FileSpec
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 
 
-@router.post("", status_code=201, responses=errors(400, 404, 409))
-def create_checkpoint(
-    body: CheckpointCreate, session: SessionDep, settings: SettingsDep, namespace: NamespaceDep
-) -> CheckpointPublic:
-    """Create a checkpoint of a ready base (state ``uploading``); upload files, then commit."""
-    return CheckpointPublic.from_row(
-        operations.create_checkpoint(session, settings, body, namespace)
+class CheckpointCreated(CheckpointPublic):
+    """The create answer: the checkpoint, and what the push should tell its user."""
+
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="E.g. that the checkpoint is stored exact because no calibration was sent "
+        "(and how to get a smaller delta), or that a lossy choice's loss is not measured.",
     )
+
+
+@router.post(
+    "",
+    status_code=201,
+    responses={
+        200: {"description": "The name's checkpoint, same options: resume it."},
+        **errors(400, 404, 409),
+    },
+)
+def create_checkpoint(
+    body: CheckpointCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    namespace: NamespaceDep,
+) -> CheckpointCreated:
+    """Create a checkpoint of a ready base (state ``uploading``); upload files, then commit.
+
+    A name in use: the same base and options answer 200 with that checkpoint (resume); other
+    options are 409 ``options_differ``, unless it failed unstored, which the new one replaces.
+    """
+    made = operations.create_checkpoint(session, settings, body, namespace)
+    if not made.created:
+        response.status_code = 200
+    public = CheckpointPublic.from_row(made.checkpoint)
+    return CheckpointCreated(**public.model_dump(), warnings=made.warnings)
 
 
 @router.get("", responses=errors())

@@ -185,20 +185,23 @@ def test_interrupted_push_resends_only_what_is_missing(
     listed = embedded.client.get(f"/v1/checkpoints/{stored['id']}/files").json()["data"]
     assert [f["path"] for f in listed] == ["config.json"] and stored["state"] == "uploading"
 
-    code, out, err = run(embedded, capsys, "push", str(models.finetune), "--base", "tiny",
-                         "--name", "ft", "--wait")  # fmt: skip
+    # Other options do not resume it: they are refused, naming what differs.
+    code, _, err = run(embedded, capsys, "push", str(models.finetune), "--base", "tiny",
+                       "--name", "ft", "--method", "lossless")  # fmt: skip
+    assert code == 2 and err.startswith("slim: error [options_differ]")
+    assert "method: asked lossless, stored magnitude" in err
+    same = ("--base", "tiny", "--name", "ft", "--method", "magnitude", "--keep", "0.1")
+    code, out, err = run(embedded, capsys, "push", str(models.finetune), *same, "--wait")
     assert code == 0, err
     assert "2 file(s) sent" in out and "1 already stored" in out and "ft ready" in out
+    assert "(method magnitude)" in out and "loss is not measured" in err
     # Every file went through exactly once (the cut upload was refused, nothing kept).
     assert settled_counter(embedded.client, "PUT", CKPT_FILE_ROUTE, 200, before + 3) == before + 3
-    # The checkpoint kept the parameters of its first push.
     assert client.get_checkpoint("ft").method == "magnitude"
 
-    code, out, _ = run(embedded, capsys, "push", str(models.finetune), "--base", "tiny",
-                       "--name", "ft")  # fmt: skip
+    code, out, _ = run(embedded, capsys, "push", str(models.finetune), *same)
     assert code == 0 and "0 file(s) sent" in out  # the same files: the existing checkpoint
-    code, _, err = run(embedded, capsys, "push", str(models.finetune2), "--base", "tiny",
-                       "--name", "ft")  # fmt: skip
+    code, _, err = run(embedded, capsys, "push", str(models.finetune2), *same)
     assert code == 2 and err.startswith("slim: error [already_exists]")
     client.close()
 

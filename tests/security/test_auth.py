@@ -283,6 +283,8 @@ def test_open_mode_only_on_loopback(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_keys_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = ["--data-dir", str(tmp_path)]
+    assert slim(["migrate", *data]) == 0  # `slim keys` never creates a database
+    capsys.readouterr()
     assert slim(["keys", "create", "--namespace", "ml-team", "--role", "write", *data]) == 0
     out = capsys.readouterr()
     key = out.out.strip()

@@ -108,6 +108,11 @@ def test_periodic_gc_removes_orphans_and_keeps_referenced_blobs(
 def test_keys_of_another_data_dir_are_separate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`slim keys` on an embedded data directory creates its database when needed."""
+    """`slim keys` on an embedded data directory without a database refuses: a key written to
+    a database no server reads would be rejected (issue 19)."""
+    assert slim(["keys", "list", "--data-dir", str(tmp_path / "fresh")]) == 2
+    assert "[no_database]" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()
+    assert slim(["migrate", "--data-dir", str(tmp_path / "fresh")]) == 0
     assert slim(["keys", "list", "--data-dir", str(tmp_path / "fresh")]) == 0
     assert "PREFIX" in capsys.readouterr().out

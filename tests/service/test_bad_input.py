@@ -171,11 +171,14 @@ def test_reput_replaces_and_listing_resumes(stack: Stack, open_ckpt: dict) -> No
 
 def test_commit_without_weights(stack: Stack, open_ckpt: dict) -> None:
     put(stack, open_ckpt, "config.json", b"{}")
-    put(stack, open_ckpt, "pytorch_model.bin", b"PK\x03\x04 pickled weights")
+    refused = put(stack, open_ckpt, "pytorch_model.bin", b"PK\x03\x04 pickled weights")
+    assert refused.status_code == 415 and refused.json()["code"] == "unsupported_file"
     r = stack.client.post(f"/v1/checkpoints/{open_ckpt['id']}/commit")
     assert r.status_code == 400 and r.json()["code"] == "no_weights"
     assert "safe_serialization" in r.json()["detail"]
     assert no_jobs(stack)
+    failed = stack.client.get(f"/v1/checkpoints/{open_ckpt['id']}").json()
+    assert failed["state"] == "failed" and failed["error"].startswith("no_weights: ")
     empty = make_checkpoint(stack.client, open_ckpt["base_id"], None, name="empty")
     r = stack.client.post(f"/v1/checkpoints/{empty['id']}/commit")
     assert r.status_code == 400 and r.json()["code"] == "no_weights"
@@ -189,7 +192,7 @@ def test_commit_shape_mismatch(stack: Stack, open_ckpt: dict, tmp_path: Path) ->
     assert r.status_code == 400 and r.json()["code"] == "base_mismatch", r.json()
     assert no_jobs(stack)
     state = stack.client.get(f"/v1/checkpoints/{open_ckpt['id']}").json()["state"]
-    assert state == "uploading"
+    assert state == "failed"  # its files dropped for GC (tests/service/test_push_rules.py)
 
 
 def test_commit_dtype_mismatch(stack: Stack, open_ckpt: dict, tmp_path: Path) -> None:

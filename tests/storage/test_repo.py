@@ -139,6 +139,30 @@ def test_deleting_a_checkpoint_removes_its_files_and_jobs(database: Database) ->
         assert session.query(File).count() == 0
 
 
+def test_a_failed_upload_lets_its_blobs_go(database: Database) -> None:
+    with database.sessions.begin() as session:
+        base = ready_base(session)
+        add_file(session, blob(b"base"), "model.safetensors", base_id=base.id)
+        checkpoint = repo.create_checkpoint(session, name="ft", base_id=base.id, method="nps")
+        add_file(session, blob(b"ft"), "model.safetensors", checkpoint_id=checkpoint.id)
+        checkpoint.original_bytes = 2
+        assert not repo.replaceable(checkpoint)  # uploading: maybe a push in progress
+    with database.sessions.begin() as session:
+        assert repo.fail_upload(session, checkpoint.id, "base_mismatch: other shapes")
+    with database.sessions() as session:
+        row = repo.get_checkpoint(session, checkpoint.id)
+        assert row.state == CheckpointState.FAILED and row.error == "base_mismatch: other shapes"
+        assert row.original_bytes == 0 and repo.list_files(session, checkpoint_id=row.id) == []
+        assert repo.replaceable(row)
+        keys = [blob(b"base").key, blob(b"ft").key]
+        assert repo.referenced_blob_keys(session, among=keys) == {blob(b"base").key}
+        row.state = CheckpointState.QUEUED  # committed meanwhile: not failed again
+        session.commit()
+    with database.sessions.begin() as session:
+        assert not repo.fail_upload(session, checkpoint.id, "late")
+        assert repo.get_checkpoint(session, checkpoint.id).state == CheckpointState.QUEUED
+
+
 def test_put_file_replaces_the_row_at_the_same_path(database: Database) -> None:
     with database.sessions.begin() as session:
         base = ready_base(session)
