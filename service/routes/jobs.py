@@ -8,21 +8,24 @@ from service import operations
 from service.deps import NamespaceDep, SessionDep, SettingsDep
 from service.errors import errors
 from service.schemas import MAX_OFFSET, JobPublic, JobsPublic, MergeCreate
+from storage import repo
 from storage.models import JobState
 
 router = APIRouter(tags=["jobs"])
 
 
-@router.get("/v1/jobs", responses=errors())
+@router.get("/v1/jobs", responses=errors(404))
 def list_jobs(
     session: SessionDep,
     namespace: NamespaceDep,
     state: JobState | None = None,
-    checkpoint_id: str | None = None,
+    checkpoint_id: str | None = Query(None, description="Only this checkpoint's (its id or name)."),
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> JobsPublic:
     """Jobs, newest first, optionally of one state or checkpoint."""
+    if checkpoint_id is not None:
+        checkpoint_id = repo.get_checkpoint(session, checkpoint_id, namespace=namespace).id
     rows = operations.list_jobs(
         session, namespace, state=state, checkpoint_id=checkpoint_id, limit=limit, offset=offset
     )
