@@ -213,7 +213,7 @@ def method_caller(request: Request, _declared: DeclaredBearer) -> Caller:
     """The caller, with the role the HTTP method needs: ``read`` for GET/HEAD, ``write`` for
     everything else. This is what ``service.deps.NamespaceDep`` uses."""
     need = ApiKeyRole.READ if request.method in SAFE_METHODS else ApiKeyRole.WRITE
-    return require(need)(request)
+    return require(need)(request, _declared)
 
 
 def dashboard_caller(request: Request) -> Caller:
