@@ -5,7 +5,10 @@ access they render blank. Here the pages are FastAPI's (``get_swagger_ui_html`` 
 ``get_redoc_html``) with every asset URL pointing at :data:`ASSETS_PATH`, a static mount of
 the files the ``fastapi-offline`` package ships (``swagger-ui-bundle.js``,
 ``swagger-ui.css``, ``redoc.standalone.js``, ``favicon.png``; its Python code is not used).
-ReDoc runs without Google Fonts. Nothing on either page is fetched from elsewhere.
+ReDoc runs without Google Fonts and Swagger UI without its online validator badge. Both pages
+are sent with a Content-Security-Policy that lets them load from this server only, so what the
+vendored scripts still reach for elsewhere (ReDoc's "API docs by Redocly" footer logo) is
+blocked in the browser: no request leaves for another host, online or off.
 
 The pages and assets need no key (they reveal nothing stored). Swagger UI's "Authorize"
 button takes an API key for the ``bearer`` scheme declared by :mod:`service.auth`, and keeps it
@@ -30,6 +33,16 @@ ASSETS_PATH = "/docs/assets"
 #: The directory of the shipped Swagger UI and ReDoc files.
 ASSETS_DIR = Path(str(files("fastapi_offline") / "static"))
 
+#: The pages' scripts and styles come from this server; Swagger UI's bootstrap and ReDoc's
+#: styles are inline, ReDoc searches in a blob: worker. Nothing may be loaded from elsewhere.
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; worker-src 'self' blob:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
 router = APIRouter(include_in_schema=False)
 
 
@@ -37,27 +50,31 @@ router = APIRouter(include_in_schema=False)
 def swagger_ui_html(request: Request) -> HTMLResponse:
     """Swagger UI over ``/openapi.json``; its assets come from this server."""
     app: FastAPI = request.app
-    return get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=app.openapi_url or "/openapi.json",
         title=f"{app.title} — API",
         swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js",
         swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
         swagger_favicon_url=f"{ASSETS_PATH}/favicon.png",
-        swagger_ui_parameters={"persistAuthorization": True},
+        swagger_ui_parameters={"persistAuthorization": True, "validatorUrl": None},
     )
+    page.headers.update(HEADERS)
+    return page
 
 
 @router.get(REDOC_PATH, response_class=HTMLResponse)
 def redoc_html(request: Request) -> HTMLResponse:
     """ReDoc over ``/openapi.json``; its script comes from this server, no web fonts."""
     app: FastAPI = request.app
-    return get_redoc_html(
+    page = get_redoc_html(
         openapi_url=app.openapi_url or "/openapi.json",
         title=f"{app.title} — API reference",
         redoc_js_url=f"{ASSETS_PATH}/redoc.standalone.js",
         redoc_favicon_url=f"{ASSETS_PATH}/favicon.png",
         with_google_fonts=False,
     )
+    page.headers.update(HEADERS)
+    return page
 
 
 def install(app: FastAPI) -> None:
