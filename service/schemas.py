@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.compress import VALUE_BITS
 from core.evaluate import EVAL_KINDS
+from core.merge import MERGE_METHODS
 from core.methods import REGISTRY
 from storage.models import (
     Base,
@@ -45,6 +46,8 @@ MethodChoice = Literal[METHODS]  # type: ignore[valid-type]
 EvaluationChoice = Literal[EVAL_KINDS]  # type: ignore[valid-type]
 #: Stored value bit widths (``core.compress.VALUE_BITS``).
 ValueBitsChoice = Literal[VALUE_BITS]  # type: ignore[valid-type]
+#: Merge methods (``core.merge.MERGE_METHODS``).
+MergeMethodChoice = Literal[MERGE_METHODS]  # type: ignore[valid-type]
 
 # -- files -----------------------------------------------------------------------------------
 
@@ -328,7 +331,7 @@ class MergeCreate(BaseModel):
     checkpoint_ids: list[str] = Field(
         min_length=2, max_length=64, description="Ids or names of ready checkpoints of one base."
     )
-    method: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    method: MergeMethodChoice = "task_arithmetic"
     lambda_: float = Field(1.0, alias="lambda", gt=0, le=100, description="Scale λ of the merge.")
     density: float | None = Field(None, gt=0, le=1, description="ties: trim density per tensor.")
 

@@ -49,5 +49,8 @@ def create_merge(
     body: MergeCreate, session: SessionDep, settings: SettingsDep, namespace: NamespaceDep
 ) -> JobPublic:
     """Merge ready checkpoints of one base into a new checkpoint; answers with the job
-    (its ``checkpoint_id`` is the derived checkpoint)."""
+    (its ``checkpoint_id`` is the derived checkpoint). ``checkpoint_ids`` may hold names."""
+    # Names become ids first, so one checkpoint named twice (by id and by name) is refused.
+    ids = [repo.get_checkpoint(session, ref, namespace=namespace).id for ref in body.checkpoint_ids]
+    body = body.model_copy(update={"checkpoint_ids": ids})
     return JobPublic.from_row(operations.create_merge(session, settings, body, namespace))

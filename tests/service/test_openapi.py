@@ -14,6 +14,7 @@ import pytest
 
 from core.compress import VALUE_BITS
 from core.evaluate import EVAL_KINDS
+from core.merge import MERGE_METHODS
 from core.methods import REGISTRY
 from tests.conftest import Models, Stack
 from tests.infra import commit_and_wait, make_base, make_checkpoint, wait_job
@@ -86,6 +87,8 @@ def test_choices_are_enums_made_from_core(embedded: Stack, models: Models) -> No
     assert enum("method") == [*(str(m) for m in REGISTRY), "auto"]
     assert enum("evaluation") == list(EVAL_KINDS)
     assert enum("value_bits") == list(VALUE_BITS)
+    merge = doc["components"]["schemas"]["MergeCreate"]["properties"]["method"]
+    assert merge["enum"] == list(MERGE_METHODS)
     base = make_base(embedded.client, models.base)
     for field, bad, choice in (
         ("method", "zip", "'magnitude-scaled'"),
@@ -208,6 +211,10 @@ def test_names_work_wherever_ids_do(embedded: Stack, models: Models) -> None:
     by_id = client.get(f"/v1/checkpoints/{ckpt['id']}/files/model.safetensors")
     assert by_name.status_code == 200 and by_name.content == by_id.content
     assert client.head("/v1/checkpoints/sentiment/delta").status_code == 200
+    twice = client.post(
+        "/v1/merges", json={"name": "self", "checkpoint_ids": ["sentiment", ckpt["id"]]}
+    )
+    assert twice.status_code == 400 and "twice" in twice.json()["detail"], twice.text
     merge = client.post(
         "/v1/merges", json={"name": "both", "checkpoint_ids": ["sentiment", "topics"]}
     )
