@@ -15,8 +15,10 @@ Rules (``docs/security.md`` says why):
   but its role is too low. Rows of another namespace: 404 ``not_found``.
 - Open mode (``SLIM_OPEN=true``, loopback only; see ``service.settings``): no key needed, every
   request acts as admin of the default namespace.
-- ``/healthz``, ``/readyz``, ``/openapi.json``, ``/docs`` and the sign-in page need no key:
-  they reveal nothing stored.
+- ``/healthz``, ``/readyz``, ``/openapi.json``, ``/docs``, ``/redoc`` (and their assets) and the
+  sign-in page need no key: they reveal nothing stored.
+- The OpenAPI document declares the ``bearer`` scheme (:data:`BEARER_SCHEME`) on every route
+  whose dependency checks a key, so ``/docs``' "Authorize" button sends it.
 """
 
 from __future__ import annotations
