@@ -11,6 +11,9 @@ Startup (lifespan): connect, make sure an admin key exists (``SLIM_BOOTSTRAP_KEY
 generated key printed once on a fresh install), start the embedded worker and the periodic
 garbage collection (``SLIM_GC_INTERVAL_SECONDS``).
 
+API docs: ``/docs`` (Swagger UI) and ``/redoc``, assets served locally
+(:mod:`service.routes.docs`).
+
 Middleware, outermost first: metrics, request timeouts (408/504), the JSON body cap (413).
 """
 
@@ -29,6 +32,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware, TimeoutMiddleware
 from service.routes import auth as auth_routes
 from service.routes import bases, checkpoints, dashboard, jobs, system
+from service.routes import docs as docs_routes
 from service.runtime import Runtime, make_worker
 from service.settings import Settings
 from storage.gc import start_gc_thread
@@ -41,6 +45,10 @@ Slimstore keeps fine-tuned checkpoints as sparse task-vector deltas against a ba
 Push: create a base, PUT its files, commit it; create a checkpoint of it, PUT its files,
 commit it (a compression job is queued). Pull: GET each file of a ready checkpoint (rebuilt on
 the fly; ETag = recorded sha256; Range honoured). Errors are `{"code", "detail"}`.
+
+Every `/v1` route takes an API key as `Authorization: Bearer <key>` ("Authorize" above).
+A base or checkpoint is named in a path (and in `base_id`, `checkpoint_id(s)`) by its id or
+by its name; an id wins when both match. The walkthrough with curl is `docs/api.md`.
 """
 
 
@@ -104,10 +112,13 @@ def create_app(
         description=API_DESCRIPTION,
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,
+        docs_url=None,  # FastAPI's pages load from a CDN; service.routes.docs serves its own
+        redoc_url=None,
     )
     app.state.metrics = metrics
     errors.install(app)
     auth.install(app)
+    docs_routes.install(app)
     for module in (bases, checkpoints, jobs, system, auth_routes, dashboard):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_body_bytes)

@@ -15,8 +15,10 @@ Rules (``docs/security.md`` says why):
   but its role is too low. Rows of another namespace: 404 ``not_found``.
 - Open mode (``SLIM_OPEN=true``, loopback only; see ``service.settings``): no key needed, every
   request acts as admin of the default namespace.
-- ``/healthz``, ``/readyz``, ``/openapi.json``, ``/docs`` and the sign-in page need no key:
-  they reveal nothing stored.
+- ``/healthz``, ``/readyz``, ``/openapi.json``, ``/docs``, ``/redoc`` (and their assets) and the
+  sign-in page need no key: they reveal nothing stored.
+- The OpenAPI document declares the ``bearer`` scheme (:data:`BEARER_SCHEME`) on every route
+  whose dependency checks a key, so ``/docs``' "Authorize" button sends it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from dataclasses import dataclass
 from typing import Annotated, ClassVar
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -51,6 +54,23 @@ COOKIE_NAME = "slim_key"
 COOKIE_MAX_AGE = 12 * 3600
 #: Methods that never change anything (the only ones the cookie is accepted for).
 SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+#: The OpenAPI security scheme ``bearer`` (what ``/docs``' "Authorize" button fills in). It is
+#: declared by every key-checking dependency below and checks nothing itself
+#: (``auto_error=False``): :func:`authenticate` reads the header and answers 401/403.
+BEARER_SCHEME = HTTPBearer(
+    scheme_name="bearer",
+    bearerFormat="slim_<prefix>_<secret>",
+    description=(
+        "An API key, sent as `Authorization: Bearer <key>`. `slim serve` prints the first "
+        "admin key; `slim keys create --namespace NS --role read|write|admin` makes more. "
+        "`read` keys may GET/HEAD, `write` keys may also change things, `admin` keys may also "
+        "read `/metrics`."
+    ),
+    auto_error=False,
+)
+#: A dependency parameter that puts the ``bearer`` scheme on a route's OpenAPI operation.
+DeclaredBearer = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_SCHEME)]
 
 
 class Unauthorized(ApiError):
@@ -183,7 +203,7 @@ def require(role: ApiKeyRole) -> Callable[[Request], Caller]:
         @router.get("/metrics", dependencies=[Depends(require(ApiKeyRole.ADMIN))])
     """
 
-    def dependency(request: Request) -> Caller:
+    def dependency(request: Request, _declared: DeclaredBearer) -> Caller:
         caller = authenticate(request, allow_cookie=request.method in SAFE_METHODS)
         return _check_role(caller, role)
 
@@ -191,11 +211,11 @@ def require(role: ApiKeyRole) -> Callable[[Request], Caller]:
     return dependency
 
 
-def method_caller(request: Request) -> Caller:
+def method_caller(request: Request, _declared: DeclaredBearer) -> Caller:
     """The caller, with the role the HTTP method needs: ``read`` for GET/HEAD, ``write`` for
     everything else. This is what ``service.deps.NamespaceDep`` uses."""
     need = ApiKeyRole.READ if request.method in SAFE_METHODS else ApiKeyRole.WRITE
-    return require(need)(request)
+    return require(need)(request, _declared)
 
 
 def dashboard_caller(request: Request) -> Caller:

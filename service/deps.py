@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -70,3 +70,9 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
 NamespaceDep = Annotated[str, Depends(get_namespace)]
+
+#: Path parameters that name a base or a checkpoint: an id or a name (``storage.repo``'s rule).
+BaseRef = Annotated[str, Path(description="The base's id, or its name in your namespace.")]
+CheckpointRef = Annotated[
+    str, Path(description="The checkpoint's id, or its name in your namespace.")
+]

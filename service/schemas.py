@@ -12,6 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.compress import VALUE_BITS
+from core.evaluate import EVAL_KINDS
+from core.merge import MERGE_METHODS
+from core.methods import REGISTRY
 from storage.models import (
     Base,
     BaseState,
@@ -30,6 +34,20 @@ Name = Field(
     pattern=r"^[^\x00-\x1f\x7f]+$",
     description="Unique within the namespace; no control characters.",
 )
+
+# -- choices ---------------------------------------------------------------------------------
+# The schema's enums are made from the lists core validates against (never a copy), so the
+# OpenAPI document, /docs and the validation of a request follow core when a method is added.
+
+#: Method names a checkpoint may ask for: core's registry, plus ``auto`` (the service's search).
+METHODS: tuple[str, ...] = (*(str(name) for name in REGISTRY), "auto")
+MethodChoice = Literal[METHODS]  # type: ignore[valid-type]
+#: Evaluation kinds (``core.evaluate.EVAL_KINDS``).
+EvaluationChoice = Literal[EVAL_KINDS]  # type: ignore[valid-type]
+#: Stored value bit widths (``core.compress.VALUE_BITS``).
+ValueBitsChoice = Literal[VALUE_BITS]  # type: ignore[valid-type]
+#: Merge methods (``core.merge.MERGE_METHODS``).
+MergeMethodChoice = Literal[MERGE_METHODS]  # type: ignore[valid-type]
 
 # -- files -----------------------------------------------------------------------------------
 
@@ -129,10 +147,9 @@ class CheckpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Name
-    base_id: str
-    method: str | None = Field(
-        None,
-        description="nps, nps-seeded, magnitude, magnitude-scaled, dare, lossless or auto.",
+    base_id: str = Field(description="The base's id or name (it must be ready).")
+    method: MethodChoice | None = Field(
+        None, description="The compression method (default nps; auto with min_fidelity)."
     )
     keep: float | None = Field(
         None, gt=0, le=1, description="Keep ratio r (default 0.01; auto searches it)."
@@ -140,9 +157,15 @@ class CheckpointCreate(BaseModel):
     min_fidelity: float | None = Field(
         None, gt=0, le=1, description="auto: the quality floor relative to the fine-tune."
     )
-    evaluation: Literal["fidelity", "accuracy", "weights"] | None = None
-    value_bits: int | None = Field(
-        None, description="32, 16 (default), or 8/4/3/2/1 (quantised); auto searches it."
+    evaluation: EvaluationChoice | None = Field(
+        None,
+        description="How a candidate is scored: fidelity (agreement with the fine-tune on the "
+        "calibration texts), accuracy (on their labels), weights (data-free).",
+    )
+    value_bits: ValueBitsChoice | None = Field(
+        None,
+        description="Bits per stored value: 16 (default), 32, or fewer (quantised); "
+        "auto searches it.",
     )
     seed: int = Field(0, ge=0, lt=2**63)
     options: dict[str, Any] = Field(
@@ -305,8 +328,10 @@ class MergeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Name
-    checkpoint_ids: list[str] = Field(min_length=2, max_length=64)
-    method: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    checkpoint_ids: list[str] = Field(
+        min_length=2, max_length=64, description="Ids or names of ready checkpoints of one base."
+    )
+    method: MergeMethodChoice = "task_arithmetic"
     lambda_: float = Field(1.0, alias="lambda", gt=0, le=100, description="Scale λ of the merge.")
     density: float | None = Field(None, gt=0, le=1, description="ties: trim density per tensor.")
 

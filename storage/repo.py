@@ -3,6 +3,11 @@
 Thin, typed helpers for the API and the worker. They add, change and delete rows and flush,
 but never commit: the caller owns the transaction (``with Session.begin(): ...``). Lookups by
 id take an optional ``namespace``; a row in another namespace is reported as not found.
+
+Bases and checkpoints are looked up by reference (:func:`get_base`, :func:`get_checkpoint`,
+the one rule every route uses through them): the id, else — within the caller's namespace —
+the name. An id wins over a name that happens to look like another row's id. Without a
+namespace (the worker's internal lookups) only ids are accepted.
 """
 
 from __future__ import annotations
@@ -70,10 +75,10 @@ def create_base(session: Session, *, name: str, namespace: str = DEFAULT_NAMESPA
 
 
 def get_base(session: Session, base_id: str, *, namespace: str | None = None) -> Base:
-    """The base with this id (in ``namespace``, if given).
+    """The base ``base_id`` names: its id, or (with ``namespace``) its name there.
 
     Raises:
-        NotFound: no such base.
+        NotFound: no such base (in ``namespace``, if given).
     """
     return _get(session, Base, base_id, namespace, "base", "GET /v1/bases")
 
@@ -170,10 +175,10 @@ def create_checkpoint(
 def get_checkpoint(
     session: Session, checkpoint_id: str, *, namespace: str | None = None
 ) -> Checkpoint:
-    """The checkpoint with this id (in ``namespace``, if given).
+    """The checkpoint ``checkpoint_id`` names: its id, or (with ``namespace``) its name there.
 
     Raises:
-        NotFound: no such checkpoint.
+        NotFound: no such checkpoint (in ``namespace``, if given).
     """
     return _get(session, Checkpoint, checkpoint_id, namespace, "checkpoint", "GET /v1/checkpoints")
 
@@ -556,12 +561,33 @@ def _stored_by(session: Session, refs: Any, owner: Any) -> dict[Any, StoredBytes
 
 
 def _get(
-    session: Session, model: type[_Row], row_id: str, namespace: str | None, what: str, hint: str
+    session: Session, model: type[_Row], ref: str, namespace: str | None, what: str, hint: str
 ) -> _Row:
-    row = session.get(model, row_id)
-    if row is None or (namespace is not None and row.namespace != namespace):
-        raise NotFound(f"{what} {row_id} does not exist; list them with {hint}")
-    return row
+    """The row ``ref`` names: by id, else by name in ``namespace`` (the module's lookup rule).
+
+    Raises:
+        NotFound: neither (a row of another namespace counts as absent).
+        Conflict: several rows of the namespace carry the name (only if names ever stop being
+            unique per namespace); the message lists their ids.
+    """
+    row = session.get(model, ref)
+    if row is not None and (namespace is None or row.namespace == namespace):
+        return row
+    if namespace is None:
+        raise NotFound(f"{what} {ref} does not exist; list them with {hint}")
+    named = list(
+        session.scalars(
+            select(model).where(model.namespace == namespace, model.name == ref).limit(5)
+        )
+    )
+    if len(named) == 1:
+        return named[0]
+    if named:
+        ids = ", ".join(r.id for r in named)
+        raise Conflict(f"several {what}s are named {ref!r} ({ids}); name one by its id")
+    raise NotFound(
+        f"no {what} has the id or name {ref!r} in namespace {namespace!r}; list them with {hint}"
+    )
 
 
 def _insert_unique(session: Session, row: Base | Checkpoint, message: str) -> None:

@@ -5,10 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 
 from service import operations
-from service.deps import NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
+from service.deps import BaseRef, NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
 from service.downloads import blob_chunks
 from service.errors import errors
-from service.routes.files import FILE_ANSWER, RAW_BODY, file_response, upload
+from service.routes.files import (
+    FILE_ANSWER,
+    FILE_REQUEST,
+    HEAD_ANSWER,
+    RAW_BODY,
+    file_response,
+    upload,
+)
 from service.schemas import MAX_OFFSET, BaseCreate, BasePublic, BasesPublic, FilePublic, FilesPublic
 from service.uploads import clean_path
 from storage import repo
@@ -39,20 +46,20 @@ def list_bases(
 
 
 @router.get("/{base_id}", responses=errors(404))
-def get_base(base_id: str, session: SessionDep, namespace: NamespaceDep) -> BasePublic:
+def get_base(base_id: BaseRef, session: SessionDep, namespace: NamespaceDep) -> BasePublic:
     """One base."""
     return BasePublic.from_row(repo.get_base(session, base_id, namespace=namespace))
 
 
 @router.delete("/{base_id}", status_code=204, responses=errors(404, 409))
-def delete_base(base_id: str, session: SessionDep, namespace: NamespaceDep) -> Response:
+def delete_base(base_id: BaseRef, session: SessionDep, namespace: NamespaceDep) -> Response:
     """Delete a base (409 ``conflict`` while checkpoints depend on it); blobs go to GC."""
     operations.delete_base(session, base_id, namespace)
     return Response(status_code=204)
 
 
 @router.get("/{base_id}/files", responses=errors(404))
-def list_base_files(base_id: str, session: SessionDep, namespace: NamespaceDep) -> FilesPublic:
+def list_base_files(base_id: BaseRef, session: SessionDep, namespace: NamespaceDep) -> FilesPublic:
     """The base's files with their sizes and sha256 (to resume an interrupted push)."""
     base = repo.get_base(session, base_id, namespace=namespace)
     rows = repo.list_files(session, base_id=base.id)
@@ -63,7 +70,7 @@ def list_base_files(base_id: str, session: SessionDep, namespace: NamespaceDep) 
     "/{base_id}/files/{path:path}", openapi_extra=RAW_BODY, responses=errors(400, 404, 409, 413)
 )
 async def upload_base_file(
-    base_id: str, path: str, request: Request, runtime: RuntimeDep, namespace: NamespaceDep
+    base_id: BaseRef, path: str, request: Request, runtime: RuntimeDep, namespace: NamespaceDep
 ) -> FilePublic:
     """Store one file of the base from the raw streamed body (replaces one at that path)."""
     return await upload(request, runtime, namespace, path, base_id=base_id)
@@ -71,7 +78,7 @@ async def upload_base_file(
 
 @router.post("/{base_id}/commit", responses=errors(400, 404))
 def commit_base(
-    base_id: str,
+    base_id: BaseRef,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -81,14 +88,22 @@ def commit_base(
     return BasePublic.from_row(operations.commit_base(session, store, settings, base_id, namespace))
 
 
-@router.head("/{base_id}/files/{path:path}", include_in_schema=False)
+@router.head(
+    "/{base_id}/files/{path:path}",
+    name="head_base_file",
+    response_class=Response,
+    responses={**errors(400, 404), **HEAD_ANSWER},
+    openapi_extra=FILE_REQUEST,
+    summary="Size and ETag of a base file",
+)
 @router.get(
     "/{base_id}/files/{path:path}",
     response_class=Response,
-    responses={**FILE_ANSWER, **errors(400, 404, 416)},
+    responses={**errors(400, 404), **FILE_ANSWER},
+    openapi_extra=FILE_REQUEST,
 )
 def download_base_file(
-    base_id: str,
+    base_id: BaseRef,
     path: str,
     request: Request,
     session: SessionDep,

@@ -9,7 +9,7 @@ from pydantic import Field
 from sqlalchemy.orm import Session
 
 from service import operations
-from service.deps import NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
+from service.deps import CheckpointRef, NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
 from service.downloads import (
     ByteRange,
     blob_chunks,
@@ -18,7 +18,14 @@ from service.downloads import (
     reconstructed_size,
 )
 from service.errors import NotReady, errors
-from service.routes.files import FILE_ANSWER, RAW_BODY, file_response, upload
+from service.routes.files import (
+    FILE_ANSWER,
+    FILE_REQUEST,
+    HEAD_ANSWER,
+    RAW_BODY,
+    file_response,
+    upload,
+)
 from service.schemas import (
     MAX_OFFSET,
     CheckpointCreate,
@@ -74,16 +81,18 @@ def create_checkpoint(
     return CheckpointCreated(**public.model_dump(), warnings=made.warnings)
 
 
-@router.get("", responses=errors())
+@router.get("", responses=errors(404))
 def list_checkpoints(
     session: SessionDep,
     namespace: NamespaceDep,
-    base_id: str | None = None,
+    base_id: str | None = Query(None, description="Only this base's (its id or name)."),
     state: CheckpointState | None = None,
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> CheckpointsPublic:
     """Checkpoints of the namespace, oldest first (without search traces)."""
+    if base_id is not None:
+        base_id = repo.get_base(session, base_id, namespace=namespace).id
     rows = repo.list_checkpoints(
         session, namespace=namespace, base_id=base_id, state=state, limit=limit, offset=offset
     )
@@ -92,7 +101,7 @@ def list_checkpoints(
 
 @router.get("/{checkpoint_id}", responses=errors(404))
 def get_checkpoint(
-    checkpoint_id: str, session: SessionDep, namespace: NamespaceDep
+    checkpoint_id: CheckpointRef, session: SessionDep, namespace: NamespaceDep
 ) -> CheckpointPublic:
     """One checkpoint: sizes, ratio, bits/param, fitness and the search trace."""
     row = repo.get_checkpoint(session, checkpoint_id, namespace=namespace)
@@ -100,7 +109,9 @@ def get_checkpoint(
 
 
 @router.delete("/{checkpoint_id}", status_code=204, responses=errors(404))
-def delete_checkpoint(checkpoint_id: str, session: SessionDep, namespace: NamespaceDep) -> Response:
+def delete_checkpoint(
+    checkpoint_id: CheckpointRef, session: SessionDep, namespace: NamespaceDep
+) -> Response:
     """Delete a checkpoint and its jobs (a running job stops); its blobs go to GC."""
     operations.delete_checkpoint(session, checkpoint_id, namespace)
     return Response(status_code=204)
@@ -108,7 +119,7 @@ def delete_checkpoint(checkpoint_id: str, session: SessionDep, namespace: Namesp
 
 @router.get("/{checkpoint_id}/files", responses=errors(404))
 def list_checkpoint_files(
-    checkpoint_id: str, session: SessionDep, namespace: NamespaceDep
+    checkpoint_id: CheckpointRef, session: SessionDep, namespace: NamespaceDep
 ) -> FilesPublic:
     """The checkpoint's files with sizes and sha256 (what a resumed push can skip)."""
     ckpt = repo.get_checkpoint(session, checkpoint_id, namespace=namespace)
@@ -122,7 +133,11 @@ def list_checkpoint_files(
     responses=errors(400, 404, 409, 413),
 )
 async def upload_checkpoint_file(
-    checkpoint_id: str, path: str, request: Request, runtime: RuntimeDep, namespace: NamespaceDep
+    checkpoint_id: CheckpointRef,
+    path: str,
+    request: Request,
+    runtime: RuntimeDep,
+    namespace: NamespaceDep,
 ) -> FilePublic:
     """Store one file of the checkpoint from the raw streamed body (replaces one at that path).
 
@@ -134,7 +149,7 @@ async def upload_checkpoint_file(
 
 @router.post("/{checkpoint_id}/commit", status_code=202, responses=errors(400, 404, 409))
 def commit_checkpoint(
-    checkpoint_id: str,
+    checkpoint_id: CheckpointRef,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -145,20 +160,34 @@ def commit_checkpoint(
     return JobPublic.from_row(job)
 
 
-@router.head("/{checkpoint_id}/files/{path:path}", include_in_schema=False)
+@router.head(
+    "/{checkpoint_id}/files/{path:path}",
+    name="head_checkpoint_file",
+    response_class=Response,
+    responses={**errors(400, 404, 409), **HEAD_ANSWER},
+    openapi_extra=FILE_REQUEST,
+    summary="Size and ETag of a checkpoint file",
+)
 @router.get(
     "/{checkpoint_id}/files/{path:path}",
     response_class=Response,
-    responses={**FILE_ANSWER, **errors(400, 404, 409, 416)},
+    responses={**errors(400, 404, 409), **FILE_ANSWER},
+    openapi_extra=FILE_REQUEST,
 )
 def download_checkpoint_file(
-    checkpoint_id: str,
+    checkpoint_id: CheckpointRef,
     path: str,
     request: Request,
     session: SessionDep,
     runtime: RuntimeDep,
     namespace: NamespaceDep,
-    scale: float = Query(1.0, ge=-10, le=10, description="λ of θ_pre + λ·δ (interpolation)."),
+    scale: float = Query(
+        1.0,
+        ge=-10,
+        le=10,
+        description="Stream θ_pre + scale·δ instead of the fine-tune (1: the fine-tune itself, "
+        "0: the base, between: an interpolation). With a scale other than 1 there is no ETag.",
+    ),
 ) -> Response:
     """One file of the checkpoint, rebuilt from the base and the delta and streamed.
 
@@ -185,14 +214,22 @@ def download_checkpoint_file(
     return file_response(request, size=size, etag=etag, open_chunks=open_chunks)
 
 
-@router.head("/{checkpoint_id}/delta", include_in_schema=False)
+@router.head(
+    "/{checkpoint_id}/delta",
+    name="head_delta",
+    response_class=Response,
+    responses={**errors(404, 409), **HEAD_ANSWER},
+    openapi_extra=FILE_REQUEST,
+    summary="Size and ETag of the stored delta",
+)
 @router.get(
     "/{checkpoint_id}/delta",
     response_class=Response,
-    responses={**FILE_ANSWER, **errors(404, 409, 416)},
+    responses={**errors(404, 409), **FILE_ANSWER},
+    openapi_extra=FILE_REQUEST,
 )
 def download_delta(
-    checkpoint_id: str,
+    checkpoint_id: CheckpointRef,
     request: Request,
     session: SessionDep,
     runtime: RuntimeDep,
@@ -213,7 +250,7 @@ def download_delta(
     )
 
 
-def _ready(session: Session, checkpoint_id: str, namespace: str) -> Checkpoint:
+def _ready(session: Session, checkpoint_id: CheckpointRef, namespace: str) -> Checkpoint:
     ckpt = repo.get_checkpoint(session, checkpoint_id, namespace=namespace)
     if ckpt.state != CheckpointState.READY or ckpt.delta_blob_key is None:
         raise NotReady(

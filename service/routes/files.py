@@ -19,27 +19,120 @@ from service.uploads import (
     receive_file,
     record_upload,
 )
+from storage import repo
 
-#: OpenAPI description of a raw streamed request body.
-RAW_BODY = {
+SHA256_HEADER = "x-slim-sha256"
+
+# -- OpenAPI descriptions of the file routes (docs/api.md says the same in prose) ---------------
+
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorPublic"}}}
+
+
+def _header(name: str, description: str, **schema: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
+
+
+#: OpenAPI of an upload (PUT): a raw streamed request body and the optional checksum header.
+RAW_BODY: dict[str, object] = {
     "requestBody": {
         "required": True,
         "description": "The file's bytes, streamed (any size up to the server's limit).",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    }
-}
-
-#: OpenAPI description of a streamed file answer.
-FILE_ANSWER: dict[int | str, dict[str, object]] = {
-    200: {
-        "description": "The file's bytes (ETag = its sha256; Range honoured).",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "content": _BINARY,
     },
-    206: {"description": "The requested byte range (Content-Range says which)."},
-    304: {"description": "Not modified (If-None-Match matched the ETag)."},
+    "parameters": [
+        _header(
+            "X-Slim-Sha256",
+            "The sha256 (hex) you expect the body to hash to; a body that does not is "
+            "refused with 400 `checksum_mismatch` and nothing is kept.",
+            pattern="^[0-9a-fA-F]{64}$",
+        ),
+    ],
 }
 
-SHA256_HEADER = "x-slim-sha256"
+#: OpenAPI of the request headers a download (GET or HEAD) honours.
+FILE_REQUEST: dict[str, object] = {
+    "parameters": [
+        _header(
+            "Range",
+            "One byte range, `bytes=a-b`, `bytes=a-` or `bytes=-n`: answered 206 with those "
+            "bytes only (a checkpoint file rebuilds only the tensors the range touches). A "
+            "malformed or multi-range value is ignored (the whole file, 200); a range starting "
+            "past the end is 416.",
+            example="bytes=0-1023",
+        ),
+        _header(
+            "If-Range",
+            "An ETag: the Range is honoured only if it is still the file's ETag (else the whole "
+            "file is sent, 200) — how a resumed download avoids mixing two versions.",
+        ),
+        _header(
+            "If-None-Match",
+            "An ETag (or `*`): 304 with no body when it matches the file's ETag.",
+        ),
+    ]
+}
+
+_ETAG = {
+    "description": "The sha256 of the file's bytes, quoted (for a checkpoint file: of the "
+    "rebuilt file, as recorded when the delta was written; absent with `scale` ≠ 1).",
+    "schema": {"type": "string"},
+}
+_ACCEPT_RANGES = {"description": "Always `bytes`.", "schema": {"type": "string"}}
+_LENGTH = {"description": "Bytes of the answer's body.", "schema": {"type": "integer"}}
+_CONTENT_RANGE = {
+    "description": "`bytes a-b/size`: which bytes of the file the body holds.",
+    "schema": {"type": "string"},
+}
+
+
+def _file_answer(*, body: bool) -> dict[int | str, dict[str, object]]:
+    whole: dict[str, object] = {
+        "description": "The file's bytes." if body else "The file's size and ETag (no body).",
+        "headers": {"ETag": _ETAG, "Accept-Ranges": _ACCEPT_RANGES, "Content-Length": _LENGTH},
+    }
+    part: dict[str, object] = {
+        "description": "The requested byte range." if body else "The range's size (no body).",
+        "headers": {
+            "Content-Range": _CONTENT_RANGE,
+            "ETag": _ETAG,
+            "Accept-Ranges": _ACCEPT_RANGES,
+            "Content-Length": _LENGTH,
+        },
+    }
+    if body:
+        whole["content"] = _BINARY
+        part["content"] = _BINARY
+    return {
+        200: whole,
+        206: part,
+        304: {
+            "description": "Not modified: If-None-Match matched the ETag (no body).",
+            "headers": {"ETag": _ETAG},
+        },
+        416: {
+            "description": "Range not satisfiable (`range_not_satisfiable`): the range starts "
+            "past the end of the file.",
+            "headers": {
+                "Content-Range": {
+                    "description": "`bytes */size`: the file's size.",
+                    "schema": {"type": "string"},
+                }
+            },
+            **({"content": _ERROR} if body else {}),
+        },
+    }
+
+
+#: OpenAPI ``responses=`` of a streamed file answer (GET) and of its HEAD.
+FILE_ANSWER = _file_answer(body=True)
+HEAD_ANSWER = _file_answer(body=False)
 
 
 async def upload(
@@ -51,21 +144,26 @@ async def upload(
     base_id: str | None = None,
     checkpoint_id: str | None = None,
 ) -> FilePublic:
-    """Check the owner takes files, stream the body into the store, then record the row."""
+    """Check the owner takes files, stream the body into the store, then record the row.
+
+    ``base_id`` / ``checkpoint_id`` may be a name (:func:`storage.repo.get_base`'s rule); it is
+    resolved to the id once, before the body is read, and the row is recorded under that id.
+    """
     rel = clean_path(path)
     settings = runtime.settings
 
-    def precheck() -> None:
+    def precheck() -> tuple[str | None, str | None]:
         with runtime.sessions() as session:
             if base_id is not None:
-                check_base_open(session, base_id, namespace)
-            else:
-                assert checkpoint_id is not None
-                check_checkpoint_open(
-                    session, checkpoint_id, namespace, rel, settings.max_files_per_checkpoint
-                )
+                owner = repo.get_base(session, base_id, namespace=namespace).id
+                check_base_open(session, owner, namespace)
+                return owner, None
+            assert checkpoint_id is not None
+            owner = repo.get_checkpoint(session, checkpoint_id, namespace=namespace).id
+            check_checkpoint_open(session, owner, namespace, rel, settings.max_files_per_checkpoint)
+            return None, owner
 
-    await anyio.to_thread.run_sync(precheck)
+    base_id, checkpoint_id = await anyio.to_thread.run_sync(precheck)
     length = request.headers.get("content-length")
     info = await receive_file(
         request.stream(),

@@ -8,21 +8,24 @@ from service import operations
 from service.deps import NamespaceDep, SessionDep, SettingsDep
 from service.errors import errors
 from service.schemas import MAX_OFFSET, JobPublic, JobsPublic, MergeCreate
+from storage import repo
 from storage.models import JobState
 
 router = APIRouter(tags=["jobs"])
 
 
-@router.get("/v1/jobs", responses=errors())
+@router.get("/v1/jobs", responses=errors(404))
 def list_jobs(
     session: SessionDep,
     namespace: NamespaceDep,
     state: JobState | None = None,
-    checkpoint_id: str | None = None,
+    checkpoint_id: str | None = Query(None, description="Only this checkpoint's (its id or name)."),
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> JobsPublic:
     """Jobs, newest first, optionally of one state or checkpoint."""
+    if checkpoint_id is not None:
+        checkpoint_id = repo.get_checkpoint(session, checkpoint_id, namespace=namespace).id
     rows = operations.list_jobs(
         session, namespace, state=state, checkpoint_id=checkpoint_id, limit=limit, offset=offset
     )
@@ -46,5 +49,8 @@ def create_merge(
     body: MergeCreate, session: SessionDep, settings: SettingsDep, namespace: NamespaceDep
 ) -> JobPublic:
     """Merge ready checkpoints of one base into a new checkpoint; answers with the job
-    (its ``checkpoint_id`` is the derived checkpoint)."""
+    (its ``checkpoint_id`` is the derived checkpoint). ``checkpoint_ids`` may hold names."""
+    # Names become ids first, so one checkpoint named twice (by id and by name) is refused.
+    ids = [repo.get_checkpoint(session, ref, namespace=namespace).id for ref in body.checkpoint_ids]
+    body = body.model_copy(update={"checkpoint_ids": ids})
     return JobPublic.from_row(operations.create_merge(session, settings, body, namespace))

@@ -231,9 +231,10 @@ def test_unknown_and_uncommitted_base(stack: Stack) -> None:
 @pytest.mark.parametrize(
     ("extra", "code"),
     [
-        ({"method": "zip"}, "invalid_argument"),
+        ({"method": "zip"}, "validation_error"),  # not in the schema's enum
         ({"method": "magnitude", "min_fidelity": 0.9}, "invalid_argument"),
-        ({"value_bits": 5}, "invalid_argument"),
+        ({"value_bits": 5}, "validation_error"),
+        ({"evaluation": "vibes"}, "validation_error"),
         ({"evaluation": "fidelity"}, "invalid_calibration"),
         ({"method": "auto"}, "invalid_calibration"),
         (
