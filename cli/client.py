@@ -163,6 +163,13 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--method", choices=("task_arithmetic", "ties"), default="task_arithmetic")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0)
     p.add_argument("--density", type=float, default=None, help="ties: trim density")
+    p.add_argument(
+        "--heads-from",
+        default=None,
+        metavar="ID",
+        help="the parent whose heads (tensors not in the base), config and tokenizer the merge "
+        "keeps; needed when they differ (heads are never averaged)",
+    )
     p.add_argument("--wait", action="store_true", help="follow the merge job")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_merge)
@@ -395,6 +402,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             method=args.method,
             lam=args.lam,
             density=args.density,
+            heads_from=args.heads_from,
             json=args.json,
         )
         return int(offline_merge(offline) or 0)
@@ -402,7 +410,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise _usage("slim merge ID ID ... --name NAME (or -o OUT for the offline merge)")
     with _client(args) as client:
         job = client.merge(
-            args.refs, args.name, method=args.method, lam=args.lam, density=args.density
+            args.refs,
+            args.name,
+            method=args.method,
+            lam=args.lam,
+            density=args.density,
+            heads_from=args.heads_from,
         )
         if args.wait:
             job = _follow(client, job, quiet=args.json)

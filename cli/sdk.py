@@ -1105,13 +1105,19 @@ class SlimClient:
         method: str = "task_arithmetic",
         lam: float = 1.0,
         density: float | None = None,
+        heads_from: str | None = None,
     ) -> Job:
-        """Merge ready checkpoints of one base into a new checkpoint; answers with the job."""
+        """Merge ready checkpoints of one base into a new checkpoint; answers with the job.
+
+        ``heads_from`` (one of ``refs``) names the parent whose own tensors (heads), config and
+        tokenizer the merge keeps; needed when the parents' heads differ (never averaged)."""
         ids = [self.get_checkpoint(r).id for r in refs]
         body: dict[str, Any] = {"name": name, "checkpoint_ids": ids, "method": method}
         body["lambda"] = lam
         if density is not None:
             body["density"] = density
+        if heads_from is not None:
+            body["heads_from"] = self.get_checkpoint(heads_from).id
         return Job.from_json(self._json("POST", "/v1/merges", json=body))
 
     def stats(self) -> Stats:

@@ -158,6 +158,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (404, "Not found"),
         (409, "Conflict with the current state"),
         (413, "Body over the size limit"),
+        (415, "A file the service does not read (pickled weights: unsupported_file)"),
         (416, "Range not satisfiable"),
         (422, "Request does not match its schema"),
         (500, "Server error"),

@@ -314,11 +314,22 @@ def create_merge(session: Session, settings: Settings, body: MergeCreate, namesp
         )
     if len({p.base_id for p in parents}) != 1:
         raise InvalidArgument("the checkpoints belong to different bases; merge those of one base")
+    heads_from = None
+    if body.heads_from is not None:
+        named = repo.get_checkpoint(session, body.heads_from, namespace=namespace)
+        ids = [p.id for p in parents]
+        if named.id not in ids:
+            raise InvalidArgument(
+                f"heads_from {body.heads_from!r} is not one of the merged checkpoints; name one "
+                "of checkpoint_ids"
+            )
+        heads_from = ids.index(named.id)
     derived = {
         "method": body.method,
         "lambda": body.lambda_,
         "density": body.density,
         "parents": [{"id": p.id, "name": p.name} for p in parents],
+        "heads_from": None if heads_from is None else parents[heads_from].name,
     }
     ckpt = repo.create_checkpoint(
         session,
@@ -335,6 +346,7 @@ def create_merge(session: Session, settings: Settings, body: MergeCreate, namesp
         "method": body.method,
         "lambda": body.lambda_,
         "density": body.density,
+        "heads_from": heads_from,
     }
     job = queue.enqueue(
         session, JobKind.MERGE, ckpt.id, payload=payload, max_attempts=settings.job_max_attempts

@@ -244,6 +244,16 @@ class CheckpointPublic(BaseModel):
         )
 
 
+class CheckpointCreated(CheckpointPublic):
+    """The create answer: the checkpoint, and what the push should tell its user."""
+
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="E.g. that the checkpoint is stored exact because no calibration was sent "
+        "(and how to get a smaller delta), or that a lossy choice's loss is not measured.",
+    )
+
+
 class CheckpointsPublic(BaseModel):
     data: list[CheckpointPublic]
     count: int
@@ -334,6 +344,13 @@ class MergeCreate(BaseModel):
     method: MergeMethodChoice = "task_arithmetic"
     lambda_: float = Field(1.0, alias="lambda", gt=0, le=100, description="Scale λ of the merge.")
     density: float | None = Field(None, gt=0, le=1, description="ties: trim density per tensor.")
+    heads_from: str | None = Field(
+        None,
+        description="Id or name of the parent (one of checkpoint_ids) whose own tensors that "
+        "are not in the base (classifier heads), config and tokenizer the merge keeps. Needed "
+        "when the parents' heads differ: heads are never averaged, and without it such a merge "
+        "fails with invalid_argument.",
+    )
 
 
 # -- system ----------------------------------------------------------------------------------
@@ -344,6 +361,11 @@ class StatsPublic(BaseModel):
 
     logical_bytes: int
     stored_bytes: int
+    stored_parts: dict[str, int] = Field(
+        description="stored_bytes split by what the blobs keep: bases, deltas, retained, "
+        "pending, failed (each blob counted once, under its first part; they add up)."
+    )
+    stored_part_labels: dict[str, str] = Field(description="What each part of stored_parts counts.")
     ratio: float | None
     num_bases: int
     num_checkpoints: int

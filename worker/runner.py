@@ -300,6 +300,7 @@ class Worker:
             method=payload.get("method", "task_arithmetic"),
             lam=float(payload.get("lambda", 1.0)),
             density=payload.get("density"),
+            heads_from=payload.get("heads_from"),
         )
         lease.check()
         lease.update({"phase": "store"})

@@ -67,7 +67,9 @@ def list_base_files(base_id: BaseRef, session: SessionDep, namespace: NamespaceD
 
 
 @router.put(
-    "/{base_id}/files/{path:path}", openapi_extra=RAW_BODY, responses=errors(400, 404, 409, 413)
+    "/{base_id}/files/{path:path}",
+    openapi_extra=RAW_BODY,
+    responses=errors(400, 404, 409, 413, 415),
 )
 async def upload_base_file(
     base_id: BaseRef, path: str, request: Request, runtime: RuntimeDep, namespace: NamespaceDep

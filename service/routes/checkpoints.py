@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import Field
 from sqlalchemy.orm import Session
 
 from service import operations
@@ -29,6 +28,7 @@ from service.routes.files import (
 from service.schemas import (
     MAX_OFFSET,
     CheckpointCreate,
+    CheckpointCreated,
     CheckpointPublic,
     CheckpointsPublic,
     FilePublic,
@@ -42,16 +42,6 @@ from storage.models import Checkpoint, CheckpointState
 from worker.materialize import FileSpec
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
-
-
-class CheckpointCreated(CheckpointPublic):
-    """The create answer: the checkpoint, and what the push should tell its user."""
-
-    warnings: list[str] = Field(
-        default_factory=list,
-        description="E.g. that the checkpoint is stored exact because no calibration was sent "
-        "(and how to get a smaller delta), or that a lossy choice's loss is not measured.",
-    )
 
 
 @router.post(
@@ -130,7 +120,7 @@ def list_checkpoint_files(
 @router.put(
     "/{checkpoint_id}/files/{path:path}",
     openapi_extra=RAW_BODY,
-    responses=errors(400, 404, 409, 413),
+    responses=errors(400, 404, 409, 413, 415),
 )
 async def upload_checkpoint_file(
     checkpoint_id: CheckpointRef,

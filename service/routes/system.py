@@ -8,7 +8,6 @@ import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field
 from sqlalchemy import text
 
 from service.auth import require
@@ -26,25 +25,15 @@ router = APIRouter(tags=["system"])
 READY_TIMEOUT_S = 5.0
 
 
-class StatsPartsPublic(StatsPublic):
-    """Storage totals with ``stored_bytes`` split by what the blobs keep (the parts add up to
-    it; each blob counted once, under its first part): see :mod:`storage.repo`."""
-
-    stored_parts: dict[str, int] = Field(
-        description="stored_bytes split into bases, deltas, retained, pending, failed."
-    )
-    stored_part_labels: dict[str, str] = Field(description="What each part of stored_parts counts.")
-
-
 @router.get("/v1/stats", responses=errors())
-def get_stats(session: SessionDep, namespace: NamespaceDep) -> StatsPartsPublic:
+def get_stats(session: SessionDep, namespace: NamespaceDep) -> StatsPublic:
     """Storage totals of the namespace: logical vs stored bytes, counts by state.
 
     Stored bytes are the blobs the namespace's rows reference, each counted once (a file
     shared by a base and its checkpoints once); ``stored_parts`` says what they keep.
     """
     s = stats(session, namespace=namespace)
-    return StatsPartsPublic(
+    return StatsPublic(
         stored_parts=s.stored_parts,
         stored_part_labels=STORED_PART_LABELS,
         logical_bytes=s.logical_bytes,

@@ -247,12 +247,16 @@ def test_merge_and_follow(
     code, _, err = run(embedded, capsys, "push", str(models.finetune2), "--base", "tiny",
                        "--name", "ft2", "--method", "magnitude", "--keep", "0.1", "--wait")  # fmt: skip
     assert code == 0, err
-    code, out, err = run(embedded, capsys, "merge", "ft", "ft2", "--name", "both",
+    code, out, err = run(embedded, capsys, "merge", "ft", "ft2", "--name", "heads",
                          "--method", "ties", "--wait")  # fmt: skip
+    assert code == 2 and "heads_from" in err  # their classifier heads differ: never averaged
+    code, out, err = run(embedded, capsys, "merge", "ft", "ft2", "--name", "both",
+                         "--method", "ties", "--heads-from", "ft2", "--wait")  # fmt: skip
     assert code == 0, err
     assert "both ready" in out
     shown = run_json(embedded, capsys, "show", "both")
     assert shown["method"] == "merge" and shown["derived_from"]["method"] == "ties"
+    assert shown["derived_from"]["heads_from"] == "ft2"
     code, out, err = run(embedded, capsys, "pull", "both", str(tmp_path / "merged"))
     assert code == 0, err
 

@@ -71,7 +71,9 @@ def test_every_method_declares_the_bytes_it_sends(
         ids: dict[str, str] = {}
         for name, options in METHODS:
             extra = {"calibration": calibration(24)} if name in SEARCHED else {}
-            ckpt = make_checkpoint(client, base["id"], tiny_bert["ft"], name=name, **options, **extra)
+            ckpt = make_checkpoint(
+                client, base["id"], tiny_bert["ft"], name=name, **options, **extra
+            )
             job = commit_and_wait(client, ckpt["id"])
             assert job["state"] == "succeeded", (name, job)
             ids[name] = ckpt["id"]

@@ -24,10 +24,15 @@ def test_merge_creates_a_derived_checkpoint(stack: Stack, models: Models) -> Non
     assert early.status_code == 409 and early.json()["code"] == "conflict"  # not ready yet
     for c in (a, b):
         assert commit_and_wait(stack.client, c["id"])["state"] == "succeeded"
-    r = stack.client.post(
-        "/v1/merges",
-        json={"name": "ab", "checkpoint_ids": [a["id"], b["id"]], "method": "ties", "lambda": 0.8},
-    )
+    ab = {"name": "ab", "checkpoint_ids": [a["id"], b["id"]], "method": "ties", "lambda": 0.8}
+    r = stack.client.post("/v1/merges", json=ab)
+    assert r.status_code == 202, r.text
+    refused = wait_job(stack.client, r.json()["id"])  # the two heads differ: never averaged
+    assert refused["state"] == "failed" and "heads_from" in refused["error"]["detail"], refused
+    stack.client.delete(f"/v1/checkpoints/{refused['checkpoint_id']}")
+    outsider = stack.client.post("/v1/merges", json={**ab, "heads_from": "nope"})
+    assert outsider.status_code == 404
+    r = stack.client.post("/v1/merges", json={**ab, "heads_from": "b"})  # a name is accepted
     assert r.status_code == 202, r.text
     job = wait_job(stack.client, r.json()["id"])
     assert job["state"] == "succeeded" and job["kind"] == "merge", job
@@ -35,6 +40,7 @@ def test_merge_creates_a_derived_checkpoint(stack: Stack, models: Models) -> Non
     assert merged["state"] == "ready" and merged["method"] == "merge"
     assert merged["derived_from"]["method"] == "ties"
     assert [p["id"] for p in merged["derived_from"]["parents"]] == [a["id"], b["id"]]
+    assert merged["derived_from"]["heads_from"] == "b"
     assert merged["stored_bytes"] > 0
     files = stack.client.get(f"/v1/checkpoints/{merged['id']}/files").json()["data"]
     for f in files:
@@ -228,10 +234,11 @@ def test_openapi_documents_every_route(stack: Stack) -> None:
         "JobPublic",
         "JobsPublic",
         "MergeCreate",
-        "StatsPartsPublic",
         "FilePublic",
         "FilesPublic",
         "ErrorPublic",
+        "StatsPublic",
+        "CheckpointCreated",
     ):
         assert name in schemas, name
     for path, ops in paths.items():
