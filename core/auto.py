@@ -47,13 +47,12 @@ from core.methods.nps import default_popsize
 from core.tensor_codec import ValueSpec
 from core.workspace import Workspace
 
-KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+#: 0.3 and 0.5 reach floors of top-1 agreement ≥ 0.99, which DARE at 20% may miss on a
+#: fine-tune (tweets: 0.984 at 20%/4-bit, 0.998 at 50%/8-bit) — still 3–8× under lossless.
+KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 #: 3-bit values: at 2.5% keep they stored what 4-bit values at 2% did and kept more of the
 #: gain on both benchmark tasks (bench/NOTES.md, third sitting); 3% is the nearby keep step
 BITS = (1, 2, 3, 4, 8, 16)
-#: The DARE screen visits widths in this order: the mid widths usually hold the cheapest
-#: passing candidate, and the bound they set lets the others be skipped or cut short.
-SCREEN_ORDER = (4, 3, 2, 8, 16, 1)
 DEFAULT_MIN_FIDELITY = 0.99
 #: Calibration examples auto evaluates on at most (the first ones of the file): one
 #: evaluation's cost grows with them; 512 resolve agreement to 0.002.
@@ -141,6 +140,7 @@ class _Run:
     remaining_screen: int = 0
     remaining_searched: int = 0
     current_start: float = 0.0
+    search_seconds: float = 0.0  # from auto's start to the encoding of its choice
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -258,37 +258,65 @@ class _Run:
 
 
 def _screen(run: _Run, dare: list[Candidate]) -> Candidate | None:
-    """Bisect each value width's keep ladder; the cheapest passing DARE candidate or None."""
-    widths = sorted({c.value_bits for c in dare}, key=_width_rank)
+    """The cheapest passing DARE candidate (None if none passes), judging few.
+
+    Fidelity is taken to rise with the keep ratio at a width, and with the width at a keep
+    (fewer value bits only add rounding). Widths are visited from the widest down; at each,
+    the open keeps are those above every keep already seen to fail (a failure there fails at
+    every narrower width too) and cheaper than the best pass so far. The largest open keep is
+    judged first: if it fails, so does every open keep of this width and of the narrower ones
+    at or below it; if it passes, the cheapest passing keep is bisected below it.
+    """
+    widths = sorted({c.value_bits for c in dare}, reverse=True)
     by_width = {
         b: sorted((c for c in dare if c.value_bits == b), key=lambda c: c.keep) for b in widths
     }
     best: Candidate | None = None
+    failed_keep = 0.0  # the largest keep seen to fail (at this width or a wider one)
 
     def open_(b: int) -> list[Candidate]:
         bound = best.estimated_bits if best is not None else math.inf
-        return [c for c in by_width[b] if c.estimated_bits < bound - 1e-12]
+        return [c for c in by_width[b] if c.keep > failed_keep and c.estimated_bits < bound - 1e-12]
 
     def plan(rest: list[int]) -> int:
-        return sum(_bisection_steps(len(open_(b))) for b in rest)
+        return sum(1 + _bisection_steps(len(open_(b)) - 1) for b in rest if open_(b))
 
     for i, b in enumerate(widths):
         cands = open_(b)
-        run.remaining_screen = _bisection_steps(len(cands)) + plan(widths[i + 1 :])
-        lo, hi = 0, len(cands)
+        if not cands:
+            continue
+        run.remaining_screen = 1 + _bisection_steps(len(cands) - 1) + plan(widths[i + 1 :])
+        top = run.judge(cands[-1])
+        if not top.passed:
+            failed_keep = max(failed_keep, cands[-1].keep)
+            continue
+        lo, hi = 0, len(cands) - 1  # cands[hi] passes; find the first that does
         while lo < hi:
             mid = (lo + hi) // 2
             if run.judge(cands[mid]).passed:
                 hi = mid
             else:
+                failed_keep = max(failed_keep, cands[mid].keep)
                 lo = mid + 1
-        if hi < len(cands):
-            best = cands[hi]
+        best = cands[hi]
+    run.remaining_screen = 0
     return best
 
 
-def _width_rank(bits: int) -> int:
-    return SCREEN_ORDER.index(bits) if bits in SCREEN_ORDER else len(SCREEN_ORDER) + bits
+def _searched_below(
+    searched: list[Candidate], judged: list[_Judged], bound: float
+) -> list[Candidate]:
+    """The searched candidates worth a search, best first: cheaper than the DARE bound, at a
+    width where DARE passed (a search moves rates and scales; it cannot undo the rounding of
+    a width too narrow) — at any width when none passed — from the largest down (ties: the
+    larger keep), at most :data:`MAX_SEARCHED`."""
+    widths = {j.candidate.value_bits for j in judged if j.passed and not j.candidate.searches}
+    fit = [
+        c
+        for c in searched
+        if c.estimated_bits < bound - 1e-12 and (not widths or c.value_bits in widths)
+    ]
+    return sorted(fit, key=lambda c: (-c.estimated_bits, -c.keep))[:MAX_SEARCHED]
 
 
 def _candidates(
@@ -360,26 +388,24 @@ def auto_compress(
         run.remaining_searched = min(MAX_SEARCHED, len(searched))
         best = _screen(run, unsearched)
         bound = best.estimated_bits if best is not None else math.inf
-        below = sorted(
-            (c for c in searched if c.estimated_bits < bound - 1e-12),
-            key=lambda c: -c.estimated_bits,
-        )[:MAX_SEARCHED]
+        below = _searched_below(searched, run.judged, bound)
         run.remaining_screen, run.remaining_searched = 0, len(below)
         for c in below:
             predicted = run.search_cost()
             if predicted is not None and run.elapsed + predicted > time_budget:
                 run.notes.append(
-                    f"auto: no searched candidate tried: {c.method} at keep {c.keep:g}, "
-                    f"{c.value_bits}-bit would take ≈{predicted:.0f} s, past the "
-                    f"{time_budget:.0f} s budget ({run.elapsed:.0f} s used)"
+                    f"auto: searched candidate {c.method} at keep {c.keep:g}, {c.value_bits}-bit "
+                    f"not tried: its search would take ≈{predicted:.0f} s, past the "
+                    f"{time_budget:.0f} s budget ({run.elapsed:.0f} s used; "
+                    "options.time_budget raises it)"
                 )
                 break
             if not run.judge(c).passed:
                 break
         run.remaining_searched = 0
-        search_seconds = run.elapsed
-        result = _encode_best(run, base_dir, ft_dir, out_path, calibration, device)
-    result.search_seconds = search_seconds
+        run.search_seconds = run.elapsed
+        result = _encode_best(run, base_dir, ft_dir, out_path, device)
+    result.search_seconds = run.search_seconds
     result.total_seconds = time.perf_counter() - t0
     result.evaluations = run.evaluations + result.evaluations
     _record_trail(out_path, run, result)
@@ -391,7 +417,6 @@ def _encode_best(
     base_dir: str | os.PathLike[str],
     ft_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
-    calibration: Any,
     device: str | None,
 ) -> CompressResult:
     """Encode the cheapest passing candidate (its fitted result, not a fresh search) and check
@@ -438,7 +463,7 @@ def _encode_best(
                 f"auto chose {c.method} at keep {c.keep:g}, {c.value_bits}-bit values: "
                 f"fidelity {fid:.4f} ≥ floor {run.floor} as stored, measured on "
                 f"{part_label(run.ev, j.parts)} ({sum(run.ev.part_size(p) for p in j.parts)} "
-                f"examples); {len(run.judged)} candidates judged in {run.elapsed:.1f} s",
+                f"examples); {len(run.judged)} candidates judged in {run.search_seconds:.1f} s",
             ]
             return result
         run.notes.append(
@@ -474,7 +499,8 @@ def _encode_best(
     result.notes = [
         *result.notes,
         f"auto: the floor {run.floor} could not be met lossily ({len(run.judged)} candidates "
-        f"judged in {run.elapsed:.1f} s); stored exact. Lower --min-fidelity for a smaller delta",
+        f"judged in {run.search_seconds:.1f} s); stored exact. Lower --min-fidelity for a "
+        "smaller delta",
     ]
     return result
 
