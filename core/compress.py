@@ -29,7 +29,6 @@ from core.evaluate import (
     Score,
     combined,
     load_calibration,
-    objective_label,
     part_label,
     relative_fidelity,
 )
@@ -232,8 +231,8 @@ def compress(
                 "fidelity_part": part_label(evaluator, parts) if evaluator is not None else None,
                 "fidelity_examples": sum(evaluator.part_size(p) for p in parts)
                 if evaluator is not None
-                else 0,
-                "objective": getattr(evaluator, "objective", None) or objective_label(evaluation),
+                else None,
+                "objective": evaluator.objective if evaluator is not None else None,
                 "search_seconds": search_seconds,
                 "evaluations": ctx.evaluations,
                 "trace": fitted.trace if fitted else [],
