@@ -438,6 +438,7 @@ def _encode_best(
             seed=run.seed,
             options=_options(c.method, run.generations),
             device=device,
+            progress=run.progress,  # "encode": the job shows it, and a cancel stops it
             evaluator=run.ev,
             fitted=j.fitted,
             judge_parts=j.parts,
@@ -478,6 +479,7 @@ def _encode_best(
         method="lossless",
         evaluation=run.evaluation,
         device=device,
+        progress=run.progress,
         evaluator=run.ev,
         judge_parts=parts,
     )

@@ -107,6 +107,7 @@ def test_auto_stores_the_judged_candidate_at_or_above_the_floor(
     assert [p["candidate_index"] for p in done] == list(range(1, len(judged) + 1))
     assert [p["fidelity"] for p in done] == [s["fidelity"] for s in judged]
     assert done[-1]["eta_seconds"] is not None
+    assert reports[-1] == {"phase": "encode"}  # then the chosen candidate is written
 
 
 def test_unreachable_floor_stores_lossless_and_says_so(
