@@ -297,19 +297,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
         bases = {b.id: b.name for b in client.list_bases()} if ckpts and not args.json else {}
     if args.json:
         return _dump([c.raw for c in ckpts])
+    from cli.offline import checkpoint_encoding
+
     rows = [
         [
             c.id[:8],
             c.name,
             bases.get(c.base_id, c.base_id[:8]),
-            c.method,
-            _keep(c),
+            checkpoint_encoding(c.method, c.params, c.fitness),  # auto: its choice
             c.state,
             _size(c.original_bytes),
             _size(c.stored_bytes),
             _num(c.ratio, "{:.1f}×"),
             _num(c.bits_per_param, "{:.3f}"),
             _num(c.fidelity, "{:.4f}"),
+            _num(c.search_seconds, "{:.1f} s"),
         ]
         for c in ckpts
     ]
@@ -317,14 +319,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
         "ID",
         "NAME",
         "BASE",
-        "METHOD",
-        "KEEP",
+        "ENCODING",
         "STATE",
         "SIZE",
         "STORED",
         "RATIO",
         "BITS/PARAM",
         "FIDELITY",
+        "SEARCH",
     ]
     _table(heads, rows)
     return 0
@@ -337,23 +339,31 @@ def cmd_show(args: argparse.Namespace) -> int:
         jobs = client.list_jobs(checkpoint_id=ckpt.id)
     if args.json:
         return _dump(ckpt.raw)
+    from cli.offline import checkpoint_encoding
+
     fit = ckpt.fitness or {}
+    auto = str(fit.get("method") or "").startswith("auto:")
+    fidelity = _num(ckpt.fidelity, "{:.4f}")
+    if ckpt.fidelity is not None and fit.get("fidelity_part"):
+        fidelity += f" (on {fit['fidelity_part']}: {fit.get('fidelity_examples')} examples"
+        floor = ckpt.params.get("min_fidelity")
+        fidelity += f"; floor {floor})" if auto and floor is not None else ")"
     lines = [
         ("id", ckpt.id),
         ("name", ckpt.name),
         ("base", f"{base.name} ({base.id})"),
         ("state", ckpt.state),
         ("method", ckpt.method),
-        ("keep", _keep(ckpt)),
-        ("value bits", ckpt.params.get("value_bits")),
+        ("encoding", checkpoint_encoding(ckpt.method, ckpt.params, ckpt.fitness)),
         ("evaluation", ckpt.params.get("evaluation")),
         ("size", _size(ckpt.original_bytes)),
         ("stored", _size(ckpt.stored_bytes)),
         ("ratio", _num(ckpt.ratio, "{:.2f}×")),
         ("bits/param", _num(ckpt.bits_per_param, "{:.4f}")),
         ("parameters", _count(ckpt.num_params)),
-        ("fidelity", _num(ckpt.fidelity, "{:.4f}")),
+        ("fidelity", fidelity),
         ("fitness", _fitness_pair(fit)),
+        ("objective", fit.get("fitness_objective") if _fitness_pair(fit) else None),
         ("search time", _num(ckpt.search_seconds, "{:.1f} s")),
         ("merged from", _parents(ckpt.derived_from)),
         ("job", f"{jobs[0].id} ({jobs[0].state})" if jobs else None),
@@ -364,7 +374,22 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"{key:>12}: {value}")
     for note in fit.get("notes") or []:
         print(f"{'note':>12}: {note}")
-    points = _trace_points(ckpt.trace)
+    trace = ckpt.trace if isinstance(ckpt.trace, list) else []
+    if trace and isinstance(trace[0], dict) and isinstance(trace[0].get("auto"), list):
+        steps = trace[0]["auto"]
+        for step in steps:  # auto's trail: each candidate against the floor, then the choice
+            if "method" in step:
+                verdict = "passed" if step.get("passed") else "rejected"
+                print(
+                    f"{'auto':>12}: {step['method']} keep {step.get('keep'):g} "
+                    f"{step.get('value_bits')}-bit: fidelity {step.get('fidelity', 0):.4f} vs "
+                    f"floor {step.get('floor')} on {step.get('part')} "
+                    f"({step.get('examples')} examples), {verdict}, {step.get('seconds')} s"
+                )
+            elif "encoded" in step:
+                print(f"{'auto chose':>12}: {step['encoded']}: {step.get('reason')}")
+        trace = trace[1:]
+    points = _trace_points(trace)
     if points:
         first, last = points[0], points[-1]
         print(f"{'search':>12}: {len(points)} steps, best fitness {first[1]:.6g} → {last[1]:.6g}")
@@ -508,10 +533,15 @@ def _transfer_bar() -> Iterator[_TransferBar]:
 
 
 def _follow(client: SlimClient, job: Job, *, quiet: bool = False) -> Job:
-    """Watch a job to its end: a bar of generations with the best fitness on a terminal, one
-    line per change otherwise. Raises the SDK's ``JobFailed`` if it does not succeed."""
+    """Watch a job to its end: a bar (auto: candidates; a search: generations) with one
+    readable progress line on a terminal, one line per change otherwise. Raises the SDK's
+    ``JobFailed`` if it does not succeed; ^C raises :class:`cli.main.Interrupted` saying the
+    job goes on and how to follow or cancel it."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from cli.main import Interrupted
+    from cli.offline import progress_line
 
     console = Console(stderr=True)
     live = _stderr_is_terminal() and not quiet
@@ -519,35 +549,44 @@ def _follow(client: SlimClient, job: Job, *, quiet: bool = False) -> Job:
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.fields[gen]}"),
-        TextColumn("{task.fields[best]}"),
+        TextColumn("{task.fields[line]}"),
         TimeElapsedColumn(),
     )
     last: list[str] = []
     with Progress(*columns, console=console, disable=not live) as progress:
-        task = progress.add_task(f"job {job.id[:8]}", total=None, gen="", best="")
+        task = progress.add_task(f"job {job.id[:8]}", total=None, line="")
 
         def update(j: Job) -> None:
-            p = j.progress
-            gen = f"generation {p.generation}/{p.generations}" if p.generation is not None else ""
-            best = f"best fitness {p.best_fitness:.6g}" if p.best_fitness is not None else ""
-            phase = f"{j.state}" + (f" · {p.phase}" if p.phase and j.state == "running" else "")
-            total = p.generations or None
-            done = j.state == "succeeded" and total is not None
+            info = j.raw.get("progress") if isinstance(j.raw.get("progress"), dict) else {}
+            line = progress_line(info) if info and j.state == "running" else ""
+            if info.get("phase") == "auto":
+                total, done = info.get("candidates_total"), info.get("candidate_index")
+                if info.get("fidelity") is None and isinstance(done, int):
+                    done -= 1  # the one being judged is not done yet
+            else:
+                total, done = info.get("generations"), info.get("generation")
+            total = total if isinstance(total, int) and total > 0 else None
+            finished = j.state == "succeeded" and total is not None
             progress.update(
                 task,
-                description=f"job {j.id[:8]} {phase}",
+                description=f"job {j.id[:8]} {j.state}",
                 total=total,
-                completed=total if done else (p.generation or 0),
-                gen=gen,
-                best=best,
+                completed=total if finished else (done if isinstance(done, int) else 0),
+                line=line,
             )
-            line = " ".join(x for x in (f"job {j.id[:8]}", phase, gen, best) if x)
-            if not live and not quiet and line not in last[-1:]:
-                console.print(line, highlight=False)
-                last.append(line)
+            text = " ".join(x for x in (f"job {j.id[:8]}", j.state, line) if x)
+            if not live and not quiet and text not in last[-1:]:
+                console.print(text, highlight=False, soft_wrap=True)
+                last.append(text)
 
-        return client.wait(job.id, on_update=update, poll_seconds=1.0)
+        try:
+            return client.wait(job.id, on_update=update, poll_seconds=1.0)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"job {job.id} goes on on the server. Follow it with: slim status {job.id} -f; "
+                f"cancel it with: slim rm {job.checkpoint_id} (deletes the checkpoint) or "
+                f"POST /v1/jobs/{job.id}/cancel"
+            ) from None
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -631,14 +670,20 @@ def _trace_points(trace: Any) -> list[tuple[float, float]]:
 
 
 def _summary(c: Checkpoint) -> str:
-    parts = [f"{c.name} {c.state}: {_size(c.original_bytes)} → {_size(c.stored_bytes)} stored"]
+    from cli.offline import checkpoint_encoding
+
+    head = f"{c.name} {c.state}: {_size(c.original_bytes)} → {_size(c.stored_bytes)} stored"
     if c.ratio is not None:
-        parts.append(f"({c.ratio:.1f}×, {_num(c.bits_per_param, '{:.3f}')} bits/param)")
+        head += f" ({c.ratio:.1f}×, {_num(c.bits_per_param, '{:.3f}')} bits/param)"
+    tail = [f"as {checkpoint_encoding(c.method, c.params, c.fitness)}"]
     if c.fidelity is not None:
-        parts.append(f"fidelity {c.fidelity:.4f}")
+        floor = c.params.get("min_fidelity")
+        tail.append(
+            f"fidelity {c.fidelity:.4f}" + (f" (floor {floor})" if floor is not None else "")
+        )
     if c.search_seconds is not None:
-        parts.append(f"search {c.search_seconds:.1f} s")
-    return " ".join(parts)
+        tail.append(f"search {c.search_seconds:.1f} s")
+    return f"{head} {', '.join(tail)}"
 
 
 def _push_line(report: PushReport) -> str:
@@ -675,17 +720,17 @@ def _pull_line(ref: str, out_dir: str, report: PullReport) -> str:
 
 
 def _print_job(job: Job) -> None:
-    p = job.progress
+    from cli.offline import progress_line
+
+    info = job.raw.get("progress") if isinstance(job.raw.get("progress"), dict) else {}
     lines = [
         ("job", job.id),
         ("kind", job.kind),
         ("checkpoint", job.checkpoint_id),
         ("state", job.state),
         ("attempts", f"{job.attempts}/{job.max_attempts}"),
-        ("phase", p.phase),
-        ("generation", f"{p.generation}/{p.generations}" if p.generation is not None else None),
-        ("best fitness", _num(p.best_fitness, "{:.6g}") if p.best_fitness is not None else None),
-        ("evaluations", p.evaluations),
+        ("progress", progress_line(info) if info else None),
+        ("evaluations", info.get("evaluations")),
         ("error", f"[{job.error_code}] {job.error_detail}" if job.error_code else None),
     ]
     for key, value in lines:

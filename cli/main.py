@@ -16,6 +16,15 @@ from collections.abc import Sequence
 VERB_MODULES = ("cli.offline", "cli.server", "cli.client")
 
 
+class Interrupted(KeyboardInterrupt):
+    """^C while a verb follows a server job: ``hint`` says the job goes on and how to follow
+    or cancel it (``slim: interrupted — <hint>``)."""
+
+    def __init__(self, hint: str) -> None:
+        super().__init__(hint)
+        self.hint = hint
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slim",
@@ -39,8 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("slim: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        hint = getattr(exc, "hint", None)
+        print(f"slim: interrupted{' — ' + hint if hint else ''}", file=sys.stderr)
         return 130
     except Exception as exc:  # user-facing errors carry a stable code
         code = getattr(exc, "code", None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 # Choices are spelled out here so `slim --help` and client verbs start without importing torch;
@@ -34,9 +33,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("base_dir")
     p.add_argument("finetuned_dir")
     p.add_argument("-o", "--output", required=True, help="delta file to write")
-    p.add_argument("--method", default="nps", choices=[*METHODS, "auto"])
-    p.add_argument("--keep", type=float, default=0.01, help="keep ratio r (default 0.01)")
-    p.add_argument("--value-bits", type=int, default=16, choices=VALUE_BITS)
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=[*METHODS, "auto"],
+        help="default: nps, or auto with --min-fidelity",
+    )
+    p.add_argument(
+        "--keep", type=float, default=None, help="keep ratio r (default 0.01; auto: searched)"
+    )
+    p.add_argument(
+        "--value-bits",
+        type=int,
+        default=None,
+        choices=VALUE_BITS,
+        help="bits per stored value (default 16; auto: searched)",
+    )
     p.add_argument(
         "--eval",
         dest="evaluation",
@@ -51,11 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--preset", choices=["default", "paper"], default=None, help="nps parameterisation"
     )
     p.add_argument(
-        "--min-fidelity", type=float, default=None, help="auto: quality floor (e.g. 0.99)"
+        "--min-fidelity",
+        type=float,
+        default=None,
+        help="auto: quality floor (default 0.99; implies --method auto); see docs/auto.md",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     p.set_defaults(handler=cmd_compress)
 
     p = sub.add_parser("reconstruct", help="rebuild a fine-tune directory from a base and a delta")
@@ -82,68 +98,122 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    method = args.method or ("auto" if args.min_fidelity is not None else "nps")
     opts: dict[str, Any] = {}
-    if args.generations is not None and args.method in ("nps", "nps-seeded", "auto"):
+    if args.generations is not None and method in ("nps", "nps-seeded", "auto"):
         opts["generations"] = args.generations
     if args.subspaces is not None:
-        if args.method == "nps":
+        if method == "nps":
             opts["subspaces"] = int(args.subspaces)
-        elif args.method == "nps-seeded":
+        elif method == "nps-seeded":
             opts["subspaces"] = args.subspaces
-    if args.preset is not None and args.method == "nps":
+    if args.preset is not None and method == "nps":
         opts["preset"] = args.preset
     return opts
 
 
+def _pct(keep: Any) -> str:
+    return f"{100 * keep:g}%" if isinstance(keep, int | float) else "?"
+
+
+def progress_line(info: dict[str, Any]) -> str:
+    """One readable line for a progress report (core's dict; also a job's ``progress``).
+
+    ``auto``: ``auto: candidate 3/12 dare keep 5% 4-bit: fidelity 0.9921 ≥ floor 0.99,
+    passed · 41 s elapsed, ≈95 s left``; a search: ``search: generation 5/8, best fitness …``.
+    """
+    phase = info.get("phase")
+    if phase == "auto":
+        cand = info.get("candidate") or {}
+        what = (
+            f"{cand.get('method', '?')} keep {_pct(cand.get('keep'))} "
+            f"{cand.get('value_bits', '?')}-bit"
+        )
+        fid, floor = info.get("fidelity"), info.get("floor")
+        if isinstance(fid, int | float):
+            verdict = "passed" if info.get("passed") else "rejected"
+            sign = "≥" if info.get("passed") else "<"
+            state = f"fidelity {fid:.4f} {sign} floor {floor}, {verdict}"
+        else:
+            state = f"judging against floor {floor}…"
+        timing = f"{info.get('elapsed_seconds', 0):.0f} s elapsed"
+        if isinstance(info.get("eta_seconds"), int | float):
+            timing += f", ≈{info['eta_seconds']:.0f} s left"
+        return (
+            f"auto: candidate {info.get('candidate_index', '?')}/"
+            f"{info.get('candidates_total', '?')} {what}: {state} · {timing}"
+        )
+    if phase in ("search", "seed") and info.get("generation") is not None:
+        total = info.get("generations")
+        gen = f"{info['generation']}/{total}" if total is not None else f"{info['generation']}"
+        best = info.get("best_fitness")
+        best_s = f", best fitness {best:.6g}" if isinstance(best, int | float) else ""
+        evals = info.get("evaluations")
+        evals_s = f", {evals} evaluations" if evals is not None else ""
+        return f"{phase}: generation {gen}{best_s}{evals_s}"
+    if phase == "encode":
+        return "encoding…"
+    return str(phase or "starting")
+
+
+def encoding_label(method: str | None, keep: Any = None, value_bits: Any = None) -> str:
+    """What a delta stores, in words: ``auto → dare, keep 3%, 3-bit`` (auto's choice),
+    ``nps, keep 1%, 16-bit``, ``lossless``."""
+    name = str(method or "?")
+    if name.startswith("auto:"):
+        name = "auto → " + name.split(":", 1)[1]
+    if name.endswith("lossless") or keep is None:
+        return name
+    bits = f", {value_bits}-bit" if value_bits is not None else ""
+    return f"{name}, keep {_pct(keep)}{bits}"
+
+
+def checkpoint_encoding(method: str, params: dict[str, Any], fitness: dict[str, Any] | None) -> str:
+    """A checkpoint's stored encoding: the one the job recorded (auto's choice), else what
+    was asked for."""
+    fit = fitness or {}
+    if fit.get("method"):
+        return encoding_label(fit["method"], fit.get("keep"), fit.get("value_bits"))
+    return encoding_label(method, params.get("keep"), params.get("value_bits"))
+
+
 def _progress_printer(enabled: bool) -> Any:
+    """Progress lines on stderr (rich on a terminal, plain lines otherwise), one per report
+    that changes the line."""
     if not enabled:
         return None
     from rich.console import Console
 
     console = Console(stderr=True)
+    last: list[str] = []
 
     def show(info: dict[str, Any]) -> None:
-        if info.get("phase") == "search" and "generation" in info:
-            console.print(
-                f"  search: generation {info['generation']}/{info.get('generations', '?')}, "
-                f"best fitness {info.get('best_fitness', float('nan')):.6g}, "
-                f"{info.get('evaluations', 0)} evaluations",
-                highlight=False,
-            )
-        elif info.get("phase") == "encode":
-            console.print("  encoding…", highlight=False)
+        line = progress_line(info)
+        if line not in last[-1:]:
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+            last.append(line)
 
     return show
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from core.compress import compress
+    from core.compress import compress_request
 
-    evaluation = args.evaluation or ("fidelity" if args.calibration else "weights")
-    kwargs: dict[str, Any] = dict(
+    result = compress_request(
+        args.base_dir,
+        args.finetuned_dir,
+        args.output,
+        method=args.method,
         keep=args.keep,
         value_bits=args.value_bits,
-        evaluation=evaluation,
+        evaluation=args.evaluation,
         calibration=args.calibration,
+        min_fidelity=args.min_fidelity,
         seed=args.seed,
-        options=_method_options(args),
+        options=_method_options(args) or None,
         device=args.device,
-        progress=_progress_printer(not args.json and sys.stderr.isatty()),
+        progress=_progress_printer(not args.quiet),
     )
-    if args.method == "auto":
-        from core.auto import auto_compress
-
-        result = auto_compress(
-            args.base_dir,
-            args.finetuned_dir,
-            args.output,
-            min_fidelity=args.min_fidelity if args.min_fidelity is not None else 0.99,
-            **kwargs,
-        )
-    else:
-        result = compress(
-            args.base_dir, args.finetuned_dir, args.output, method=args.method, **kwargs
-        )
     data = result.to_dict()
     _print(data, args.json)
     return 0
@@ -197,6 +267,10 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
             value = data[key]
             if isinstance(value, float):
                 value = f"{value:.6g}"
+            if key == "fidelity" and data.get("fidelity_part"):
+                value = f"{value} (on {data['fidelity_part']}: {data.get('fidelity_examples')} examples)"
+            if key in ("fitness_before", "fitness_after") and data.get("fitness_objective"):
+                value = f"{value} ({data['fitness_objective']})"
             print(f"{key:>16}: {value}")
     for note in data.get("notes", []) or []:
         print(f"{'note':>16}: {note}")

@@ -1,17 +1,31 @@
 """``auto``: the smallest stored encoding whose fidelity stays above a floor.
 
-Candidates (method, keep ratio, value bits) are ordered by their estimated stored bits per
-parameter and scored without writing anything, relative to the original fine-tune:
+What the floor measures is :func:`core.evaluate.relative_fidelity` of the rebuilt model against
+the original fine-tune: top-1 agreement with its predictions (``fidelity`` on a classifier or a
+causal LM; cosine similarity of mean-pooled states for an embedder), or its accuracy divided by
+the fine-tune's (``accuracy``). docs/auto.md says it for users.
 
-1. the unsearched method (DARE, one evaluation each) is screened cheapest first until one
-   meets ``min_fidelity`` — an upper bound on what auto will store;
-2. the searched method (``nps-seeded``, a short search each) is tried on the candidates below
-   that bound, from the largest down, keeping the smallest that passes and stopping after two
-   misses in a row.
+Candidates (method, keep ratio, value bits) are scored in memory, nothing written:
 
-A searched candidate is judged on the **held-out** part of the calibration data only (never
-the part its search fitted); an unsearched one on all of it. The winner is encoded for real;
-``lossless`` is the fallback, so auto always succeeds. The trail is recorded in the delta.
+1. **DARE screen.** DARE fits nothing, so every calibration example is fair evidence: it is
+   judged on ``all`` of them. Fidelity rises with the keep ratio at a fixed value width, so
+   each width is bisected over the keep ladder (≤ 4 evaluations for 8 keeps), widths that can
+   only cost more than the best passing candidate so far are skipped, and the cheapest passing
+   candidate (by estimated stored bits) bounds the rest.
+2. **Searched candidates** (``nps-seeded``, a short search each) below that bound, from the
+   largest down, judged on the **held-out** part only (never the part their search fitted);
+   at most :data:`MAX_SEARCHED`, stopping at the first miss, and only while the search's
+   predicted time (its evaluations × the measured cost of one) fits the time budget.
+3. **Encoding.** The judged candidate itself is encoded (its fitted result is reused, not
+   searched again), and the encoded delta's fidelity is measured again on the same examples.
+   Under the floor (a rounding difference between the in-memory candidate and the codec), the
+   next passing candidate is tried; when none is left, the exact ``lossless`` delta is stored
+   and the trail and notes say the floor could not be met lossily.
+
+The trail (``method.auto`` of the delta's document, and the first element of the result's
+``trace``) says, for each judged candidate, its fidelity against the floor, on which part and
+how many examples, and the seconds it took; its final step says what was encoded and why.
+Progress is reported as one dict per candidate (docs/auto.md, "progress").
 """
 
 from __future__ import annotations
@@ -19,23 +33,36 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from core.compress import CompressResult, build_evaluator, compress
 from core.errors import InvalidArgument
-from core.evaluate import Evaluator, Score, relative_fidelity
-from core.methods import FitContext, make_method
+from core.evaluate import Evaluator, combined, part_label, relative_fidelity
+from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
+from core.methods.nps import default_popsize
 from core.tensor_codec import ValueSpec
 from core.workspace import Workspace
 
-KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+#: 0.3 and 0.5 reach floors of top-1 agreement ≥ 0.99, which DARE at 20% may miss on a
+#: fine-tune (tweets: 0.984 at 20%/4-bit, 0.998 at 50%/8-bit) — still 3–8× under lossless.
+KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 #: 3-bit values: at 2.5% keep they stored what 4-bit values at 2% did and kept more of the
 #: gain on both benchmark tasks (bench/NOTES.md, third sitting); 3% is the nearby keep step
 BITS = (1, 2, 3, 4, 8, 16)
+DEFAULT_MIN_FIDELITY = 0.99
+#: Calibration examples auto evaluates on at most (the first ones of the file): one
+#: evaluation's cost grows with them; 512 resolve agreement to 0.002.
+MAX_EXAMPLES = 512
+#: Seconds auto may spend judging before it stops trying searched candidates (the DARE
+#: screen always completes; model loading and the final encoding come on top).
+TIME_BUDGET = 180.0
+#: Searched candidates tried at most, and their search length.
+MAX_SEARCHED = 2
+GENERATIONS = 4
 
 
 @dataclass(frozen=True)
@@ -54,38 +81,250 @@ class Candidate:
             return self.keep * per_value + entropy
         return self.keep * per_value
 
+    @property
+    def searches(self) -> bool:
+        return make_method(self.method, keep=self.keep).searches
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "keep": self.keep, "value_bits": self.value_bits}
+
 
 def ladder(
     methods: tuple[str, ...] = ("dare", "nps-seeded"),
+    keeps: tuple[float, ...] = KEEPS,
+    bits: tuple[int, ...] = BITS,
 ) -> list[Candidate]:
     """Every candidate, cheapest first (ties: the method order given)."""
-    cands = [Candidate(m, k, b) for m in methods for k in KEEPS for b in BITS]
+    cands = [Candidate(m, k, b) for m in methods for k in keeps for b in bits]
     order = {m: i for i, m in enumerate(methods)}
     return sorted(cands, key=lambda c: (round(c.estimated_bits, 9), order[c.method]))
 
 
-def _score_candidate(
-    ws: Workspace, cand: Candidate, ev: Evaluator, seed: int, generations: int
-) -> tuple[Score, Score, int]:
-    """(search-part score, holdout score, evaluations) of a candidate, nothing written."""
-    options: dict[str, Any] = {"generations": generations} if cand.method == "nps-seeded" else {}
-    if cand.method == "magnitude-scaled":
-        options = {"grid": 7, "refine": 2}
-    method = make_method(cand.method, keep=cand.keep, **options)
-    ctx = FitContext(keep=cand.keep, value_bits=cand.value_bits, seed=seed, evaluator=ev)
-    fitted = method.fit(ws, ctx)
-    assert fitted is not None
-    deltas: dict[str, torch.Tensor] = {}
-    for plan in ws.delta_plans:
-        tau = ws.tau(plan)
-        spec = ValueSpec.from_bits(cand.value_bits, plan.dtype)
-        sel = fitted.select(plan, tau, spec)
-        d = torch.zeros(plan.numel, dtype=torch.float32)
-        d[torch.from_numpy(sel.positions)] = spec.round(sel.values)
-        deltas[plan.name] = d
-    search = ctx.score(lambda n: deltas[n])
-    hold = ev.run("holdout") if "holdout" in ev.parts else search
-    return search, hold, ctx.evaluations + 1
+def _bisection_steps(n: int) -> int:
+    """Evaluations a bisection over ``n`` ordered candidates takes at most."""
+    return math.ceil(math.log2(n + 1)) if n else 0
+
+
+@dataclass
+class _Judged:
+    candidate: Candidate
+    fitted: Fitted
+    parts: tuple[str, ...]
+    fidelity: float
+    passed: bool
+
+
+def _options(method: str, generations: int) -> dict[str, Any]:
+    return {"generations": generations} if method in ("nps", "nps-seeded") else {}
+
+
+@dataclass
+class _Run:
+    """The state of one auto search: the trail, the clock, progress and the cost model."""
+
+    ws: Workspace
+    ev: Evaluator
+    evaluation: str
+    floor: float
+    seed: int
+    generations: int
+    time_budget: float
+    progress: Progress | None
+    t0: float = field(default_factory=time.perf_counter)
+    trail: list[dict[str, Any]] = field(default_factory=list)
+    judged: list[_Judged] = field(default_factory=list)
+    evaluations: int = 0
+    eval_seconds: float = 0.0  # seconds spent in model evaluations
+    eval_examples: int = 0  # examples those evaluations covered
+    #: upper bounds on the candidates still to judge: DARE screen, searched
+    remaining_screen: int = 0
+    remaining_searched: int = 0
+    current_start: float = 0.0
+    search_seconds: float = 0.0  # from auto's start to the encoding of its choice
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def search_cost(self) -> float | None:
+        """Predicted seconds of one searched candidate (None before any evaluation ran)."""
+        if not self.eval_examples:
+            return None
+        per = self.eval_seconds / self.eval_examples
+        m = make_method("nps-seeded", generations=self.generations)
+        dims = 2 * int(getattr(m, "m", 8))
+        popsize = getattr(m, "popsize", None) or default_popsize(dims)
+        seed_trials = int(getattr(m, "seed_trials", 1))
+        n_search = self.ev.part_size("search")
+        n_hold = self.ev.part_size("holdout") if "holdout" in self.ev.parts else 0
+        evals = seed_trials + 1 + self.generations * popsize
+        return per * (evals * n_search + 4 * n_hold)
+
+    def eta(self, running: Candidate | None) -> float | None:
+        """Seconds still to go: the measured mean of a screen step for each step left, plus
+        the predicted cost of each search that fits the budget; None until one step is done."""
+        steps = [s["seconds"] for s in self.trail if "seconds" in s]
+        if not steps:
+            return None
+        mean = sum(steps) / len(steps)
+        now = time.perf_counter() - self.current_start
+        left = mean * self.remaining_screen
+        cost = self.search_cost() or 0.0
+        if running is not None:
+            left += max((cost if running.searches else mean) - now, 0.0)
+        for _ in range(self.remaining_searched):
+            if self.elapsed + left + cost <= self.time_budget:
+                left += cost
+        return round(left, 1)
+
+    def report(self, cand: Candidate, fidelity: float | None, passed: bool | None) -> None:
+        if self.progress is None:
+            return
+        running = fidelity is None
+        self.progress(
+            {
+                "phase": "auto",
+                "candidate_index": len(self.trail) + running,
+                "candidates_total": len(self.trail)
+                + running
+                + self.remaining_screen
+                + self.remaining_searched,
+                "candidate": cand.describe(),
+                "fidelity": fidelity,
+                "floor": self.floor,
+                "passed": passed,
+                "elapsed_seconds": round(self.elapsed, 1),
+                "eta_seconds": self.eta(cand if running else None),
+            }
+        )
+
+    def judge(self, cand: Candidate) -> _Judged:
+        """Fit (search) and score one candidate in memory; appends its trail step."""
+        if cand.searches:
+            self.remaining_searched = max(self.remaining_searched - 1, 0)
+        else:
+            self.remaining_screen = max(self.remaining_screen - 1, 0)
+        self.current_start = t = time.perf_counter()
+        self.report(cand, None, None)
+        method = make_method(cand.method, keep=cand.keep, **_options(cand.method, self.generations))
+        inner = None
+        if self.progress is not None and cand.searches:
+            # a search reports each generation: relay it as this candidate, still running
+            inner = lambda _info: self.report(cand, None, None)  # noqa: E731
+        ctx = FitContext(
+            keep=cand.keep,
+            value_bits=cand.value_bits,
+            seed=self.seed,
+            evaluator=self.ev,
+            progress=inner,
+        )
+        fitted = method.fit(self.ws, ctx)
+        assert fitted is not None
+        for plan in self.ws.delta_plans:
+            if plan.name not in self.ev.tensor_names:
+                continue
+            spec = ValueSpec.from_bits(cand.value_bits, plan.dtype)
+            sel = fitted.select(plan, self.ws.tau(plan), spec)
+            self.ev.apply_sparse(plan.name, torch.from_numpy(sel.positions), spec.round(sel.values))
+        # searched candidates are judged on the held-out part only; DARE on every example
+        parts = ("holdout",) if cand.searches and "holdout" in self.ev.parts else self.ev.parts
+        t_eval = time.perf_counter()
+        score = combined(self.ev, parts)
+        examples = sum(self.ev.part_size(p) for p in parts)
+        self.eval_seconds += time.perf_counter() - t_eval
+        self.eval_examples += examples
+        fid = relative_fidelity(self.evaluation, score, combined(self.ev, parts, reference=True))
+        self.evaluations += ctx.evaluations + len(parts)
+        passed = fid >= self.floor
+        self.trail.append(
+            {
+                "method": cand.method,
+                "keep": cand.keep,
+                "value_bits": cand.value_bits,
+                "estimated_bits": round(cand.estimated_bits, 6),
+                "fidelity": fid,
+                "floor": self.floor,
+                "passed": passed,
+                "part": part_label(self.ev, parts),
+                "examples": examples,
+                "seconds": round(time.perf_counter() - t, 2),
+            }
+        )
+        self.report(cand, fid, passed)
+        judged = _Judged(cand, fitted, tuple(parts), fid, passed)
+        self.judged.append(judged)
+        return judged
+
+
+def _screen(run: _Run, dare: list[Candidate]) -> Candidate | None:
+    """The cheapest passing DARE candidate (None if none passes), judging few.
+
+    Fidelity is taken to rise with the keep ratio at a width, and with the width at a keep
+    (fewer value bits only add rounding). Widths are visited from the widest down; at each,
+    the open keeps are those above every keep already seen to fail (a failure there fails at
+    every narrower width too) and cheaper than the best pass so far. The largest open keep is
+    judged first: if it fails, so does every open keep of this width and of the narrower ones
+    at or below it; if it passes, the cheapest passing keep is bisected below it.
+    """
+    widths = sorted({c.value_bits for c in dare}, reverse=True)
+    by_width = {
+        b: sorted((c for c in dare if c.value_bits == b), key=lambda c: c.keep) for b in widths
+    }
+    best: Candidate | None = None
+    failed_keep = 0.0  # the largest keep seen to fail (at this width or a wider one)
+
+    def open_(b: int) -> list[Candidate]:
+        bound = best.estimated_bits if best is not None else math.inf
+        return [c for c in by_width[b] if c.keep > failed_keep and c.estimated_bits < bound - 1e-12]
+
+    def plan(rest: list[int]) -> int:
+        return sum(1 + _bisection_steps(len(open_(b)) - 1) for b in rest if open_(b))
+
+    for i, b in enumerate(widths):
+        cands = open_(b)
+        if not cands:
+            continue
+        run.remaining_screen = 1 + _bisection_steps(len(cands) - 1) + plan(widths[i + 1 :])
+        top = run.judge(cands[-1])
+        if not top.passed:
+            failed_keep = max(failed_keep, cands[-1].keep)
+            continue
+        lo, hi = 0, len(cands) - 1  # cands[hi] passes; find the first that does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if run.judge(cands[mid]).passed:
+                hi = mid
+            else:
+                failed_keep = max(failed_keep, cands[mid].keep)
+                lo = mid + 1
+        best = cands[hi]
+    run.remaining_screen = 0
+    return best
+
+
+def _searched_below(
+    searched: list[Candidate], judged: list[_Judged], bound: float
+) -> list[Candidate]:
+    """The searched candidates worth a search, best first: cheaper than the DARE bound, at a
+    width where DARE passed (a search moves rates and scales; it cannot undo the rounding of
+    a width too narrow) — at any width when none passed — from the largest down (ties: the
+    larger keep), at most :data:`MAX_SEARCHED`."""
+    widths = {j.candidate.value_bits for j in judged if j.passed and not j.candidate.searches}
+    fit = [
+        c
+        for c in searched
+        if c.estimated_bits < bound - 1e-12 and (not widths or c.value_bits in widths)
+    ]
+    return sorted(fit, key=lambda c: (-c.estimated_bits, -c.keep))[:MAX_SEARCHED]
+
+
+def _candidates(
+    methods: tuple[str, ...], keep: float | None, value_bits: int | None
+) -> list[Candidate]:
+    keeps = KEEPS if keep is None else (keep,)
+    bits = BITS if value_bits is None else (value_bits,)
+    return ladder(methods, keeps, bits)
 
 
 def auto_compress(
@@ -93,7 +332,7 @@ def auto_compress(
     ft_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     *,
-    min_fidelity: float = 0.99,
+    min_fidelity: float = DEFAULT_MIN_FIDELITY,
     keep: float | None = None,
     value_bits: int | None = None,
     evaluation: str = "fidelity",
@@ -103,15 +342,17 @@ def auto_compress(
     device: str | None = None,
     progress: Progress | None = None,
     methods: tuple[str, ...] = ("dare", "nps-seeded"),
-    generations: int = 8,
+    generations: int = GENERATIONS,
+    time_budget: float = TIME_BUDGET,
     evaluator: Evaluator | None = None,
-    **_: Any,
 ) -> CompressResult:
     """Find and write the smallest encoding whose fidelity is ≥ ``min_fidelity``.
 
     Fidelity is relative to the original fine-tune (agreement for ``fidelity``, accuracy ratio
-    for ``accuracy``) on held-out calibration examples. ``keep`` and ``value_bits``, when
-    given, pin that dimension of the search.
+    for ``accuracy``); the recorded fidelity of what is stored is measured on the examples that
+    judged it (see the module docstring). ``keep`` and ``value_bits``, when given, pin that
+    dimension of the search. ``options`` may set ``generations`` (of each searched candidate)
+    and ``time_budget`` (seconds).
 
     Raises:
         InvalidArgument: no model evaluation (auto needs calibration data) or a bad floor.
@@ -122,127 +363,176 @@ def auto_compress(
         raise InvalidArgument(
             "auto needs a fidelity floor to check: pass --calibration (and --eval fidelity or accuracy)"
         )
-    generations = int((options or {}).get("generations", generations))
+    opts = dict(options or {})
+    generations = int(opts.pop("generations", generations))
+    time_budget = float(opts.pop("time_budget", time_budget))
+    if opts:
+        raise InvalidArgument(
+            f"auto takes the options generations and time_budget only (got {', '.join(opts)})"
+        )
+    if value_bits is not None and value_bits not in BITS:
+        raise InvalidArgument(f"auto searches value bits among {BITS} (got {value_bits})")
     t0 = time.perf_counter()
-    trail: list[dict[str, Any]] = []
     with Workspace(base_dir, ft_dir) as ws:
         ev = evaluator or build_evaluator(
-            evaluation, ws, ft_dir, calibration, seed=seed, device=device
+            evaluation, ws, ft_dir, calibration, seed=seed, device=device, max_examples=MAX_EXAMPLES
         )
         assert ev is not None
-        parts = ev.parts
-        reference = {p: ev.run(p) for p in parts}
         ws.load_taus()
-        pinned = [
-            c
-            for c in ladder(methods)
-            if (keep is None or c.keep == keep)
-            and (value_bits is None or c.value_bits == value_bits)
-        ]
-
-        def judge(cand: Candidate) -> bool:
-            search, hold, n_eval = _score_candidate(ws, cand, ev, seed, generations)
-            fid = relative_fidelity(evaluation, hold, reference[parts[-1]])
-            if not make_method(cand.method, keep=cand.keep).searches and len(parts) > 1:
-                # nothing was fitted: every calibration example is fair evidence
-                n_s, n_h = ev.part_size("search"), ev.part_size("holdout")
-                fid_s = relative_fidelity(evaluation, search, reference["search"])
-                fid = (fid_s * n_s + fid * n_h) / (n_s + n_h)
-            step = {
-                "method": cand.method,
-                "keep": cand.keep,
-                "value_bits": cand.value_bits,
-                "estimated_bits": cand.estimated_bits,
-                "fidelity_holdout": fid,
-                "fitness": search.fitness,
-                "evaluations": n_eval,
-                "passed": fid >= min_fidelity,
-            }
-            trail.append(step)
-            if progress is not None:
-                progress(
-                    {
-                        "phase": "auto",
-                        "generation": len(trail),
-                        "best_fitness": fid,
-                        "candidate": step,
-                    }
-                )
-            return fid >= min_fidelity
-
-        # 1. screen the unsearched methods, cheapest first, until one meets the floor
-        cand: Candidate | None = None
-        for c in (c for c in pinned if not make_method(c.method, keep=c.keep).searches):
-            if judge(c):
-                cand = c
-                break
-        # 2. searched methods below that bound, from just under it downwards: keep the smallest
-        #    that passes, stop after two misses in a row (smaller budgets only get harder)
-        bound = cand.estimated_bits if cand is not None else math.inf
-        below = sorted(
-            (
-                c
-                for c in pinned
-                if make_method(c.method, keep=c.keep).searches and c.estimated_bits < bound
-            ),
-            key=lambda c: -c.estimated_bits,
+        run = _Run(
+            ws, ev, evaluation, min_fidelity, seed, generations, time_budget, progress, t0=t0
         )
-        misses = 0
+        cands = _candidates(methods, keep, value_bits)
+        unsearched = [c for c in cands if not c.searches]
+        searched = [c for c in cands if c.searches]
+        run.remaining_searched = min(MAX_SEARCHED, len(searched))
+        best = _screen(run, unsearched)
+        bound = best.estimated_bits if best is not None else math.inf
+        below = _searched_below(searched, run.judged, bound)
+        run.remaining_screen, run.remaining_searched = 0, len(below)
         for c in below:
-            if judge(c):
-                cand, misses = c, 0
-            else:
-                misses += 1
-                if misses >= 2:
-                    break
-    chosen: CompressResult | None = None
-    if cand is not None:
-        opts: dict[str, Any] = {"generations": generations} if cand.method == "nps-seeded" else {}
-        if cand.method == "magnitude-scaled":
-            opts = {"grid": 7, "refine": 2}
-        chosen = compress(
+            predicted = run.search_cost()
+            if predicted is not None and run.elapsed + predicted > time_budget:
+                run.notes.append(
+                    f"auto: searched candidate {c.method} at keep {c.keep:g}, {c.value_bits}-bit "
+                    f"not tried: its search would take ≈{predicted:.0f} s, past the "
+                    f"{time_budget:.0f} s budget ({run.elapsed:.0f} s used; "
+                    "options.time_budget raises it)"
+                )
+                break
+            if not run.judge(c).passed:
+                break
+        run.remaining_searched = 0
+        run.search_seconds = run.elapsed
+        result = _encode_best(run, base_dir, ft_dir, out_path, device)
+    result.search_seconds = run.search_seconds
+    result.total_seconds = time.perf_counter() - t0
+    result.evaluations = run.evaluations + result.evaluations
+    _record_trail(out_path, run, result)
+    return result
+
+
+def _encode_best(
+    run: _Run,
+    base_dir: str | os.PathLike[str],
+    ft_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    device: str | None,
+) -> CompressResult:
+    """Encode the cheapest passing candidate (its fitted result, not a fresh search) and check
+    the encoded delta on the examples that judged it; the next one if it falls under the floor;
+    lossless when none is left."""
+    passing = sorted(
+        (j for j in run.judged if j.passed), key=lambda j: round(j.candidate.estimated_bits, 9)
+    )
+    for j in passing:
+        c = j.candidate
+        result = compress(
             base_dir,
             ft_dir,
             out_path,
-            method=cand.method,
-            keep=cand.keep,
-            value_bits=cand.value_bits,
-            evaluation=evaluation,
-            calibration=calibration,
-            seed=seed,
-            options=opts,
+            method=c.method,
+            keep=c.keep,
+            value_bits=c.value_bits,
+            evaluation=run.evaluation,
+            seed=run.seed,
+            options=_options(c.method, run.generations),
             device=device,
-            evaluator=ev,
+            progress=run.progress,  # "encode": the job shows it, and a cancel stops it
+            evaluator=run.ev,
+            fitted=j.fitted,
+            judge_parts=j.parts,
         )
-        trail.append(
-            {
-                "encoded": cand.method,
-                "keep": cand.keep,
-                "value_bits": cand.value_bits,
-                "fidelity_search": chosen.fidelity,
-                "bits_per_param": chosen.bits_per_param,
-            }
+        fid = result.fidelity if result.fidelity is not None else math.nan
+        if fid >= run.floor:
+            run.trail.append(
+                {
+                    "encoded": c.method,
+                    "keep": c.keep,
+                    "value_bits": c.value_bits,
+                    "fidelity": fid,
+                    "bits_per_param": result.bits_per_param,
+                    "reason": (
+                        f"the smallest candidate that met the floor {run.floor}: fidelity "
+                        f"{fid:.4f} as stored, on {part_label(run.ev, j.parts)} "
+                        f"({sum(run.ev.part_size(p) for p in j.parts)} examples)"
+                    ),
+                }
+            )
+            result.notes = [
+                *result.notes,
+                f"auto chose {c.method} at keep {c.keep:g}, {c.value_bits}-bit values: "
+                f"fidelity {fid:.4f} ≥ floor {run.floor} as stored, measured on "
+                f"{part_label(run.ev, j.parts)} ({sum(run.ev.part_size(p) for p in j.parts)} "
+                f"examples); {len(run.judged)} candidates judged in {run.search_seconds:.1f} s",
+            ]
+            return result
+        run.notes.append(
+            f"auto: {c.method} at keep {c.keep:g}, {c.value_bits}-bit passed in memory "
+            f"({j.fidelity:.4f}) but {fid:.4f} as encoded, under the floor; next candidate"
         )
-    if chosen is None:
-        chosen = compress(base_dir, ft_dir, out_path, method="lossless", evaluation="weights")
-        trail.append({"encoded": "lossless", "reason": "no lossy candidate met the floor"})
-    chosen.notes = [
-        *chosen.notes,
-        f"auto: floor {min_fidelity} on held-out calibration; "
-        f"{len(trail)} steps in {time.perf_counter() - t0:.1f} s",
+    parts = run.ev.parts
+    result = compress(
+        base_dir,
+        ft_dir,
+        out_path,
+        method="lossless",
+        evaluation=run.evaluation,
+        device=device,
+        progress=run.progress,
+        evaluator=run.ev,
+        judge_parts=parts,
+    )
+    reason = (
+        f"no lossy candidate met the floor {run.floor} "
+        f"(best {max((j.fidelity for j in run.judged), default=math.nan):.4f}): "
+        "the exact (lossless) delta is stored"
+    )
+    run.trail.append(
+        {
+            "encoded": "lossless",
+            "keep": None,
+            "value_bits": None,
+            "fidelity": result.fidelity,
+            "bits_per_param": result.bits_per_param,
+            "reason": reason,
+        }
+    )
+    result.notes = [
+        *result.notes,
+        f"auto: the floor {run.floor} could not be met lossily ({len(run.judged)} candidates "
+        f"judged in {run.search_seconds:.1f} s); stored exact. Lower --min-fidelity for a "
+        "smaller delta",
     ]
-    chosen.trace = [{"auto": trail}, *chosen.trace]
-    chosen.method = f"auto:{chosen.method}"
-    chosen.total_seconds = time.perf_counter() - t0
-    _record_trail(out_path, trail, min_fidelity)
-    return chosen
+    return result
 
 
-def _record_trail(path: str | os.PathLike[str], trail: list[dict[str, Any]], floor: float) -> None:
-    """Store auto's trail in the delta's document (rewrites the small container header)."""
+def _record_trail(path: str | os.PathLike[str], run: _Run, result: CompressResult) -> None:
+    """Store auto's trail, notes and search time in the delta's document, then read the sizes
+    back from the file (the rewritten document is part of what is stored and downloaded)."""
     from core.delta_format import DeltaReader, rewrite_document
+    from core.summary import delta_sizes
 
-    with DeltaReader(path) as r:
-        doc = r.doc
-    doc.method["auto"] = {"min_fidelity": floor, "trail": trail}
-    rewrite_document(path, doc)
+    result.notes = [*result.notes, *run.notes]
+    result.trace = [{"auto": run.trail}, *result.trace]
+    result.method = f"auto:{result.method}"
+    for _ in range(3):  # the trail's own bits/param changes the size it reports: settle it
+        with DeltaReader(path) as r:
+            doc = r.doc
+        doc.method["auto"] = {
+            "min_fidelity": run.floor,
+            "trail": run.trail,
+            "search_seconds": result.search_seconds,
+            "candidates": len(run.judged),
+        }
+        doc.evaluation["search_seconds"] = result.search_seconds
+        doc.evaluation["evaluations"] = result.evaluations
+        doc.evaluation["notes"] = result.notes
+        rewrite_document(path, doc)
+        sizes = delta_sizes(path)
+        for key, value in sizes.items():
+            setattr(result, key, value)
+        final = run.trail[-1]
+        if final.get("bits_per_param") == sizes["bits_per_param"]:
+            break
+        final["bits_per_param"] = sizes["bits_per_param"]

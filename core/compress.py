@@ -27,18 +27,25 @@ from core.evaluate import (
     Example,
     ModelEvaluator,
     Score,
+    combined,
     load_calibration,
+    part_label,
     relative_fidelity,
 )
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
 from core.reconstruct import RebuildHasher, tensor_pieces
 from core.safetensors_io import tensor_to_bytes
+from core.summary import delta_sizes
 from core.tensor_codec import Selection, ValueSpec, decode_sparse, encode_sparse
 from core.workspace import Workspace
 
 #: Value bit widths accepted by ``--value-bits``.
 VALUE_BITS = (32, 16, 8, 4, 3, 2, 1)
+#: What a fixed-budget method keeps, and at what width, when nothing is asked (``auto``
+#: searches both instead).
+DEFAULT_KEEP = 0.01
+DEFAULT_VALUE_BITS = 16
 
 
 @dataclass
@@ -60,6 +67,9 @@ class CompressResult:
     fitness_before: float | None
     fitness_after: float | None
     fidelity: float | None  # relative to the fine-tune (1.0 = as good)
+    fidelity_part: str | None = None  # the calibration examples it was measured on
+    fidelity_examples: int | None = None
+    fitness_objective: str | None = None  # what fitness_before/after measure (not 0–1)
     metrics_after: dict[str, float] = field(default_factory=dict)
     metrics_removed: dict[str, float] = field(default_factory=dict)
     metrics_reference: dict[str, float] = field(default_factory=dict)
@@ -125,8 +135,8 @@ def compress(
     out_path: str | os.PathLike[str],
     *,
     method: str = "magnitude",
-    keep: float = 0.01,
-    value_bits: int = 16,
+    keep: float = DEFAULT_KEEP,
+    value_bits: int = DEFAULT_VALUE_BITS,
     evaluation: str = "weights",
     calibration: str | os.PathLike[str] | list[Example] | None = None,
     seed: int = 0,
@@ -135,6 +145,8 @@ def compress(
     level: int = ZSTD_LEVEL,
     progress: Progress | None = None,
     evaluator: Evaluator | None = None,
+    fitted: Fitted | None = None,
+    judge_parts: tuple[str, ...] | None = None,
 ) -> CompressResult:
     """Compress a fine-tune against its base into a delta file.
 
@@ -153,7 +165,12 @@ def compress(
         device: ``cuda``/``cpu`` (default: ``cuda`` when present).
         level: zstd level of the frames.
         progress: callback for search progress; may raise ``Cancelled``.
-        evaluator: a prebuilt evaluator (reused across calls by benchmarks).
+        evaluator: a prebuilt evaluator (reused across calls by benchmarks and ``auto``).
+        fitted: the method already fitted on this workspace (``auto`` stores the candidate it
+            judged, not a fresh search); the fit is then skipped.
+        judge_parts: the calibration parts the recorded fidelity is measured on (default: the
+            ``search`` part); recorded in the document as ``fidelity_part`` with the number of
+            examples.
 
     Returns:
         A :class:`CompressResult`.
@@ -174,11 +191,14 @@ def compress(
             keep=keep, value_bits=value_bits, seed=seed, evaluator=evaluator, progress=progress
         )
         reference = removed = None
+        parts: tuple[str, ...] = ()
         if evaluator is not None:
-            reference = evaluator.run()  # the model is loaded with the fine-tune's own weights
-            removed = _score_removed(ctx)
+            parts = judge_parts or ("search",)
+            reference = combined(evaluator, parts, reference=True)
+            removed = _score_removed(ctx, parts)
         t_search = time.perf_counter()
-        fitted = m.fit(ws, ctx)
+        if fitted is None:
+            fitted = m.fit(ws, ctx)
         search_seconds = time.perf_counter() - t_search
         if progress is not None:
             progress({"phase": "encode"})
@@ -192,7 +212,7 @@ def compress(
                 | {"value_bits": value_bits, "seed": seed},
                 "result": fitted.result if fitted else {},
             }
-            after = evaluator.run() if evaluator is not None else None
+            after = combined(evaluator, parts) if evaluator is not None else None
             if evaluator is not None:
                 ctx.evaluations += 1
             fidelity = (
@@ -207,34 +227,36 @@ def compress(
                 "fitness_before": fitted.result.get("fitness_start") if fitted else None,
                 "fitness_after": after.fitness if after else None,
                 "fidelity": fidelity,
+                # the examples the fidelity was measured on
+                "fidelity_part": part_label(evaluator, parts) if evaluator is not None else None,
+                "fidelity_examples": sum(evaluator.part_size(p) for p in parts)
+                if evaluator is not None
+                else None,
+                "objective": evaluator.objective if evaluator is not None else None,
                 "search_seconds": search_seconds,
                 "evaluations": ctx.evaluations,
                 "trace": fitted.trace if fitted else [],
                 "notes": notes,
             }
-            stored = writer.finish(doc)
+            writer.finish(doc)
         except BaseException:
             writer.abort()
             raise
-    aux_bytes = sum(writer.frames[f.frame].size for f in doc.files if f.role == "aux" and f.frame)
-    original = sum(f.size for f in doc.files)
-    weight_bytes = stored - aux_bytes
     return CompressResult(
         path=str(out_path),
         method=m.name,
         keep=None if m.lossless else keep,
         value_bits=None if m.lossless else value_bits,
         evaluation=evaluation,
-        stored_bytes=stored,
-        original_bytes=original,
-        weight_bytes=weight_bytes,
-        ratio=original / stored if stored else 0.0,
-        bits_per_param=8 * weight_bytes / max(ws.num_params, 1),
+        **delta_sizes(out_path),
         num_params=ws.num_params,
         kept=kept,
         fitness_before=doc.evaluation["fitness_before"],
         fitness_after=doc.evaluation["fitness_after"],
         fidelity=doc.evaluation["fidelity"],
+        fidelity_part=doc.evaluation["fidelity_part"],
+        fidelity_examples=doc.evaluation["fidelity_examples"],
+        fitness_objective=doc.evaluation["objective"],
         metrics_after=doc.evaluation["after"] or {},
         metrics_removed=doc.evaluation["removed"] or {},
         metrics_reference=doc.evaluation["reference"] or {},
@@ -246,9 +268,83 @@ def compress(
     )
 
 
-def _score_removed(ctx: FitContext) -> Score:
+def compress_request(
+    base_dir: str | os.PathLike[str],
+    ft_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    method: str | None = None,
+    keep: float | None = None,
+    value_bits: int | None = None,
+    evaluation: str | None = None,
+    calibration: str | os.PathLike[str] | list[Example] | None = None,
+    min_fidelity: float | None = None,
+    seed: int | None = None,
+    options: dict[str, Any] | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> CompressResult:
+    """A compression as a user asks for it (``slim compress`` and the service's worker both
+    call this): every option left unset (None) takes the one default written here.
+
+    - ``method``: ``auto`` when ``min_fidelity`` is given, else ``nps``;
+    - ``evaluation``: ``fidelity`` with calibration data, else ``weights``;
+    - ``auto``: the floor defaults to :data:`core.auto.DEFAULT_MIN_FIDELITY`; ``keep`` and
+      ``value_bits`` are searched unless given (then pinned);
+    - other methods: ``keep`` :data:`DEFAULT_KEEP`, ``value_bits`` :data:`DEFAULT_VALUE_BITS`;
+    - ``seed`` 0, no method options.
+
+    Raises:
+        InvalidArgument: ``min_fidelity`` with a method other than ``auto``.
+    """
+    method = method or ("auto" if min_fidelity is not None else "nps")
+    evaluation = evaluation or ("fidelity" if calibration else "weights")
+    seed = 0 if seed is None else seed
+    if method == "auto":
+        from core.auto import DEFAULT_MIN_FIDELITY, auto_compress
+
+        return auto_compress(
+            base_dir,
+            ft_dir,
+            out_path,
+            min_fidelity=DEFAULT_MIN_FIDELITY if min_fidelity is None else min_fidelity,
+            keep=keep,
+            value_bits=value_bits,
+            evaluation=evaluation,
+            calibration=calibration,
+            seed=seed,
+            options=options,
+            device=device,
+            progress=progress,
+        )
+    if min_fidelity is not None:
+        raise InvalidArgument(
+            f"a fidelity floor goes with method auto, not {method}: drop --min-fidelity or "
+            "use --method auto"
+        )
+    return compress(
+        base_dir,
+        ft_dir,
+        out_path,
+        method=method,
+        keep=DEFAULT_KEEP if keep is None else keep,
+        value_bits=DEFAULT_VALUE_BITS if value_bits is None else value_bits,
+        evaluation=evaluation,
+        calibration=calibration,
+        seed=seed,
+        options=options,
+        device=device,
+        progress=progress,
+    )
+
+
+def _score_removed(ctx: FitContext, parts: tuple[str, ...]) -> Score:
     """The fitness with the whole task vector removed (base weights + the fine-tune's heads)."""
-    return ctx.score(lambda name: None)
+    assert ctx.evaluator is not None
+    for name in ctx.evaluator.tensor_names:
+        ctx.evaluator.apply(name, None)
+    ctx.evaluations += 1
+    return combined(ctx.evaluator, parts)
 
 
 def base_fingerprint(base: CheckpointDir) -> dict[str, Any]:

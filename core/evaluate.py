@@ -109,6 +109,13 @@ class Evaluator(Protocol):
     def part_size(self, part: str) -> int:
         """Number of examples in a calibration part."""
 
+    def reference(self, part: str = "search") -> Score:
+        """The fine-tune's own score on one calibration part (whatever candidate is applied)."""
+
+    @property
+    def objective(self) -> str:
+        """What ``Score.fitness`` measures, in words (it is not on a 0–1 scale)."""
+
     @property
     def tensor_names(self) -> list[str]:
         """The fine-tune tensor names this evaluator writes (delta tensors only)."""
@@ -212,6 +219,7 @@ class ModelEvaluator:
             self._base_stored[plan.name] = exact if torch.equal(stored, exact) else stored
             self._dtype[plan.name] = DTYPES[plan.dtype][1]
         self._parts: dict[str, _Part] = {}
+        self._reference: dict[str, Score] = {}
         for part, exs in (("search", examples), ("holdout", holdout)):
             if not exs:
                 continue
@@ -219,6 +227,13 @@ class ModelEvaluator:
             labels = self._labels(exs, config) if kind == "accuracy" else None
             self._parts[part] = _Part(
                 batches, labels, len(exs), self._forward_all(batches, reference=True)
+            )
+            # the fine-tune's own score, taken now while the model holds its own weights (an
+            # LM's reference keeps only its top-K, so it is scored by one more forward pass)
+            self._reference[part] = (
+                self.run(part)
+                if self.task == "causal_lm"
+                else self._score(self._parts[part], self._parts[part].reference)
             )
         if "search" not in self._parts:
             raise InvalidCalibration("no calibration examples to evaluate on")
@@ -229,6 +244,13 @@ class ModelEvaluator:
 
     def part_size(self, part: str) -> int:
         return self._parts[part].n
+
+    def reference(self, part: str = "search") -> Score:
+        return self._reference[part]
+
+    @property
+    def objective(self) -> str:
+        return objective_label(self.kind, self.task)
 
     @torch.no_grad()
     def apply_sparse(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
@@ -244,7 +266,9 @@ class ModelEvaluator:
 
     def run(self, part: str = "search") -> Score:
         p = self._parts[part]
-        outs = self._forward_all(p.batches)
+        return self._score(p, self._forward_all(p.batches))
+
+    def _score(self, p: _Part, outs: list[dict[str, torch.Tensor]]) -> Score:
         if self.task == "classifier":
             return self._score_classifier(p, outs)
         if self.task == "causal_lm":
@@ -413,6 +437,44 @@ def score_with(
     for name in evaluator.tensor_names:
         evaluator.apply(name, delta_fn(name))
     return evaluator.run(part)
+
+
+def objective_label(kind: str, task: str | None = None) -> str:
+    """What a search's fitness (``fitness_before`` / ``fitness_after``) measures, in words.
+
+    It is the quantity the search maximises, not a 0–1 quality: −KL is ≤ 0 (0 = the
+    fine-tune's own outputs). The 0–1 figure to read is ``fidelity``.
+    """
+    if kind == "accuracy":
+        return "accuracy + 0.01 × mean log-likelihood of the labels (higher is better)"
+    if kind == "fidelity":
+        if task == "embedder":
+            return "mean cosine similarity to the fine-tune's embeddings (1 = identical)"
+        return "−KL divergence from the fine-tune's outputs, in nats (0 = identical; ≤ 0)"
+    return "none (weights evaluation: no model was run)"
+
+
+def combined(evaluator: Evaluator, parts: Sequence[str], *, reference: bool = False) -> Score:
+    """One score over several calibration parts: each metric (and the fitness) averaged over
+    the parts weighted by their number of examples. ``reference``: the fine-tune's own."""
+    scores = [(evaluator.reference(p) if reference else evaluator.run(p)) for p in parts]
+    sizes = [evaluator.part_size(p) for p in parts]
+    if len(scores) == 1:
+        return scores[0]
+    total = sum(sizes)
+    keys = set.intersection(*(set(s.metrics) for s in scores))
+    return Score(
+        sum(s.fitness * n for s, n in zip(scores, sizes, strict=True)) / total,
+        {
+            k: sum(s.metrics[k] * n for s, n in zip(scores, sizes, strict=True)) / total
+            for k in sorted(keys)
+        },
+    )
+
+
+def part_label(evaluator: Evaluator, parts: Sequence[str]) -> str:
+    """``all`` when ``parts`` are every calibration example, else the one part's name."""
+    return "all" if set(parts) == set(evaluator.parts) else "+".join(parts)
 
 
 def relative_fidelity(kind: str, score: Score, reference: Score) -> float:

@@ -47,7 +47,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.compress import CompressResult, compress
+from core.compress import CompressResult, compress_request
 from core.delta_format import DeltaReader
 from core.errors import Cancelled, SlimError
 from core.evaluate import Example
@@ -240,34 +240,26 @@ class Worker:
         out: Path,
         lease: Lease,
     ) -> CompressResult:
+        """The compression the checkpoint's parameters ask for, through the same core entry
+        point and defaults as ``slim compress`` (:func:`core.compress.compress_request`)."""
         calibration = params.get("calibration")
-        kwargs: dict[str, Any] = {
-            "keep": params.get("keep"),
-            "value_bits": params.get("value_bits"),
-            "evaluation": params.get("evaluation", "weights"),
-            "calibration": [Example(e["text"], e.get("label")) for e in calibration]
+        return compress_request(
+            base_dir,
+            ft_dir,
+            out,
+            method=method,
+            keep=params.get("keep"),
+            value_bits=params.get("value_bits"),
+            evaluation=params.get("evaluation"),
+            calibration=[Example(e["text"], e.get("label")) for e in calibration]
             if calibration
             else None,
-            "seed": params.get("seed", 0),
-            "options": params.get("options") or {},
-            "device": self.options.device,
-            "progress": lease.progress,
-        }
-        if method == "auto":
-            from core.auto import auto_compress
-
-            min_fidelity = params.get("min_fidelity")
-            result: CompressResult = auto_compress(
-                base_dir,
-                ft_dir,
-                out,
-                min_fidelity=0.99 if min_fidelity is None else min_fidelity,
-                **kwargs,
-            )
-            return result
-        kwargs["keep"] = 0.01 if kwargs["keep"] is None else kwargs["keep"]
-        kwargs["value_bits"] = 16 if kwargs["value_bits"] is None else kwargs["value_bits"]
-        return compress(base_dir, ft_dir, out, method=method, **kwargs)
+            min_fidelity=params.get("min_fidelity"),
+            seed=params.get("seed"),
+            options=params.get("options") or None,
+            device=self.options.device,
+            progress=lease.progress,
+        )
 
     def _merge(self, job_id: str, job_dir: Path, lease: Lease) -> None:
         with self.sessions() as session:
@@ -571,6 +563,9 @@ def _compress_fields(result: CompressResult) -> dict[str, Any]:
         "fitness_before": result.fitness_before,
         "fitness_after": result.fitness_after,
         "fidelity": result.fidelity,
+        "fidelity_part": result.fidelity_part,
+        "fidelity_examples": result.fidelity_examples,
+        "fitness_objective": result.fitness_objective,
         "metrics_after": result.metrics_after,
         "metrics_reference": result.metrics_reference,
         "metrics_removed": result.metrics_removed,

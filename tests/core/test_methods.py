@@ -266,46 +266,6 @@ def test_quantisation_is_applied_inside_the_fitness(tiny_models: dict[str, Path]
     assert f16.result["fitness_start"] != f1.result["fitness_start"]
 
 
-def test_auto_finds_a_small_encoding_above_the_floor(
-    tiny_models: dict[str, Path], tmp_path: Path
-) -> None:
-    from core.auto import auto_compress, ladder
-
-    steps = ladder()
-    assert [c.estimated_bits for c in steps] == sorted(c.estimated_bits for c in steps)
-    r = auto_compress(
-        tiny_models["base"],
-        tiny_models["ft"],
-        tmp_path / "a.slim",
-        min_fidelity=0.9,
-        calibration=tiny_models["calibration"],
-        generations=1,
-    )
-    assert r.method.startswith("auto:")
-    with DeltaReader(tmp_path / "a.slim") as reader:
-        trail = reader.doc.method["auto"]["trail"]
-    tried = [s for s in trail if "fidelity_holdout" in s]
-    passed = [s for s in tried if s["passed"]]
-    assert passed and all(s["fidelity_holdout"] >= 0.9 for s in passed)
-    assert all(s["fidelity_holdout"] < 0.9 for s in tried if not s["passed"])
-    chosen = trail[-1]
-    smallest = min(passed, key=lambda s: s["estimated_bits"])
-    assert (chosen["encoded"], chosen["keep"], chosen["value_bits"]) == (
-        smallest["method"],
-        smallest["keep"],
-        smallest["value_bits"],
-    )
-    # the DARE screen stops at its first pass; searches only run below that bound
-    screen = [s for s in tried if s["method"] == "dare"]
-    assert not any(s["passed"] for s in screen[:-1])
-    bound = screen[-1]["estimated_bits"] if screen[-1]["passed"] else float("inf")
-    assert all(s["estimated_bits"] < bound for s in tried if s["method"] == "nps-seeded")
-    lossless = compress(
-        tiny_models["base"], tiny_models["ft"], tmp_path / "l.slim", method="lossless"
-    )
-    assert r.stored_bytes < lossless.stored_bytes
-
-
 @pytest.mark.parametrize("keep", [0.05, 0.9])
 def test_magnitude_selects_from_slices_exactly_as_from_whole_task_vectors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: float

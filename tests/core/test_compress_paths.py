@@ -1,0 +1,158 @@
+"""Offline ``slim compress`` and the service's worker reach a compression through one core
+entry point with one set of defaults: the same inputs give the same call and the same choice.
+
+(They used to differ: argparse's ``--keep 0.01`` / ``--value-bits 16`` defaults pinned
+``auto`` offline to one keep and width, while the worker let it search both.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import core.auto
+import core.compress
+from cli.main import main
+from core.delta_format import DeltaReader
+from core.evaluate import Example, load_calibration
+from worker.runner import Worker
+
+
+def _worker_run(
+    method: str, params: dict[str, Any], base: Path, ft: Path, out: Path
+) -> core.compress.CompressResult:
+    """The worker's own ``_run_compress`` (no database: it only needs its device option and
+    a lease's progress callback)."""
+    fake = SimpleNamespace(options=SimpleNamespace(device=None))
+    lease = SimpleNamespace(progress=lambda info: None)
+    return Worker._run_compress(fake, method, params, base, ft, out, lease)  # type: ignore[arg-type]
+
+
+def _service_params(calibration: Path, **extra: Any) -> dict[str, Any]:
+    """What the service stores for ``slim push --min-fidelity 0.99 --calibration FILE``."""
+    examples = [json.loads(line) for line in calibration.read_text().splitlines() if line]
+    return {
+        "keep": None,
+        "value_bits": None,
+        "evaluation": "fidelity",
+        "min_fidelity": 0.99,
+        "seed": 0,
+        "options": {},
+        "calibration": [{"text": e["text"], "label": e.get("label")} for e in examples],
+        **extra,
+    }
+
+
+def test_offline_and_worker_call_auto_with_the_same_arguments(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        raise SystemExit(0)  # stop here: only the call is compared
+
+    monkeypatch.setattr(core.auto, "auto_compress", record)
+    base, ft, cal = tiny_models["base"], tiny_models["ft"], tiny_models["calibration"]
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "compress",
+                str(base),
+                str(ft),
+                "-o",
+                str(tmp_path / "o.slim"),
+                "--min-fidelity",
+                "0.99",
+                "--calibration",
+                str(cal),
+                "--quiet",
+            ]
+        )
+    with pytest.raises(SystemExit):
+        _worker_run("auto", _service_params(cal), base, ft, tmp_path / "w.slim")
+    offline, worker = calls
+    # the same examples (a path offline, a list in the service), then every other argument
+    assert load_calibration(offline.pop("calibration"), need_labels=False) == worker.pop(
+        "calibration"
+    )
+    offline.pop("progress"), worker.pop("progress")
+    assert offline == worker
+    assert offline["keep"] is None and offline["value_bits"] is None  # searched, not pinned
+
+
+def test_offline_and_worker_reach_the_same_choice(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    base, ft, cal = tiny_models["base"], tiny_models["ft"], tiny_models["calibration"]
+    # the whole ladder, searched candidates included (one generation keeps the runs short)
+    assert (
+        main(
+            [
+                "compress",
+                str(base),
+                str(ft),
+                "-o",
+                str(tmp_path / "o.slim"),
+                "--method",
+                "auto",
+                "--min-fidelity",
+                "0.95",
+                "--generations",
+                "1",
+                "--calibration",
+                str(cal),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    params = _service_params(cal, min_fidelity=0.95, options={"generations": 1})
+    r = _worker_run("auto", params, base, ft, tmp_path / "w.slim")
+    trails = []
+    for name in ("o.slim", "w.slim"):
+        with DeltaReader(tmp_path / name) as reader:
+            trails.append(reader.doc.method["auto"]["trail"])
+    # timings differ, and with them the length of the notes in the document (a few bytes)
+    timing = ("seconds", "bits_per_param")
+    strip = [[{k: v for k, v in s.items() if k not in timing} for s in t] for t in trails]
+    assert strip[0] == strip[1] and len(strip[0]) >= 2
+    assert trails[0][-1]["bits_per_param"] == pytest.approx(trails[1][-1]["bits_per_param"])
+    assert r.method == f"auto:{trails[0][-1]['encoded']}"
+
+
+def test_non_auto_defaults_are_written_once(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(core.compress, "compress", record)
+    base, ft = tiny_models["base"], tiny_models["ft"]
+    with pytest.raises(SystemExit):
+        main(["compress", str(base), str(ft), "-o", str(tmp_path / "x.slim"), "--quiet"])
+    params = {"keep": None, "value_bits": None, "evaluation": None, "seed": None, "options": {}}
+    with pytest.raises(SystemExit):
+        _worker_run("nps", params, base, ft, tmp_path / "y.slim")
+    offline, worker = calls
+    offline.pop("progress"), worker.pop("progress")
+    assert offline == worker
+    assert (offline["method"], offline["keep"], offline["value_bits"]) == ("nps", 0.01, 16)
+    assert offline["evaluation"] == "weights"
+
+
+def test_a_floor_with_a_fixed_method_is_refused(tiny_models: dict[str, Path]) -> None:
+    from core.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="min-fidelity"):
+        core.compress.compress_request(
+            tiny_models["base"], tiny_models["ft"], "x.slim", method="dare", min_fidelity=0.99
+        )
+    assert Example("a") == Example("a")
