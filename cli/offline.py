@@ -88,6 +88,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--method", choices=MERGE_METHODS, default="task_arithmetic")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0)
     p.add_argument("--density", type=float, default=None, help="ties: trim density per tensor")
+    p.add_argument(
+        "--heads-from",
+        default=None,
+        metavar="DELTA",
+        help="the delta (one of DELTAS) whose heads — tensors not in the base — and non-weight "
+        "files the merge keeps; needed when they differ (heads are never averaged)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_merge)
 
@@ -229,8 +236,17 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from core.errors import InvalidArgument
     from core.merge import merge
 
+    heads_from = None
+    if getattr(args, "heads_from", None) is not None:
+        if args.heads_from not in args.deltas:
+            raise InvalidArgument(
+                f"--heads-from {args.heads_from} is not one of the merged deltas; name one of "
+                f"{', '.join(args.deltas)}"
+            )
+        heads_from = args.deltas.index(args.heads_from)
     result = merge(
         args.base_dir,
         args.deltas,
@@ -238,6 +254,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         method=args.method,
         lam=args.lam,
         density=args.density,
+        heads_from=heads_from,
     )
     data = {
         "path": result.path,
@@ -245,6 +262,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         "sources": result.sources,
         "stored_bytes": result.stored_bytes,
         "kept": result.kept,
+        "heads_from": args.deltas[result.heads_from] if result.own_tensors else None,
     }
     _print(data, args.json)
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core.compress import VALUE_BITS
+from core.compress import DEFAULT_KEEP, DEFAULT_VALUE_BITS, VALUE_BITS
 from core.errors import InvalidArgument, InvalidCalibration, SlimError
 from core.methods import REGISTRY
 from service.errors import ApiError
@@ -101,7 +101,8 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
     measured by ``fidelity`` on them; else — no data to measure a loss with — ``lossless``,
     unless a lossy choice was made explicitly (a method, ``keep`` or ``value_bits``). A lossy
     choice without calibration is stored as asked (``evaluation`` "weights", data-free), with
-    a warning that its loss is unmeasured. ``keep`` 0.01 and ``value_bits`` 16 unless given
+    a warning that its loss is unmeasured. ``keep`` and ``value_bits`` take core's defaults
+    (:data:`core.compress.DEFAULT_KEEP`, :data:`~core.compress.DEFAULT_VALUE_BITS`) unless given
     (``auto`` searches both unless pinned; ``lossless`` records neither).
     """
     calibration = [e.model_dump() for e in body.calibration or []]
@@ -142,8 +143,10 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
     # auto searches keep and value bits unless pinned; lossless has neither
     searched = method in ("auto", "lossless")
     params = {
-        "keep": body.keep if body.keep is not None or searched else 0.01,
-        "value_bits": body.value_bits if body.value_bits is not None or searched else 16,
+        "keep": body.keep if body.keep is not None or searched else DEFAULT_KEEP,
+        "value_bits": body.value_bits
+        if body.value_bits is not None or searched
+        else DEFAULT_VALUE_BITS,
         "evaluation": evaluation,
         "min_fidelity": body.min_fidelity,
         "seed": body.seed,

@@ -102,7 +102,11 @@ def test_compress_inspect_reconstruct_merge(
         )
         == 0
     )
-    assert json.loads(capsys.readouterr().out)["sources"] == 2
+    merged = json.loads(capsys.readouterr().out)
+    assert merged["sources"] == 2 and merged["heads_from"] == str(tmp_path / "d.slim")
+    deltas = [str(base), str(tmp_path / "d.slim"), str(tmp_path / "e.slim")]
+    assert main(["merge", *deltas, "-o", str(tmp_path / "n.slim"), "--heads-from", "x"]) == 2
+    assert "--heads-from x is not one of the merged deltas" in capsys.readouterr().err
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
