@@ -453,7 +453,9 @@ def read_calibration(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """``{"text": ..., "label": ...}`` JSON lines as the API's calibration list."""
     examples = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        # JSON lines end at "\n" only: str.splitlines() also splits at U+0085/U+2028, which
+        # real texts (tweets) contain inside their JSON strings
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
     except OSError as exc:
         raise BadRequest(
             f"cannot read calibration file {path}: {exc.strerror}", code="invalid_calibration"

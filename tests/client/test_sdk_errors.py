@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -103,3 +106,16 @@ def test_offline_merge_form_still_works_next_to_the_server_form(
     assert "--name" in capsys.readouterr().err
     assert main(["merge", "base", "d1", "-o", "m.slim", "--name", "x"]) == 2
     assert "offline merge" in capsys.readouterr().err
+
+
+def test_calibration_lines_end_at_newline_only(tmp_path: Path) -> None:
+    """Texts may hold U+0085 / U+2028 (str.splitlines() breaks there; JSON lines do not)."""
+    from cli.sdk import read_calibration
+
+    path = tmp_path / "calib.jsonl"
+    texts = ["see you soon \x85\u2028ok", "plain", 'quote " and \\r']
+    path.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts) + "\r\n",
+        encoding="utf-8",
+    )
+    assert [e["text"] for e in read_calibration(path)] == texts
