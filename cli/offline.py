@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--method",
         default=None,
         choices=[*METHODS, "auto"],
-        help="default: nps, or auto with --min-fidelity",
+        help="default: auto with --min-fidelity; nps with --calibration, --keep or "
+        "--value-bits; else lossless (no unmeasured loss)",
     )
     p.add_argument(
         "--keep", type=float, default=None, help="keep ratio r (default 0.01; auto: searched)"

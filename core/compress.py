@@ -268,6 +268,20 @@ def compress(
     )
 
 
+def default_method(*, min_fidelity: float | None, calibrated: bool, lossy_asked: bool) -> str:
+    """The method of a request that names none — the one rule, for the CLI and the service.
+
+    ``auto`` with a fidelity floor; ``nps`` with calibration data to measure its loss, or when
+    a lossy choice (a keep ratio or value bits) was made explicitly; otherwise ``lossless``: with
+    nothing to measure a loss on, the default never stores an unmeasured one.
+    """
+    if min_fidelity is not None:
+        return "auto"
+    if calibrated or lossy_asked:
+        return "nps"
+    return "lossless"
+
+
 def compress_request(
     base_dir: str | os.PathLike[str],
     ft_dir: str | os.PathLike[str],
@@ -287,7 +301,8 @@ def compress_request(
     """A compression as a user asks for it (``slim compress`` and the service's worker both
     call this): every option left unset (None) takes the one default written here.
 
-    - ``method``: ``auto`` when ``min_fidelity`` is given, else ``nps``;
+    - ``method``: :func:`default_method` (``auto`` with a floor, ``nps`` with calibration or an
+      explicit keep / value bits, else ``lossless``);
     - ``evaluation``: ``fidelity`` with calibration data, else ``weights``;
     - ``auto``: the floor defaults to :data:`core.auto.DEFAULT_MIN_FIDELITY`; ``keep`` and
       ``value_bits`` are searched unless given (then pinned);
@@ -297,7 +312,11 @@ def compress_request(
     Raises:
         InvalidArgument: ``min_fidelity`` with a method other than ``auto``.
     """
-    method = method or ("auto" if min_fidelity is not None else "nps")
+    method = method or default_method(
+        min_fidelity=min_fidelity,
+        calibrated=calibration is not None,
+        lossy_asked=keep is not None or value_bits is not None,
+    )
     evaluation = evaluation or ("fidelity" if calibration else "weights")
     seed = 0 if seed is None else seed
     if method == "auto":

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core.compress import DEFAULT_KEEP, DEFAULT_VALUE_BITS, VALUE_BITS
+from core.compress import DEFAULT_KEEP, DEFAULT_VALUE_BITS, VALUE_BITS, default_method
 from core.errors import InvalidArgument, InvalidCalibration, SlimError
 from core.methods import REGISTRY
 from service.errors import ApiError
@@ -107,14 +107,11 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
     """
     calibration = [e.model_dump() for e in body.calibration or []]
     lossy_asked = body.keep is not None or body.value_bits is not None
-    if body.method is not None:
-        method = body.method
-    elif body.min_fidelity is not None:
-        method = "auto"
-    elif calibration or lossy_asked or body.evaluation not in (None, "weights"):
-        method = "nps"
-    else:
-        method = "lossless"
+    method = body.method or default_method(
+        min_fidelity=body.min_fidelity,
+        calibrated=bool(calibration) or body.evaluation not in (None, "weights"),
+        lossy_asked=lossy_asked,
+    )
     methods = available_methods()
     if method not in methods:
         raise InvalidArgument(f"unknown method {method!r}; choose one of {', '.join(methods)}")

@@ -137,8 +137,19 @@ def test_non_auto_defaults_are_written_once(
     monkeypatch.setattr(core.compress, "compress", record)
     base, ft = tiny_models["base"], tiny_models["ft"]
     with pytest.raises(SystemExit):
-        main(["compress", str(base), str(ft), "-o", str(tmp_path / "x.slim"), "--quiet"])
-    params = {"keep": None, "value_bits": None, "evaluation": None, "seed": None, "options": {}}
+        main(
+            [
+                "compress",
+                str(base),
+                str(ft),
+                "-o",
+                str(tmp_path / "x.slim"),
+                "--keep",
+                "0.01",
+                "--quiet",
+            ]
+        )
+    params = {"keep": 0.01, "value_bits": None, "evaluation": None, "seed": None, "options": {}}
     with pytest.raises(SystemExit):
         _worker_run("nps", params, base, ft, tmp_path / "y.slim")
     offline, worker = calls
@@ -156,3 +167,18 @@ def test_a_floor_with_a_fixed_method_is_refused(tiny_models: dict[str, Path]) ->
             tiny_models["base"], tiny_models["ft"], "x.slim", method="dare", min_fidelity=0.99
         )
     assert Example("a") == Example("a")
+
+
+def test_no_method_and_no_data_is_exact(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a method, calibration or a lossy choice, offline compress stores no loss."""
+    from core.compress import default_method
+
+    base, ft = tiny_models["base"], tiny_models["ft"]
+    assert main(["compress", str(base), str(ft), "-o", str(tmp_path / "x.slim"), "--quiet"]) == 0
+    assert "lossless" in capsys.readouterr().out
+    assert default_method(min_fidelity=None, calibrated=False, lossy_asked=False) == "lossless"
+    assert default_method(min_fidelity=None, calibrated=False, lossy_asked=True) == "nps"
+    assert default_method(min_fidelity=None, calibrated=True, lossy_asked=False) == "nps"
+    assert default_method(min_fidelity=0.99, calibrated=True, lossy_asked=False) == "auto"
