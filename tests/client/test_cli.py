@@ -93,7 +93,7 @@ def test_push_ls_show_status_pull_rm(
     listed = run_json(embedded, capsys, "ls", "--base", "tiny")
     assert [c["name"] for c in listed] == ["ft"] and listed[0]["ratio"] > 1
     code, out, _ = run(embedded, capsys, "ls")
-    assert code == 0 and out.splitlines()[0].split()[:4] == ["ID", "NAME", "BASE", "METHOD"]
+    assert code == 0 and out.splitlines()[0].split()[:4] == ["ID", "NAME", "BASE", "ENCODING"]
     assert ckpt["id"][:8] in out and " tiny " in out and "ready" in out
 
     code, out, _ = run(embedded, capsys, "show", "ft")
