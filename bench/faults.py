@@ -12,7 +12,8 @@ Scenarios (each trial checks the invariant named):
                        takes the job over once the lease expires. The checkpoint appears once,
                        complete (every file pulls back with its recorded sha256).
 ``api_kill_upload``    SIGKILL the API while a weight file streams in. No file row, no
-                       checkpoint from the partial upload; garbage collection then leaves no
+                       checkpoint from the partial upload (its commit is refused and the
+                       push is ``failed``); garbage collection then leaves no
                        temporary object, no open multipart upload and no unreferenced blob —
                        and every blob a row points at is still there.
 ``api_kill_download``  SIGKILL the API mid-download; after a restart the download resumes
@@ -361,7 +362,7 @@ def api_kill_upload(root: Path, cfg: Config, log: Log) -> Outcome:
             ok = (
                 files == 0
                 and refused
-                and state == "uploading"
+                and state == "failed"  # a refused commit fails the push and frees its name
                 and not leftovers
                 and open_after == 0
                 and not missing
