@@ -121,7 +121,10 @@ def test_offline_and_worker_reach_the_same_choice(
     timing = ("seconds", "bits_per_param")
     strip = [[{k: v for k, v in s.items() if k not in timing} for s in t] for t in trails]
     assert strip[0] == strip[1] and len(strip[0]) >= 2
-    assert trails[0][-1]["bits_per_param"] == pytest.approx(trails[1][-1]["bits_per_param"])
+    # the document's timing text differs by a few bytes between runs: the frames do not
+    assert trails[0][-1]["bits_per_param"] == pytest.approx(
+        trails[1][-1]["bits_per_param"], rel=1e-3
+    )
     assert r.method == f"auto:{trails[0][-1]['encoded']}"
 
 
