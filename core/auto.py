@@ -508,17 +508,19 @@ def _encode_best(
 
 
 def _record_trail(path: str | os.PathLike[str], run: _Run, result: CompressResult) -> None:
-    """Store auto's trail, notes and search time in the delta's document, then read the sizes
-    back from the file (the rewritten document is part of what is stored and downloaded)."""
-    from core.delta_format import DeltaReader, rewrite_document
-    from core.summary import delta_sizes
+    """Store auto's trail, notes and search time in the delta's document, then take the sizes
+    of the file as rewritten (the document is part of what is stored and downloaded). The
+    trail's final step reports bits/param, which the document's own length changes: the size
+    is settled in memory first, so the container is rewritten once."""
+    from core.delta_format import DeltaReader, rewrite_document, rewritten_size
+    from core.summary import delta_sizes, sizes_of
 
     result.notes = [*result.notes, *run.notes]
     result.trace = [{"auto": run.trail}, *result.trace]
     result.method = f"auto:{result.method}"
-    for _ in range(3):  # the trail's own bits/param changes the size it reports: settle it
-        with DeltaReader(path) as r:
-            doc = r.doc
+    final = run.trail[-1]
+    with DeltaReader(path) as reader:
+        doc = reader.doc
         doc.method["auto"] = {
             "min_fidelity": run.floor,
             "trail": run.trail,
@@ -528,11 +530,11 @@ def _record_trail(path: str | os.PathLike[str], run: _Run, result: CompressResul
         doc.evaluation["search_seconds"] = result.search_seconds
         doc.evaluation["evaluations"] = result.evaluations
         doc.evaluation["notes"] = result.notes
-        rewrite_document(path, doc)
-        sizes = delta_sizes(path)
-        for key, value in sizes.items():
-            setattr(result, key, value)
-        final = run.trail[-1]
-        if final.get("bits_per_param") == sizes["bits_per_param"]:
-            break
-        final["bits_per_param"] = sizes["bits_per_param"]
+        for _ in range(4):  # a fixed point: bits/param's digits change the length it reports
+            sizes = sizes_of(doc, rewritten_size(reader, doc))
+            if final.get("bits_per_param") == sizes["bits_per_param"]:
+                break
+            final["bits_per_param"] = sizes["bits_per_param"]
+    rewrite_document(path, doc)
+    for key, value in delta_sizes(path).items():  # the file's own, whatever the loop settled
+        setattr(result, key, value)

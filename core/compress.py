@@ -282,6 +282,12 @@ def default_method(*, min_fidelity: float | None, calibrated: bool, lossy_asked:
     return "lossless"
 
 
+def default_evaluation(*, calibrated: bool) -> str:
+    """The fitness of a request that names none: ``fidelity`` on calibration data, else the
+    data-free ``weights``."""
+    return "fidelity" if calibrated else "weights"
+
+
 def compress_request(
     base_dir: str | os.PathLike[str],
     ft_dir: str | os.PathLike[str],
@@ -317,24 +323,26 @@ def compress_request(
         calibrated=calibration is not None,
         lossy_asked=keep is not None or value_bits is not None,
     )
-    evaluation = evaluation or ("fidelity" if calibration else "weights")
-    seed = 0 if seed is None else seed
+    common: dict[str, Any] = {
+        "evaluation": evaluation or default_evaluation(calibrated=bool(calibration)),
+        "calibration": calibration,
+        "seed": 0 if seed is None else seed,
+        "options": options,
+        "device": device,
+        "progress": progress,
+    }
     if method == "auto":
         from core.auto import DEFAULT_MIN_FIDELITY, auto_compress
 
+        floor = DEFAULT_MIN_FIDELITY if min_fidelity is None else min_fidelity
         return auto_compress(
             base_dir,
             ft_dir,
             out_path,
-            min_fidelity=DEFAULT_MIN_FIDELITY if min_fidelity is None else min_fidelity,
+            min_fidelity=floor,
             keep=keep,
             value_bits=value_bits,
-            evaluation=evaluation,
-            calibration=calibration,
-            seed=seed,
-            options=options,
-            device=device,
-            progress=progress,
+            **common,
         )
     if min_fidelity is not None:
         raise InvalidArgument(
@@ -348,12 +356,7 @@ def compress_request(
         method=method,
         keep=DEFAULT_KEEP if keep is None else keep,
         value_bits=DEFAULT_VALUE_BITS if value_bits is None else value_bits,
-        evaluation=evaluation,
-        calibration=calibration,
-        seed=seed,
-        options=options,
-        device=device,
-        progress=progress,
+        **common,
     )
 
 

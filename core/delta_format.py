@@ -288,6 +288,20 @@ class DeltaReader:
         self.close()
 
 
+def _container_header(reader: DeltaReader, doc: DeltaDoc) -> bytes:
+    """The container header ``reader``'s frames would have under the document ``doc``."""
+    if set(doc.frames) != set(reader.doc.frames):
+        raise InvalidDelta("a rewritten document must list the same frames")
+    entries = [(n, "U8", (info.nbytes,)) for n, info in reader.header.tensors.items()]
+    return build_header(entries, {METADATA_KEY: doc.to_json()})
+
+
+def rewritten_size(reader: DeltaReader, doc: DeltaDoc) -> int:
+    """The size the delta read by ``reader`` would have with ``doc`` as its document (what
+    :func:`rewrite_document` would write), computed without writing anything."""
+    return len(_container_header(reader, doc)) + reader.size - reader.header.data_offset
+
+
 def rewrite_document(path: str | os.PathLike[str], doc: DeltaDoc) -> None:
     """Replace a delta's document, keeping its frames (the container is rewritten atomically).
 
@@ -297,10 +311,7 @@ def rewrite_document(path: str | os.PathLike[str], doc: DeltaDoc) -> None:
     path = Path(path)
     reader = DeltaReader(path)
     try:
-        if set(doc.frames) != set(reader.doc.frames):
-            raise InvalidDelta("a rewritten document must list the same frames")
-        entries = [(n, "U8", (info.nbytes,)) for n, info in reader.header.tensors.items()]
-        header = build_header(entries, {METADATA_KEY: doc.to_json()})
+        header = _container_header(reader, doc)
         tmp = path.with_name(path.name + ".tmp")
         with open(path, "rb") as src, open(tmp, "wb") as out:
             out.write(header)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from core.delta_format import DeltaReader
+from core.delta_format import DeltaDoc, DeltaReader
 from core.evaluate import objective_label
 
 
-def _sizes(reader: DeltaReader) -> dict[str, Any]:
-    doc = reader.doc
-    stored = reader.size
+def sizes_of(doc: DeltaDoc, stored: int) -> dict[str, Any]:
+    """The sizes of a delta whose document is ``doc`` and whose file has ``stored`` bytes."""
     aux = sum(doc.frames[f.frame].size for f in doc.files if f.role == "aux" and f.frame)
     original = sum(f.size for f in doc.files)
     num_params = int(doc.stats.get("num_params") or 0)
@@ -30,7 +29,7 @@ def delta_sizes(path: str | os.PathLike[str]) -> dict[str, Any]:
     fine-tune's files, ``ratio`` original/stored, ``bits_per_param`` 8·weight_bytes/params.
     Read from the file as written, so a rewritten document is counted too."""
     with DeltaReader(path) as reader:
-        return _sizes(reader)
+        return sizes_of(reader.doc, reader.size)
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -43,7 +42,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     with DeltaReader(path) as reader:
         doc = reader.doc
-        sizes = _sizes(reader)
+        sizes = sizes_of(doc, reader.size)
         params = doc.method.get("params", {})
         num_params = int(doc.stats.get("num_params") or 0)
         lossless = doc.method.get("name") == "lossless"

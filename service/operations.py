@@ -15,7 +15,13 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core.compress import DEFAULT_KEEP, DEFAULT_VALUE_BITS, VALUE_BITS, default_method
+from core.compress import (
+    DEFAULT_KEEP,
+    DEFAULT_VALUE_BITS,
+    VALUE_BITS,
+    default_evaluation,
+    default_method,
+)
 from core.errors import InvalidArgument, InvalidCalibration, SlimError
 from core.methods import REGISTRY
 from service.errors import ApiError
@@ -124,7 +130,7 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
             f"{len(calibration)} calibration examples; at most "
             f"{settings.max_calibration_examples} are accepted"
         )
-    evaluation = body.evaluation or ("fidelity" if calibration else "weights")
+    evaluation = body.evaluation or default_evaluation(calibrated=bool(calibration))
     if evaluation != "weights" and not calibration:
         raise InvalidCalibration(
             f"evaluation {evaluation!r} needs calibration examples "
