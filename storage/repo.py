@@ -389,7 +389,7 @@ STORED_PART_LABELS: dict[str, str] = {
     StoredPart.DELTAS: "checkpoint deltas",
     StoredPart.RETAINED: "originals retained beside a delta",
     StoredPart.PENDING: "uploads not compressed yet",
-    StoredPart.FAILED: "uploads of failed pushes (freed when deleted, then GC)",
+    StoredPart.FAILED: "uploads of failed jobs (kept for a retry; freed when deleted)",
 }
 
 
@@ -567,24 +567,17 @@ def _get(
 
     Raises:
         NotFound: neither (a row of another namespace counts as absent).
-        Conflict: several rows of the namespace carry the name (only if names ever stop being
-            unique per namespace); the message lists their ids.
     """
     row = session.get(model, ref)
     if row is not None and (namespace is None or row.namespace == namespace):
         return row
     if namespace is None:
         raise NotFound(f"{what} {ref} does not exist; list them with {hint}")
-    named = list(
-        session.scalars(
-            select(model).where(model.namespace == namespace, model.name == ref).limit(5)
-        )
-    )
-    if len(named) == 1:
-        return named[0]
-    if named:
-        ids = ", ".join(r.id for r in named)
-        raise Conflict(f"several {what}s are named {ref!r} ({ids}); name one by its id")
+    named = session.scalars(
+        select(model).where(model.namespace == namespace, model.name == ref)
+    ).first()  # names are unique per namespace (a constraint)
+    if named is not None:
+        return named
     raise NotFound(
         f"no {what} has the id or name {ref!r} in namespace {namespace!r}; list them with {hint}"
     )

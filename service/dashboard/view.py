@@ -2,7 +2,7 @@
 
 Every byte figure follows the one definition of stored bytes (:mod:`storage.repo`): the blobs
 the rows reference, each counted once where shared, split into parts — base files, checkpoint
-deltas, originals retained, uploads not compressed yet, uploads of failed pushes — and each
+deltas, originals retained, uploads not compressed yet, uploads of failed jobs — and each
 total on the page says which parts it holds. The tile is the namespace's total (``GET
 /v1/stats``); a base's bar is its files plus its checkpoints' blobs (the bars add up to the
 tile unless bases share a file); a checkpoint's "stored" is the blobs it references (its delta
@@ -195,7 +195,7 @@ def candidate_text(c: dict[str, Any]) -> str:
 
 
 def parts_text(parts: dict[str, int]) -> str:
-    """``checkpoint deltas 2.1 MB, uploads of failed pushes 8.2 MB`` (non-zero parts)."""
+    """``checkpoint deltas 2.1 MB, uploads of failed jobs 8.2 MB`` (non-zero parts)."""
     return ", ".join(
         f"{repo.STORED_PART_LABELS[k]} {human_bytes(v)}" for k, v in parts.items() if v
     )

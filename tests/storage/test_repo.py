@@ -306,7 +306,7 @@ def test_stored_bytes_are_split_by_what_they_keep_and_count_each_blob_once(
     database: Database,
 ) -> None:
     """One definition of stored bytes: the parts (bases, deltas, retained originals, pending
-    uploads, failed pushes) add up to the total, a shared blob counts once (under its first
+    uploads, failed jobs) add up to the total, a shared blob counts once (under its first
     part), per base and per checkpoint alike."""
     shared = blob(b"tokenizer" * 10)  # 90 B, in the base and in every checkpoint
     with database.sessions.begin() as session:
