@@ -160,15 +160,15 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
     if method == "lossless" and body.method is None:
         warnings.append(EXACT_BY_DEFAULT)
     elif method != "lossless" and evaluation == "weights":
-        searches = method in ("nps", "nps-seeded", "magnitude-scaled")
+        searches = REGISTRY[method].searches
         warnings.append(
             f"method {method} keeps {params['keep']:g} of the task vector at "
             f"{params['value_bits']} bits without calibration examples, so its loss is not "
             "measured"
             + (" (data-free, its search reduces to magnitude pruning)" if searches else "")
-            + ". Send --calibration FILE "
-            "to measure it, use --min-fidelity 0.99 --calibration FILE for the smallest delta "
-            "that keeps 99% fidelity, or drop --method/--keep to store it exact"
+            + ". Send calibration examples to measure it (--calibration FILE), add "
+            "min_fidelity (--min-fidelity 0.99 --calibration FILE) for the smallest delta "
+            "that keeps 99% fidelity, or leave method and keep unset to store it exact"
         )
     return CheckpointRequest(method, params, warnings)
 
