@@ -494,14 +494,14 @@ def _trace_chart(
 
 
 def _auto_seconds(c: Checkpoint, judged: list[dict[str, Any]]) -> float | None:
-    """Auto's whole run: its judged steps and the final encoding. Records from before auto
-    reported its search time hold only the final encoding's search in ``search_seconds``; the
-    run's length is then ``fitness.total_seconds``."""
+    """Auto's search time: ``search_seconds`` as recorded (the figure every other view shows).
+    Records from before auto reported it hold 0 or the final encoding's own search there; their
+    run's length is then the longer of ``fitness.total_seconds`` and the judged steps."""
+    if c.search_seconds:  # auto's own figure, the one `slim show` and the API report
+        return c.search_seconds
     fitness = c.fitness or {}
     steps = sum(_float(s.get("seconds")) or 0.0 for s in judged)
-    found = [
-        v for v in (c.search_seconds, _float(fitness.get("total_seconds")), steps or None) if v
-    ]
+    found = [v for v in (_float(fitness.get("total_seconds")), steps or None) if v]
     return max(found) if found else c.search_seconds
 
 
