@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from cli.sdk import Checkpoint, Job, PullReport, PushReport, SlimClient
 
 from core.params import (
+    DEFAULT_KEEP,
     DEFAULT_LAMBDA,
     DEFAULT_MERGE_METHOD,
     MERGE_METHODS,
@@ -92,7 +93,9 @@ def register(sub: SubParsers) -> None:
         help="default: auto with --min-fidelity, nps with --calibration, else lossless",
     )
     quality = p.add_mutually_exclusive_group()
-    quality.add_argument("--keep", type=float, default=None, help="keep ratio r (default 0.01)")
+    quality.add_argument(
+        "--keep", type=float, default=None, help=f"keep ratio r (default {DEFAULT_KEEP:g})"
+    )
     quality.add_argument(
         "--min-fidelity", type=float, default=None, help="auto: smallest encoding above this"
     )

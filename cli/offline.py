@@ -8,8 +8,11 @@ from typing import Any
 
 # core.params imports no torch: `slim --help` and the client verbs start without it
 from core.params import (
+    DEFAULT_KEEP,
     DEFAULT_LAMBDA,
     DEFAULT_MERGE_METHOD,
+    DEFAULT_MIN_FIDELITY,
+    DEFAULT_VALUE_BITS,
     EVAL_KINDS,
     MERGE_METHODS,
     METHODS,
@@ -49,14 +52,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--value-bits; else lossless (no unmeasured loss)",
     )
     p.add_argument(
-        "--keep", type=float, default=None, help="keep ratio r (default 0.01; auto: searched)"
+        "--keep",
+        type=float,
+        default=None,
+        help=f"keep ratio r (default {DEFAULT_KEEP:g}; auto: searched)",
     )
     p.add_argument(
         "--value-bits",
         type=int,
         default=None,
         choices=VALUE_BITS,
-        help="bits per stored value (default 16; auto: searched)",
+        help=f"bits per stored value (default {DEFAULT_VALUE_BITS}; auto: searched)",
     )
     p.add_argument(
         "--eval",
@@ -75,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--min-fidelity",
         type=float,
         default=None,
-        help="auto: quality floor (default 0.99; implies --method auto); see docs/auto.md",
+        help=f"auto: quality floor (default {DEFAULT_MIN_FIDELITY:g}; implies --method auto); "
+        "see docs/auto.md",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
