@@ -29,10 +29,20 @@ if TYPE_CHECKING:
 
     from cli.sdk import Checkpoint, Job, PullReport, PushReport, SlimClient
 
-SubParsers = argparse._SubParsersAction
+from core.params import (
+    DEFAULT_KEEP,
+    DEFAULT_LAMBDA,
+    DEFAULT_MERGE_METHOD,
+    MERGE_METHODS,
+    METHODS,
+    SEARCHING_METHODS,
+    VALUE_BITS,
+    CompressOutcome,
+    CompressParams,
+    Method,
+)
 
-METHODS = ("nps", "nps-seeded", "magnitude", "magnitude-scaled", "dare", "lossless", "auto")
-VALUE_BITS = (32, 16, 8, 4, 3, 2, 1)
+SubParsers = argparse._SubParsersAction
 
 
 def register(sub: SubParsers) -> None:
@@ -78,12 +88,14 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--name", default=None, help="checkpoint name (default: the directory name)")
     p.add_argument(
         "--method",
-        choices=METHODS,
+        choices=[*METHODS, Method.AUTO],
         default=None,
         help="default: auto with --min-fidelity, nps with --calibration, else lossless",
     )
     quality = p.add_mutually_exclusive_group()
-    quality.add_argument("--keep", type=float, default=None, help="keep ratio r (default 0.01)")
+    quality.add_argument(
+        "--keep", type=float, default=None, help=f"keep ratio r (default {DEFAULT_KEEP:g})"
+    )
     quality.add_argument(
         "--min-fidelity", type=float, default=None, help="auto: smallest encoding above this"
     )
@@ -160,8 +172,8 @@ def register(sub: SubParsers) -> None:
     p.add_argument("refs", nargs="+", metavar="ID")
     p.add_argument("--name", default=None, help="name of the merged checkpoint (server)")
     p.add_argument("-o", "--output", default=None, help="offline: the merged delta file")
-    p.add_argument("--method", choices=("task_arithmetic", "ties"), default="task_arithmetic")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0)
+    p.add_argument("--method", choices=MERGE_METHODS, default=str(DEFAULT_MERGE_METHOD))
+    p.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA)
     p.add_argument("--density", type=float, default=None, help="ties: trim density")
     p.add_argument(
         "--heads-from",
@@ -242,7 +254,7 @@ def _warn_report(report: PushReport) -> None:
 def cmd_push(args: argparse.Namespace) -> int:
     options = None
     if args.generations is not None:
-        if args.method not in (None, "nps", "nps-seeded", "auto"):
+        if args.method is not None and args.method not in SEARCHING_METHODS:
             raise _usage("--generations sets the search of nps, nps-seeded and auto only")
         options = {"generations": args.generations}
     with _client(args) as client:
@@ -297,14 +309,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         bases = {b.id: b.name for b in client.list_bases()} if ckpts and not args.json else {}
     if args.json:
         return _dump([c.raw for c in ckpts])
-    from cli.offline import checkpoint_encoding
 
     rows = [
         [
             c.id[:8],
             c.name,
             bases.get(c.base_id, c.base_id[:8]),
-            checkpoint_encoding(c.method, c.params, c.fitness),  # auto: its choice
+            _encoding(c),  # auto: its choice
             c.state,
             _size(c.original_bytes),
             _size(c.stored_bytes),
@@ -339,31 +350,28 @@ def cmd_show(args: argparse.Namespace) -> int:
         jobs = client.list_jobs(checkpoint_id=ckpt.id)
     if args.json:
         return _dump(ckpt.raw)
-    from cli.offline import checkpoint_encoding
-
-    fit = ckpt.fitness or {}
-    auto = str(fit.get("method") or "").startswith("auto:")
-    fidelity = _num(ckpt.fidelity, "{:.4f}")
-    if ckpt.fidelity is not None and fit.get("fidelity_part"):
-        fidelity += f" (on {fit['fidelity_part']}: {fit.get('fidelity_examples')} examples"
-        floor = ckpt.params.get("min_fidelity")
-        fidelity += f"; floor {floor})" if auto and floor is not None else ")"
+    params, outcome = _read(ckpt)
+    fidelity = _num(outcome.fidelity, "{:.4f}")
+    if outcome.fidelity is not None and outcome.fidelity_part:
+        fidelity += f" (on {outcome.fidelity_part}: {outcome.fidelity_examples} examples"
+        floor = params.min_fidelity
+        fidelity += f"; floor {floor})" if outcome.auto and floor is not None else ")"
     lines = [
         ("id", ckpt.id),
         ("name", ckpt.name),
         ("base", f"{base.name} ({base.id})"),
         ("state", ckpt.state),
         ("method", ckpt.method),
-        ("encoding", checkpoint_encoding(ckpt.method, ckpt.params, ckpt.fitness)),
-        ("evaluation", ckpt.params.get("evaluation")),
+        ("encoding", _encoding(ckpt)),
+        ("evaluation", params.evaluation),
         ("size", _size(ckpt.original_bytes)),
         ("stored", _size(ckpt.stored_bytes)),
         ("ratio", _num(ckpt.ratio, "{:.2f}×")),
         ("bits/param", _num(ckpt.bits_per_param, "{:.4f}")),
         ("parameters", _count(ckpt.num_params)),
         ("fidelity", fidelity),
-        ("fitness", _fitness_pair(fit)),
-        ("objective", fit.get("fitness_objective") if _fitness_pair(fit) else None),
+        ("fitness", _fitness_pair(outcome)),
+        ("objective", outcome.fitness_objective if _fitness_pair(outcome) else None),
         ("search time", _num(ckpt.search_seconds, "{:.1f} s")),
         ("merged from", _parents(ckpt.derived_from)),
         ("job", f"{jobs[0].id} ({jobs[0].state})" if jobs else None),
@@ -372,24 +380,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key, value in lines:
         if value not in (None, "", "-"):
             print(f"{key:>12}: {value}")
-    for note in fit.get("notes") or []:
+    for note in outcome.notes:
         print(f"{'note':>12}: {note}")
-    trace = ckpt.trace if isinstance(ckpt.trace, list) else []
-    if trace and isinstance(trace[0], dict) and isinstance(trace[0].get("auto"), list):
-        steps = trace[0]["auto"]
-        for step in steps:  # auto's trail: each candidate against the floor, then the choice
-            if "method" in step:
-                verdict = "passed" if step.get("passed") else "rejected"
-                print(
-                    f"{'auto':>12}: {step['method']} keep {step.get('keep'):g} "
-                    f"{step.get('value_bits')}-bit: fidelity {step.get('fidelity', 0):.4f} vs "
-                    f"floor {step.get('floor')} on {step.get('part')} "
-                    f"({step.get('examples')} examples), {verdict}, {step.get('seconds')} s"
-                )
-            elif "encoded" in step:
-                print(f"{'auto chose':>12}: {step['encoded']}: {step.get('reason')}")
-        trace = trace[1:]
-    points = _trace_points(trace)
+    search = outcome.search
+    for step in search.steps:  # auto's trail: each candidate against the floor, then the choice
+        verdict = "passed" if step.passed else "rejected"
+        print(
+            f"{'auto':>12}: {step.method} keep {step.keep:g} "
+            f"{step.value_bits}-bit: fidelity {step.fidelity or 0:.4f} vs "
+            f"floor {step.floor} on {step.part} "
+            f"({step.examples} examples), {verdict}, {step.seconds} s"
+        )
+    if search.choice is not None:
+        print(f"{'auto chose':>12}: {search.choice.encoded}: {search.choice.reason}")
+    points = search.points
     if points:
         first, last = points[0], points[-1]
         print(f"{'search':>12}: {len(points)} steps, best fitness {first[1]:.6g} → {last[1]:.6g}")
@@ -644,8 +648,20 @@ def _states(counts: dict[str, int]) -> str:
     return "(" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"
 
 
-def _fitness_pair(fit: dict[str, Any]) -> str | None:
-    before, after = fit.get("fitness_before"), fit.get("fitness_after")
+def _read(c: Checkpoint) -> tuple[CompressParams, CompressOutcome]:
+    """What a checkpoint was asked and what its job produced, read once from its answer."""
+    return CompressParams.from_row(c.params), CompressOutcome.from_row(c)
+
+
+def _encoding(c: Checkpoint) -> str:
+    from cli.offline import checkpoint_encoding
+
+    params, outcome = _read(c)
+    return checkpoint_encoding(c.method, params, outcome)
+
+
+def _fitness_pair(outcome: CompressOutcome) -> str | None:
+    before, after = outcome.fitness_before, outcome.fitness_after
     if before is None and after is None:
         return None
     return f"{_num(before, '{:.6g}')} → {_num(after, '{:.6g}')} (before → after the search)"
@@ -658,28 +674,16 @@ def _parents(derived: Any) -> str | None:
     return f"{derived.get('method')} of {', '.join(map(str, names))}"
 
 
-def _trace_points(trace: Any) -> list[tuple[float, float]]:
-    """(step, best fitness) of a search trace (nps: by generation; scaled: by evaluation)."""
-    out: list[tuple[float, float]] = []
-    for i, entry in enumerate(trace if isinstance(trace, list) else []):
-        if isinstance(entry, dict) and isinstance(entry.get("best_fitness"), int | float):
-            step = entry.get("generation", entry.get("evaluation", i))
-            if isinstance(step, int | float):
-                out.append((float(step), float(entry["best_fitness"])))
-    return out
-
-
 def _summary(c: Checkpoint) -> str:
-    from cli.offline import checkpoint_encoding
-
+    params, outcome = _read(c)
     head = f"{c.name} {c.state}: {_size(c.original_bytes)} → {_size(c.stored_bytes)} stored"
     if c.ratio is not None:
         head += f" ({c.ratio:.1f}×, {_num(c.bits_per_param, '{:.3f}')} bits/param)"
-    tail = [f"as {checkpoint_encoding(c.method, c.params, c.fitness)}"]
-    if c.fidelity is not None:
-        floor = c.params.get("min_fidelity")
+    tail = [f"as {_encoding(c)}"]
+    if outcome.fidelity is not None:
+        floor = params.min_fidelity
         tail.append(
-            f"fidelity {c.fidelity:.4f}" + (f" (floor {floor})" if floor is not None else "")
+            f"fidelity {outcome.fidelity:.4f}" + (f" (floor {floor})" if floor is not None else "")
         )
     if c.search_seconds is not None:
         tail.append(f"search {c.search_seconds:.1f} s")

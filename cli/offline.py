@@ -6,12 +6,23 @@ import argparse
 import json
 from typing import Any
 
-# Choices are spelled out here so `slim --help` and client verbs start without importing torch;
-# tests/core/test_cli_offline.py checks they match the core's registries.
-METHODS = ("nps", "nps-seeded", "magnitude", "magnitude-scaled", "dare", "lossless")
-VALUE_BITS = (32, 16, 8, 4, 3, 2, 1)
-EVAL_KINDS = ("fidelity", "accuracy", "weights")
-MERGE_METHODS = ("task_arithmetic", "ties")
+# core.params imports no torch: `slim --help` and the client verbs start without it
+from core.params import (
+    DEFAULT_KEEP,
+    DEFAULT_LAMBDA,
+    DEFAULT_MERGE_METHOD,
+    DEFAULT_MIN_FIDELITY,
+    DEFAULT_VALUE_BITS,
+    EVAL_KINDS,
+    MERGE_METHODS,
+    METHODS,
+    SEARCHING_METHODS,
+    VALUE_BITS,
+    CompressOutcome,
+    CompressParams,
+    Evaluation,
+    Method,
+)
 
 HEADLINE = (
     "method",
@@ -36,19 +47,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--method",
         default=None,
-        choices=[*METHODS, "auto"],
+        choices=[*METHODS, Method.AUTO],
         help="default: auto with --min-fidelity; nps with --calibration, --keep or "
         "--value-bits; else lossless (no unmeasured loss)",
     )
     p.add_argument(
-        "--keep", type=float, default=None, help="keep ratio r (default 0.01; auto: searched)"
+        "--keep",
+        type=float,
+        default=None,
+        help=f"keep ratio r (default {DEFAULT_KEEP:g}; auto: searched)",
     )
     p.add_argument(
         "--value-bits",
         type=int,
         default=None,
         choices=VALUE_BITS,
-        help="bits per stored value (default 16; auto: searched)",
+        help=f"bits per stored value (default {DEFAULT_VALUE_BITS}; auto: searched)",
     )
     p.add_argument(
         "--eval",
@@ -67,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--min-fidelity",
         type=float,
         default=None,
-        help="auto: quality floor (default 0.99; implies --method auto); see docs/auto.md",
+        help=f"auto: quality floor (default {DEFAULT_MIN_FIDELITY:g}; implies --method auto); "
+        "see docs/auto.md",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -86,8 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("base_dir")
     p.add_argument("deltas", nargs="+")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--method", choices=MERGE_METHODS, default="task_arithmetic")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0)
+    p.add_argument("--method", choices=MERGE_METHODS, default=str(DEFAULT_MERGE_METHOD))
+    p.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA)
     p.add_argument("--density", type=float, default=None, help="ties: trim density per tensor")
     p.add_argument(
         "--heads-from",
@@ -106,16 +121,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
-    method = args.method or ("auto" if args.min_fidelity is not None else "nps")
+    method = args.method or (Method.AUTO if args.min_fidelity is not None else Method.NPS)
     opts: dict[str, Any] = {}
-    if args.generations is not None and method in ("nps", "nps-seeded", "auto"):
+    if args.generations is not None and method in SEARCHING_METHODS:
         opts["generations"] = args.generations
     if args.subspaces is not None:
-        if method == "nps":
+        if method == Method.NPS:
             opts["subspaces"] = int(args.subspaces)
-        elif method == "nps-seeded":
+        elif method == Method.NPS_SEEDED:
             opts["subspaces"] = args.subspaces
-    if args.preset is not None and method == "nps":
+    if args.preset is not None and method == Method.NPS:
         opts["preset"] = args.preset
     return opts
 
@@ -176,13 +191,12 @@ def encoding_label(method: str | None, keep: Any = None, value_bits: Any = None)
     return f"{name}, keep {_pct(keep)}{bits}"
 
 
-def checkpoint_encoding(method: str, params: dict[str, Any], fitness: dict[str, Any] | None) -> str:
+def checkpoint_encoding(method: str, params: CompressParams, outcome: CompressOutcome) -> str:
     """A checkpoint's stored encoding: the one the job recorded (auto's choice), else what
     was asked for."""
-    fit = fitness or {}
-    if fit.get("method"):
-        return encoding_label(fit["method"], fit.get("keep"), fit.get("value_bits"))
-    return encoding_label(method, params.get("keep"), params.get("value_bits"))
+    if outcome.method:
+        return encoding_label(outcome.method, outcome.keep, outcome.value_bits)
+    return encoding_label(method, params.keep, params.value_bits)
 
 
 def _progress_printer(enabled: bool) -> Any:
@@ -206,19 +220,28 @@ def _progress_printer(enabled: bool) -> Any:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from core.compress import compress_request
+    from core.evaluate import load_calibration
 
+    calibration = (
+        load_calibration(args.calibration, need_labels=args.evaluation == Evaluation.ACCURACY)
+        if args.calibration is not None
+        else None
+    )
+    params = CompressParams(
+        method=None if args.method is None else Method(args.method),
+        keep=args.keep,
+        value_bits=args.value_bits,
+        evaluation=None if args.evaluation is None else Evaluation(args.evaluation),
+        min_fidelity=args.min_fidelity,
+        seed=args.seed,
+        options=_method_options(args),
+        calibration=tuple(calibration) if calibration else None,
+    )
     result = compress_request(
         args.base_dir,
         args.finetuned_dir,
         args.output,
-        method=args.method,
-        keep=args.keep,
-        value_bits=args.value_bits,
-        evaluation=args.evaluation,
-        calibration=args.calibration,
-        min_fidelity=args.min_fidelity,
-        seed=args.seed,
-        options=_method_options(args) or None,
+        params,
         device=args.device,
         progress=_progress_printer(not args.quiet),
     )

@@ -33,17 +33,18 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from core.compress import CompressResult, build_evaluator, compress
+from core.compress import build_evaluator, compress
 from core.errors import InvalidArgument
 from core.evaluate import Evaluator, combined, part_label, relative_fidelity
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
 from core.methods.nps import default_popsize
+from core.params import DEFAULT_MIN_FIDELITY, DEFAULT_SEED, CompressOutcome, Evaluation, Method
 from core.tensor_codec import ValueSpec
 from core.workspace import Workspace
 
@@ -53,7 +54,6 @@ KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 #: 3-bit values: at 2.5% keep they stored what 4-bit values at 2% did and kept more of the
 #: gain on both benchmark tasks (bench/NOTES.md, third sitting); 3% is the nearby keep step
 BITS = (1, 2, 3, 4, 8, 16)
-DEFAULT_MIN_FIDELITY = 0.99
 #: Calibration examples auto evaluates on at most (the first ones of the file): one
 #: evaluation's cost grows with them; 512 resolve agreement to 0.002.
 MAX_EXAMPLES = 512
@@ -115,7 +115,7 @@ class _Judged:
 
 
 def _options(method: str, generations: int) -> dict[str, Any]:
-    return {"generations": generations} if method in ("nps", "nps-seeded") else {}
+    return {"generations": generations} if method in (Method.NPS, Method.NPS_SEEDED) else {}
 
 
 @dataclass
@@ -335,9 +335,9 @@ def auto_compress(
     min_fidelity: float = DEFAULT_MIN_FIDELITY,
     keep: float | None = None,
     value_bits: int | None = None,
-    evaluation: str = "fidelity",
+    evaluation: str = Evaluation.FIDELITY,
     calibration: Any = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     options: dict[str, Any] | None = None,
     device: str | None = None,
     progress: Progress | None = None,
@@ -345,7 +345,7 @@ def auto_compress(
     generations: int = GENERATIONS,
     time_budget: float = TIME_BUDGET,
     evaluator: Evaluator | None = None,
-) -> CompressResult:
+) -> CompressOutcome:
     """Find and write the smallest encoding whose fidelity is ≥ ``min_fidelity``.
 
     Fidelity is relative to the original fine-tune (agreement for ``fidelity``, accuracy ratio
@@ -359,7 +359,7 @@ def auto_compress(
     """
     if not 0 < min_fidelity <= 1:
         raise InvalidArgument("--min-fidelity must be in (0, 1], e.g. 0.99")
-    if evaluation == "weights":
+    if evaluation == Evaluation.WEIGHTS:
         raise InvalidArgument(
             "auto needs a fidelity floor to check: pass --calibration (and --eval fidelity or accuracy)"
         )
@@ -405,11 +405,13 @@ def auto_compress(
         run.remaining_searched = 0
         run.search_seconds = run.elapsed
         result = _encode_best(run, base_dir, ft_dir, out_path, device)
-    result.search_seconds = run.search_seconds
-    result.total_seconds = time.perf_counter() - t0
-    result.evaluations = run.evaluations + result.evaluations
-    _record_trail(out_path, run, result)
-    return result
+    result = replace(
+        result,
+        search_seconds=run.search_seconds,
+        total_seconds=time.perf_counter() - t0,
+        evaluations=run.evaluations + result.evaluations,
+    )
+    return _record_trail(out_path, run, result)
 
 
 def _encode_best(
@@ -418,7 +420,7 @@ def _encode_best(
     ft_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     device: str | None,
-) -> CompressResult:
+) -> CompressOutcome:
     """Encode the cheapest passing candidate (its fitted result, not a fresh search) and check
     the encoded delta on the examples that judged it; the next one if it falls under the floor;
     lossless when none is left."""
@@ -459,14 +461,16 @@ def _encode_best(
                     ),
                 }
             )
-            result.notes = [
-                *result.notes,
-                f"auto chose {c.method} at keep {c.keep:g}, {c.value_bits}-bit values: "
-                f"fidelity {fid:.4f} ≥ floor {run.floor} as stored, measured on "
-                f"{part_label(run.ev, j.parts)} ({sum(run.ev.part_size(p) for p in j.parts)} "
-                f"examples); {len(run.judged)} candidates judged in {run.search_seconds:.1f} s",
-            ]
-            return result
+            return replace(
+                result,
+                notes=[
+                    *result.notes,
+                    f"auto chose {c.method} at keep {c.keep:g}, {c.value_bits}-bit values: "
+                    f"fidelity {fid:.4f} ≥ floor {run.floor} as stored, measured on "
+                    f"{part_label(run.ev, j.parts)} ({sum(run.ev.part_size(p) for p in j.parts)} "
+                    f"examples); {len(run.judged)} candidates judged in {run.search_seconds:.1f} s",
+                ],
+            )
         run.notes.append(
             f"auto: {c.method} at keep {c.keep:g}, {c.value_bits}-bit passed in memory "
             f"({j.fidelity:.4f}) but {fid:.4f} as encoded, under the floor; next candidate"
@@ -476,7 +480,7 @@ def _encode_best(
         base_dir,
         ft_dir,
         out_path,
-        method="lossless",
+        method=Method.LOSSLESS,
         evaluation=run.evaluation,
         device=device,
         progress=run.progress,
@@ -498,16 +502,20 @@ def _encode_best(
             "reason": reason,
         }
     )
-    result.notes = [
-        *result.notes,
-        f"auto: the floor {run.floor} could not be met lossily ({len(run.judged)} candidates "
-        f"judged in {run.search_seconds:.1f} s); stored exact. Lower --min-fidelity for a "
-        "smaller delta",
-    ]
-    return result
+    return replace(
+        result,
+        notes=[
+            *result.notes,
+            f"auto: the floor {run.floor} could not be met lossily ({len(run.judged)} candidates "
+            f"judged in {run.search_seconds:.1f} s); stored exact. Lower --min-fidelity for a "
+            "smaller delta",
+        ],
+    )
 
 
-def _record_trail(path: str | os.PathLike[str], run: _Run, result: CompressResult) -> None:
+def _record_trail(
+    path: str | os.PathLike[str], run: _Run, result: CompressOutcome
+) -> CompressOutcome:
     """Store auto's trail, notes and search time in the delta's document, then take the sizes
     of the file as rewritten (the document is part of what is stored and downloaded). The
     trail's final step reports bits/param, which the document's own length changes: the size
@@ -515,9 +523,12 @@ def _record_trail(path: str | os.PathLike[str], run: _Run, result: CompressResul
     from core.delta_format import DeltaReader, rewrite_document, rewritten_size
     from core.summary import delta_sizes, sizes_of
 
-    result.notes = [*result.notes, *run.notes]
-    result.trace = [{"auto": run.trail}, *result.trace]
-    result.method = f"auto:{result.method}"
+    result = replace(
+        result,
+        notes=[*result.notes, *run.notes],
+        trace=[{"auto": run.trail}, *result.trace],
+        method=f"auto:{result.method}",
+    )
     final = run.trail[-1]
     with DeltaReader(path) as reader:
         doc = reader.doc
@@ -536,5 +547,4 @@ def _record_trail(path: str | os.PathLike[str], run: _Run, result: CompressResul
                 break
             final["bits_per_param"] = sizes["bits_per_param"]
     rewrite_document(path, doc)
-    for key, value in delta_sizes(path).items():  # the file's own, whatever the loop settled
-        setattr(result, key, value)
+    return replace(result, **delta_sizes(path))  # the file's own, whatever the loop settled

@@ -11,7 +11,6 @@ import hashlib
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +21,6 @@ from core.constants import DTYPES, PIECE_BYTES, ZSTD_LEVEL
 from core.delta_format import DeltaDoc, DeltaWriter, FileEntry, TensorEntry
 from core.errors import InvalidArgument
 from core.evaluate import (
-    EVAL_KINDS,
     Evaluator,
     Example,
     ModelEvaluator,
@@ -34,53 +32,22 @@ from core.evaluate import (
 )
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
+from core.params import (
+    DEFAULT_KEEP,
+    DEFAULT_SEED,
+    DEFAULT_VALUE_BITS,
+    EVAL_KINDS,
+    VALUE_BITS,
+    CompressOutcome,
+    CompressParams,
+    Evaluation,
+    Method,
+)
 from core.reconstruct import RebuildHasher, tensor_pieces
 from core.safetensors_io import tensor_to_bytes
 from core.summary import delta_sizes
 from core.tensor_codec import Selection, ValueSpec, decode_sparse, encode_sparse
 from core.workspace import Workspace
-
-#: Value bit widths accepted by ``--value-bits``.
-VALUE_BITS = (32, 16, 8, 4, 3, 2, 1)
-#: What a fixed-budget method keeps, and at what width, when nothing is asked (``auto``
-#: searches both instead).
-DEFAULT_KEEP = 0.01
-DEFAULT_VALUE_BITS = 16
-
-
-@dataclass
-class CompressResult:
-    """What a compression produced (the CLI's ``--json`` object)."""
-
-    path: str
-    method: str
-    keep: float | None
-    value_bits: int | None
-    evaluation: str
-    stored_bytes: int
-    original_bytes: int
-    weight_bytes: int  # stored bytes that count against the weights (all but embedded aux files)
-    ratio: float
-    bits_per_param: float
-    num_params: int
-    kept: int
-    fitness_before: float | None
-    fitness_after: float | None
-    fidelity: float | None  # relative to the fine-tune (1.0 = as good)
-    fidelity_part: str | None = None  # the calibration examples it was measured on
-    fidelity_examples: int | None = None
-    fitness_objective: str | None = None  # what fitness_before/after measure (not 0–1)
-    metrics_after: dict[str, float] = field(default_factory=dict)
-    metrics_removed: dict[str, float] = field(default_factory=dict)
-    metrics_reference: dict[str, float] = field(default_factory=dict)
-    search_seconds: float = 0.0
-    total_seconds: float = 0.0
-    evaluations: int = 0
-    notes: list[str] = field(default_factory=list)
-    trace: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_evaluator(
@@ -99,7 +66,7 @@ def build_evaluator(
     """The fitness for an evaluation kind (None for ``weights``)."""
     if evaluation not in EVAL_KINDS:
         raise InvalidArgument(f"evaluation must be one of {', '.join(EVAL_KINDS)}")
-    if evaluation == "weights":
+    if evaluation == Evaluation.WEIGHTS:
         return None
     if calibration is None:
         raise InvalidArgument(f"--eval {evaluation} needs --calibration FILE.jsonl")
@@ -134,12 +101,12 @@ def compress(
     ft_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     *,
-    method: str = "magnitude",
+    method: str = Method.MAGNITUDE,
     keep: float = DEFAULT_KEEP,
     value_bits: int = DEFAULT_VALUE_BITS,
-    evaluation: str = "weights",
+    evaluation: str = Evaluation.WEIGHTS,
     calibration: str | os.PathLike[str] | list[Example] | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     options: dict[str, Any] | None = None,
     device: str | None = None,
     level: int = ZSTD_LEVEL,
@@ -147,7 +114,7 @@ def compress(
     evaluator: Evaluator | None = None,
     fitted: Fitted | None = None,
     judge_parts: tuple[str, ...] | None = None,
-) -> CompressResult:
+) -> CompressOutcome:
     """Compress a fine-tune against its base into a delta file.
 
     Args:
@@ -173,7 +140,7 @@ def compress(
             examples.
 
     Returns:
-        A :class:`CompressResult`.
+        A :class:`core.params.CompressOutcome`.
 
     Example:
         >>> compress("base/", "ft/", "ft.slim", method="dare", keep=0.02, value_bits=4)  # doctest: +SKIP
@@ -181,7 +148,9 @@ def compress(
     t0 = time.perf_counter()
     if value_bits not in VALUE_BITS:
         raise InvalidArgument(f"value bits must be one of {VALUE_BITS} (got {value_bits})")
-    m = make_method(method, **({} if method == "lossless" else {"keep": keep}), **(options or {}))
+    m = make_method(
+        method, **({} if method == Method.LOSSLESS else {"keep": keep}), **(options or {})
+    )
     with Workspace(base_dir, ft_dir) as ws:
         if evaluator is None:
             evaluator = build_evaluator(
@@ -242,7 +211,7 @@ def compress(
         except BaseException:
             writer.abort()
             raise
-    return CompressResult(
+    return CompressOutcome(
         path=str(out_path),
         method=m.name,
         keep=None if m.lossless else keep,
@@ -268,94 +237,57 @@ def compress(
     )
 
 
-def default_method(*, min_fidelity: float | None, calibrated: bool, lossy_asked: bool) -> str:
-    """The method of a request that names none — the one rule, for the CLI and the service.
-
-    ``auto`` with a fidelity floor; ``nps`` with calibration data to measure its loss, or when
-    a lossy choice (a keep ratio or value bits) was made explicitly; otherwise ``lossless``: with
-    nothing to measure a loss on, the default never stores an unmeasured one.
-    """
-    if min_fidelity is not None:
-        return "auto"
-    if calibrated or lossy_asked:
-        return "nps"
-    return "lossless"
-
-
-def default_evaluation(*, calibrated: bool) -> str:
-    """The fitness of a request that names none: ``fidelity`` on calibration data, else the
-    data-free ``weights``."""
-    return "fidelity" if calibrated else "weights"
-
-
 def compress_request(
     base_dir: str | os.PathLike[str],
     ft_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
+    params: CompressParams,
     *,
-    method: str | None = None,
-    keep: float | None = None,
-    value_bits: int | None = None,
-    evaluation: str | None = None,
-    calibration: str | os.PathLike[str] | list[Example] | None = None,
-    min_fidelity: float | None = None,
-    seed: int | None = None,
-    options: dict[str, Any] | None = None,
     device: str | None = None,
     progress: Progress | None = None,
-) -> CompressResult:
+) -> CompressOutcome:
     """A compression as a user asks for it (``slim compress`` and the service's worker both
-    call this): every option left unset (None) takes the one default written here.
-
-    - ``method``: :func:`default_method` (``auto`` with a floor, ``nps`` with calibration or an
-      explicit keep / value bits, else ``lossless``);
-    - ``evaluation``: ``fidelity`` with calibration data, else ``weights``;
-    - ``auto``: the floor defaults to :data:`core.auto.DEFAULT_MIN_FIDELITY`; ``keep`` and
-      ``value_bits`` are searched unless given (then pinned);
-    - other methods: ``keep`` :data:`DEFAULT_KEEP`, ``value_bits`` :data:`DEFAULT_VALUE_BITS`;
-    - ``seed`` 0, no method options.
+    call this): the parameters are resolved (:meth:`core.params.CompressParams.resolve`, the
+    one place defaults are applied), then ``auto`` searches or the method runs.
 
     Raises:
         InvalidArgument: ``min_fidelity`` with a method other than ``auto``.
     """
-    method = method or default_method(
-        min_fidelity=min_fidelity,
-        calibrated=calibration is not None,
-        lossy_asked=keep is not None or value_bits is not None,
-    )
+    p = params.resolve()
+    assert p.method is not None and p.evaluation is not None and p.seed is not None
     common: dict[str, Any] = {
-        "evaluation": evaluation or default_evaluation(calibrated=bool(calibration)),
-        "calibration": calibration,
-        "seed": 0 if seed is None else seed,
-        "options": options,
+        "evaluation": str(p.evaluation),
+        "calibration": list(p.calibration) if p.calibration else None,
+        "seed": p.seed,
+        "options": dict(p.options) or None,
         "device": device,
         "progress": progress,
     }
-    if method == "auto":
-        from core.auto import DEFAULT_MIN_FIDELITY, auto_compress
+    if p.method == Method.AUTO:
+        from core.auto import auto_compress
 
-        floor = DEFAULT_MIN_FIDELITY if min_fidelity is None else min_fidelity
         return auto_compress(
             base_dir,
             ft_dir,
             out_path,
-            min_fidelity=floor,
-            keep=keep,
-            value_bits=value_bits,
+            min_fidelity=p.floor,
+            keep=p.keep,
+            value_bits=p.value_bits,
             **common,
         )
-    if min_fidelity is not None:
+    if p.min_fidelity is not None:
         raise InvalidArgument(
-            f"a fidelity floor goes with method auto, not {method}: drop --min-fidelity or "
+            f"a fidelity floor goes with method auto, not {p.method}: drop --min-fidelity or "
             "use --method auto"
         )
+    # lossless records no keep or value bits: compress's own defaults stand for them
+    pinned: dict[str, Any] = {"keep": p.keep, "value_bits": p.value_bits}
     return compress(
         base_dir,
         ft_dir,
         out_path,
-        method=method,
-        keep=DEFAULT_KEEP if keep is None else keep,
-        value_bits=DEFAULT_VALUE_BITS if value_bits is None else value_bits,
+        method=str(p.method),
+        **{k: v for k, v in pinned.items() if v is not None},
         **common,
     )
 

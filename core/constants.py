@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from core.params import VALUE_BITS
+
 #: Version of the delta container document; readers refuse versions they do not know.
 FORMAT_VERSION = 3
 #: Versions this reader reads (1: before ``recon_xxh3``, checked by sha256 instead; 1–2:
@@ -58,4 +60,5 @@ TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items()}
 
 #: Value codings for kept entries.
 VALUE_CODINGS = ("f32", "f16", "bf16")
-QUANT_BITS = (1, 2, 3, 4, 8)
+#: Quantised value widths (sign + levels): the stored widths under 16 bits.
+QUANT_BITS = tuple(sorted(b for b in VALUE_BITS if b < 16))

@@ -26,18 +26,12 @@ import torch
 from core.checkpoint import CheckpointDir
 from core.constants import DTYPES
 from core.errors import EvaluationUnavailable, InvalidCalibration
+from core.params import Example
 from core.taskvector import TensorPlan
 
-EVAL_KINDS = ("fidelity", "accuracy", "weights")
 #: Largest calibration file accepted, in bytes.
 MAX_CALIBRATION_BYTES = 64 * 1024 * 1024
 LM_TOPK = 32
-
-
-@dataclass(frozen=True)
-class Example:
-    text: str
-    label: int | str | None = None
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,10 @@ from core.compress import base_fingerprint
 from core.constants import ZSTD_LEVEL
 from core.delta_format import DeltaDoc, DeltaReader, DeltaWriter, FileEntry, TensorEntry
 from core.errors import BaseMismatch, InvalidArgument
+from core.params import DEFAULT_LAMBDA, DEFAULT_MERGE_METHOD, DEFAULT_VALUE_BITS, MERGE_METHODS
 from core.reconstruct import RebuildHasher, check_base, tensor_bytes, weight_header
 from core.safetensors_io import bytes_to_tensor
 from core.tensor_codec import Selection, ValueSpec, dense_delta, encode_sparse
-
-MERGE_METHODS = ("task_arithmetic", "ties")
 
 
 @dataclass
@@ -90,10 +89,10 @@ def merge(
     deltas: list[str | os.PathLike[str]],
     out_path: str | os.PathLike[str],
     *,
-    method: str = "task_arithmetic",
-    lam: float = 1.0,
+    method: str = DEFAULT_MERGE_METHOD,
+    lam: float = DEFAULT_LAMBDA,
     density: float | None = None,
-    value_bits: int = 16,
+    value_bits: int = DEFAULT_VALUE_BITS,
     level: int = ZSTD_LEVEL,
     heads_from: int | None = None,
 ) -> MergeResult:

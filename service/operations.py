@@ -15,15 +15,17 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core.compress import (
-    DEFAULT_KEEP,
-    DEFAULT_VALUE_BITS,
-    VALUE_BITS,
-    default_evaluation,
-    default_method,
-)
 from core.errors import InvalidArgument, InvalidCalibration, SlimError
 from core.methods import REGISTRY
+from core.params import (
+    VALUE_BITS,
+    CompressParams,
+    Evaluation,
+    Example,
+    MergeMethod,
+    MergeParams,
+    Method,
+)
 from service.errors import ApiError
 from service.schemas import CheckpointCreate, MergeCreate
 from service.settings import Settings
@@ -69,7 +71,7 @@ def commit_base(
 
 def available_methods() -> list[str]:
     """Method names a checkpoint may ask for: the registry's, plus ``auto``."""
-    return [*REGISTRY, "auto"]
+    return [*REGISTRY, Method.AUTO]
 
 
 #: What every checkpoint stored exact by default is told (``warnings`` of the create answer).
@@ -84,11 +86,15 @@ EXACT_BY_DEFAULT = (
 
 @dataclass(frozen=True, slots=True)
 class CheckpointRequest:
-    """A create request with every default applied: what a checkpoint stores as its options."""
+    """A create request with every default applied: what a checkpoint stores as its options
+    (``params.to_dict()`` in its ``params`` column, ``params.method`` in ``method``)."""
 
-    method: str
-    params: dict[str, Any]
+    params: CompressParams
     warnings: list[str]
+
+    @property
+    def method(self) -> str:
+        return str(self.params.method)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,27 +107,33 @@ class CheckpointCreation:
 
 
 def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointRequest:
-    """Check a create request and apply the defaults — the one place they are decided.
+    """Check a create request and apply the defaults (:meth:`core.params.CompressParams.resolve`,
+    the one place they are decided).
 
     Defaults: ``auto`` when ``min_fidelity`` is given; else, with calibration examples, ``nps``
     measured by ``fidelity`` on them; else — no data to measure a loss with — ``lossless``,
     unless a lossy choice was made explicitly (a method, ``keep`` or ``value_bits``). A lossy
     choice without calibration is stored as asked (``evaluation`` "weights", data-free), with
     a warning that its loss is unmeasured. ``keep`` and ``value_bits`` take core's defaults
-    (:data:`core.compress.DEFAULT_KEEP`, :data:`~core.compress.DEFAULT_VALUE_BITS`) unless given
+    (:data:`core.params.DEFAULT_KEEP`, :data:`~core.params.DEFAULT_VALUE_BITS`) unless given
     (``auto`` searches both unless pinned; ``lossless`` records neither).
     """
-    calibration = [e.model_dump() for e in body.calibration or []]
-    lossy_asked = body.keep is not None or body.value_bits is not None
-    method = body.method or default_method(
+    calibration = tuple(Example(e.text, e.label) for e in body.calibration or [])
+    params = CompressParams(
+        method=None if body.method is None else Method(body.method),
+        keep=body.keep,
+        value_bits=body.value_bits,
+        evaluation=None if body.evaluation is None else Evaluation(body.evaluation),
         min_fidelity=body.min_fidelity,
-        calibrated=bool(calibration) or body.evaluation not in (None, "weights"),
-        lossy_asked=lossy_asked,
-    )
+        seed=body.seed,
+        options=body.options,
+        calibration=calibration or None,
+    ).resolve()
+    method, evaluation = params.method, params.evaluation
     methods = available_methods()
     if method not in methods:
         raise InvalidArgument(f"unknown method {method!r}; choose one of {', '.join(methods)}")
-    if body.min_fidelity is not None and method != "auto":
+    if body.min_fidelity is not None and method != Method.AUTO:
         raise InvalidArgument("min_fidelity goes with method 'auto'; drop one of the two")
     if body.value_bits is not None and body.value_bits not in VALUE_BITS:
         raise InvalidArgument(f"value_bits must be one of {VALUE_BITS}")
@@ -130,47 +142,33 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
             f"{len(calibration)} calibration examples; at most "
             f"{settings.max_calibration_examples} are accepted"
         )
-    evaluation = body.evaluation or default_evaluation(calibrated=bool(calibration))
-    if evaluation != "weights" and not calibration:
+    if evaluation != Evaluation.WEIGHTS and not calibration:
         raise InvalidCalibration(
-            f"evaluation {evaluation!r} needs calibration examples "
+            f"evaluation {str(evaluation)!r} needs calibration examples "
             '([{"text": ..., "label": ...}, ...]); or use evaluation "weights"'
         )
-    if method == "auto" and evaluation == "weights":
+    if method == Method.AUTO and evaluation == Evaluation.WEIGHTS:
         raise InvalidCalibration(
             "method 'auto' measures fidelity on calibration examples; send some "
             '("calibration": [{"text": ...}, ...])'
         )
-    if evaluation == "accuracy" and any(e["label"] is None for e in calibration):
+    if evaluation == Evaluation.ACCURACY and any(e.label is None for e in calibration):
         raise InvalidCalibration('evaluation "accuracy" needs a label on every calibration example')
-    # auto searches keep and value bits unless pinned; lossless has neither
-    searched = method in ("auto", "lossless")
-    params = {
-        "keep": body.keep if body.keep is not None or searched else DEFAULT_KEEP,
-        "value_bits": body.value_bits
-        if body.value_bits is not None or searched
-        else DEFAULT_VALUE_BITS,
-        "evaluation": evaluation,
-        "min_fidelity": body.min_fidelity,
-        "seed": body.seed,
-        "options": body.options,
-        "calibration": calibration or None,
-    }
     warnings: list[str] = []
-    if method == "lossless" and body.method is None:
+    if method == Method.LOSSLESS and body.method is None:
         warnings.append(EXACT_BY_DEFAULT)
-    elif method != "lossless" and evaluation == "weights":
-        searches = REGISTRY[method].searches
+    elif method != Method.LOSSLESS and evaluation == Evaluation.WEIGHTS:
+        searches = REGISTRY[str(method)].searches
         warnings.append(
-            f"method {method} keeps {params['keep']:g} of the task vector at "
-            f"{params['value_bits']} bits without calibration examples, so its loss is not "
+            f"method {method} keeps {params.keep:g} of the task vector at "
+            f"{params.value_bits} bits without calibration examples, so its loss is not "
             "measured"
             + (" (data-free, its search reduces to magnitude pruning)" if searches else "")
             + ". Send calibration examples to measure it (--calibration FILE), add "
             "min_fidelity (--min-fidelity 0.99 --calibration FILE) for the smallest delta "
             "that keeps 99% fidelity, or leave method and keep unset to store it exact"
         )
-    return CheckpointRequest(method, params, warnings)
+    return CheckpointRequest(params, warnings)
 
 
 def create_checkpoint(
@@ -203,7 +201,7 @@ def create_checkpoint(
         name=body.name,
         base_id=body.base_id,
         method=request.method,
-        params=request.params,
+        params=request.params.to_dict(),
         namespace=namespace,
     )
     session.commit()
@@ -228,9 +226,9 @@ def _differences(existing: Checkpoint, base_id: str, request: CheckpointRequest)
         out.append(f"base: asked {base_id}, stored {existing.base_id}")
     if existing.method != request.method:
         out.append(f"method: asked {request.method}, stored {existing.method}")
-    stored = dict(existing.params or {})
-    for key, asked in request.params.items():
-        have = stored.get(key)
+    stored = CompressParams.from_row(existing.params).to_dict()
+    for key, asked in request.params.to_dict().items():
+        have = stored[key]
         if asked == have:
             continue
         if key == "calibration":
@@ -330,10 +328,17 @@ def create_merge(session: Session, settings: Settings, body: MergeCreate, namesp
                 "of checkpoint_ids"
             )
         heads_from = ids.index(named.id)
+    params = MergeParams(
+        checkpoint_ids=tuple(p.id for p in parents),
+        method=MergeMethod(body.method),
+        lam=body.lambda_,
+        density=body.density,
+        heads_from=heads_from,
+    )
     derived = {
-        "method": body.method,
-        "lambda": body.lambda_,
-        "density": body.density,
+        "method": str(params.method),
+        "lambda": params.lam,
+        "density": params.density,
         "parents": [{"id": p.id, "name": p.name} for p in parents],
         "heads_from": None if heads_from is None else parents[heads_from].name,
     }
@@ -342,20 +347,17 @@ def create_merge(session: Session, settings: Settings, body: MergeCreate, namesp
         name=body.name,
         base_id=parents[0].base_id,
         method="merge",
-        params={"merge_method": body.method, "lambda": body.lambda_, "density": body.density},
+        params=params.checkpoint_params(),
         namespace=namespace,
         derived_from=derived,
     )
     ckpt.state = CheckpointState.QUEUED
-    payload = {
-        "checkpoint_ids": [p.id for p in parents],
-        "method": body.method,
-        "lambda": body.lambda_,
-        "density": body.density,
-        "heads_from": heads_from,
-    }
     job = queue.enqueue(
-        session, JobKind.MERGE, ckpt.id, payload=payload, max_attempts=settings.job_max_attempts
+        session,
+        JobKind.MERGE,
+        ckpt.id,
+        payload=params.to_dict(),
+        max_attempts=settings.job_max_attempts,
     )
     session.commit()
     return job

@@ -12,10 +12,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.compress import VALUE_BITS
-from core.evaluate import EVAL_KINDS
-from core.merge import MERGE_METHODS
 from core.methods import REGISTRY
+from core.params import (
+    DEFAULT_KEEP,
+    DEFAULT_LAMBDA,
+    DEFAULT_MERGE_METHOD,
+    DEFAULT_VALUE_BITS,
+    EVAL_KINDS,
+    MERGE_METHODS,
+    VALUE_BITS,
+    CompressParams,
+    Method,
+)
 from storage.models import (
     Base,
     BaseState,
@@ -40,13 +48,13 @@ Name = Field(
 # OpenAPI document, /docs and the validation of a request follow core when a method is added.
 
 #: Method names a checkpoint may ask for: core's registry, plus ``auto`` (the service's search).
-METHODS: tuple[str, ...] = (*(str(name) for name in REGISTRY), "auto")
+METHODS: tuple[str, ...] = (*(str(name) for name in REGISTRY), str(Method.AUTO))
 MethodChoice = Literal[METHODS]  # type: ignore[valid-type]
-#: Evaluation kinds (``core.evaluate.EVAL_KINDS``).
+#: Evaluation kinds (``core.params.Evaluation``).
 EvaluationChoice = Literal[EVAL_KINDS]  # type: ignore[valid-type]
-#: Stored value bit widths (``core.compress.VALUE_BITS``).
+#: Stored value bit widths (``core.params.VALUE_BITS``).
 ValueBitsChoice = Literal[VALUE_BITS]  # type: ignore[valid-type]
-#: Merge methods (``core.merge.MERGE_METHODS``).
+#: Merge methods (``core.params.MergeMethod``).
 MergeMethodChoice = Literal[MERGE_METHODS]  # type: ignore[valid-type]
 
 # -- files -----------------------------------------------------------------------------------
@@ -152,7 +160,7 @@ class CheckpointCreate(BaseModel):
         None, description="The compression method (default nps; auto with min_fidelity)."
     )
     keep: float | None = Field(
-        None, gt=0, le=1, description="Keep ratio r (default 0.01; auto searches it)."
+        None, gt=0, le=1, description=f"Keep ratio r (default {DEFAULT_KEEP:g}; auto searches it)."
     )
     min_fidelity: float | None = Field(
         None, gt=0, le=1, description="auto: the quality floor relative to the fine-tune."
@@ -164,7 +172,7 @@ class CheckpointCreate(BaseModel):
     )
     value_bits: ValueBitsChoice | None = Field(
         None,
-        description="Bits per stored value: 16 (default), 32, or fewer (quantised); "
+        description=f"Bits per stored value: {DEFAULT_VALUE_BITS} (default), 32, or fewer (quantised); "
         "auto searches it.",
     )
     seed: int = Field(0, ge=0, lt=2**63)
@@ -211,15 +219,15 @@ class CheckpointPublic(BaseModel):
 
     @classmethod
     def from_row(cls, row: Checkpoint, *, with_trace: bool = False) -> CheckpointPublic:
-        p = dict(row.params or {})
+        p = CompressParams.from_row(row.params)
         params = CheckpointParams(
-            keep=p.get("keep"),
-            value_bits=p.get("value_bits"),
-            evaluation=p.get("evaluation"),
-            min_fidelity=p.get("min_fidelity"),
-            seed=p.get("seed"),
-            options=p.get("options") or {},
-            calibration_examples=len(p.get("calibration") or []),
+            keep=p.keep,
+            value_bits=p.value_bits,
+            evaluation=None if p.evaluation is None else str(p.evaluation),
+            min_fidelity=p.min_fidelity,
+            seed=p.seed,
+            options=dict(p.options),
+            calibration_examples=len(p.calibration or ()),
         )
         return cls(
             id=row.id,
@@ -341,8 +349,10 @@ class MergeCreate(BaseModel):
     checkpoint_ids: list[str] = Field(
         min_length=2, max_length=64, description="Ids or names of ready checkpoints of one base."
     )
-    method: MergeMethodChoice = "task_arithmetic"
-    lambda_: float = Field(1.0, alias="lambda", gt=0, le=100, description="Scale λ of the merge.")
+    method: MergeMethodChoice = str(DEFAULT_MERGE_METHOD)
+    lambda_: float = Field(
+        DEFAULT_LAMBDA, alias="lambda", gt=0, le=100, description="Scale λ of the merge."
+    )
     density: float | None = Field(None, gt=0, le=1, description="ties: trim density per tensor.")
     heads_from: str | None = Field(
         None,

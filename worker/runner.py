@@ -31,7 +31,6 @@ Decision: the originals are dropped after *any* successful compression, lossless
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import socket
@@ -47,11 +46,11 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.compress import CompressResult, compress_request
+from core.compress import compress_request
 from core.delta_format import DeltaReader
 from core.errors import Cancelled, SlimError
-from core.evaluate import Example
 from core.merge import merge
+from core.params import CompressOutcome, CompressParams, MergeParams, finite
 from core.summary import describe
 from storage import queue
 from storage.blobstore import BlobInfo, BlobStore
@@ -216,49 +215,34 @@ class Worker:
             checkpoint = _mark_compressing(session, job.checkpoint_id)
             base_files = _specs(list_files(session, base_id=checkpoint.base_id), "base")
             ft_files = _specs(list_files(session, checkpoint_id=checkpoint.id), "upload")
-            method, params, base_id = checkpoint.method, dict(checkpoint.params), checkpoint.base_id
+            params = CompressParams.from_row(checkpoint.params, method=checkpoint.method)
+            base_id = checkpoint.base_id
             session.commit()
         lease.update({"phase": "prepare"})
         base_dir = self.cache.shared_dir(f"base-{base_id}", base_files)
         ft_dir = self.cache.materialize(ft_files, job_dir / "upload")
         out = job_dir / "delta.slim"
-        result = self._run_compress(method, params, base_dir, ft_dir, out, lease)
+        outcome = self._run_compress(params, base_dir, ft_dir, out, lease)
         lease.check()
         lease.update({"phase": "store"})
         info = self.store.put_file(out)
         with DeltaReader(out) as reader:
             files = {f.path: f for f in reader.doc.files}
-        drop = self._publish(job_id, info, lease, _compress_fields(result), files, new_files=False)
+        drop = self._publish(job_id, info, lease, outcome.to_row(), files, new_files=False)
         self._drop_originals(drop, claimed_at)
 
     def _run_compress(
         self,
-        method: str,
-        params: dict[str, Any],
+        params: CompressParams,
         base_dir: Path,
         ft_dir: Path,
         out: Path,
         lease: Lease,
-    ) -> CompressResult:
+    ) -> CompressOutcome:
         """The compression the checkpoint's parameters ask for, through the same core entry
         point and defaults as ``slim compress`` (:func:`core.compress.compress_request`)."""
-        calibration = params.get("calibration")
         return compress_request(
-            base_dir,
-            ft_dir,
-            out,
-            method=method,
-            keep=params.get("keep"),
-            value_bits=params.get("value_bits"),
-            evaluation=params.get("evaluation"),
-            calibration=[Example(e["text"], e.get("label")) for e in calibration]
-            if calibration
-            else None,
-            min_fidelity=params.get("min_fidelity"),
-            seed=params.get("seed"),
-            options=params.get("options") or None,
-            device=self.options.device,
-            progress=lease.progress,
+            base_dir, ft_dir, out, params, device=self.options.device, progress=lease.progress
         )
 
     def _merge(self, job_id: str, job_dir: Path, lease: Lease) -> None:
@@ -266,10 +250,10 @@ class Worker:
             begin_write(session)
             job = _job(session, job_id)
             checkpoint = _mark_compressing(session, job.checkpoint_id)
-            payload = dict(job.payload)
-            parents = [session.get(Checkpoint, pid) for pid in payload["checkpoint_ids"]]
+            params = MergeParams.from_row(job.payload)
+            parents = [session.get(Checkpoint, pid) for pid in params.checkpoint_ids]
             delta_keys: list[str] = []
-            for pid, parent in zip(payload["checkpoint_ids"], parents, strict=True):
+            for pid, parent in zip(params.checkpoint_ids, parents, strict=True):
                 if parent is None or parent.delta_blob_key is None:
                     raise OriginalsGone(
                         f"checkpoint {pid} was deleted or is not stored any more; "
@@ -289,10 +273,10 @@ class Worker:
             base_dir,
             deltas,
             out,
-            method=payload.get("method", "task_arithmetic"),
-            lam=float(payload.get("lambda", 1.0)),
-            density=payload.get("density"),
-            heads_from=payload.get("heads_from"),
+            method=params.method,
+            lam=params.lam,
+            density=params.density,
+            heads_from=params.heads_from,
         )
         lease.check()
         lease.update({"phase": "store"})
@@ -304,7 +288,7 @@ class Worker:
             "original_bytes": summary["original_bytes"],
             "bits_per_param": summary["bits_per_param"],
             "num_params": summary["num_params"],
-            "fitness": _finite(
+            "fitness": finite(
                 {"evaluation": "weights", "kept": summary["kept"], "notes": summary["notes"]}
             ),
             "trace": None,
@@ -347,8 +331,7 @@ class Worker:
                 raise LeaseLost("the checkpoint was deleted")
             record_blob(session, info)
             checkpoint.delta_blob_key = info.key
-            for name, value in fields.items():
-                setattr(checkpoint, name, value)
+            _record_outcome(checkpoint, fields)
             checkpoint.stored_bytes = info.size
             checkpoint.ratio = checkpoint.original_bytes / info.size if info.size else None
             checkpoint.state = CheckpointState.READY
@@ -474,7 +457,7 @@ class Lease:
             return dict(self._progress)
 
     def update(self, info: dict[str, Any]) -> None:
-        clean = _finite(info)
+        clean = finite(info)
         with self._lock:
             phase_changed = clean.get("phase") not in (None, self._progress.get("phase"))
             self._progress.update(clean)
@@ -553,52 +536,12 @@ def _specs(rows: list[File], what: str) -> list[FileSpec]:
     return specs
 
 
-def _compress_fields(result: CompressResult) -> dict[str, Any]:
-    fitness = {
-        "method": result.method,
-        "evaluation": result.evaluation,
-        "keep": result.keep,
-        "value_bits": result.value_bits,
-        "kept": result.kept,
-        "fitness_before": result.fitness_before,
-        "fitness_after": result.fitness_after,
-        "fidelity": result.fidelity,
-        "fidelity_part": result.fidelity_part,
-        "fidelity_examples": result.fidelity_examples,
-        "fitness_objective": result.fitness_objective,
-        "metrics_after": result.metrics_after,
-        "metrics_reference": result.metrics_reference,
-        "metrics_removed": result.metrics_removed,
-        "evaluations": result.evaluations,
-        "total_seconds": result.total_seconds,
-        "notes": result.notes,
-    }
-    return {
-        "original_bytes": result.original_bytes,
-        "stored_bytes": result.stored_bytes,
-        "ratio": _num(result.ratio),
-        "bits_per_param": _num(result.bits_per_param),
-        "num_params": result.num_params,
-        "fitness": _finite(fitness),
-        "trace": _finite(result.trace),
-        "search_seconds": _num(result.search_seconds),
-    }
-
-
-def _num(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _finite(value: Any) -> Any:
-    """A copy of a JSON-like value with NaN/inf floats replaced by None (JSON has no NaN)."""
-    if isinstance(value, float):
-        return _num(value)
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if value is None or isinstance(value, str | int | bool):
-        return value
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return _finite(value.item())
-    return str(value)
+def _record_outcome(checkpoint: Checkpoint, row: dict[str, Any]) -> None:
+    """Write what a job produced (:meth:`core.params.CompressOutcome.to_row`, or a merge's
+    summary) to its checkpoint's columns."""
+    checkpoint.original_bytes = row["original_bytes"]
+    checkpoint.bits_per_param = row["bits_per_param"]
+    checkpoint.num_params = row["num_params"]
+    checkpoint.fitness = row["fitness"]
+    checkpoint.trace = row["trace"]
+    checkpoint.search_seconds = row["search_seconds"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 from core.errors import InvalidArgument
@@ -12,16 +11,7 @@ from core.methods.lossless import Lossless
 from core.methods.magnitude import Magnitude, MagnitudeScaled
 from core.methods.nps import Nps
 from core.methods.nps_seeded import NpsSeeded
-
-
-class MethodName(StrEnum):
-    NPS = "nps"
-    NPS_SEEDED = "nps-seeded"
-    MAGNITUDE = "magnitude"
-    MAGNITUDE_SCALED = "magnitude-scaled"
-    DARE = "dare"
-    LOSSLESS = "lossless"
-
+from core.params import Method as MethodName
 
 REGISTRY: dict[str, type[Method]] = {
     MethodName.NPS: Nps,

@@ -16,6 +16,7 @@ import torch
 
 from core import rng
 from core.methods.base import FitContext, Fitted, Method, check_keep
+from core.params import DEFAULT_KEEP
 from core.taskvector import TensorPlan
 from core.tensor_codec import Seeded, Selection, ValueSpec
 from core.workspace import Workspace
@@ -23,7 +24,7 @@ from core.workspace import Workspace
 
 @dataclass
 class DareFitted(Fitted):
-    keep: float = 0.01
+    keep: float = DEFAULT_KEEP
     seed: int = 0
     rescale: bool = True
 
@@ -42,7 +43,7 @@ class Dare(Method):
     name = "dare"
     paper = "https://arxiv.org/abs/2311.03099"
 
-    def __init__(self, keep: float = 0.01, rescale: bool = True) -> None:
+    def __init__(self, keep: float = DEFAULT_KEEP, rescale: bool = True) -> None:
         self.keep = check_keep(keep)
         self.rescale = rescale
 

@@ -26,6 +26,7 @@ from core.methods.base import (
     from_mask,
     keep_count,
 )
+from core.params import DEFAULT_KEEP
 from core.taskvector import TensorPlan
 from core.tensor_codec import Selection, ValueSpec
 from core.topk import Cut, CutApplier, coarse_histogram, top_k_cut
@@ -78,7 +79,7 @@ class Magnitude(Method):
     name = "magnitude"
     paper = "https://arxiv.org/abs/2306.01708"
 
-    def __init__(self, keep: float = 0.01) -> None:
+    def __init__(self, keep: float = DEFAULT_KEEP) -> None:
         self.keep = check_keep(keep)
 
     def fit(self, ws: Workspace, ctx: FitContext) -> Fitted:
@@ -96,7 +97,7 @@ class MagnitudeScaled(Method):
     searches = True
 
     def __init__(
-        self, keep: float = 0.01, max_scale: float = 64.0, grid: int = 13, refine: int = 6
+        self, keep: float = DEFAULT_KEEP, max_scale: float = 64.0, grid: int = 13, refine: int = 6
     ) -> None:
         self.keep = check_keep(keep)
         self.max_scale = max_scale

@@ -30,6 +30,7 @@ from core.methods.base import Candidate, FitContext, Fitted, Method, check_keep,
 from core.methods.magnitude import MaskFitted, global_cut
 from core.methods.prefix import PrefixIndex
 from core.methods.subspaces import BINNINGS, MagnitudeSubspaces, magnitude_subspaces
+from core.params import DEFAULT_KEEP
 from core.taskvector import TensorPlan
 from core.tensor_codec import Selection, ValueSpec
 from core.topk import Cut, CutApplier, coarse_histogram, count_at_least_np, top_k_cut
@@ -159,7 +160,7 @@ class Nps(Method):
 
     def __init__(
         self,
-        keep: float = 0.01,
+        keep: float = DEFAULT_KEEP,
         subspaces: int = 8,
         preset: str = "default",
         binning: str | None = None,

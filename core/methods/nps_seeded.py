@@ -35,6 +35,7 @@ from core.methods.dare import DareFitted
 from core.methods.nps import default_popsize, run_cma
 from core.methods.prefix import PrefixIndex
 from core.methods.subspaces import magnitude_subspaces, tensor_group
+from core.params import DEFAULT_KEEP
 from core.taskvector import TensorPlan
 from core.tensor_codec import Seeded, Selection, ValueSpec
 from core.workspace import Workspace
@@ -110,7 +111,7 @@ class NpsSeeded(Method):
 
     def __init__(
         self,
-        keep: float = 0.01,
+        keep: float = DEFAULT_KEEP,
         subspaces: str = "tensor",
         m: int = 8,
         binning: str = "graded",

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from core.params import AutoStep, CompressOutcome, CompressParams, Method
 from service import operations
 from service.dashboard import charts
 from service.schemas import split_error
@@ -183,9 +184,16 @@ def auto_progress_text(p: dict[str, Any]) -> str:
 
 
 def candidate_text(c: dict[str, Any]) -> str:
-    """``dare keep 0.03 · 3-bit`` (lossless: just the method)."""
-    method = str(c.get("method") or c.get("encoded") or "?")
-    keep, bits = _float(c.get("keep")), _int(c.get("value_bits"))
+    """``dare keep 0.03 3-bit`` of a progress report's candidate (lossless: just the method)."""
+    return _candidate(str(c.get("method") or "?"), _float(c.get("keep")), _int(c.get("value_bits")))
+
+
+def _step_text(step: AutoStep) -> str:
+    return _candidate(step.method, step.keep, step.value_bits)
+
+
+def _candidate(method: str, keep: float | None, bits: int | None) -> str:
+    """``dare keep 0.03 3-bit`` (lossless: just the method)."""
     out = method
     if keep is not None and method != "lossless":
         out += f" keep {keep:g}"
@@ -276,9 +284,9 @@ def build(session: Session, namespace: str, selected_id: str | None = None) -> D
     by_id = {b.id: b for b in bases}
     rows = repo.list_checkpoints(session, namespace=namespace, limit=MAX_ROWS)
     stored = repo.stored_bytes_by_checkpoint(session, [c.id for c in rows])
-    trails = {c.id: auto_trail(c) for c in rows}
-    traces = {c.id: trace_points(c.trace) for c in rows}
-    checkpoints = [_row(c, by_id, stored.get(c.id), trails[c.id], len(traces[c.id])) for c in rows]
+    outcomes = {c.id: CompressOutcome.from_row(c) for c in rows}  # each trace read once
+    trails = {c.id: auto_trail(c, outcomes[c.id]) for c in rows}
+    checkpoints = [_row(c, by_id, stored.get(c.id), trails[c.id], outcomes[c.id]) for c in rows]
     for c in checkpoints:
         if c.base_id in by_id:
             by_id[c.base_id].checkpoints.append(c)
@@ -313,7 +321,7 @@ def build(session: Session, namespace: str, selected_id: str | None = None) -> D
             "fidelity",
             "Bits per parameter against fidelity",
         ),
-        trace_chart=_trace_chart(selected, trail, traces, rows),
+        trace_chart=_trace_chart(selected, trail, outcomes),
         fingerprint=fingerprint(rows),
         trail=trail,
     )
@@ -364,19 +372,6 @@ def checkpoints_fingerprint(session: Session, namespace: str) -> str:
     return fingerprint(repo.list_checkpoints(session, namespace=namespace, limit=MAX_ROWS))
 
 
-def trace_points(trace: Any) -> list[tuple[float, float]]:
-    """(step, best fitness) of a search trace: nps records generations, ``magnitude-scaled``
-    evaluations; ``auto`` prefixes its trail (read by :func:`auto_trail`, skipped here)."""
-    out: list[tuple[float, float]] = []
-    for i, entry in enumerate(trace if isinstance(trace, list) else []):
-        if not isinstance(entry, dict) or not isinstance(entry.get("best_fitness"), int | float):
-            continue
-        step = entry.get("generation", entry.get("evaluation", i))
-        if isinstance(step, int | float):
-            out.append((float(step), float(entry["best_fitness"])))
-    return out
-
-
 @dataclass
 class AutoTrail:
     """``auto``'s trail as the page draws it: the judged candidates, the floor, the choice."""
@@ -390,86 +385,57 @@ class AutoTrail:
     seconds: float | None
 
 
-def auto_trail(c: Checkpoint) -> AutoTrail | None:
+def auto_trail(c: Checkpoint, outcome: CompressOutcome | None = None) -> AutoTrail | None:
     """The trail of an ``auto`` checkpoint (None for other methods).
 
     Reads the steps of CONTRACT.md (``fidelity``, ``floor``, ``passed``, ``part``,
     ``examples``, ``seconds``; final ``encoded``, ``reason``) and the older records too
     (``fidelity_holdout``, ``evaluations``, ``fidelity_search``; floor from the checkpoint's
-    ``min_fidelity``)."""
-    if c.method != "auto":
+    ``min_fidelity``) — :class:`core.params.SearchTrace` reads both."""
+    if c.method != Method.AUTO:
         return None
-    trace = c.trace if isinstance(c.trace, list) else []
-    raw = next(
-        (e["auto"] for e in trace if isinstance(e, dict) and isinstance(e.get("auto"), list)), []
-    )
-    params = c.params or {}
-    floor = _float(params.get("min_fidelity"))
-    judged = [s for s in raw if isinstance(s, dict) and "encoded" not in s]
-    final = next((s for s in reversed(raw) if isinstance(s, dict) and "encoded" in s), None)
+    outcome = outcome or CompressOutcome.from_row(c)
+    search = outcome.search
+    floor = CompressParams.from_row(c.params).min_fidelity
+    final = search.choice
     steps: list[charts.TrailStep] = []
-    for i, step in enumerate(judged, 1):
-        fid = _float(step.get("fidelity", step.get("fidelity_holdout")))
+    for i, step in enumerate(search.steps, 1):
+        fid = step.fidelity
         if fid is None:
             continue
-        step_floor = _float(step.get("floor"))
-        floor = step_floor if step_floor is not None else floor
-        passed = step.get("passed")
-        passed = bool(passed) if isinstance(passed, bool) else floor is not None and fid >= floor
-        examples = _int(step.get("examples", step.get("evaluations")))
-        secs = _float(step.get("seconds"))
-        bits = _float(step.get("estimated_bits"))
+        floor = step.floor if step.floor is not None else floor
+        passed = step.passed if step.passed is not None else floor is not None and fid >= floor
         detail = [
-            f"{i}. {candidate_text(step)}",
+            f"{i}. {_step_text(step)}",
             f"fidelity {fid:.4f}" + (f" vs floor {floor:.4g}" if floor is not None else ""),
             "passed" if passed else "rejected",
         ]
-        if step.get("part") or examples:
+        if step.part or step.examples:
             detail.append(
-                f"on {examples or '?'} {step.get('part') or ''} examples".replace("  ", " ")
+                f"on {step.examples or '?'} {step.part or ''} examples".replace("  ", " ")
             )
-        if bits is not None:
-            detail.append(f"≈{bits:.3g} bits/param")
-        if secs is not None:
-            detail.append(f"{secs:.1f} s")
-        chosen = final is not None and all(
-            final.get(k) == step.get(k2)
-            for k, k2 in (("encoded", "method"), ("keep", "keep"), ("value_bits", "value_bits"))
-        )
-        steps.append(
-            charts.TrailStep(i, fid, passed, candidate_text(step), " · ".join(detail), chosen)
-        )
-    fitness = c.fitness or {}
-    seconds = _auto_seconds(c, judged)
+        if step.estimated_bits is not None:
+            detail.append(f"≈{step.estimated_bits:.3g} bits/param")
+        if step.seconds is not None:
+            detail.append(f"{step.seconds:.1f} s")
+        chosen = final is not None and final.is_step(step)
+        steps.append(charts.TrailStep(i, fid, passed, _step_text(step), " · ".join(detail), chosen))
     return AutoTrail(
         steps=steps,
         floor=floor,
-        encoded=str(final["encoded"]) if final else _encoded(fitness.get("method")),
-        chosen=candidate_text(final) if final else None,
-        fidelity=_float(final.get("fidelity", final.get("fidelity_search")))
-        if final
-        else _float(fitness.get("fidelity")),
-        reason=str(final["reason"]) if final and final.get("reason") else None,
-        seconds=seconds,
+        encoded=final.encoded if final else outcome.encoded,
+        chosen=_candidate(final.encoded, final.keep, final.value_bits) if final else None,
+        fidelity=final.fidelity if final else outcome.fidelity,
+        reason=final.reason if final else None,
+        seconds=_auto_seconds(c, outcome, search.steps),
     )
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _step_name(trace: Any) -> str:
-    """What a trace counts: CMA-ES generations (nps), else single evaluations (scale search)."""
-    entries = trace if isinstance(trace, list) else []
-    if any(isinstance(e, dict) and "generation" in e for e in entries):
-        return "generation"
-    return "evaluation"
-
-
 def _trace_chart(
-    selected: CheckpointRow | None,
-    trail: AutoTrail | None,
-    traces: dict[str, list[tuple[float, float]]],
-    rows: list[Checkpoint],
+    selected: CheckpointRow | None, trail: AutoTrail | None, outcomes: dict[str, CompressOutcome]
 ) -> Any:
     if selected is None:
         return charts.empty("trace", "no checkpoint with a search trace or an auto trail yet")
@@ -481,35 +447,29 @@ def _trace_chart(
             empty_message="auto judged no candidate"
             + (f"; it stored {trail.encoded}" if trail.encoded else ""),
         )
-    points = traces.get(selected.id, [])
-    if not points:
+    outcome = outcomes.get(selected.id)
+    search = outcome.search if outcome is not None else None
+    if search is None or not search.points:
         return charts.empty("trace", f"no search trace ({selected.method} does not search)")
-    row = next((c for c in rows if c.id == selected.id), None)
     return charts.line(
-        points,
-        _step_name(row.trace if row else None),
+        list(search.points),
+        search.step_name,
         "best fitness",
         f"Search trace of {selected.name}",
     )
 
 
-def _auto_seconds(c: Checkpoint, judged: list[dict[str, Any]]) -> float | None:
+def _auto_seconds(
+    c: Checkpoint, outcome: CompressOutcome, judged: tuple[AutoStep, ...]
+) -> float | None:
     """Auto's search time: ``search_seconds`` as recorded (the figure every other view shows).
     Records from before auto reported it hold 0 or the final encoding's own search there; their
     run's length is then the longer of ``fitness.total_seconds`` and the judged steps."""
     if c.search_seconds:  # auto's own figure, the one `slim show` and the API report
         return c.search_seconds
-    fitness = c.fitness or {}
-    steps = sum(_float(s.get("seconds")) or 0.0 for s in judged)
-    found = [v for v in (_float(fitness.get("total_seconds")), steps or None) if v]
+    steps = sum(s.seconds or 0.0 for s in judged)
+    found = [v for v in (outcome.total_seconds, steps or None) if v]
     return max(found) if found else c.search_seconds
-
-
-def _encoded(method: Any) -> str | None:
-    """The encoding behind ``auto:dare`` (the method recorded in fitness)."""
-    if isinstance(method, str) and method.startswith("auto:"):
-        return method.split(":", 1)[1]
-    return None
 
 
 def _row(
@@ -517,16 +477,14 @@ def _row(
     bases: dict[str, BaseRow],
     stored: repo.StoredBytes | None,
     trail: AutoTrail | None,
-    trace_len: int,
+    outcome: CompressOutcome,
 ) -> CheckpointRow:
-    params = c.params or {}
-    fitness = c.fitness or {}
-    fidelity = fitness.get("fidelity")
+    params = CompressParams.from_row(c.params)
     base = bases.get(c.base_id)
-    keep, bits = params.get("keep"), params.get("value_bits")
+    keep, bits = params.keep, params.value_bits
     encoded = trail.encoded if trail else None
     if encoded:  # auto: what it chose
-        keep, bits = fitness.get("keep"), fitness.get("value_bits")
+        keep, bits = outcome.keep, outcome.value_bits
     stored = stored or repo.StoredBytes()
     return CheckpointRow(
         id=c.id,
@@ -537,16 +495,16 @@ def _row(
         method=c.method,
         keep=keep if (encoded or c.method) != "lossless" else None,
         value_bits=bits if (encoded or c.method) != "lossless" else None,
-        evaluation=params.get("evaluation"),
+        evaluation=None if params.evaluation is None else str(params.evaluation),
         original_bytes=c.original_bytes,
         stored_bytes=stored.total if stored.num_blobs else None,
         stored_parts=stored.parts,
         ratio=c.ratio,
         bits_per_param=c.bits_per_param,
-        fidelity=float(fidelity) if isinstance(fidelity, int | float) else None,
+        fidelity=outcome.fidelity,
         search_seconds=trail.seconds if trail else c.search_seconds,
         error=c.error,
-        trace_points=len(trail.steps) if trail else trace_len,
+        trace_points=len(trail.steps) if trail else len(outcome.search.points),
         encoded=encoded,
     )
 

@@ -4,6 +4,7 @@ file's, and the screen reaches passing candidates by bisection."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -153,7 +154,8 @@ def test_a_candidate_that_fails_once_encoded_is_not_stored(
         result = real(*args, **kwargs)
         calls.append(kwargs["method"])
         if kwargs["method"] != "lossless":
-            result.fidelity = 0.5  # as if the stored encoding lost what the candidate kept
+            # as if the stored encoding lost what the candidate kept
+            return dataclasses.replace(result, fidelity=0.5)
         return result
 
     monkeypatch.setattr(core.auto, "compress", lossy_under)

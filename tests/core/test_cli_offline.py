@@ -179,15 +179,18 @@ def test_unknown_format_version_cli(tmp_path: Path) -> None:
 
 def test_cli_choices_match_the_core_registries() -> None:
     from cli import offline
-    from core.compress import VALUE_BITS
-    from core.evaluate import EVAL_KINDS
-    from core.merge import MERGE_METHODS
+    from core import compress, evaluate, merge
     from core.methods import REGISTRY
+    from core.params import EVAL_KINDS, MERGE_METHODS, VALUE_BITS
 
     assert set(offline.METHODS) == set(REGISTRY)
     assert tuple(offline.VALUE_BITS) == tuple(VALUE_BITS)
     assert tuple(offline.EVAL_KINDS) == tuple(EVAL_KINDS)
     assert tuple(offline.MERGE_METHODS) == tuple(MERGE_METHODS)
+    # core validates against the same lists (one definition, core.params)
+    assert compress.VALUE_BITS is VALUE_BITS and compress.EVAL_KINDS is EVAL_KINDS
+    assert merge.MERGE_METHODS is MERGE_METHODS
+    assert evaluate.Example is compress.Example
 
 
 def test_parser_builds_without_importing_torch() -> None:

@@ -19,17 +19,19 @@ import core.compress
 from cli.main import main
 from core.delta_format import DeltaReader
 from core.evaluate import Example, load_calibration
+from core.params import CompressOutcome, CompressParams, Method
 from worker.runner import Worker
 
 
 def _worker_run(
     method: str, params: dict[str, Any], base: Path, ft: Path, out: Path
-) -> core.compress.CompressResult:
-    """The worker's own ``_run_compress`` (no database: it only needs its device option and
-    a lease's progress callback)."""
+) -> CompressOutcome:
+    """The worker's own ``_run_compress`` on a stored ``params`` row (no database: it only
+    needs its device option and a lease's progress callback)."""
     fake = SimpleNamespace(options=SimpleNamespace(device=None))
     lease = SimpleNamespace(progress=lambda info: None)
-    return Worker._run_compress(fake, method, params, base, ft, out, lease)  # type: ignore[arg-type]
+    asked = CompressParams.from_row(params, method=method)
+    return Worker._run_compress(fake, asked, base, ft, out, lease)  # type: ignore[arg-type]
 
 
 def _service_params(calibration: Path, **extra: Any) -> dict[str, Any]:
@@ -76,10 +78,10 @@ def test_offline_and_worker_call_auto_with_the_same_arguments(
     with pytest.raises(SystemExit):
         _worker_run("auto", _service_params(cal), base, ft, tmp_path / "w.slim")
     offline, worker = calls
-    # the same examples (a path offline, a list in the service), then every other argument
-    assert load_calibration(offline.pop("calibration"), need_labels=False) == worker.pop(
-        "calibration"
-    )
+    # the same examples (read from the file offline, stored in the service), then every
+    # other argument
+    assert offline.pop("calibration") == load_calibration(cal, need_labels=False)
+    assert worker.pop("calibration") == load_calibration(cal, need_labels=False)
     offline.pop("progress"), worker.pop("progress")
     assert offline == worker
     assert offline["keep"] is None and offline["value_bits"] is None  # searched, not pinned
@@ -167,7 +169,10 @@ def test_a_floor_with_a_fixed_method_is_refused(tiny_models: dict[str, Path]) ->
 
     with pytest.raises(InvalidArgument, match="min-fidelity"):
         core.compress.compress_request(
-            tiny_models["base"], tiny_models["ft"], "x.slim", method="dare", min_fidelity=0.99
+            tiny_models["base"],
+            tiny_models["ft"],
+            "x.slim",
+            CompressParams(method=Method.DARE, min_fidelity=0.99),
         )
     assert Example("a") == Example("a")
 
@@ -176,7 +181,7 @@ def test_no_method_and_no_data_is_exact(
     tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Without a method, calibration or a lossy choice, offline compress stores no loss."""
-    from core.compress import default_method
+    from core.params import default_method
 
     base, ft = tiny_models["base"], tiny_models["ft"]
     assert main(["compress", str(base), str(ft), "-o", str(tmp_path / "x.slim"), "--quiet"]) == 0

@@ -3,7 +3,7 @@ merge included), HEAD and GET of ``/delta`` and of each file agree with each oth
 body actually sent; the record's ``stored_bytes`` is the delta blob's size.
 
 ``auto`` rewrites its delta's document after compressing (to record its trail), so its core
-accounting (``CompressResult.stored_bytes``) is not the stored blob's size: a Content-Length taken
+accounting (``CompressOutcome.stored_bytes``) is not the stored blob's size: a Content-Length taken
 from that field made h11 abort every ``slim pull --local`` of an auto checkpoint (issue 19)."""
 
 from __future__ import annotations

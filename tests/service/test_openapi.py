@@ -12,10 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from core.compress import VALUE_BITS
-from core.evaluate import EVAL_KINDS
-from core.merge import MERGE_METHODS
 from core.methods import REGISTRY
+from core.params import EVAL_KINDS, MERGE_METHODS, VALUE_BITS
 from tests.conftest import Models, Stack
 from tests.infra import commit_and_wait, make_base, make_checkpoint, wait_job
 
