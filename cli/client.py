@@ -1,4 +1,4 @@
-"""Client verbs: talk to a Slimstore server through :mod:`cli.sdk`.
+"""Client verbs: talk to a Slimstore server through the :mod:`client` SDK.
 
 ``slim base push|ls``, ``slim push``, ``slim pull``, ``slim ls``, ``slim show``, ``slim rm``,
 ``slim status``, ``slim merge``, ``slim stats``. The server and key come from ``--url`` /
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
 
-    from cli.sdk import Checkpoint, Job, PullReport, PushReport, SlimClient
+    from client import Checkpoint, Job, PullReport, PushReport, SlimClient
 
 SubParsers = argparse._SubParsersAction
 
@@ -190,7 +190,7 @@ def _take_over(sub: SubParsers, name: str) -> None:
 
 @contextmanager
 def _client(args: argparse.Namespace) -> Iterator[SlimClient]:
-    from cli.sdk import SlimClient
+    from client import SlimClient
 
     with SlimClient(args.url, args.api_key) as client:
         yield client
@@ -739,6 +739,6 @@ def _print_job(job: Job) -> None:
 
 
 def _usage(message: str) -> Exception:
-    from cli.sdk import BadRequest
+    from client import BadRequest
 
     return BadRequest(message, code="usage")

@@ -307,7 +307,7 @@ def _with_handler(parser: object, handler: object) -> object:
 
 def test_an_auto_checkpoint_shows_its_chosen_encoding_and_search_time() -> None:
     from cli.client import _summary
-    from cli.sdk import Checkpoint
+    from client import Checkpoint
 
     ckpt = Checkpoint(
         id="c1",
