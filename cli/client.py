@@ -8,9 +8,9 @@ Progress bars (rich, on stderr) show when stderr is a terminal; otherwise a foll
 one line per generation. Results go to stdout (``--json`` for scripts). Errors the server or the
 client report carry a stable ``code``; ``cli.main`` prints them as one line and exits 2.
 
-``slim merge`` has two forms: ``slim merge ID ID ... --name N`` merges stored checkpoints on
-the server; ``slim merge BASE_DIR DELTA ... -o OUT`` is the offline merge of delta files (the
-verb registered by :mod:`cli.offline`, which this module takes over and dispatches to).
+``slim merge`` is registered here, once, for both its forms: ``slim merge ID ID ... --name N``
+merges stored checkpoints on the server; ``slim merge BASE_DIR DELTA ... -o OUT`` is the offline
+merge of delta files (:func:`cli.offline.cmd_merge`, no server).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
+
+from cli.offline import MERGE_METHODS
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
@@ -149,7 +151,6 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
 
-    _take_over(sub, "merge")
     p = sub.add_parser(
         "merge",
         parents=[conn],
@@ -160,7 +161,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("refs", nargs="+", metavar="ID")
     p.add_argument("--name", default=None, help="name of the merged checkpoint (server)")
     p.add_argument("-o", "--output", default=None, help="offline: the merged delta file")
-    p.add_argument("--method", choices=("task_arithmetic", "ties"), default="task_arithmetic")
+    p.add_argument("--method", choices=MERGE_METHODS, default="task_arithmetic")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0)
     p.add_argument("--density", type=float, default=None, help="ties: trim density")
     p.add_argument(
@@ -177,12 +178,6 @@ def register(sub: SubParsers) -> None:
     p = sub.add_parser("stats", parents=[conn], help="storage totals")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_stats)
-
-
-def _take_over(sub: SubParsers, name: str) -> None:
-    """Drop a verb another module registered, so this module can register its own."""
-    sub._name_parser_map.pop(name, None)
-    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != name]
 
 
 # -- handlers ------------------------------------------------------------------------------------
