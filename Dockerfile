@@ -34,6 +34,7 @@ COPY storage ./storage
 COPY service ./service
 COPY worker ./worker
 COPY cli ./cli
+COPY client ./client
 COPY migrations ./migrations
 RUN pip install . \
     && useradd --system --uid 10001 --create-home slim \

@@ -225,7 +225,7 @@ def worker_kill(root: Path, cfg: Config, log: Log) -> Outcome:
         with client(api.url) as c:
             base = make_base(c, base_dir, "base")
             # How long a fresh worker takes from claim to done: kills land inside that window.
-            probe = make_checkpoint(c, base["id"], ft_dir, "probe")
+            probe = make_checkpoint(c, base["id"], ft_dir, "probe", keep=0.05)
             probe_job = commit(c, probe["id"])["id"]
             w = worker(dep, "probe").start()
             try:
@@ -241,7 +241,7 @@ def worker_kill(root: Path, cfg: Config, log: Log) -> Outcome:
             def trial(i: int) -> Trial:
                 from storage.models import Job
 
-                ckpt = make_checkpoint(c, base["id"], ft_dir, f"wk-{i}")
+                ckpt = make_checkpoint(c, base["id"], ft_dir, f"wk-{i}", keep=0.05)
                 job_id = commit(c, ckpt["id"])["id"]
                 doomed = worker(dep, f"doomed-{i}").start()
                 survivor: Proc | None = None
@@ -327,7 +327,7 @@ def api_kill_upload(root: Path, cfg: Config, log: Log) -> Outcome:
 
         def trial(i: int) -> Trial:
             with client(api.url) as c:
-                ckpt = make_checkpoint(c, base["id"], None, f"up-{i}")
+                ckpt = make_checkpoint(c, base["id"], None, f"up-{i}", keep=0.05)
                 cut = int(rng.uniform(0.05, 0.95) * size)
 
                 def body() -> Any:
@@ -411,7 +411,7 @@ def api_kill_download(root: Path, cfg: Config, log: Log) -> Outcome:
         w = worker(dep, "worker").start()
         with client(api.url) as c:
             base = make_base(c, base_dir, "base")
-            ckpt = make_checkpoint(c, base["id"], ft_dir, "dl")
+            ckpt = make_checkpoint(c, base["id"], ft_dir, "dl", keep=0.05)
             done = wait_job(c, commit(c, ckpt["id"])["id"])
             assert done["state"] == "succeeded", done
         w.stop()
@@ -498,7 +498,7 @@ def gc_during_uploads(root: Path, cfg: Config, log: Log) -> Outcome:
 
             def trial(i: int) -> Trial:
                 before = len(violations)
-                ckpt = make_checkpoint(c, base["id"], None, f"gc-{i}")
+                ckpt = make_checkpoint(c, base["id"], None, f"gc-{i}", keep=0.05)
                 for name in ("config.json", "vocab.txt"):
                     push_dir_one(c, ckpt["id"], ft_dir / name, name)
                 weights = ft_dir / "model.safetensors"
@@ -574,7 +574,7 @@ def s3_outage(root: Path, cfg: Config, log: Log) -> Outcome:
             from storage.models import Job
 
             with client(api.url, timeout=300) as c:
-                ckpt = make_checkpoint(c, base["id"], ft_dir, f"s3-{i}")
+                ckpt = make_checkpoint(c, base["id"], ft_dir, f"s3-{i}", keep=0.05)
                 job_id = commit(c, ckpt["id"])["id"]
 
                 def running() -> bool:
@@ -684,7 +684,7 @@ def pg_restart(root: Path, cfg: Config, log: Log) -> Outcome:
                         time.sleep(0.05)
 
             with client(api.url, timeout=120) as c:
-                ckpt = make_checkpoint(c, base["id"], ft_dir, f"pg-{i}")
+                ckpt = make_checkpoint(c, base["id"], ft_dir, f"pg-{i}", keep=0.05)
                 job_id = commit(c, ckpt["id"])["id"]
                 threads = [
                     threading.Thread(target=f, daemon=True) for f in (reader, reader, writer)
@@ -796,8 +796,8 @@ def disk_full(root: Path, cfg: Config, log: Log) -> Outcome:
 
             def trial(i: int) -> Trial:
                 with client(api.url) as c:
-                    ckpt = make_checkpoint(c, base["id"], ft_dir, f"df-{i}")  # fits
-                    other = make_checkpoint(c, base["id"], None, f"df-up-{i}")
+                    ckpt = make_checkpoint(c, base["id"], ft_dir, f"df-{i}", keep=0.05)  # fits
+                    other = make_checkpoint(c, base["id"], None, f"df-up-{i}", keep=0.05)
                     before = {e.key for e in rt.store.list_keys("sha256/")}
                     fill(rng.randint(0, 64 << 10))
                     weights = ft_dir / "model.safetensors"

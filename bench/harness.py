@@ -1,4 +1,4 @@
-"""Live deployments for the fault and load benchmarks (and the CI tests built on them).
+"""Live deployments for the fault and load benchmarks, and the test suite's real components.
 
 A :class:`Deployment` is a PostgreSQL database of its own plus either a bucket on a local S3
 server (:class:`Moto`, moto's standalone server, restartable on a fixed port: it stands in for
@@ -7,7 +7,11 @@ child processes (:class:`Proc`), configured only through ``SLIM_*`` variables, s
 killed with SIGKILL and their peak memory read from ``/proc``. Every API starts with the
 admin key :data:`ADMIN_KEY` (``SLIM_BOOTSTRAP_KEY``).
 
-Nothing here is imported by the service; it only drives it from outside.
+The test suite builds on the same pieces (``tests/infra.py`` imports them): free ports,
+uniquely named PostgreSQL databases (:class:`PostgresServer`), the API under uvicorn in a thread
+(:class:`LiveServer`), and the API steps (:func:`push_dir`, :func:`make_base`,
+:func:`make_checkpoint`, :func:`commit`, :func:`wait_job`). Nothing here is imported by the
+service; it only drives it from outside.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,6 +48,7 @@ PG_ADMIN_URL = os.environ.get(
 #: The admin key every API started here bootstraps with.
 ADMIN_KEY = "slim_be4c40000000_" + "b3" * 24
 S3_KEY_ID = S3_SECRET = "testing"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
 
 
 def free_port() -> int:
@@ -121,31 +127,55 @@ def pg_ready(admin_url: str = PG_ADMIN_URL, timeout: float = 3.0) -> bool:
         engine.dispose()
 
 
+class PostgresServer:
+    """Creates and drops uniquely named databases (``<prefix>_<random>``) on the PostgreSQL
+    server at ``admin_url``."""
+
+    def __init__(self, admin_url: str = PG_ADMIN_URL, *, prefix: str = "slim_test") -> None:
+        self.admin_url = make_url(admin_url)
+        self.prefix = prefix
+        # Pre-ping: a fault test may have restarted PostgreSQL since the last use, which
+        # leaves a pooled connection dead.
+        self.admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+    def create(self) -> str:
+        """A new empty database; returns its URL."""
+        name = f"{self.prefix}_{uuid.uuid4().hex[:12]}"
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        return self.admin_url.set(database=name).render_as_string(hide_password=False)
+
+    def drop(self, url: str) -> None:
+        name = make_url(url).database
+        with self.admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    def dispose(self) -> None:
+        self.admin.dispose()
+
+
 class PgDatabase:
     """A fresh, migrated database on the server at ``admin_url``; :meth:`drop` removes it."""
 
     def __init__(self, admin_url: str = PG_ADMIN_URL) -> None:
         from storage.db import migrate
 
-        self.admin_url = make_url(admin_url)
-        self.name = f"slim_bench_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        self.admin_url = admin_url
+        server = PostgresServer(admin_url, prefix="slim_bench")
         try:
-            with admin.connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{self.name}"'))
+            self.url = server.create()
         finally:
-            admin.dispose()
-        self.url = self.admin_url.set(database=self.name).render_as_string(hide_password=False)
+            server.dispose()
+        self.name = make_url(self.url).database
         migrate(self.url)
 
     def drop(self) -> None:
         with contextlib.suppress(Exception):
-            admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+            server = PostgresServer(self.admin_url)
             try:
-                with admin.connect() as conn:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+                server.drop(self.url)
             finally:
-                admin.dispose()
+                server.dispose()
 
 
 def pg_cluster() -> tuple[str, str]:
@@ -368,6 +398,35 @@ def client(url: str, key: str | None = ADMIN_KEY, timeout: float = 120) -> httpx
     return httpx.Client(base_url=url, headers=headers, timeout=timeout)
 
 
+class LiveServer:
+    """A real uvicorn serving ``app`` on 127.0.0.1:<free port>, in a daemon thread of this
+    process (the test suite's live services)."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
 # -- models and API steps ------------------------------------------------------------------------
 
 
@@ -397,52 +456,70 @@ def synthetic_pair(root: Path, *, params: int = 1 << 20, seed: int = 0) -> tuple
     return dirs[0], dirs[1]
 
 
-def chunks_of(path: Path, size: int = 256 << 10) -> Iterator[bytes]:
+def file_chunks(path: Path, size: int = 256 << 10) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(size):
             yield chunk
 
 
-def push_dir(c: httpx.Client, kind: str, owner_id: str, directory: Path) -> None:
+def _expect(r: httpx.Response, status: int, what: str) -> Any:
+    """The JSON answer of ``r``; raises when it is not ``status``."""
+    if r.status_code != status:
+        raise RuntimeError(f"{what}: HTTP {r.status_code} (expected {status}): {r.text}")
+    return r.json()
+
+
+def push_dir(c: httpx.Client, kind: str, owner_id: str, directory: Path) -> list[dict[str, Any]]:
+    """PUT every file under ``directory`` (streamed) to ``/v1/{kind}/{id}/files/...``; returns
+    the answers."""
+    answers = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
         r = c.put(
             f"/v1/{kind}/{owner_id}/files/{rel}",
-            content=chunks_of(path),
+            content=file_chunks(path),
             headers={"content-length": str(path.stat().st_size)},
         )
-        r.raise_for_status()
+        answers.append(_expect(r, 200, f"PUT {rel}"))
+    return answers
 
 
-def make_base(c: httpx.Client, directory: Path, name: str) -> dict[str, Any]:
-    r = c.post("/v1/bases", json={"name": name})
-    r.raise_for_status()
-    base = r.json()
+def make_base(c: httpx.Client, directory: Path, name: str = "base") -> dict[str, Any]:
+    """Create, push and commit a base; returns it (ready)."""
+    base = _expect(c.post("/v1/bases", json={"name": name}), 201, f"create base {name}")
     push_dir(c, "bases", base["id"], directory)
-    r = c.post(f"/v1/bases/{base['id']}/commit")
-    r.raise_for_status()
-    return dict(r.json())
+    return dict(_expect(c.post(f"/v1/bases/{base['id']}/commit"), 200, f"commit base {name}"))
 
 
 def make_checkpoint(
-    c: httpx.Client, base_id: str, directory: Path | None, name: str, **params: Any
+    c: httpx.Client,
+    base_id: str,
+    directory: Path | None,
+    name: str = "ft",
+    *,
+    keep: float = 0.1,
+    **params: Any,
 ) -> dict[str, Any]:
-    body = {"name": name, "base_id": base_id, "method": "magnitude", "keep": 0.05, **params}
-    r = c.post("/v1/checkpoints", json=body)
-    r.raise_for_status()
-    ckpt = r.json()
+    """Create a checkpoint (method magnitude at ``keep`` unless ``params`` say otherwise) and
+    push the files of ``directory`` (none when it is None)."""
+    body = {"name": name, "base_id": base_id, "method": "magnitude", "keep": keep, **params}
+    ckpt = _expect(c.post("/v1/checkpoints", json=body), 201, f"create checkpoint {name}")
     if directory is not None:
         push_dir(c, "checkpoints", ckpt["id"], directory)
     return dict(ckpt)
 
 
 def commit(c: httpx.Client, checkpoint_id: str) -> dict[str, Any]:
+    """Commit a checkpoint; returns its job (queued)."""
     r = c.post(f"/v1/checkpoints/{checkpoint_id}/commit")
-    r.raise_for_status()
-    return dict(r.json())
+    return dict(_expect(r, 202, f"commit checkpoint {checkpoint_id}"))
 
 
-def wait_job(c: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:
+def wait_job(
+    c: httpx.Client, job_id: str, timeout: float = 300, interval: float = 0.1
+) -> dict[str, Any]:
+    """Poll a job until it leaves queued/running (riding out an API restart); returns it."""
+
     def done() -> dict[str, Any] | None:
         try:
             job = c.get(f"/v1/jobs/{job_id}").json()
@@ -450,7 +527,12 @@ def wait_job(c: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, An
             return None
         return job if job.get("state") not in ("queued", "running", None) else None
 
-    return dict(wait_until(done, timeout, f"job {job_id} did not finish", 0.1))
+    return dict(wait_until(done, timeout, f"job {job_id} did not finish", interval))
+
+
+def commit_and_wait(c: httpx.Client, checkpoint_id: str, timeout: float = 300) -> dict[str, Any]:
+    """Commit a checkpoint and wait for its job; returns the finished job."""
+    return wait_job(c, commit(c, checkpoint_id)["id"], timeout)
 
 
 def pull_sha256(c: httpx.Client, url: str) -> tuple[str, str | None, int]:

@@ -132,7 +132,7 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         with client(api.url, timeout=600) as c:
             base = make_base(c, base_dir, "base")
             for i, ft in enumerate(fts):
-                ckpt = make_checkpoint(c, base["id"], ft, f"load-{i}")
+                ckpt = make_checkpoint(c, base["id"], ft, f"load-{i}", keep=0.05)
                 done = wait_job(c, commit(c, ckpt["id"])["id"], timeout=900)
                 assert done["state"] == "succeeded", done
                 for f in c.get(f"/v1/checkpoints/{ckpt['id']}/files").json()["data"]:
@@ -141,7 +141,10 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                         targets.append((url, f["size"]))
             # one open checkpoint per uploader
             uploads = [
-                (make_checkpoint(c, base["id"], None, f"upload-{j}")["id"], fts[j % len(fts)])
+                (
+                    make_checkpoint(c, base["id"], None, f"upload-{j}", keep=0.05)["id"],
+                    fts[j % len(fts)],
+                )
                 for j in range(args.uploads)
             ]
             # warm-up: each file once (fills the API's blob cache from S3)

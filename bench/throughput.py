@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.harness import free_port, wait_job
 from bench.llm_fixture import build
 
 RESULTS = Path(__file__).parent / "results"
@@ -92,12 +93,6 @@ def ceilings(sample: Path, repeat: int) -> dict[str, float]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def rss_mb(pid: int, field: str = "VmHWM") -> float:
     """A process's peak RSS (``VmHWM``) or current RSS (``VmRSS``), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -116,7 +111,7 @@ class Stack:
     """An embedded-layout server with its worker as a separate process (so each has its RSS)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | {"SLIM_BOOTSTRAP_KEY": KEY, "SLIM_WORKER_HEARTBEAT_SECONDS": "2"}
         self.api = subprocess.Popen(
@@ -209,11 +204,7 @@ class Stack:
         ).stdout  # fmt: skip
 
     def wait_job(self, job_id: str) -> dict[str, Any]:
-        while True:
-            job = self.client.get(f"/v1/jobs/{job_id}").json()
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(0.5)
+        return wait_job(self.client, job_id, timeout=math.inf, interval=0.5)
 
     def stream(self, path: str) -> int:
         """Bytes of one GET read by the SDK's HTTP client (httpx)."""

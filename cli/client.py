@@ -1,4 +1,4 @@
-"""Client verbs: talk to a Slimstore server through :mod:`cli.sdk`.
+"""Client verbs: talk to a Slimstore server through the :mod:`client` SDK.
 
 ``slim base push|ls``, ``slim push``, ``slim pull``, ``slim ls``, ``slim show``, ``slim rm``,
 ``slim status``, ``slim merge``, ``slim stats``. The server and key come from ``--url`` /
@@ -8,9 +8,9 @@ Progress bars (rich, on stderr) show when stderr is a terminal; otherwise a foll
 one line per generation. Results go to stdout (``--json`` for scripts). Errors the server or the
 client report carry a stable ``code``; ``cli.main`` prints them as one line and exits 2.
 
-``slim merge`` has two forms: ``slim merge ID ID ... --name N`` merges stored checkpoints on
-the server; ``slim merge BASE_DIR DELTA ... -o OUT`` is the offline merge of delta files (the
-verb registered by :mod:`cli.offline`, which this module takes over and dispatches to).
+``slim merge`` is registered here, once, for both its forms: ``slim merge ID ID ... --name N``
+merges stored checkpoints on the server; ``slim merge BASE_DIR DELTA ... -o OUT`` is the offline
+merge of delta files (:func:`cli.offline.cmd_merge`, no server).
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from rich.progress import Progress as RichProgress
-
-    from cli.sdk import Checkpoint, Job, PullReport, PushReport, SlimClient
-
 from core.params import (
     DEFAULT_KEEP,
     DEFAULT_LAMBDA,
@@ -41,6 +36,11 @@ from core.params import (
     CompressParams,
     Method,
 )
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+
+    from client import Checkpoint, Job, PullReport, PushReport, SlimClient
 
 SubParsers = argparse._SubParsersAction
 
@@ -161,7 +161,6 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
 
-    _take_over(sub, "merge")
     p = sub.add_parser(
         "merge",
         parents=[conn],
@@ -191,18 +190,12 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(handler=cmd_stats)
 
 
-def _take_over(sub: SubParsers, name: str) -> None:
-    """Drop a verb another module registered, so this module can register its own."""
-    sub._name_parser_map.pop(name, None)
-    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != name]
-
-
 # -- handlers ------------------------------------------------------------------------------------
 
 
 @contextmanager
 def _client(args: argparse.Namespace) -> Iterator[SlimClient]:
-    from cli.sdk import SlimClient
+    from client import SlimClient
 
     with SlimClient(args.url, args.api_key) as client:
         yield client
@@ -743,6 +736,6 @@ def _print_job(job: Job) -> None:
 
 
 def _usage(message: str) -> Exception:
-    from cli.sdk import BadRequest
+    from client import BadRequest
 
     return BadRequest(message, code="usage")

@@ -1,4 +1,7 @@
-"""Offline verbs (no server): compress, reconstruct, merge, inspect."""
+"""Offline verbs (no server): compress, reconstruct, inspect, and the offline merge.
+
+``slim merge`` is registered once, by :mod:`cli.client`: its ``-o OUT`` form
+(``slim merge BASE_DIR DELTA ... -o OUT``) calls :func:`cmd_merge` here."""
 
 from __future__ import annotations
 
@@ -9,12 +12,9 @@ from typing import Any
 # core.params imports no torch: `slim --help` and the client verbs start without it
 from core.params import (
     DEFAULT_KEEP,
-    DEFAULT_LAMBDA,
-    DEFAULT_MERGE_METHOD,
     DEFAULT_MIN_FIDELITY,
     DEFAULT_VALUE_BITS,
     EVAL_KINDS,
-    MERGE_METHODS,
     METHODS,
     SEARCHING_METHODS,
     VALUE_BITS,
@@ -96,23 +96,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-o", "--output", required=True, help="directory to write")
     p.add_argument("--scale", type=float, default=1.0, help="λ of θ_pre + λ·δ (interpolation)")
     p.set_defaults(handler=cmd_reconstruct)
-
-    p = sub.add_parser("merge", help="merge several deltas of one base into a new delta")
-    p.add_argument("base_dir")
-    p.add_argument("deltas", nargs="+")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--method", choices=MERGE_METHODS, default=str(DEFAULT_MERGE_METHOD))
-    p.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA)
-    p.add_argument("--density", type=float, default=None, help="ties: trim density per tensor")
-    p.add_argument(
-        "--heads-from",
-        default=None,
-        metavar="DELTA",
-        help="the delta (one of DELTAS) whose heads — tensors not in the base — and non-weight "
-        "files the merge keeps; needed when they differ (heads are never averaged)",
-    )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_merge)
 
     p = sub.add_parser("inspect", help="show what a delta file holds")
     p.add_argument("delta")

@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from bench.harness import Moto
 from service.app import create_app
 from service.runtime import Runtime, make_worker
 from service.settings import Settings
@@ -36,7 +37,6 @@ from tests.infra import (
     LiveServer,
     PostgresServer,
     add_api_key,
-    free_port,
     tiny_finetune,
     tiny_model,
     tiny_tensors,
@@ -82,15 +82,11 @@ def pg_url(pg_session_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """URL of a moto S3 server running in this process (a real HTTP server)."""
-    from moto.server import ThreadedMotoServer
-
     with pytest.MonkeyPatch.context() as mp:
         for name, value in S3_CREDENTIALS.items():
             mp.setenv(name, value)
-        port = free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        yield f"http://127.0.0.1:{port}"
+        server = Moto().start()
+        yield server.url
         server.stop()
 
 

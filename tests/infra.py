@@ -1,40 +1,69 @@
 """Real components for tests, shared by every layer: PostgreSQL, S3 (moto), a live service.
 
-- PostgreSQL: uniquely named databases on the server at ``SLIM_TEST_PG_ADMIN_URL`` (default
-  postgres@127.0.0.1:5432), created and dropped by :class:`PostgresServer`.
-- S3: moto's standalone server (started by the ``s3_endpoint`` fixture in ``tests/conftest.py``)
-  reached by boto3 over HTTP; :func:`make_s3_store` makes a store on a fresh bucket.
-- The service: :class:`LiveServer` runs the FastAPI app under a real uvicorn on a free port in
-  a thread; :func:`tiny_model` writes a small synthetic checkpoint (safetensors + config).
+The pieces a benchmark deployment uses too live in :mod:`bench.harness` and are imported from
+there: free ports, uniquely named PostgreSQL databases (:class:`PostgresServer`, on the server
+at ``SLIM_TEST_PG_ADMIN_URL``, default postgres@127.0.0.1:5432), the service under a real
+uvicorn in a thread (:class:`LiveServer`), and the API steps (:func:`push_dir`,
+:func:`make_base`, :func:`make_checkpoint`, :func:`commit_and_wait`, :func:`wait_job`).
+
+Here are only what tests alone need: the test admin key, a migrated :class:`Database`, an S3
+store on a fresh bucket with small parts (:func:`make_s3_store`; moto's server is started by
+the ``s3_endpoint`` fixture in ``tests/conftest.py``), small synthetic checkpoints
+(:func:`tiny_model`) and API keys written straight into the database.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import threading
-import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.harness import (
+    PG_ADMIN_URL,
+    S3_CREDENTIALS,
+    LiveServer,
+    PostgresServer,
+    commit_and_wait,
+    file_chunks,
+    free_port,
+    make_base,
+    make_checkpoint,
+    push_dir,
+    wait_job,
+)
 from core.safetensors_io import save_file
 from storage.blobstore import S3BlobStore
 from storage.s3_store import MIN_PART_SIZE
 
-PG_ADMIN_URL = os.environ.get(
-    "SLIM_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+__all__ = [
+    "AUTH_HEADERS",
+    "PG_ADMIN_URL",
+    "S3_CREDENTIALS",
+    "TEST_ADMIN_KEY",
+    "TINY_SHAPES",
+    "Database",
+    "LiveServer",
+    "PostgresServer",
+    "add_api_key",
+    "commit_and_wait",
+    "file_chunks",
+    "free_port",
+    "make_base",
+    "make_checkpoint",
+    "make_s3_store",
+    "push_dir",
+    "tiny_finetune",
+    "tiny_model",
+    "tiny_tensors",
+    "wait_job",
+]
+
 #: The admin key every test service starts with (``SLIM_BOOTSTRAP_KEY``; namespace default).
 TEST_ADMIN_KEY = "slim_7e57ad000000_" + "5eed" * 12
 AUTH_HEADERS = {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
@@ -53,33 +82,6 @@ class Database:
         return self.engine.dialect.name
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PostgresServer:
-    """Creates and drops uniquely named databases on the test PostgreSQL server."""
-
-    def __init__(self, admin_url: str) -> None:
-        self.admin_url = make_url(admin_url)
-        # Pre-ping: a fault test may have restarted PostgreSQL since the last use, which
-        # leaves a pooled connection dead.
-        self.admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-
-    def create(self) -> str:
-        name = f"slim_test_{uuid.uuid4().hex[:12]}"
-        with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        return self.admin_url.set(database=name).render_as_string(hide_password=False)
-
-    def drop(self, url: str) -> None:
-        name = make_url(url).database
-        with self.admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def make_s3_store(endpoint: str, **kwargs: object) -> S3BlobStore:
     """An S3BlobStore on a new bucket; small parts so multipart paths are cheap to reach."""
     options: dict[str, object] = {"part_size": MIN_PART_SIZE, "retry_seconds": 5.0}
@@ -94,37 +96,6 @@ def make_s3_store(endpoint: str, **kwargs: object) -> S3BlobStore:
     )
     store.ensure_bucket()
     return store
-
-
-# -- a live service ------------------------------------------------------------------------------
-
-
-class LiveServer:
-    """A real uvicorn serving ``app`` on 127.0.0.1:<free port>, in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 # -- small synthetic checkpoints -----------------------------------------------------------------
@@ -176,73 +147,7 @@ def tiny_finetune(base: dict[str, torch.Tensor], seed: int = 1) -> dict[str, tor
     return out
 
 
-# -- API helpers ---------------------------------------------------------------------------------
-
-
-def file_chunks(path: Path, size: int = 256 << 10) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := f.read(size):
-            yield chunk
-
-
-def push_dir(client: httpx.Client, kind: str, owner_id: str, directory: Path) -> list[dict]:
-    """PUT every file under ``directory`` (streamed) to ``/v1/{kind}/{id}/files/...``."""
-    answers = []
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = path.relative_to(directory).as_posix()
-        r = client.put(
-            f"/v1/{kind}/{owner_id}/files/{rel}",
-            content=file_chunks(path),
-            headers={"content-length": str(path.stat().st_size)},
-        )
-        assert r.status_code == 200, (rel, r.status_code, r.text)
-        answers.append(r.json())
-    return answers
-
-
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 120.0) -> dict:
-    """Poll a job until it leaves queued/running; returns its last state."""
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s: {job}")
-        time.sleep(0.05)
-
-
-def make_base(client: httpx.Client, directory: Path, name: str = "base") -> dict[str, Any]:
-    """Create, push and commit a base; returns it (ready)."""
-    base = client.post("/v1/bases", json={"name": name}).json()
-    push_dir(client, "bases", base["id"], directory)
-    r = client.post(f"/v1/bases/{base['id']}/commit")
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def make_checkpoint(
-    client: httpx.Client,
-    base_id: str,
-    directory: Path | None,
-    name: str = "ft",
-    **params: Any,
-) -> dict[str, Any]:
-    """Create a checkpoint (method magnitude, weights evaluation by default) and push files."""
-    body = {"name": name, "base_id": base_id, "method": "magnitude", "keep": 0.1, **params}
-    r = client.post("/v1/checkpoints", json=body)
-    assert r.status_code == 201, r.text
-    ckpt = r.json()
-    if directory is not None:
-        push_dir(client, "checkpoints", ckpt["id"], directory)
-    return ckpt
-
-
-def commit_and_wait(client: httpx.Client, checkpoint_id: str) -> dict[str, Any]:
-    """Commit a checkpoint, wait for its job; returns the finished job."""
-    r = client.post(f"/v1/checkpoints/{checkpoint_id}/commit")
-    assert r.status_code == 202, r.text
-    return wait_job(client, r.json()["id"])
+# -- API keys --------------------------------------------------------------------------------------
 
 
 def add_api_key(sessions: Any, namespace: str = "default", role: str = "write") -> str:

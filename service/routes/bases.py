@@ -8,7 +8,7 @@ from service import operations
 from service.deps import BaseRef, NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
 from service.downloads import blob_chunks
 from service.errors import errors
-from service.routes.files import (
+from service.file_answers import (
     FILE_ANSWER,
     FILE_REQUEST,
     HEAD_ANSWER,

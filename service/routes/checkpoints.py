@@ -17,7 +17,7 @@ from service.downloads import (
     reconstructed_size,
 )
 from service.errors import NotReady, errors
-from service.routes.files import (
+from service.file_answers import (
     FILE_ANSWER,
     FILE_REQUEST,
     HEAD_ANSWER,

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from cli import sdk
+import client as sdk
 from cli.main import main
+from client import transfer
+from client.files import BASE_MARKER
 from core.checkpoint import sha256_file
 from tests.client.helpers import CKPT_FILE_ROUTE, counter, settled_counter
 from tests.conftest import Models, Stack
@@ -65,7 +67,7 @@ class StopAfter:
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Transfers in 16 kB pieces, so an interruption lands in the middle of a small file."""
-    monkeypatch.setattr(sdk, "CHUNK_SIZE", 16 << 10)
+    monkeypatch.setattr(transfer, "CHUNK_SIZE", 16 << 10)
 
 
 @pytest.fixture
@@ -148,7 +150,7 @@ def test_pull_local_is_byte_identical_and_caches_the_base(
     assert "rebuilt ft locally" in out and "base" in out and "downloaded" in out
     assert tree(tmp_path / "local") == tree(tmp_path / "server")
     base = embedded.client.get(f"/v1/bases/{ready['checkpoint']['base_id']}").json()
-    assert (cache / "bases" / base["manifest_sha256"] / sdk.BASE_MARKER).is_file()
+    assert (cache / "bases" / base["manifest_sha256"] / BASE_MARKER).is_file()
 
     again = run_json(
         embedded,

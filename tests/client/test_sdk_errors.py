@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli import sdk
+import client as sdk
 from cli.main import main
 from tests.infra import free_port
 
@@ -110,7 +110,7 @@ def test_offline_merge_form_still_works_next_to_the_server_form(
 
 def test_calibration_lines_end_at_newline_only(tmp_path: Path) -> None:
     """Texts may hold U+0085 / U+2028 (str.splitlines() breaks there; JSON lines do not)."""
-    from cli.sdk import read_calibration
+    from client import read_calibration
 
     path = tmp_path / "calib.jsonl"
     texts = ["see you soon \x85\u2028ok", "plain", 'quote " and \\r']

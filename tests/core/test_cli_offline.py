@@ -186,7 +186,6 @@ def test_cli_choices_match_the_core_registries() -> None:
     assert set(offline.METHODS) == set(REGISTRY)
     assert tuple(offline.VALUE_BITS) == tuple(VALUE_BITS)
     assert tuple(offline.EVAL_KINDS) == tuple(EVAL_KINDS)
-    assert tuple(offline.MERGE_METHODS) == tuple(MERGE_METHODS)
     # core validates against the same lists (one definition, core.params)
     assert compress.VALUE_BITS is VALUE_BITS and compress.EVAL_KINDS is EVAL_KINDS
     assert merge.MERGE_METHODS is MERGE_METHODS
@@ -310,7 +309,7 @@ def _with_handler(parser: object, handler: object) -> object:
 
 def test_an_auto_checkpoint_shows_its_chosen_encoding_and_search_time() -> None:
     from cli.client import _summary
-    from cli.sdk import Checkpoint
+    from client import Checkpoint
 
     ckpt = Checkpoint(
         id="c1",

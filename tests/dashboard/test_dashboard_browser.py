@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import sdk
+import client as sdk
 from service.dashboard.view import human_bytes
 from tests.client.helpers import REPO, serve, tiny_bert, write_calibration
 from tests.infra import TEST_ADMIN_KEY

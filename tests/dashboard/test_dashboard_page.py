@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cli import sdk
+import client as sdk
 from cli.main import main
 from service.dashboard import charts, render, static_file, view
 from service.dashboard.view import human_bytes

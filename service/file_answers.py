@@ -1,4 +1,5 @@
-"""Shared by the base and checkpoint routes: streamed uploads and ranged file answers."""
+"""Shared by the base and checkpoint routes: streamed uploads, ranged file answers and the
+OpenAPI descriptions of the file routes (the routers live in :mod:`service.routes`)."""
 
 from __future__ import annotations
 

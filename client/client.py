@@ -1,0 +1,520 @@
+"""The SDK's client: :class:`SlimClient` pushes, pulls, lists, describes and deletes bases
+and checkpoints, follows jobs and merges, over one :class:`client.http.Connection`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from client.errors import (
+    AlreadyExists,
+    BadRequest,
+    IntegrityError,
+    JobFailed,
+    NotFound,
+    NotReady,
+    ServerError,
+)
+from client.files import (
+    BASE_MARKER,
+    INCOMPLETE,
+    default_cache_dir,
+    local_files,
+    read_calibration,
+    split_unread,
+)
+from client.http import Connection
+from client.models import (
+    Base,
+    Checkpoint,
+    FileInfo,
+    Job,
+    NoProgress,
+    Progress,
+    PulledFile,
+    PullReport,
+    PushReport,
+    Stats,
+    build,
+)
+from client.transfer import (
+    download,
+    inside,
+    manifest_sha256,
+    quote_path,
+    sha256_file,
+    upload,
+)
+
+__all__ = ["SlimClient"]
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_MIN_PREFIX = 4
+
+
+class SlimClient:
+    """A Slimstore server: push, pull, list, describe, delete, follow jobs, merge.
+
+    Args:
+        url: the server (default ``$SLIM_URL`` or http://127.0.0.1:8000).
+        api_key: sent as ``Authorization: Bearer`` (default ``$SLIM_API_KEY``; none if unset).
+        timeout: seconds to wait for a connection or for the next bytes of an answer.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._conn = Connection(url, api_key, timeout=timeout, transport=transport)
+        self.url = self._conn.url
+        self.api_key = self._conn.api_key
+
+    def __enter__(self) -> SlimClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- bases ---------------------------------------------------------------------------------
+
+    def list_bases(self) -> list[Base]:
+        return [build(Base, b) for b in self._conn.pages("/v1/bases")]
+
+    def get_base(self, ref: str) -> Base:
+        """A base by id, name or unique id prefix."""
+        if _UUID.match(ref):
+            return build(Base, self._conn.json("GET", f"/v1/bases/{ref}"))
+        return _pick(self.list_bases(), ref, "base", "slim base ls")
+
+    def base_files(self, base_id: str) -> list[FileInfo]:
+        data = self._conn.json("GET", f"/v1/bases/{base_id}/files")["data"]
+        return [build(FileInfo, f) for f in data]
+
+    def push_base(
+        self, directory: str | os.PathLike[str], name: str, *, progress: Progress | None = None
+    ) -> tuple[Base, PushReport]:
+        """Upload a base model directory and commit it (resumes an interrupted push of the same
+        name; a no-op when a ready base of that name holds the same files).
+
+        Raises:
+            AlreadyExists: a ready base of that name holds other files.
+        """
+        files, left_out = split_unread(local_files(directory))
+        existing = next((b for b in self.list_bases() if b.name == name), None)
+        if existing is not None and existing.state == "ready":
+            local = manifest_sha256((rel, sha256_file(p)) for rel, p in files)
+            if local != existing.manifest_sha256:
+                raise AlreadyExists(
+                    f"base {name!r} already exists with other files; pick another --name "
+                    "(or delete it with `slim base rm` once no checkpoint depends on it)"
+                )
+            return existing, PushReport(skipped=[rel for rel, _ in files], left_out=left_out)
+        base = existing or build(Base, self._conn.json("POST", "/v1/bases", json={"name": name}))
+        report = upload(self._conn, f"/v1/bases/{base.id}", files, progress)
+        report.left_out = left_out
+        committed = build(Base, self._conn.json("POST", f"/v1/bases/{base.id}/commit"))
+        return committed, report
+
+    def delete_base(self, ref: str) -> Base:
+        """Delete a base (409 ``conflict`` while checkpoints are stored against it)."""
+        base = self.get_base(ref)
+        self._conn.request("DELETE", f"/v1/bases/{base.id}")
+        return base
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def list_checkpoints(
+        self, base: str | None = None, state: str | None = None
+    ) -> list[Checkpoint]:
+        params: dict[str, Any] = {}
+        if base is not None:
+            params["base_id"] = self.get_base(base).id
+        if state is not None:
+            params["state"] = state
+        return [build(Checkpoint, c) for c in self._conn.pages("/v1/checkpoints", **params)]
+
+    def get_checkpoint(self, ref: str) -> Checkpoint:
+        """A checkpoint (with its search trace) by id, name or unique id prefix."""
+        if not _UUID.match(ref):
+            ref = _pick(self.list_checkpoints(), ref, "checkpoint", "slim ls").id
+        return build(Checkpoint, self._conn.json("GET", f"/v1/checkpoints/{ref}"))
+
+    def checkpoint_files(self, checkpoint_id: str) -> list[FileInfo]:
+        data = self._conn.json("GET", f"/v1/checkpoints/{checkpoint_id}/files")["data"]
+        return [build(FileInfo, f) for f in data]
+
+    def delete_checkpoint(self, ref: str) -> Checkpoint:
+        ckpt = self.get_checkpoint(ref)
+        self._conn.request("DELETE", f"/v1/checkpoints/{ckpt.id}")
+        return ckpt
+
+    def create_checkpoint(self, **body: Any) -> Checkpoint:
+        return build(Checkpoint, self._conn.json("POST", "/v1/checkpoints", json=body))
+
+    def commit(self, checkpoint_id: str) -> Job:
+        """Queue the compression of an uploaded checkpoint."""
+        return Job.from_json(self._conn.json("POST", f"/v1/checkpoints/{checkpoint_id}/commit"))
+
+    def push(
+        self,
+        directory: str | os.PathLike[str],
+        base: str,
+        *,
+        name: str | None = None,
+        method: str | None = None,
+        keep: float | None = None,
+        min_fidelity: float | None = None,
+        value_bits: int | None = None,
+        evaluation: str | None = None,
+        calibration: str | os.PathLike[str] | list[dict[str, Any]] | None = None,
+        options: dict[str, Any] | None = None,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> tuple[Checkpoint, Job, PushReport]:
+        """Upload a fine-tune of ``base`` and queue its compression.
+
+        The server decides what a name in use means: the same base and options (after its
+        defaults) resume that checkpoint — only the files it does not hold with the same sha256
+        are sent, and once committed, pushing the same files again answers with the existing
+        checkpoint and its latest job; other options are a 409 ``options_differ`` naming them,
+        unless that checkpoint failed unstored, which the new one replaces. Files the server
+        does not read (``*.bin``, ``*.pt``, pickles: :data:`UNREAD_SUFFIXES`) are left out and
+        listed in the report's ``left_out``; the server's ``warnings`` land in ``warnings``.
+
+        Args:
+            directory: the fine-tune's model directory.
+            base: the base's name or id (ready).
+            name: the checkpoint's name (default: the directory's name).
+            method, keep, min_fidelity, value_bits, evaluation, options, seed: see the API's
+                ``POST /v1/checkpoints`` (without calibration and without a lossy choice the
+                server stores the checkpoint exact).
+            calibration: a JSONL file (or list) of ``{"text", "label"}`` examples.
+
+        Raises:
+            AlreadyExists: a committed checkpoint of that name holds other files.
+            Conflict: (``options_differ``) the name is taken with other options.
+        """
+        files, left_out = split_unread(local_files(directory))
+        name = name or Path(directory).resolve().name
+        the_base = self.get_base(base)
+        if the_base.state != "ready":
+            raise NotReady(
+                f"base {the_base.name!r} is {the_base.state}; finish it with "
+                f"`slim base push DIR --name {the_base.name}`"
+            )
+        body: dict[str, Any] = {"name": name, "base_id": the_base.id, "seed": seed}
+        optional = {
+            "method": method,
+            "keep": keep,
+            "min_fidelity": min_fidelity,
+            "value_bits": value_bits,
+            "evaluation": evaluation,
+            "options": options,
+        }
+        body |= {k: v for k, v in optional.items() if v is not None}
+        if calibration is not None:
+            body["calibration"] = (
+                calibration if isinstance(calibration, list) else read_calibration(calibration)
+            )
+        answer = self._conn.json("POST", "/v1/checkpoints", json=body)
+        ckpt = build(Checkpoint, answer)
+        warnings = [str(w) for w in answer.get("warnings") or []]
+        if ckpt.state not in ("uploading", "failed"):
+            ckpt, job, report = self._same_push(ckpt, files)
+        else:
+            report = upload(self._conn, f"/v1/checkpoints/{ckpt.id}", files, progress)
+            job = self.commit(ckpt.id)
+            ckpt = self.get_checkpoint(ckpt.id)
+        report.left_out, report.warnings = left_out, warnings
+        return ckpt, job, report
+
+    def _same_push(
+        self, ckpt: Checkpoint, files: list[tuple[str, Path]]
+    ) -> tuple[Checkpoint, Job, PushReport]:
+        remote = {f.path: f.sha256 for f in self.checkpoint_files(ckpt.id)}
+        local = {rel: sha256_file(p) for rel, p in files}
+        if remote != local:
+            raise AlreadyExists(
+                f"checkpoint {ckpt.name!r} already exists ({ckpt.state}) with other files; pick "
+                f"another --name, or delete it with `slim rm {ckpt.name}`"
+            )
+        jobs = self.list_jobs(checkpoint_id=ckpt.id)
+        if not jobs:
+            raise NotFound(f"checkpoint {ckpt.name!r} has no job; push it under a new name")
+        return ckpt, jobs[0], PushReport(skipped=sorted(local))
+
+    # -- pulls ---------------------------------------------------------------------------------
+
+    def pull(
+        self,
+        ref: str,
+        out_dir: str | os.PathLike[str],
+        *,
+        scale: float = 1.0,
+        progress: Progress | None = None,
+    ) -> PullReport:
+        """Download every file of a ready checkpoint, rebuilt by the server, into ``out_dir``.
+
+        Files already there with the right sha256 are kept; ``<file>.incomplete`` leftovers
+        of an interrupted pull are continued with ``Range``. Each file is moved into place only
+        after its sha256 matched the ETag (at ``scale`` 1; other scales have no recorded hash).
+        """
+        ckpt = self._ready(ref)
+        out = Path(out_dir)
+        t0 = time.perf_counter()
+        files = self.checkpoint_files(ckpt.id)
+        params = {} if scale == 1.0 else {"scale": repr(float(scale))}
+        report = PullReport()
+        bar = progress or NoProgress()
+        bar.start(f"pulling {ckpt.name}", sum(f.size for f in files))
+        try:
+            for f in files:
+                target = inside(out, f.path)
+                want = f.pull_sha256 if scale == 1.0 else None
+                got = download(
+                    self._conn,
+                    f"/v1/checkpoints/{ckpt.id}/files/{quote_path(f.path)}",
+                    target,
+                    rel=f.path,
+                    size=f.size,
+                    sha256=want,
+                    params=params,
+                    progress=bar,
+                )
+                report.files.append(got)
+                if not got.skipped:
+                    report.bytes_received += f.size - got.resumed_from
+        finally:
+            bar.finish()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def pull_local(
+        self,
+        ref: str,
+        out_dir: str | os.PathLike[str],
+        *,
+        scale: float = 1.0,
+        cache_dir: str | os.PathLike[str] | None = None,
+        progress: Progress | None = None,
+    ) -> PullReport:
+        """Download only the checkpoint's delta and rebuild it here against a cached base.
+
+        The base is downloaded once into ``<cache>/bases/<manifest sha256>/`` (each file
+        verified by sha256) and reused by every later pull of any checkpoint of that base; the
+        delta is kept under ``<cache>/deltas/<sha256>.slim``. The rebuilt files are the same
+        bytes a server-side pull gives (at scale 1 each is checked against the sha256 recorded
+        when the delta was written).
+        """
+        from core.reconstruct import reconstruct  # torch: only for local rebuilds
+
+        ckpt = self._ready(ref)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        t0 = time.perf_counter()
+        report = PullReport(local=True)
+        bar = progress or NoProgress()
+        base_dir, report.base_bytes = self._cached_base(self.get_base(ckpt.base_id), cache, bar)
+        delta, report.delta_bytes = self._cached_delta(ckpt, cache, bar)
+        bar.start(f"rebuilding {ckpt.name}", 0)
+        try:
+            written = reconstruct(base_dir, delta, out_dir, scale=scale)
+        finally:
+            bar.finish()
+        out = Path(out_dir)
+        for path in written:
+            rel = path.relative_to(out).as_posix()
+            report.files.append(PulledFile(rel, path.stat().st_size, sha256_file(path)))
+        report.bytes_received = report.base_bytes + report.delta_bytes
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _ready(self, ref: str) -> Checkpoint:
+        ckpt = self.get_checkpoint(ref)
+        if ckpt.state != "ready":
+            raise NotReady(
+                f"checkpoint {ckpt.name!r} is {ckpt.state}; pull it once its job has succeeded "
+                f"(follow it with `slim status {ckpt.name} --follow`)"
+            )
+        return ckpt
+
+    def _cached_base(self, base: Base, cache: Path, bar: Progress) -> tuple[Path, int]:
+        """The base's directory in the cache, downloaded (and verified) on first use."""
+        if not base.manifest_sha256:
+            raise NotReady(f"base {base.name!r} is {base.state}; it has no files to pull yet")
+        directory = cache / "bases" / base.manifest_sha256
+        marker = directory / BASE_MARKER
+        files = self.base_files(base.id)
+        if marker.is_file():
+            recorded = json.loads(marker.read_text(encoding="utf-8"))["files"]
+            if all(
+                (directory / f.path).is_file() and (directory / f.path).stat().st_size == f.size
+                for f in files
+            ) and {f["path"] for f in recorded} == {f.path for f in files}:
+                return directory, 0
+        if manifest_sha256((f.path, f.sha256) for f in files) != base.manifest_sha256:
+            raise IntegrityError(
+                f"the files of base {base.name!r} do not match its manifest; report this"
+            )
+        received = 0
+        bar.start(f"caching base {base.name}", sum(f.size for f in files))
+        try:
+            for f in files:
+                got = download(
+                    self._conn,
+                    f"/v1/bases/{base.id}/files/{quote_path(f.path)}",
+                    inside(directory, f.path),
+                    rel=f.path,
+                    size=f.size,
+                    sha256=f.sha256,
+                    progress=bar,
+                )
+                if not got.skipped:
+                    received += f.size - got.resumed_from
+        finally:
+            bar.finish()
+        doc = {
+            "base_id": base.id,
+            "name": base.name,
+            "server": self.url,
+            "manifest_sha256": base.manifest_sha256,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files],
+        }
+        tmp = marker.with_name(marker.name + INCOMPLETE)
+        tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        os.replace(tmp, marker)
+        return directory, received
+
+    def _cached_delta(self, ckpt: Checkpoint, cache: Path, bar: Progress) -> tuple[Path, int]:
+        url = f"/v1/checkpoints/{ckpt.id}/delta"
+        head = self._conn.request("HEAD", url)
+        etag = head.headers.get("etag", "").strip('"')
+        size = int(head.headers.get("content-length", ckpt.stored_bytes or 0))
+        if not re.fullmatch(r"[0-9a-f]{64}", etag):
+            raise ServerError(f"the delta of {ckpt.name!r} came without a sha256 ETag")
+        target = cache / "deltas" / f"{etag}.slim"
+        bar.start(f"fetching delta of {ckpt.name}", size)
+        try:
+            got = download(self._conn, url, target, size=size, sha256=etag, progress=bar)
+        finally:
+            bar.finish()
+        return target, 0 if got.skipped else size - got.resumed_from
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def list_jobs(self, *, state: str | None = None, checkpoint_id: str | None = None) -> list[Job]:
+        """Jobs, newest first."""
+        params = {k: v for k, v in (("state", state), ("checkpoint_id", checkpoint_id)) if v}
+        return [Job.from_json(j) for j in self._conn.pages("/v1/jobs", **params)]
+
+    def get_job(self, ref: str) -> Job:
+        """A job by id; a checkpoint's id or name gives that checkpoint's latest job."""
+        if _UUID.match(ref):
+            try:
+                return Job.from_json(self._conn.json("GET", f"/v1/jobs/{ref}"))
+            except NotFound:
+                pass
+        try:
+            ckpt = self.get_checkpoint(ref)
+        except NotFound:
+            raise NotFound(
+                f"no job or checkpoint {ref!r}; list checkpoints with `slim ls`"
+            ) from None
+        jobs = self.list_jobs(checkpoint_id=ckpt.id)
+        if not jobs:
+            raise NotFound(f"checkpoint {ckpt.name!r} has no job yet (it is {ckpt.state})")
+        return jobs[0]
+
+    def cancel_job(self, job_id: str) -> Job:
+        return Job.from_json(self._conn.json("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        on_update: Callable[[Job], None] | None = None,
+        poll_seconds: float = 1.0,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> Job:
+        """Poll a job until it is done; ``on_update`` sees every answer.
+
+        Raises:
+            JobFailed: the job failed or was cancelled (unless ``check`` is false).
+            TimeoutError: still running after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = Job.from_json(self._conn.json("GET", f"/v1/jobs/{job_id}"))
+            if on_update is not None:
+                on_update(job)
+            if job.done:
+                if check and job.state != "succeeded":
+                    raise JobFailed(job)
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job.state} after {timeout}s")
+            time.sleep(poll_seconds)
+
+    # -- merges and totals ---------------------------------------------------------------------
+
+    def merge(
+        self,
+        refs: list[str],
+        name: str,
+        *,
+        method: str = "task_arithmetic",
+        lam: float = 1.0,
+        density: float | None = None,
+        heads_from: str | None = None,
+    ) -> Job:
+        """Merge ready checkpoints of one base into a new checkpoint; answers with the job.
+
+        ``heads_from`` (one of ``refs``) names the parent whose own tensors (heads), config and
+        tokenizer the merge keeps; needed when the parents' heads differ (never averaged)."""
+        ids = [self.get_checkpoint(r).id for r in refs]
+        body: dict[str, Any] = {"name": name, "checkpoint_ids": ids, "method": method}
+        body["lambda"] = lam
+        if density is not None:
+            body["density"] = density
+        if heads_from is not None:
+            body["heads_from"] = self.get_checkpoint(heads_from).id
+        return Job.from_json(self._conn.json("POST", "/v1/merges", json=body))
+
+    def stats(self) -> Stats:
+        return build(Stats, self._conn.json("GET", "/v1/stats"))
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+_Named = TypeVar("_Named", Base, Checkpoint)
+
+
+def _pick(rows: list[_Named], ref: str, what: str, hint: str) -> _Named:
+    """The row named ``ref``, else the one whose id starts with ``ref``."""
+    for row in rows:
+        if row.name == ref:
+            return row
+    if len(ref) >= _MIN_PREFIX:
+        hits = [row for row in rows if row.id.startswith(ref.lower())]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise BadRequest(
+                f"{ref!r} is the start of {len(hits)} {what} ids; give more characters",
+                code="ambiguous_reference",
+            )
+    raise NotFound(f"no {what} named or with id {ref!r}; list them with `{hint}`")

@@ -1,0 +1,214 @@
+"""Streaming transfers with resume and hashing.
+
+A push (:func:`upload`) re-sends only the files whose sha256 differs from what the server lists
+(``GET …/files``), hashing each file as it streams and checking the server stored the same
+digest. A pull (:func:`download`) continues each ``<file>.incomplete`` with ``Range`` +
+``If-Range`` and moves it into place only once its sha256 matches the ETag (the sha256 the
+server recorded when the delta was written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from client.errors import BadRequest, IntegrityError, ServerError
+from client.files import INCOMPLETE
+from client.http import Connection
+from client.models import FileInfo, NoProgress, Progress, PulledFile, PushReport, build
+
+__all__ = [
+    "CHUNK_SIZE",
+    "download",
+    "inside",
+    "manifest_sha256",
+    "quote_path",
+    "sha256_file",
+    "upload",
+]
+
+#: Bytes per read/write of a transfer.
+CHUNK_SIZE = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_sha256(entries: Iterable[tuple[str, str]]) -> str:
+    """The server's identity of a file set: sha256 over sorted ``path\\0sha256\\n`` lines."""
+    h = hashlib.sha256()
+    for path, digest in sorted(entries):
+        h.update(f"{path}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def quote_path(path: str) -> str:
+    """A relative file path as URL path segments (each percent-encoded)."""
+    return "/".join(quote(segment, safe="") for segment in path.split("/"))
+
+
+def inside(root: Path, rel: str) -> Path:
+    """``root / rel``, refusing paths that would leave ``root`` (a hostile listing)."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
+        raise BadRequest(f"refusing the unsafe file path {rel!r}", code="invalid_path")
+    return root.joinpath(*parts)
+
+
+def _read_chunks(path: Path, h: Any, advance: Callable[[int], None]) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            h.update(chunk)
+            advance(len(chunk))
+            yield chunk
+
+
+def upload(
+    conn: Connection, owner: str, files: list[tuple[str, Path]], progress: Progress | None
+) -> PushReport:
+    """PUT every file whose sha256 the server does not already list under ``owner``."""
+    bar = progress or NoProgress()
+    t0 = time.perf_counter()
+    remote = {
+        f.path: f for f in (build(FileInfo, d) for d in conn.json("GET", f"{owner}/files")["data"])
+    }
+    report = PushReport()
+    todo: list[tuple[str, Path, int]] = []
+    for rel, path in files:
+        size = path.stat().st_size
+        have = remote.get(rel)
+        unchanged = have is not None and have.stored and have.size == size
+        if unchanged and have is not None and sha256_file(path) == have.sha256:
+            report.skipped.append(rel)
+            continue
+        todo.append((rel, path, size))
+    bar.start(f"uploading {len(todo)} file(s)", sum(size for _, _, size in todo))
+    try:
+        for rel, path, size in todo:
+            h = hashlib.sha256()
+            answer = conn.json(
+                "PUT",
+                f"{owner}/files/{quote_path(rel)}",
+                content=_read_chunks(path, h, bar.advance),
+                headers={"Content-Length": str(size)},
+            )
+            if answer.get("sha256") != h.hexdigest():
+                raise IntegrityError(
+                    f"the server stored {rel} with sha256 {answer.get('sha256')}, but "
+                    f"{h.hexdigest()} was sent (did the file change during the upload?); "
+                    "push again"
+                )
+            report.sent.append(rel)
+            report.bytes_sent += size
+    finally:
+        bar.finish()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def download(
+    conn: Connection,
+    url: str,
+    target: Path,
+    *,
+    rel: str | None = None,
+    size: int,
+    sha256: str | None,
+    params: dict[str, str] | None = None,
+    progress: Progress,
+    _retry: bool = True,
+) -> PulledFile:
+    """Fetch ``url`` into ``target`` through ``target.incomplete`` (resumed with Range),
+    checked against ``sha256`` (or the answer's ETag) before the atomic move."""
+    rel = rel or target.name
+    complete = target.is_file() and target.stat().st_size == size
+    if complete and sha256 is not None and sha256_file(target) == sha256:
+        progress.advance(size)
+        return PulledFile(rel, size, sha256, skipped=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + INCOMPLETE)
+    h = hashlib.sha256()
+    offset = part.stat().st_size if part.is_file() else 0
+    if offset > size:
+        offset = 0
+    if offset:
+        with part.open("rb") as f:
+            while chunk := f.read(CHUNK_SIZE):
+                h.update(chunk)
+    resumed_from = offset
+    etag = sha256
+    if offset < size or size == 0:
+        headers = {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if sha256 is not None:
+                headers["If-Range"] = f'"{sha256}"'
+        try:
+            with conn.stream("GET", url, headers=headers, params=params) as r:
+                if r.status_code == 416 and offset and _retry:  # the file is shorter now
+                    part.unlink(missing_ok=True)
+                    return download(
+                        conn, url, target, rel=rel, size=size, sha256=sha256, params=params,
+                        progress=progress, _retry=False,
+                    )  # fmt: skip
+                if r.status_code >= 400:
+                    raise conn.error(r)
+                if r.status_code == 206 and not r.headers.get("content-range", "").startswith(
+                    f"bytes {offset}-"
+                ):
+                    raise ServerError(
+                        f"asked for {rel} from byte {offset}, the server answered "
+                        f"{r.headers.get('content-range')!r}; pull again"
+                    )
+                if r.status_code == 200 and offset:
+                    progress.advance(-offset)
+                    offset = resumed_from = 0  # the server sent it whole
+                    h = hashlib.sha256()
+                elif offset:
+                    progress.advance(offset)
+                etag = (r.headers.get("etag") or "").strip('"') or sha256
+                with part.open("ab" if offset else "wb") as out:
+                    for chunk in r.iter_bytes(CHUNK_SIZE):
+                        out.write(chunk)
+                        h.update(chunk)
+                        progress.advance(len(chunk))
+        except httpx.TransportError as exc:
+            raise conn.unreachable(exc) from exc
+    else:
+        progress.advance(offset)
+    got_size = part.stat().st_size
+    digest = h.hexdigest()
+    want = sha256 or etag
+    if got_size != size or (want is not None and digest != want):
+        part.unlink(missing_ok=True)
+        if resumed_from and _retry:  # the kept part may be stale: fetch it whole, once
+            progress.advance(-got_size)
+            return download(
+                conn,
+                url,
+                target,
+                rel=rel,
+                size=size,
+                sha256=sha256,
+                params=params,
+                progress=progress,
+                _retry=False,
+            )
+        raise IntegrityError(
+            f"{target.name}: got {got_size} bytes with sha256 {digest}, expected {size} "
+            f"bytes with sha256 {want}; nothing was kept — pull again"
+        )
+    os.replace(part, target)
+    return PulledFile(rel, size, digest, resumed_from=resumed_from)
