@@ -33,7 +33,6 @@ from core.params import (
     SEARCHING_METHODS,
     VALUE_BITS,
     CompressOutcome,
-    CompressParams,
     Method,
 )
 
@@ -343,7 +342,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         jobs = client.list_jobs(checkpoint_id=ckpt.id)
     if args.json:
         return _dump(ckpt.raw)
-    params, outcome = _read(ckpt)
+    params, outcome = ckpt.request, ckpt.outcome
     fidelity = _num(outcome.fidelity, "{:.4f}")
     if outcome.fidelity is not None and outcome.fidelity_part:
         fidelity += f" (on {outcome.fidelity_part}: {outcome.fidelity_examples} examples"
@@ -628,28 +627,16 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _keep(c: Checkpoint) -> str:
-    keep = c.keep
-    if c.method == "lossless" or keep is None:
-        return "-"
-    return f"{keep:g}"
-
-
 def _states(counts: dict[str, int]) -> str:
     if not counts:
         return ""
     return "(" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"
 
 
-def _read(c: Checkpoint) -> tuple[CompressParams, CompressOutcome]:
-    """What a checkpoint was asked and what its job produced, read once from its answer."""
-    return CompressParams.from_row(c.params), CompressOutcome.from_row(c)
-
-
 def _encoding(c: Checkpoint) -> str:
     from cli.offline import checkpoint_encoding
 
-    params, outcome = _read(c)
+    params, outcome = c.request, c.outcome
     return checkpoint_encoding(c.method, params, outcome)
 
 
@@ -668,7 +655,7 @@ def _parents(derived: Any) -> str | None:
 
 
 def _summary(c: Checkpoint) -> str:
-    params, outcome = _read(c)
+    params, outcome = c.request, c.outcome
     head = f"{c.name} {c.state}: {_size(c.original_bytes)} → {_size(c.stored_bytes)} stored"
     if c.ratio is not None:
         head += f" ({c.ratio:.1f}×, {_num(c.bits_per_param, '{:.3f}')} bits/param)"

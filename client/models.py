@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, TypeVar
 
+from core.params import CompressOutcome, CompressParams
+
 __all__ = [
     "Base",
     "Checkpoint",
@@ -87,13 +89,23 @@ class Checkpoint:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def request(self) -> CompressParams:
+        """What was asked, as the one typed definition (:class:`core.params.CompressParams`)."""
+        return CompressParams.from_row(self.params)
+
+    @property
+    def outcome(self) -> CompressOutcome:
+        """What the compression produced (:class:`core.params.CompressOutcome`): sizes,
+        fidelity, the search trace."""
+        return CompressOutcome.from_row(self)
+
+    @property
     def fidelity(self) -> float | None:
-        value = (self.fitness or {}).get("fidelity")
-        return float(value) if isinstance(value, int | float) else None
+        return self.outcome.fidelity
 
     @property
     def keep(self) -> float | None:
-        return self.params.get("keep")
+        return self.request.keep
 
 
 @dataclass(frozen=True)
