@@ -125,7 +125,7 @@ class PgDatabase:
     """A fresh, migrated database on the server at ``admin_url``; :meth:`drop` removes it."""
 
     def __init__(self, admin_url: str = PG_ADMIN_URL) -> None:
-        from storage.db import migrate
+        from migrations.api import migrate
 
         self.admin_url = make_url(admin_url)
         self.name = f"slim_bench_{uuid.uuid4().hex[:12]}"
@@ -239,9 +239,9 @@ class Deployment:
         return env
 
     def runtime(self, **overrides: Any) -> Any:
-        """A :class:`service.runtime.Runtime` in this process (checks, GC, scrub)."""
-        from service.runtime import Runtime
-        from service.settings import Settings
+        """A :class:`runtime.process.Runtime` in this process (checks, GC, scrub)."""
+        from runtime.process import Runtime
+        from runtime.settings import Settings
 
         env = self.env(self.root / "harness", **overrides)
         values = {

@@ -38,8 +38,8 @@ from service.schemas import (
 from service.uploads import clean_path
 from storage import repo
 from storage.blob_common import sha256_of_key
+from storage.cache import FileSpec
 from storage.models import Checkpoint, CheckpointState
-from worker.materialize import FileSpec
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 

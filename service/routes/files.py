@@ -8,18 +8,13 @@ import anyio.to_thread
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from runtime.process import Runtime
 from service.downloads import ByteRange, parse_range
-from service.runtime import Runtime
 from service.schemas import FilePublic
 from service.streaming import produced_in_thread
-from service.uploads import (
-    check_base_open,
-    check_checkpoint_open,
-    clean_path,
-    receive_file,
-    record_upload,
-)
+from service.uploads import clean_path, receive_file, role_of
 from storage import repo
+from storage.uploads import check_base_open, check_checkpoint_open, record_upload
 
 SHA256_HEADER = "x-slim-sha256"
 
@@ -180,6 +175,7 @@ async def upload(
             runtime.sessions,
             info,
             path=rel,
+            role=role_of(rel),
             namespace=namespace,
             base_id=base_id,
             checkpoint_id=checkpoint_id,
