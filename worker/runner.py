@@ -43,7 +43,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,9 +57,9 @@ from storage.blobstore import BlobInfo, BlobStore
 from storage.cache import BlobCache, FileSpec
 from storage.db import begin_write, db_now
 from storage.errors import StorageError, StorageUnavailable
-from storage.models import Base, Blob, Checkpoint, File, Job, JobKind, JobState
-from storage.repo import list_files, referenced_blob_keys
-from storage.repo import unreferenced_blob_condition as unreferenced
+from storage.gc import drop_blobs
+from storage.models import Base, Checkpoint, File, Job, JobKind, JobState
+from storage.repo import list_files
 
 log = logging.getLogger("slim.worker")
 
@@ -336,24 +335,8 @@ class Worker:
         return set(result.drop)
 
     def _drop_originals(self, keys: set[str], claimed_at: datetime) -> None:
-        """Delete original blobs nothing references any more. A blob that another upload
-        refreshed (a dedup hit) since the job was claimed is left to garbage collection."""
-        for key in sorted(keys):
-            try:
-                with self.sessions() as session:
-                    begin_write(session)
-                    if referenced_blob_keys(session, among=[key]):
-                        continue
-                    modified = self.store.last_modified(key)
-                    if modified is not None and modified > claimed_at:
-                        continue
-                    session.execute(delete(Blob).where(Blob.key == key, unreferenced()))
-                    session.commit()
-                    if referenced_blob_keys(session, among=[key]):
-                        continue
-                self.store.delete(key)
-            except (SQLAlchemyError, StorageError) as exc:  # GC will finish the job
-                log.warning("could not drop original blob %s (GC will): %s", key, exc)
+        """Delete original blobs nothing references any more (:func:`storage.gc.drop_blobs`)."""
+        drop_blobs(self.sessions, self.store, keys, unchanged_since=claimed_at)
 
     # -- ending a job --------------------------------------------------------------------------
 
