@@ -286,7 +286,8 @@ def publish(
 
     ``stored_bytes`` is the size of the delta blob as stored (``info.size``, the bytes a pull
     of ``/delta`` streams — see :mod:`storage.repo` for the one definition of stored bytes)
-    and ``ratio`` is ``original_bytes / stored_bytes``, whatever ``fields`` said.
+    and ``ratio`` is ``original_bytes / stored_bytes``: whatever ``fields`` said (a method's own
+    accounting; ``auto`` rewrites its document after compressing) is replaced here.
     """
     drop: set[str] = set()
     with write_transaction(session):
