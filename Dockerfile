@@ -31,6 +31,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY core ./core
 COPY storage ./storage
+COPY runtime ./runtime
 COPY service ./service
 COPY worker ./worker
 COPY cli ./cli

@@ -158,7 +158,7 @@ class PgDatabase:
     """A fresh, migrated database on the server at ``admin_url``; :meth:`drop` removes it."""
 
     def __init__(self, admin_url: str = PG_ADMIN_URL) -> None:
-        from storage.db import migrate
+        from migrations.api import migrate
 
         self.admin_url = admin_url
         server = PostgresServer(admin_url, prefix="slim_bench")
@@ -269,9 +269,9 @@ class Deployment:
         return env
 
     def runtime(self, **overrides: Any) -> Any:
-        """A :class:`service.runtime.Runtime` in this process (checks, GC, scrub)."""
-        from service.runtime import Runtime
-        from service.settings import Settings
+        """A :class:`runtime.process.Runtime` in this process (checks, GC, scrub)."""
+        from runtime.process import Runtime
+        from runtime.settings import Settings
 
         env = self.env(self.root / "harness", **overrides)
         values = {

@@ -553,7 +553,7 @@ def _follow(client: SlimClient, job: Job, *, quiet: bool = False) -> Job:
         task = progress.add_task(f"job {job.id[:8]}", total=None, line="")
 
         def update(j: Job) -> None:
-            info = j.raw.get("progress") if isinstance(j.raw.get("progress"), dict) else {}
+            info = _progress_of(j)
             line = progress_line(info) if info and j.state == "running" else ""
             if info.get("phase") == "auto":
                 total, done = info.get("candidates_total"), info.get("candidate_index")
@@ -703,10 +703,16 @@ def _pull_line(ref: str, out_dir: str, report: PullReport) -> str:
     )
 
 
+def _progress_of(job: Job) -> dict[str, Any]:
+    """The job's raw progress object (the keys vary by phase; see docs/api.md)."""
+    info = job.raw.get("progress")
+    return info if isinstance(info, dict) else {}
+
+
 def _print_job(job: Job) -> None:
     from cli.offline import progress_line
 
-    info = job.raw.get("progress") if isinstance(job.raw.get("progress"), dict) else {}
+    info = _progress_of(job)
     lines = [
         ("job", job.id),
         ("kind", job.kind),

@@ -39,7 +39,7 @@ HEADLINE = (
 )
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="compress a fine-tune against its base into a delta file")
     p.add_argument("base_dir")
     p.add_argument("finetuned_dir")

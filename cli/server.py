@@ -5,7 +5,7 @@ The key and scrub verbs work on the database and blob store directly (like ``gc`
 for whoever runs the server, not for API clients.
 
 All of them read their configuration from ``SLIM_*`` environment variables (see
-``service.settings.Settings``); flags override the few that matter on a command line. They all
+``runtime.settings.Settings``); flags override the few that matter on a command line. They all
 find the same data directory — ``--data-dir``, else ``$SLIM_DATA_DIR``, else one default per
 user (``~/.local/share/slimstore``), never relative to the current directory — and each says
 on stderr which database it uses. ``slim keys`` never creates a database: a key written to a
@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
-    from service.settings import Settings
+    from runtime.settings import Settings
 
     values = {k: v for k, v in overrides.items() if v is not None}
     if getattr(args, "data_dir", None):
@@ -116,7 +116,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
 
 def _say_database(settings: Any, verb: str) -> None:
     """Tell (on stderr) which database and data directory a server verb uses."""
-    from service.settings import LEGACY_DATA_DIR
+    from runtime.settings import LEGACY_DATA_DIR
 
     where = f"database {_redact(settings.resolved_database_url)}"
     if settings.blob_backend == "local":
@@ -192,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from service.runtime import Runtime, make_worker
+    from runtime.process import Runtime, make_worker
     from storage.gc import start_gc_thread
 
     settings = _settings(args)
@@ -229,7 +229,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from storage.db import migrate
+    from migrations.api import migrate
 
     settings = _settings(args)
     if settings.is_sqlite:
@@ -242,7 +242,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from service.runtime import Runtime
+    from runtime.process import Runtime
     from storage.gc import collect_garbage
 
     settings = _settings(args)
@@ -260,7 +260,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
-    from service.runtime import Runtime
+    from runtime.process import Runtime
     from storage.scrub import scrub
 
     settings = _settings(args)
@@ -286,7 +286,8 @@ def _key_sessions(args: argparse.Namespace) -> Any:
     Raises:
         NoDatabase: the embedded SQLite database does not exist.
     """
-    from storage.db import make_engine, migrate
+    from migrations.api import migrate
+    from storage.db import make_engine
 
     settings = _settings(args)
     verb = f"keys {args.keys_verb}"
@@ -305,9 +306,8 @@ def _key_sessions(args: argparse.Namespace) -> Any:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from storage.db import session_factory
+    from storage.db import begin_write, session_factory
     from storage.keys import create_key
-    from worker.txn import begin_write
 
     engine, _ = _key_sessions(args)
     try:
@@ -357,15 +357,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         state = "revoked" if r["revoked_at"] else "active"
         print(
             f"{r['prefix']:<14}{r['namespace']:<20}{r['role']:<7}{state:<9}"
-            f"{r['created_at'][:19]:<21}{r['name']}"
+            f"{str(r['created_at'])[:19]:<21}{r['name']}"
         )
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from storage.db import session_factory
+    from storage.db import begin_write, session_factory
     from storage.keys import revoke_key
-    from worker.txn import begin_write
 
     engine, _ = _key_sessions(args)
     try:

@@ -1,1 +1,1 @@
-"""Alembic migrations for Slimstore's schema; run them with ``storage.db.migrate(url)``."""
+"""Alembic migrations for Slimstore's schema; run them with ``migrations.api.migrate(url)``."""

@@ -1,6 +1,6 @@
 """Alembic environment: runs migrations against ``storage.models`` metadata.
 
-The database URL comes from ``config.attributes["url"]`` (set by ``storage.db.migrate``),
+The database URL comes from ``config.attributes["url"]`` (set by ``migrations.api.migrate``),
 else ``-x url=...`` on the alembic command line, else ``sqlalchemy.url`` in an ini file.
 """
 
@@ -19,7 +19,7 @@ def _url() -> str:
     url = config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url")
     url = url or config.get_main_option("sqlalchemy.url")
     if not url:
-        raise RuntimeError("no database URL: call storage.db.migrate(url) or pass -x url=...")
+        raise RuntimeError("no database URL: call migrations.api.migrate(url) or pass -x url=...")
     return str(url)
 
 

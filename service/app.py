@@ -27,14 +27,14 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI
 
+from runtime.process import Runtime, make_worker
+from runtime.settings import Settings
 from service import auth, errors
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware, TimeoutMiddleware
 from service.routes import auth as auth_routes
 from service.routes import bases, checkpoints, dashboard, jobs, system
 from service.routes import docs as docs_routes
-from service.runtime import Runtime, make_worker
-from service.settings import Settings
 from storage.gc import start_gc_thread
 
 log = logging.getLogger("slim.service")

@@ -13,7 +13,7 @@ Rules (``docs/security.md`` says why):
   delete, ``admin`` may also read server-wide data (``/metrics``).
 - 401 ``unauthorized``: no key, an unknown or revoked key. 403 ``forbidden``: the key is valid
   but its role is too low. Rows of another namespace: 404 ``not_found``.
-- Open mode (``SLIM_OPEN=true``, loopback only; see ``service.settings``): no key needed, every
+- Open mode (``SLIM_OPEN=true``, loopback only; see ``runtime.settings``): no key needed, every
   request acts as admin of the default namespace.
 - ``/healthz``, ``/readyz``, ``/openapi.json``, ``/docs``, ``/redoc`` (and their assets) and the
   sign-in page need no key: they reveal nothing stored.
@@ -39,12 +39,11 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from runtime.process import Runtime
 from service.errors import ApiError, error_response
-from service.runtime import Runtime
 from storage import keys
-from storage.db import is_sqlite
+from storage.db import begin_write, is_sqlite
 from storage.models import DEFAULT_NAMESPACE, ApiKey, ApiKeyRole
-from worker.txn import begin_write
 
 log = logging.getLogger("slim.auth")
 
@@ -194,7 +193,7 @@ def _check_role(caller: Caller, need: ApiKeyRole) -> Caller:
 # -- dependencies ------------------------------------------------------------------------------
 
 
-def require(role: ApiKeyRole) -> Callable[[Request], Caller]:
+def require(role: ApiKeyRole) -> Callable[[Request, DeclaredBearer], Caller]:
     """A dependency: the caller, who must present a key (Bearer; the cookie too for GET/HEAD)
     of at least ``role``. Raises 401/403 otherwise.
 

@@ -16,11 +16,11 @@ from fastapi import Depends, Path, Request
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from runtime.process import Runtime
+from runtime.settings import Settings
 from service.auth import CallerDep
-from service.runtime import Runtime
-from service.settings import Settings
 from storage.blobstore import BlobStore
-from worker.txn import begin_write
+from storage.db import begin_write
 
 log = logging.getLogger("slim.service")
 
@@ -36,7 +36,7 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 def get_session(request: Request, runtime: RuntimeDep) -> Iterator[Session]:
     """A session per request; routes commit what they change, the rest is rolled back.
 
-    Requests that may write begin with a write transaction (see :mod:`worker.txn`). Closing
+    Requests that may write begin with a write transaction (see :mod:`storage.db`). Closing
     runs after the answer has been decided (often sent): if the database went away meanwhile,
     the rollback of a dead connection fails — that changes nothing stored, so it is logged and
     swallowed instead of breaking an answer already on its way."""

@@ -238,7 +238,9 @@ def blob_size(store: BlobStore, key: str, what: str) -> int:
     return size
 
 
-def blob_chunks(store: BlobStore, key: str, byte_range: ByteRange | None) -> Iterator[bytes]:
+def blob_chunks(
+    store: BlobStore, key: str, byte_range: ByteRange | None
+) -> Iterator[bytes | memoryview]:
     """A stored blob's bytes, or one range of them.
 
     A whole blob is checked against the sha256 its content key names as it streams: the last

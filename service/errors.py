@@ -94,10 +94,6 @@ class Truncated(ApiError):
     code = "truncated"
 
 
-class TooManyFiles(ApiError):
-    code = "too_many_files"
-
-
 class TooManyTensors(ApiError):
     code = "too_many_tensors"
 
@@ -144,6 +140,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "blob_too_large": 413,
     "invalid_key": 400,
     "invalid_path": 400,
+    "too_many_files": 400,
     "storage_unavailable": 503,
     "storage_full": 507,
 }

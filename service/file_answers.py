@@ -9,18 +9,16 @@ import anyio.to_thread
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from runtime.process import Runtime
 from service.downloads import ByteRange, parse_range
-from service.runtime import Runtime
 from service.schemas import FilePublic
 from service.streaming import produced_in_thread
-from service.uploads import (
-    check_base_open,
-    check_checkpoint_open,
-    clean_path,
-    receive_file,
-    record_upload,
-)
+from service.uploads import clean_path, receive_file, role_of
 from storage import repo
+from storage.uploads import check_base_open, check_checkpoint_open, record_upload
+
+#: What a file answer streams: bytes, or views of a rebuilt piece (no copy).
+Chunk = bytes | memoryview
 
 SHA256_HEADER = "x-slim-sha256"
 
@@ -181,6 +179,7 @@ async def upload(
             runtime.sessions,
             info,
             path=rel,
+            role=role_of(rel),
             namespace=namespace,
             base_id=base_id,
             checkpoint_id=checkpoint_id,
@@ -195,7 +194,7 @@ def file_response(
     *,
     size: int,
     etag: str | None,
-    open_chunks: Callable[[ByteRange | None], Iterator[bytes]],
+    open_chunks: Callable[[ByteRange | None], Iterator[Chunk]],
 ) -> Response:
     """A streamed file answer honouring HEAD, If-None-Match, If-Range and Range.
 
@@ -227,7 +226,7 @@ def file_response(
     )
 
 
-def _started(chunks: Iterator[bytes]) -> Iterator[bytes]:
+def _started(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
     """Read the first chunk now (in the route's thread), so that a problem found at once — a
     missing blob, a corrupted header frame (``integrity_error``) — is a JSON error answer
     instead of a cut stream; then stream the rest, closing the source when done."""
@@ -239,7 +238,7 @@ def _started(chunks: Iterator[bytes]) -> Iterator[bytes]:
     return _chain(first, chunks)
 
 
-def _chain(first: bytes | None, rest: Iterator[bytes]) -> Iterator[bytes]:
+def _chain(first: Chunk | None, rest: Iterator[Chunk]) -> Iterator[Chunk]:
     try:
         if first is not None:
             yield first
@@ -248,7 +247,7 @@ def _chain(first: bytes | None, rest: Iterator[bytes]) -> Iterator[bytes]:
         _close(rest)
 
 
-def _close(chunks: Iterator[bytes]) -> None:
+def _close(chunks: Iterator[Chunk]) -> None:
     close = getattr(chunks, "close", None)
     if close is not None:
         close()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidArgument, InvalidCalibration, SlimError
@@ -26,13 +26,14 @@ from core.params import (
     MergeParams,
     Method,
 )
+from runtime.settings import Settings
 from service.errors import ApiError
 from service.schemas import CheckpointCreate, MergeCreate
-from service.settings import Settings
 from service.uploads import manifest_sha256
 from service.validation import check_fits_base, stored_checkpoint
 from storage import queue, repo
 from storage.blobstore import BlobStore
+from storage.db import begin_write, write_transaction
 from storage.errors import Conflict, NotFound
 from storage.models import (
     Base,
@@ -40,11 +41,9 @@ from storage.models import (
     Checkpoint,
     CheckpointState,
     Job,
-    JobKind,
     JobState,
 )
 from storage.repo import OPEN_CHECKPOINT_STATES
-from worker.txn import begin_write
 
 # -- bases -----------------------------------------------------------------------------------
 
@@ -273,31 +272,19 @@ def commit_checkpoint(
     except (SlimError, ApiError) as exc:  # the upload is unusable (not an outage): clean up
         ckpt_id = ckpt.id
         session.rollback()
-        begin_write(session)
-        if repo.fail_upload(session, ckpt_id, f"{exc.code}: {exc.detail}"):
-            session.commit()
+        with write_transaction(session):
+            failed = queue.fail_upload(session, ckpt_id, f"{exc.code}: {exc.detail}")
+        if failed:
             exc.detail += FAILED_COMMIT
             exc.args = (exc.detail,)
-        else:
-            session.rollback()
         raise
-    claimed = session.execute(
-        update(Checkpoint)
-        .where(Checkpoint.id == ckpt.id, Checkpoint.state.in_(OPEN_CHECKPOINT_STATES))
-        .values(
-            state=CheckpointState.QUEUED,
-            original_bytes=sum(row.size for row in rows),
-            num_params=ft.num_params,
-            error=None,
-        )
-        .execution_options(synchronize_session=False)
+    return queue.queue_compression(
+        session,
+        ckpt,
+        original_bytes=sum(row.size for row in rows),
+        num_params=ft.num_params,
+        max_attempts=settings.job_max_attempts,
     )
-    if getattr(claimed, "rowcount", 1) != 1:
-        session.rollback()
-        raise Conflict(f"checkpoint {ckpt.name!r} was committed meanwhile")
-    job = queue.enqueue(session, JobKind.COMPRESS, ckpt.id, max_attempts=settings.job_max_attempts)
-    session.commit()
-    return job
 
 
 # -- merges ----------------------------------------------------------------------------------
@@ -351,14 +338,7 @@ def create_merge(session: Session, settings: Settings, body: MergeCreate, namesp
         namespace=namespace,
         derived_from=derived,
     )
-    ckpt.state = CheckpointState.QUEUED
-    job = queue.enqueue(
-        session,
-        JobKind.MERGE,
-        ckpt.id,
-        payload=params.to_dict(),
-        max_attempts=settings.job_max_attempts,
-    )
+    job = queue.queue_merge(session, ckpt, params.to_dict(), max_attempts=settings.job_max_attempts)
     session.commit()
     return job
 
@@ -404,15 +384,7 @@ def cancel_job(session: Session, job_id: str, namespace: str) -> Job:
     """Cancel a job; a queued one stops at once (its checkpoint becomes ``failed``)."""
     get_job(session, job_id, namespace)
     session.rollback()
-    job = queue.request_cancel(session, job_id)
-    if job.state == JobState.CANCELLED:
-        begin_write(session)
-        ckpt = session.get(Checkpoint, job.checkpoint_id)
-        if ckpt is not None and ckpt.state == CheckpointState.QUEUED:
-            ckpt.state = CheckpointState.FAILED
-            ckpt.error = "cancelled: the job was cancelled before it started"
-            session.commit()
-    return job
+    return queue.request_cancel(session, job_id)
 
 
 # -- deletes ---------------------------------------------------------------------------------

@@ -16,21 +16,16 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 
 import anyio
 import anyio.to_thread
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import check_relpath
 from core.errors import HeaderTooLarge, InvalidCheckpoint, InvalidSafetensors
 from core.safetensors_io import Header, parse_header
-from service.errors import ApiError, InvalidPath, TooManyFiles, TooManyTensors, Truncated
+from service.errors import ApiError, InvalidPath, TooManyTensors, Truncated
 from service.streaming import body_in_thread
-from storage import repo
 from storage.blobstore import BlobInfo, BlobStore
-from storage.errors import BlobTooLarge, Conflict
+from storage.errors import BlobTooLarge
 from storage.errors import IntegrityError as StorageIntegrityError
-from storage.models import BaseState, File, FileRole
-from storage.repo import OPEN_CHECKPOINT_STATES
-from worker.txn import begin_write
+from storage.models import File, FileRole
 
 #: A declared header length at or above this is not a safetensors file at all.
 IMPLAUSIBLE_HEADER = 1 << 32
@@ -273,76 +268,6 @@ async def receive_file(
                 max_tensors=max_tensors,
             )
         )
-
-
-# -- rows --------------------------------------------------------------------------------------
-
-
-def check_base_open(session: Session, base_id: str, namespace: str) -> None:
-    base = repo.get_base(session, base_id, namespace=namespace)
-    if base.state != BaseState.UPLOADING:
-        raise Conflict(
-            f"base {base.name!r} is committed and its files are fixed; create a new base "
-            "to store other weights"
-        )
-
-
-def check_checkpoint_open(
-    session: Session, checkpoint_id: str, namespace: str, path: str, max_files: int
-) -> None:
-    ckpt = repo.get_checkpoint(session, checkpoint_id, namespace=namespace)
-    if ckpt.state not in OPEN_CHECKPOINT_STATES or ckpt.derived_from is not None:
-        raise Conflict(
-            f"checkpoint {ckpt.name!r} is {ckpt.state.value}; files can only be added before "
-            "it is committed (create a new checkpoint for other weights)"
-        )
-    count = session.scalar(
-        select(func.count()).select_from(File).where(File.checkpoint_id == checkpoint_id)
-    )
-    exists = session.scalar(
-        select(func.count())
-        .select_from(File)
-        .where(File.checkpoint_id == checkpoint_id, File.path == path)
-    )
-    if not exists and (count or 0) >= max_files:
-        raise TooManyFiles(
-            f"a checkpoint holds at most {max_files} files; pack the extra files or ask for a "
-            "higher SLIM_MAX_FILES_PER_CHECKPOINT"
-        )
-
-
-def record_upload(
-    sessions: sessionmaker[Session],
-    info: BlobInfo,
-    *,
-    path: str,
-    namespace: str,
-    base_id: str | None = None,
-    checkpoint_id: str | None = None,
-    max_files: int,
-) -> File:
-    """Write the blobs row and the file row (replacing one at the same path) in one
-    transaction, after checking again that the owner still takes files."""
-    with sessions() as session:
-        begin_write(session)
-        if base_id is not None:
-            check_base_open(session, base_id, namespace)
-        else:
-            assert checkpoint_id is not None
-            check_checkpoint_open(session, checkpoint_id, namespace, path, max_files)
-        repo.record_blob(session, info)
-        row = repo.put_file(
-            session,
-            path=path,
-            size=info.size,
-            sha256=info.sha256,
-            blob_key=info.key,
-            role=role_of(path),
-            base_id=base_id,
-            checkpoint_id=checkpoint_id,
-        )
-        session.commit()
-        return row
 
 
 def manifest_sha256(rows: Iterable[File]) -> str:

@@ -1,8 +1,11 @@
 """Where bytes and rows live: blob stores (local directory, S3), SQLAlchemy models, the job
-queue and repository functions. No FastAPI; nothing here imports ``service`` or ``worker``.
+queue with every job and checkpoint state change, transactions, repository functions and the
+local blob cache. No FastAPI; nothing here imports ``service``, ``worker``, ``runtime`` or
+``cli``.
 
 Modules: ``blobstore`` (BlobStore, LocalBlobStore, S3BlobStore, CHUNK_SIZE), ``errors``,
-``models``, ``db`` (make_engine, session_factory, migrate), ``queue``, ``repo``, ``gc``.
+``models``, ``db`` (make_engine, session_factory, write transactions), ``queue`` (state
+changes), ``repo``, ``cache`` (BlobCache), ``gc``, ``scrub``.
 """
 
 from storage.blob_common import CHUNK_SIZE

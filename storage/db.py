@@ -1,16 +1,20 @@
-"""Engines, sessions and schema migrations.
+"""Engines, sessions and write transactions (the schema itself: :mod:`migrations.api`).
 
 ``make_engine`` tunes the two supported databases:
 
 - SQLite (embedded mode): WAL journal, foreign keys ON, a busy timeout, and SQLAlchemy (not
   the sqlite3 driver) emitting ``BEGIN`` so that transactions, savepoints and DDL behave;
-  ``session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})`` starts a write
-  transaction up front (the job queue claims this way).
+  :func:`begin_write` starts a write transaction up front (``BEGIN IMMEDIATE``).
 - PostgreSQL (distributed mode): ``pool_pre_ping`` so connections dropped by a restart are
   replaced instead of failing a request.
 
+Write transactions: on SQLite (WAL) a transaction that reads first and writes later fails at
+once with "database is locked" if another connection wrote in between: its snapshot is stale
+and SQLite cannot wait its way out. Every transaction that will write therefore begins with
+:func:`begin_write` (or runs inside :func:`write_transaction`), which takes the write lock up
+front, waiting up to the busy timeout instead. On PostgreSQL both are plain transactions.
+
 Example:
-    >>> migrate("sqlite:///slim-data/slim.db")
     >>> engine = make_engine("sqlite:///slim-data/slim.db")
     >>> Session = session_factory(engine)
     >>> with Session() as session:
@@ -19,14 +23,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy import func as sa_func
 from sqlalchemy.engine import make_url
@@ -100,33 +102,26 @@ def db_now(session: Session) -> datetime:
     return value.astimezone(UTC)
 
 
-# -- migrations ------------------------------------------------------------------------------
+def begin_write(session: Session) -> Session:
+    """Start the session's next transaction as a write transaction (call before any query).
+
+    A transaction already open on the session is committed first. Returns the session.
+    """
+    if session.in_transaction():
+        session.commit()
+    if is_sqlite(session):
+        session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
+    return session
 
 
-def alembic_config(url: str) -> Config:
-    """An Alembic config for ``url`` pointing at the ``migrations`` package (no ini file)."""
-    import migrations
-
-    config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    # Passed as an attribute, not a main option, so a '%' in a password is not interpolated.
-    config.attributes["url"] = url
-    return config
-
-
-def migrate(url: str, revision: str = "head") -> None:
-    """Bring the schema at ``url`` up to ``revision`` (``alembic upgrade head``)."""
-    command.upgrade(alembic_config(url), revision)
-
-
-def downgrade(url: str, revision: str = "base") -> None:
-    """Take the schema at ``url`` down to ``revision`` (``base`` drops every table)."""
-    command.downgrade(alembic_config(url), revision)
-
-
-def schema_is_current(engine: Engine) -> bool:
-    """Whether the database is at the newest migration (for a readiness probe)."""
-    script = ScriptDirectory.from_config(alembic_config(engine.url.render_as_string(False)))
-    with engine.connect() as conn:
-        current = set(MigrationContext.configure(conn).get_current_heads())
-    return current == set(script.get_heads())
+@contextmanager
+def write_transaction(session: Session) -> Iterator[Session]:
+    """A fresh write transaction (:func:`begin_write`): committed when the block ends, rolled
+    back when it raises."""
+    begin_write(session)
+    try:
+        yield session
+    except BaseException:
+        session.rollback()
+        raise
+    session.commit()

@@ -9,6 +9,7 @@ HTTP status and puts in its ``{"code", "detail"}`` body; the message says what t
     ├── Conflict                 conflict        409
     │   └── AlreadyExists        already_exists  409
     ├── BlobTooLarge             blob_too_large  413
+    ├── TooManyFiles             too_many_files  400
     ├── InvalidKey               invalid_key     400
     ├── InvalidPath              invalid_path    400
     ├── IntegrityError           integrity_error 500 (stored bytes do not match their hash)
@@ -63,6 +64,12 @@ class BlobTooLarge(StorageError):
             f"upload exceeds the limit of {limit} bytes; split the file or raise the limit"
         )
         self.limit = limit
+
+
+class TooManyFiles(StorageError):
+    """An upload would give a checkpoint more files than the server accepts."""
+
+    code = "too_many_files"
 
 
 class InvalidKey(StorageError):

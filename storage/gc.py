@@ -18,15 +18,19 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.blob_common import BlobEntry
 from storage.blobstore import BlobStore
+from storage.db import begin_write
+from storage.errors import StorageError
 from storage.models import Blob
 from storage.repo import referenced_blob_keys, unreferenced_blob_condition
 
@@ -92,6 +96,34 @@ def collect_garbage(
     if not dry_run:
         report.aborted_uploads = store.cleanup_incomplete(cutoff)
     return report
+
+
+def drop_blobs(
+    sessions: sessionmaker[Session],
+    store: BlobStore,
+    keys: Iterable[str],
+    *,
+    unchanged_since: datetime,
+) -> None:
+    """Delete blobs nothing references any more, now rather than after the grace period (the
+    originals a compression replaced). A blob that another upload refreshed (a dedup hit) since
+    ``unchanged_since`` is left to garbage collection, and so is one a failure stops at."""
+    for key in sorted(keys):
+        try:
+            with sessions() as session:
+                begin_write(session)
+                if referenced_blob_keys(session, among=[key]):
+                    continue
+                modified = store.last_modified(key)
+                if modified is not None and modified > unchanged_since:
+                    continue
+                session.execute(delete(Blob).where(Blob.key == key, unreferenced_blob_condition()))
+                session.commit()
+                if referenced_blob_keys(session, among=[key]):
+                    continue
+            store.delete(key)
+        except (SQLAlchemyError, StorageError) as exc:  # GC will finish the job
+            log.warning("could not drop blob %s (GC will): %s", key, exc)
 
 
 def _delete_object(

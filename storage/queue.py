@@ -1,9 +1,28 @@
-"""The job queue, kept in the ``jobs`` table (no broker, no threads here).
+"""The job queue, kept in the ``jobs`` table, and every job and checkpoint state change.
+
+Where does a job (or its checkpoint) change state? Here, and only here:
+
+- :func:`queue_compression`: checkpoint uploading|failed → queued; a ``compress`` job queued.
+- :func:`queue_merge`: a new derived checkpoint → queued; a ``merge`` job queued.
+- :func:`enqueue`: a job → queued (the two above use it).
+- :func:`claim`: job queued (or running with an expired lease) → running, under a lease.
+- :func:`mark_compressing`: checkpoint → compressing (the worker, once it claimed the job).
+- :func:`heartbeat`: running job's lease renewed and progress merged (reports a cancel).
+- :func:`publish`: job running → succeeded and checkpoint → ready, with the delta's rows.
+- :func:`finish`: job running → failed | cancelled (checkpoint → failed), or → queued for
+  a retry (checkpoint → queued; both failed once no attempts are left).
+- :func:`request_cancel`: job queued → cancelled (a queued checkpoint → failed); a running job
+  gets the cancel flag its next heartbeat reports.
+- :func:`fail_expired_exhausted` (the reaper): running job whose lease expired with no
+  attempts left → failed (cancelled if a cancel was asked); its checkpoint → failed.
+- :func:`fail_upload`: checkpoint uploading|failed → failed, its uploaded files let go.
+
+(A checkpoint is created ``uploading`` by :func:`storage.repo.create_checkpoint`.)
 
 Life of a job::
 
-    enqueue ──▶ queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
-                  ▲                 │  ▲
+    enqueue ──▶ queued ──claim──▶ running ──publish──▶ succeeded
+                  ▲                 │  ▲     └─finish──▶ failed | cancelled
                   └─ finish(QUEUED) ┘  └─ claim again once the lease expires (worker lost),
                      (retry)              while attempts < max_attempts
 
@@ -11,31 +30,35 @@ A worker holds a job under a lease (``lease_owner``, ``lease_expires_at``) and r
 :func:`heartbeat`. If the worker dies the lease runs out and another worker's :func:`claim`
 takes the job over (``attempts`` counts claims). A job whose lease expired on its last attempt
 is failed by :func:`fail_expired_exhausted`, which something (the worker loop, a cron) calls
-now and then. Cancelling a running job sets a flag the next heartbeat reports.
+now and then. Cancelling a running job sets a flag the next heartbeat reports. Only the
+lease holder may :func:`publish` or :func:`finish` a job.
 
 Claims use ``SELECT … FOR UPDATE SKIP LOCKED`` on PostgreSQL, so concurrent workers never get
 the same job, and ``BEGIN IMMEDIATE`` on SQLite (one writer at a time). Every time is the
 database clock (:func:`storage.db.db_now`).
 
-Transactions: :func:`enqueue` only adds the row to the caller's transaction (commit it together
-with the checkpoint's state change). Every other function here runs in a transaction of its
-own and commits it; a transaction already open on the session is committed first.
+Transactions: :func:`enqueue`, :func:`queue_merge`, :func:`mark_compressing` and
+:func:`fail_upload` only change rows in the caller's transaction; :func:`queue_compression`
+commits the caller's transaction. Every other function here runs in a write transaction of its
+own (:func:`storage.db.write_transaction`) and commits it; a transaction already open on the
+session is committed first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from storage.db import SQLITE_BEGIN, db_now, is_sqlite
-from storage.errors import NotFound
-from storage.models import Checkpoint, CheckpointState, Job, JobKind, JobState
+from storage.blob_common import BlobInfo
+from storage.db import db_now, is_sqlite, write_transaction
+from storage.errors import Conflict, NotFound
+from storage.models import Checkpoint, CheckpointState, File, FileRole, Job, JobKind, JobState
+from storage.repo import OPEN_CHECKPOINT_STATES, list_files, put_file, record_blob
 
 FINISH_STATES = frozenset(
     {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
@@ -70,6 +93,28 @@ class ReapResult:
     cancelled: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What :func:`publish` did. Truthy only when the checkpoint was published.
+
+    ``lease_held`` False: the job was taken over, finished or deleted, or its checkpoint was
+    deleted; nothing was written. ``cancel_requested`` True: a cancel came first; nothing was
+    written (the lease is still yours: ``finish(..., JobState.CANCELLED)``). ``drop``: original
+    blobs the checkpoint no longer references (to delete once nothing else does).
+    """
+
+    lease_held: bool
+    cancel_requested: bool
+    drop: frozenset[str] = frozenset()
+
+    @property
+    def published(self) -> bool:
+        return self.lease_held and not self.cancel_requested
+
+    def __bool__(self) -> bool:
+        return self.published
+
+
 def enqueue(
     session: Session,
     kind: JobKind,
@@ -94,6 +139,51 @@ def enqueue(
     return job
 
 
+def queue_compression(
+    session: Session,
+    checkpoint: Checkpoint,
+    *,
+    original_bytes: int,
+    num_params: int,
+    max_attempts: int,
+) -> Job:
+    """A committed upload: the checkpoint (still uploading or failed) becomes ``queued`` with
+    its sizes, and its ``compress`` job is queued. Commits the caller's transaction.
+
+    Raises:
+        Conflict: the checkpoint was committed meanwhile (nothing changed; rolled back).
+    """
+    checkpoint_id, name = checkpoint.id, checkpoint.name
+    claimed = session.execute(
+        update(Checkpoint)
+        .where(Checkpoint.id == checkpoint_id, Checkpoint.state.in_(OPEN_CHECKPOINT_STATES))
+        .values(
+            state=CheckpointState.QUEUED,
+            original_bytes=original_bytes,
+            num_params=num_params,
+            error=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(claimed, "rowcount", 1) != 1:
+        session.rollback()
+        raise Conflict(f"checkpoint {name!r} was committed meanwhile")
+    job = enqueue(session, JobKind.COMPRESS, checkpoint_id, max_attempts=max_attempts)
+    session.commit()
+    return job
+
+
+def queue_merge(
+    session: Session, checkpoint: Checkpoint, payload: Mapping[str, Any], *, max_attempts: int
+) -> Job:
+    """A new derived checkpoint becomes ``queued`` and its ``merge`` job is queued (in the
+    caller's transaction, flushed, not committed)."""
+    checkpoint.state = CheckpointState.QUEUED
+    return enqueue(
+        session, JobKind.MERGE, checkpoint.id, payload=payload, max_attempts=max_attempts
+    )
+
+
 def claim(
     session: Session,
     worker_id: str,
@@ -108,7 +198,7 @@ def claim(
     under a lease of ``lease_seconds`` held by ``worker_id``; ``attempts`` goes up by one.
     Commits.
     """
-    with _write_transaction(session):
+    with write_transaction(session):
         now = db_now(session)
         lost = and_(
             Job.state == JobState.RUNNING,
@@ -148,7 +238,7 @@ def heartbeat(
 ) -> HeartbeatResult:
     """Renew the lease and merge ``progress`` into the job's progress, if ``worker_id`` still
     holds the job. See :class:`HeartbeatResult` for what to do with the answer. Commits."""
-    with _write_transaction(session):
+    with write_transaction(session):
         job = _lock(session, job_id)
         if job is None or job.state != JobState.RUNNING or job.lease_owner != worker_id:
             return HeartbeatResult(
@@ -162,6 +252,90 @@ def heartbeat(
         return HeartbeatResult(lease_held=True, cancel_requested=job.cancel_requested)
 
 
+def mark_compressing(checkpoint: Checkpoint) -> Checkpoint:
+    """A claimed job's checkpoint is being built (in the caller's transaction)."""
+    checkpoint.state = CheckpointState.COMPRESSING
+    checkpoint.error = None
+    return checkpoint
+
+
+def publish(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    info: BlobInfo,
+    outcome: Mapping[str, Any],
+    files: Mapping[str, Any],
+    *,
+    new_files: bool,
+    drop_originals: bool,
+    progress: Mapping[str, Any],
+) -> PublishResult:
+    """Make a job's checkpoint ready and the job ``succeeded``, in one transaction, if
+    ``worker_id`` still holds the job and no cancel was requested. Commits.
+
+    Args:
+        info: the stored delta blob (a blobs row is recorded for it).
+        outcome: what the job produced, as checkpoint columns
+            (:meth:`core.params.CompressOutcome.to_row`, or a merge's summary).
+        files: the delta's file entries by path (``path``, ``size``, ``sha256``, ``role``,
+            ``recon_sha256``): each file row gets the sha256 its rebuild must match.
+        new_files: write file rows from ``files`` (a merge) instead of updating the uploaded
+            ones (a compression).
+        drop_originals: let the uploaded blobs go (their keys come back in ``drop``).
+        progress: merged into the job's progress, with ``phase`` ``done``.
+
+    ``stored_bytes`` is the size of the delta blob as stored (``info.size``, the bytes a pull
+    of ``/delta`` streams — see :mod:`storage.repo` for the one definition of stored bytes)
+    and ``ratio`` is ``original_bytes / stored_bytes``: whatever ``outcome`` said (a method's own
+    accounting; ``auto`` rewrites its document after compressing) is replaced here.
+    """
+    drop: set[str] = set()
+    with write_transaction(session):
+        job = _lock(session, job_id)
+        if job is None or job.state != JobState.RUNNING or job.lease_owner != worker_id:
+            return PublishResult(lease_held=False, cancel_requested=False)
+        if job.cancel_requested:
+            return PublishResult(lease_held=True, cancel_requested=True)
+        checkpoint = session.get(Checkpoint, job.checkpoint_id, populate_existing=True)
+        if checkpoint is None:
+            return PublishResult(lease_held=False, cancel_requested=False)
+        record_blob(session, info)
+        checkpoint.delta_blob_key = info.key
+        _record_outcome(checkpoint, outcome)
+        checkpoint.stored_bytes = info.size
+        checkpoint.ratio = checkpoint.original_bytes / info.size if info.size else None
+        checkpoint.state = CheckpointState.READY
+        checkpoint.error = None
+        if new_files:
+            for entry in files.values():
+                row = put_file(
+                    session,
+                    path=entry.path,
+                    size=entry.size,
+                    sha256=entry.sha256,
+                    blob_key=None,
+                    role=FileRole(entry.role),
+                    checkpoint_id=checkpoint.id,
+                )
+                row.recon_sha256 = entry.recon_sha256 or entry.sha256
+        else:
+            for row in list_files(session, checkpoint_id=checkpoint.id):
+                entry = files.get(row.path)
+                if entry is None:  # not part of the model directory (should not happen)
+                    continue
+                row.recon_sha256 = entry.recon_sha256 or entry.sha256
+                if drop_originals and row.blob_key is not None:
+                    drop.add(row.blob_key)
+                    row.blob_key = None
+        job.state = JobState.SUCCEEDED
+        job.finished_at = db_now(session)
+        job.lease_expires_at = None
+        job.error = None
+        job.progress = {**(job.progress or {}), **progress, "phase": "done"}
+    return PublishResult(lease_held=True, cancel_requested=False, drop=frozenset(drop))
+
+
 def finish(
     session: Session,
     job_id: str,
@@ -169,16 +343,19 @@ def finish(
     state: JobState,
     error: str | None = None,
 ) -> bool:
-    """End the worker's hold on a job; False (and no change) if it no longer holds the lease.
+    """End the worker's hold on a job and set its checkpoint's state, in one transaction;
+    False (and no change) if ``worker_id`` no longer holds the lease.
 
-    ``state`` is ``succeeded``, ``failed`` or ``cancelled``, or ``queued`` to give the job back
-    for another attempt after a transient error (it becomes ``failed`` instead when no
-    attempts are left). Commits.
+    ``state`` is ``failed`` or ``cancelled`` (the checkpoint becomes ``failed`` with
+    ``error``), or ``queued`` to give the job back for another attempt after a transient error
+    (the checkpoint goes back to ``queued``; both become ``failed`` instead when no attempts
+    are left). ``succeeded`` leaves the checkpoint as it is (:func:`publish` is what makes one
+    ready). A ready checkpoint is never changed. Commits.
     """
     state = JobState(state)
     if state not in FINISH_STATES:
         raise ValueError(f"cannot finish a job as {state!r}; use one of {sorted(FINISH_STATES)}")
-    with _write_transaction(session):
+    with write_transaction(session):
         job = _lock(session, job_id)
         if job is None or job.state != JobState.RUNNING or job.lease_owner != worker_id:
             return False
@@ -186,21 +363,30 @@ def finish(
         job.lease_expires_at = None
         if state == JobState.QUEUED and job.attempts < job.max_attempts:
             job.state = JobState.QUEUED
+            ckpt_state, ckpt_error = CheckpointState.QUEUED, None
+        else:
+            job.state = JobState.FAILED if state == JobState.QUEUED else state
+            job.finished_at = db_now(session)
+            ckpt_state, ckpt_error = CheckpointState.FAILED, error
+        if job.state == JobState.SUCCEEDED:
             return True
-        job.state = JobState.FAILED if state == JobState.QUEUED else state
-        job.finished_at = db_now(session)
+        checkpoint = session.get(Checkpoint, job.checkpoint_id, populate_existing=True)
+        if checkpoint is not None and checkpoint.state != CheckpointState.READY:
+            checkpoint.state = ckpt_state
+            checkpoint.error = ckpt_error
         return True
 
 
 def request_cancel(session: Session, job_id: str) -> Job:
-    """Cancel a job: a queued one at once, a running one at its worker's next heartbeat.
+    """Cancel a job: a queued one at once (its queued checkpoint becomes ``failed``), a running
+    one at its worker's next heartbeat.
 
     Finished jobs are left as they are. Returns the job. Commits.
 
     Raises:
         NotFound: no job has this id.
     """
-    with _write_transaction(session):
+    with write_transaction(session):
         job = _lock(session, job_id)
         if job is None:
             raise NotFound(f"job {job_id} does not exist; list jobs with GET /v1/jobs")
@@ -208,6 +394,10 @@ def request_cancel(session: Session, job_id: str) -> Job:
             job.state = JobState.CANCELLED
             job.cancel_requested = True
             job.finished_at = db_now(session)
+            checkpoint = session.get(Checkpoint, job.checkpoint_id)
+            if checkpoint is not None and checkpoint.state == CheckpointState.QUEUED:
+                checkpoint.state = CheckpointState.FAILED
+                checkpoint.error = "cancelled: the job was cancelled before it started"
         elif job.state == JobState.RUNNING:
             job.cancel_requested = True
         return job
@@ -221,7 +411,7 @@ def fail_expired_exhausted(session: Session) -> ReapResult:
     compressing, is marked ``failed`` with the same error. Commits.
     """
     result = ReapResult()
-    with _write_transaction(session):
+    with write_transaction(session):
         now = db_now(session)
         stmt = (
             select(Job)
@@ -259,18 +449,6 @@ def fail_expired_exhausted(session: Session) -> ReapResult:
     return result
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    """The job with this id.
-
-    Raises:
-        NotFound: no job has this id.
-    """
-    job = session.get(Job, job_id)
-    if job is None:
-        raise NotFound(f"job {job_id} does not exist; list jobs with GET /v1/jobs")
-    return job
-
-
 def list_jobs(
     session: Session,
     *,
@@ -288,19 +466,42 @@ def list_jobs(
     return list(session.scalars(stmt))
 
 
-@contextmanager
-def _write_transaction(session: Session) -> Iterator[None]:
-    """A fresh transaction that may write: BEGIN IMMEDIATE on SQLite; commit on success."""
-    if session.in_transaction():
-        session.commit()
-    if is_sqlite(session):
-        session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
-    try:
-        yield
-    except BaseException:
-        session.rollback()
-        raise
-    session.commit()
+def fail_upload(session: Session, checkpoint_id: str, error: str) -> bool:
+    """Mark an uploaded checkpoint whose files failed validation ``failed`` and let its files go.
+
+    The checkpoint keeps its name and ``error`` (so ``GET`` says what went wrong) but holds no
+    file any more: its file rows are deleted, so the uploaded blobs are unreferenced and garbage
+    collection removes them after its grace period; ``original_bytes`` goes back to 0. A new
+    push of the same name resumes it with the same options or replaces it with other ones
+    (:func:`storage.repo.replaceable`). Only a checkpoint still open (uploading or failed)
+    changes; returns whether this one did (False: it was committed meanwhile). In the caller's
+    transaction.
+    """
+    changed = session.execute(
+        update(Checkpoint)
+        .where(Checkpoint.id == checkpoint_id, Checkpoint.state.in_(OPEN_CHECKPOINT_STATES))
+        .values(state=CheckpointState.FAILED, error=error, original_bytes=0, num_params=None)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(changed, "rowcount", 1) != 1:
+        return False
+    session.execute(
+        delete(File)
+        .where(File.checkpoint_id == checkpoint_id)
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    return True
+
+
+def _record_outcome(checkpoint: Checkpoint, row: Mapping[str, Any]) -> None:
+    """Write what a job produced to its checkpoint's columns."""
+    checkpoint.original_bytes = row["original_bytes"]
+    checkpoint.bits_per_param = row["bits_per_param"]
+    checkpoint.num_params = row["num_params"]
+    checkpoint.fitness = row["fitness"]
+    checkpoint.trace = row["trace"]
+    checkpoint.search_seconds = row["search_seconds"]
 
 
 def _lock(session: Session, job_id: str) -> Job | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import String, case, delete, exists, func, literal, select, union, union_all, update
+from sqlalchemy import String, case, exists, func, literal, select, union, union_all
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
 
@@ -227,33 +227,6 @@ def delete_checkpoint(
 
 #: Checkpoint states in which files may still change (and a commit may be tried again).
 OPEN_CHECKPOINT_STATES = (CheckpointState.UPLOADING, CheckpointState.FAILED)
-
-
-def fail_upload(session: Session, checkpoint_id: str, error: str) -> bool:
-    """Mark an uploaded checkpoint whose files failed validation ``failed`` and let its files go.
-
-    The checkpoint keeps its name and ``error`` (so ``GET`` says what went wrong) but holds no
-    file any more: its file rows are deleted, so the uploaded blobs are unreferenced and garbage
-    collection removes them after its grace period; ``original_bytes`` goes back to 0. A new
-    push of the same name resumes it with the same options or replaces it with other ones
-    (:func:`replaceable`). Only a checkpoint still open (uploading or failed) changes; returns
-    whether this one did (False: it was committed meanwhile).
-    """
-    changed = session.execute(
-        update(Checkpoint)
-        .where(Checkpoint.id == checkpoint_id, Checkpoint.state.in_(OPEN_CHECKPOINT_STATES))
-        .values(state=CheckpointState.FAILED, error=error, original_bytes=0, num_params=None)
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(changed, "rowcount", 1) != 1:
-        return False
-    session.execute(
-        delete(File)
-        .where(File.checkpoint_id == checkpoint_id)
-        .execution_options(synchronize_session=False)
-    )
-    session.flush()
-    return True
 
 
 def replaceable(checkpoint: Checkpoint) -> bool:

@@ -24,10 +24,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from bench.harness import Moto
+from migrations.api import migrate
+from runtime.process import Runtime, make_worker
+from runtime.settings import Settings
 from service.app import create_app
-from service.runtime import Runtime, make_worker
-from service.settings import Settings
-from storage.db import make_engine, migrate
+from storage.db import make_engine
 from storage.models import Model
 from tests.infra import (
     AUTH_HEADERS,

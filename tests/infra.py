@@ -155,8 +155,8 @@ def add_api_key(sessions: Any, namespace: str = "default", role: str = "write") 
 
     Takes the write lock first: on SQLite a deferred transaction's upgrade fails with
     "database is locked" while a running server or worker writes."""
+    from storage.db import begin_write
     from storage.keys import create_key
-    from worker.txn import begin_write
 
     with sessions() as session:
         begin_write(session)

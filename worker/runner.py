@@ -42,7 +42,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -54,23 +53,12 @@ from core.params import CompressOutcome, CompressParams, MergeParams, finite
 from core.summary import describe
 from storage import queue
 from storage.blobstore import BlobInfo, BlobStore
-from storage.db import db_now, is_sqlite
+from storage.cache import BlobCache, FileSpec
+from storage.db import begin_write, db_now
 from storage.errors import StorageError, StorageUnavailable
-from storage.models import (
-    Base,
-    Blob,
-    Checkpoint,
-    CheckpointState,
-    File,
-    FileRole,
-    Job,
-    JobKind,
-    JobState,
-)
-from storage.repo import list_files, put_file, record_blob, referenced_blob_keys
-from storage.repo import unreferenced_blob_condition as unreferenced
-from worker.materialize import BlobCache, FileSpec
-from worker.txn import begin_write
+from storage.gc import drop_blobs
+from storage.models import Base, Checkpoint, File, Job, JobKind, JobState
+from storage.repo import list_files
 
 log = logging.getLogger("slim.worker")
 
@@ -98,7 +86,7 @@ class OriginalsGone(SlimError):
 
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
-    """How a worker behaves; built from :class:`service.settings.Settings` by its callers."""
+    """How a worker behaves; built from :class:`runtime.settings.Settings` by its callers."""
 
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
@@ -114,7 +102,7 @@ class Worker:
     Args:
         sessions: session factory of the metadata database.
         store: the blob store (deltas are written here; originals read from here).
-        cache: local paths for blobs (see :mod:`worker.materialize`).
+        cache: local paths for blobs (see :mod:`storage.cache`).
         work_dir: scratch space; one sub-directory per job, removed afterwards.
         options: lease, heartbeat and polling periods, device, retention.
         worker_id: the lease owner name (default: host, pid and a random suffix).
@@ -191,19 +179,21 @@ class Worker:
         except LeaseLost:
             log.warning("worker %s: lost the lease on job %s; dropped it", self.worker_id, job_id)
         except WorkerStopping:
-            self._give_back(job_id, "the worker shut down mid-job; it will be retried")
+            self._finish(
+                job_id, JobState.QUEUED, "the worker shut down mid-job; it will be retried"
+            )
         except Cancelled as exc:
-            self._end(job_id, JobState.CANCELLED, f"cancelled: {exc.detail}")
+            self._finish(job_id, JobState.CANCELLED, f"cancelled: {exc.detail}")
         except (SlimError, StorageError) as exc:
             if isinstance(exc, TRANSIENT_STORAGE):
-                self._give_back(job_id, f"{exc.code}: {exc}")
+                self._finish(job_id, JobState.QUEUED, f"{exc.code}: {exc}")
             else:
                 detail = exc.detail if isinstance(exc, SlimError) else str(exc)
                 log.warning("job %s failed: [%s] %s", job_id, exc.code, detail)
-                self._end(job_id, JobState.FAILED, f"{exc.code}: {detail}")
+                self._finish(job_id, JobState.FAILED, f"{exc.code}: {detail}")
         except Exception as exc:  # unexpected: retry, with the traceback in the log
             log.exception("job %s: unexpected error (will retry if attempts remain)", job_id)
-            self._give_back(job_id, f"internal_error: {type(exc).__name__}: {exc}")
+            self._finish(job_id, JobState.QUEUED, f"internal_error: {type(exc).__name__}: {exc}")
         finally:
             lease.stop()
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -308,120 +298,37 @@ class Worker:
         *,
         new_files: bool,
     ) -> set[str]:
-        """Commit the rows that make a checkpoint ready, in one transaction, if we still hold
-        the lease. Returns the original blobs to drop.
-
-        ``stored_bytes`` is the size of the delta blob as stored (``info.size``, the bytes a
-        pull of ``/delta`` streams — see :mod:`storage.repo` for the one definition of stored
-        bytes) and ``ratio`` is ``original_bytes / stored_bytes``: whatever the method's own
-        accounting said (``auto`` rewrites its document after compressing) is replaced here."""
-        drop: set[str] = set()
+        """Commit the rows that make a checkpoint ready (:func:`storage.queue.publish`), if we
+        still hold the lease. Returns the original blobs to drop."""
         with self.sessions() as session:
-            begin_write(session)
-            stmt = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
-            if not is_sqlite(session):
-                stmt = stmt.with_for_update()
-            job = session.scalars(stmt).first()
-            if job is None or job.state != JobState.RUNNING or job.lease_owner != self.worker_id:
-                raise LeaseLost("the job was taken over or deleted before it could be published")
-            if job.cancel_requested:
-                raise Cancelled("cancel requested before the result was stored")
-            checkpoint = session.get(Checkpoint, job.checkpoint_id, populate_existing=True)
-            if checkpoint is None:
-                raise LeaseLost("the checkpoint was deleted")
-            record_blob(session, info)
-            checkpoint.delta_blob_key = info.key
-            _record_outcome(checkpoint, fields)
-            checkpoint.stored_bytes = info.size
-            checkpoint.ratio = checkpoint.original_bytes / info.size if info.size else None
-            checkpoint.state = CheckpointState.READY
-            checkpoint.error = None
-            if new_files:
-                for entry in files.values():
-                    row = put_file(
-                        session,
-                        path=entry.path,
-                        size=entry.size,
-                        sha256=entry.sha256,
-                        blob_key=None,
-                        role=FileRole(entry.role),
-                        checkpoint_id=checkpoint.id,
-                    )
-                    row.recon_sha256 = entry.recon_sha256 or entry.sha256
-            else:
-                for row in list_files(session, checkpoint_id=checkpoint.id):
-                    entry = files.get(row.path)
-                    if entry is None:  # not part of the model directory (should not happen)
-                        continue
-                    row.recon_sha256 = entry.recon_sha256 or entry.sha256
-                    if not self.options.retain_originals and row.blob_key is not None:
-                        drop.add(row.blob_key)
-                        row.blob_key = None
-            now = db_now(session)
-            job.state = JobState.SUCCEEDED
-            job.finished_at = now
-            job.lease_expires_at = None
-            job.error = None
-            job.progress = {**(job.progress or {}), **lease.snapshot(), "phase": "done"}
-            session.commit()
-        return drop
+            result = queue.publish(
+                session,
+                job_id,
+                self.worker_id,
+                info,
+                fields,
+                files,
+                new_files=new_files,
+                drop_originals=not self.options.retain_originals,
+                progress=lease.snapshot(),
+            )
+        if not result.lease_held:
+            raise LeaseLost("the job was taken over or deleted before it could be published")
+        if result.cancel_requested:
+            raise Cancelled("cancel requested before the result was stored")
+        return set(result.drop)
 
     def _drop_originals(self, keys: set[str], claimed_at: datetime) -> None:
-        """Delete original blobs nothing references any more. A blob that another upload
-        refreshed (a dedup hit) since the job was claimed is left to garbage collection."""
-        for key in sorted(keys):
-            try:
-                with self.sessions() as session:
-                    begin_write(session)
-                    if referenced_blob_keys(session, among=[key]):
-                        continue
-                    modified = self.store.last_modified(key)
-                    if modified is not None and modified > claimed_at:
-                        continue
-                    session.execute(delete(Blob).where(Blob.key == key, unreferenced()))
-                    session.commit()
-                    if referenced_blob_keys(session, among=[key]):
-                        continue
-                self.store.delete(key)
-            except (SQLAlchemyError, StorageError) as exc:  # GC will finish the job
-                log.warning("could not drop original blob %s (GC will): %s", key, exc)
+        """Delete original blobs nothing references any more (:func:`storage.gc.drop_blobs`)."""
+        drop_blobs(self.sessions, self.store, keys, unchanged_since=claimed_at)
 
     # -- ending a job --------------------------------------------------------------------------
 
-    def _end(self, job_id: str, state: JobState, error: str) -> None:
-        self._finish(job_id, state, error)
-
-    def _give_back(self, job_id: str, error: str) -> None:
-        self._finish(job_id, JobState.QUEUED, error)
-
     def _finish(self, job_id: str, state: JobState, error: str) -> None:
-        """End our hold on a job and set its checkpoint's state, in one transaction.
-
-        ``queued`` gives the job back for another attempt (``failed`` once none are left),
-        as :func:`storage.queue.finish` does; nothing changes if we no longer hold the lease.
-        """
+        """End our hold on a job and set its checkpoint's state (:func:`storage.queue.finish`:
+        ``queued`` gives it back for a retry); nothing changes if we no longer hold the lease."""
         with self.sessions() as session:
-            begin_write(session)
-            stmt = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
-            if not is_sqlite(session):
-                stmt = stmt.with_for_update()
-            job = session.scalars(stmt).first()
-            if job is None or job.state != JobState.RUNNING or job.lease_owner != self.worker_id:
-                return
-            job.error = error
-            job.lease_expires_at = None
-            if state == JobState.QUEUED and job.attempts < job.max_attempts:
-                job.state = JobState.QUEUED
-                ckpt_state, ckpt_error = CheckpointState.QUEUED, None
-            else:
-                job.state = JobState.FAILED if state == JobState.QUEUED else state
-                job.finished_at = db_now(session)
-                ckpt_state, ckpt_error = CheckpointState.FAILED, error
-            checkpoint = session.get(Checkpoint, job.checkpoint_id, populate_existing=True)
-            if checkpoint is not None and checkpoint.state != CheckpointState.READY:
-                checkpoint.state = ckpt_state
-                checkpoint.error = ckpt_error
-            session.commit()
+            queue.finish(session, job_id, self.worker_id, state, error)
 
 
 class Lease:
@@ -519,9 +426,7 @@ def _mark_compressing(session: Session, checkpoint_id: str) -> Checkpoint:
         raise LeaseLost("the checkpoint was deleted")
     if session.get(Base, checkpoint.base_id) is None:
         raise OriginalsGone("the checkpoint's base no longer exists")
-    checkpoint.state = CheckpointState.COMPRESSING
-    checkpoint.error = None
-    return checkpoint
+    return queue.mark_compressing(checkpoint)
 
 
 def _specs(rows: list[File], what: str) -> list[FileSpec]:
@@ -534,14 +439,3 @@ def _specs(rows: list[File], what: str) -> list[FileSpec]:
             )
         specs.append(FileSpec(row.path, row.blob_key))
     return specs
-
-
-def _record_outcome(checkpoint: Checkpoint, row: dict[str, Any]) -> None:
-    """Write what a job produced (:meth:`core.params.CompressOutcome.to_row`, or a merge's
-    summary) to its checkpoint's columns."""
-    checkpoint.original_bytes = row["original_bytes"]
-    checkpoint.bits_per_param = row["bits_per_param"]
-    checkpoint.num_params = row["num_params"]
-    checkpoint.fitness = row["fitness"]
-    checkpoint.trace = row["trace"]
-    checkpoint.search_seconds = row["search_seconds"]

@@ -26,7 +26,9 @@ def _timestamp(name: str, *, nullable: bool = False) -> sa.Column:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
-def _state(column: str, table: str, check_name: str, values: Sequence[str]) -> list[sa.SchemaItem]:
+def _state(
+    column: str, table: str, check_name: str, values: Sequence[str]
+) -> list[sa.schema.SchemaItem]:
     allowed = ", ".join(f"'{value}'" for value in values)
     return [
         sa.Column(column, sa.String(16), nullable=False),

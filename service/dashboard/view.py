@@ -173,7 +173,10 @@ def auto_progress_text(p: dict[str, Any]) -> str:
     if fid is None:
         parts.append("judging" + (f" against floor {floor:.4g}" if floor is not None else ""))
     else:
-        verdict = {True: "passed", False: "rejected"}.get(p.get("passed"), "")  # type: ignore[call-overload]
+        passed = p.get("passed")
+        verdict = (
+            {True: "passed", False: "rejected"}.get(passed, "") if isinstance(passed, bool) else ""
+        )
         against = f" vs floor {floor:.4g}" if floor is not None else ""
         parts.append(f"fidelity {fid:.4f}{against}{' ' + verdict if verdict else ''}")
     elapsed, eta = _float(p.get("elapsed_seconds")), _float(p.get("eta_seconds"))

@@ -15,8 +15,8 @@ import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from runtime.process import Runtime
 from service.auth import COOKIE_MAX_AGE, COOKIE_NAME, encode_cookie, lookup
-from service.runtime import Runtime
 
 router = APIRouter(tags=["auth"], include_in_schema=False)
 

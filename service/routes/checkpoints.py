@@ -38,8 +38,8 @@ from service.schemas import (
 from service.uploads import clean_path
 from storage import repo
 from storage.blob_common import sha256_of_key
+from storage.cache import FileSpec
 from storage.models import Checkpoint, CheckpointState
-from worker.materialize import FileSpec
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 
@@ -195,7 +195,7 @@ def download_checkpoint_file(
     # Content-Length is what the rebuild streams: the size the delta records for the file
     size = reconstructed_size(runtime.cache.path(delta_key), rel)
 
-    def open_chunks(byte_range: ByteRange | None) -> Iterator[bytes]:
+    def open_chunks(byte_range: ByteRange | None) -> Iterator[bytes | memoryview]:
         delta = runtime.cache.path(delta_key)
         base_dir = runtime.cache.shared_dir(f"base-{base_id}", base_files)
         recon = open_reconstruction(delta, base_dir, rel, scale)

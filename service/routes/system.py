@@ -10,12 +10,12 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from migrations.api import schema_is_current
+from runtime.process import Runtime
 from service.auth import require
 from service.deps import NamespaceDep, RuntimeDep, SessionDep
 from service.errors import errors
-from service.runtime import Runtime
 from service.schemas import HealthPublic, ReadyPublic, StatsPublic
-from storage.db import schema_is_current
 from storage.models import ApiKeyRole
 from storage.repo import STORED_PART_LABELS, stats
 

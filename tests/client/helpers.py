@@ -42,8 +42,8 @@ class Server:
 
     def create_key(self, role: str, namespace: str = "default") -> str:
         """A new API key, made in the server's database (as ``slim keys create`` does)."""
-        from service.runtime import Runtime
-        from service.settings import Settings
+        from runtime.process import Runtime
+        from runtime.settings import Settings
 
         runtime = Runtime.from_settings(Settings(data_dir=self.data_dir), migrate_schema=False)
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from service.settings import Settings, default_data_dir
+from runtime.settings import Settings, default_data_dir
 from tests.client.helpers import REPO
 from tests.client.test_cli import run, run_json
 from tests.conftest import Models, Stack

@@ -24,15 +24,15 @@ from sqlalchemy import update
 
 from core.errors import SlimError
 from core.evaluate import load_calibration
+from migrations.api import migrate
 from storage.blobstore import LocalBlobStore
-from storage.db import migrate
+from storage.db import begin_write
 from storage.models import Checkpoint
 from storage.repo import record_blob
 from storage.scrub import scrub
 from tests.conftest import Stack, run_stack
 from tests.hostile.corpus import DEFAULT_DIR, HOSTILE_LIMITS, Case, build, load
 from tests.infra import PostgresServer, file_chunks, wait_job
-from worker.txn import begin_write
 
 CASES = load()
 BY_KIND: dict[str, list[Case]] = {}

@@ -13,11 +13,12 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from cli.main import main as slim
+from runtime.process import Runtime
+from runtime.settings import Settings
 from service import auth
 from service.app import create_app
 from service.auth import DashboardCallerDep
-from service.runtime import Runtime
-from service.settings import Settings
+from storage.db import begin_write
 from storage.keys import create_key, generate_key, hash_key, prefix_of, verify_key
 from storage.models import ApiKey
 from tests.conftest import Models, Stack, run_stack
@@ -28,7 +29,6 @@ from tests.infra import (
     make_base,
     make_checkpoint,
 )
-from worker.txn import begin_write
 
 # -- keys ----------------------------------------------------------------------------------------
 

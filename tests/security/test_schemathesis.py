@@ -18,7 +18,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from storage.db import migrate
+from migrations.api import migrate
 from tests.conftest import Models, Stack, run_stack
 from tests.infra import AUTH_HEADERS, PostgresServer, commit_and_wait, make_base, make_checkpoint
 

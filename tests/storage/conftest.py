@@ -22,8 +22,9 @@ import pytest
 from sqlalchemy import text
 from storage_helpers import S3_CREDENTIALS, Database, PostgresServer, make_s3_store
 
+from migrations.api import migrate
 from storage.blobstore import BlobStore, LocalBlobStore, S3BlobStore
-from storage.db import make_engine, migrate, session_factory
+from storage.db import make_engine, session_factory
 from storage.models import Model
 
 

@@ -9,7 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from storage.db import downgrade, make_engine, migrate, schema_is_current
+from migrations.api import downgrade, migrate, schema_is_current
+from storage.db import make_engine
 from storage.models import Model
 
 TABLES = {"api_keys", "bases", "blobs", "checkpoints", "files", "jobs"}

@@ -11,6 +11,7 @@ from sqlalchemy import event, select, update
 from storage_helpers import Database
 
 from storage import queue
+from storage.blobstore import BlobInfo
 from storage.errors import NotFound
 from storage.models import (
     Base,
@@ -296,3 +297,70 @@ def test_postgres_claim_skips_locked_rows(pg_database: Database) -> None:
         with pg_database.sessions() as session:
             job = queue.claim(session, "w", LEASE)
             assert job is not None and job.id == first
+
+
+def checkpoint_state(db: Database, job_id: str) -> tuple[CheckpointState, str | None]:
+    with db.sessions() as session:
+        checkpoint = session.get(Checkpoint, load(db, job_id).checkpoint_id)
+        assert checkpoint is not None
+        return checkpoint.state, checkpoint.error
+
+
+def test_finish_sets_the_checkpoint_state_with_the_job(database: Database) -> None:
+    (job_id,) = enqueue_jobs(database, 1, max_attempts=2)
+    with database.sessions() as session:
+        assert queue.claim(session, "w", LEASE) is not None
+        assert queue.finish(session, job_id, "w", JobState.QUEUED, error="S3 timed out")
+    assert checkpoint_state(database, job_id) == (CheckpointState.QUEUED, None)
+    with database.sessions() as session:
+        assert queue.claim(session, "w", LEASE) is not None
+        assert queue.finish(session, job_id, "w", JobState.FAILED, error="bad_input: x")
+    assert checkpoint_state(database, job_id) == (CheckpointState.FAILED, "bad_input: x")
+
+
+def test_cancelling_a_queued_job_fails_its_checkpoint(database: Database) -> None:
+    (job_id,) = enqueue_jobs(database, 1)
+    with database.sessions() as session:
+        assert queue.request_cancel(session, job_id).state == JobState.CANCELLED
+    state, error = checkpoint_state(database, job_id)
+    assert state == CheckpointState.FAILED and error is not None and "cancelled" in error
+
+
+def test_publish_only_by_the_lease_holder_and_not_after_a_cancel(database: Database) -> None:
+    (job_id,) = enqueue_jobs(database, 1)
+    info = BlobInfo(key="sha256/ab/" + "ab" * 32, size=10, sha256="ab" * 32)
+    args = ({"original_bytes": 40}, {})
+    kwargs = {"new_files": True, "drop_originals": False, "progress": {"phase": "store"}}
+    with database.sessions() as session:
+        assert queue.claim(session, "worker-a", LEASE) is not None
+        assert not queue.publish(session, job_id, "worker-b", info, *args, **kwargs).lease_held
+        queue.request_cancel(session, job_id)
+        refused = queue.publish(session, job_id, "worker-a", info, *args, **kwargs)
+        assert refused.lease_held and refused.cancel_requested and not refused
+    assert load(database, job_id).state == JobState.RUNNING
+    assert checkpoint_state(database, job_id)[0] == CheckpointState.QUEUED
+
+
+def test_publish_makes_the_checkpoint_ready(database: Database) -> None:
+    (job_id,) = enqueue_jobs(database, 1)
+    info = BlobInfo(key="sha256/ab/" + "ab" * 32, size=10, sha256="ab" * 32)
+    with database.sessions() as session:
+        assert queue.claim(session, "w", LEASE) is not None
+        done = queue.publish(
+            session,
+            job_id,
+            "w",
+            info,
+            {"original_bytes": 40},
+            {},
+            new_files=True,
+            drop_originals=False,
+            progress={"phase": "store"},
+        )
+        assert done.published and done.drop == frozenset()
+    job = load(database, job_id)
+    assert job.state == JobState.SUCCEEDED and job.progress["phase"] == "done"
+    with database.sessions() as session:
+        checkpoint = session.get(Checkpoint, job.checkpoint_id)
+        assert checkpoint is not None and checkpoint.state == CheckpointState.READY
+        assert checkpoint.delta_blob_key == info.key and checkpoint.ratio == 4.0

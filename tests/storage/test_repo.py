@@ -148,7 +148,7 @@ def test_a_failed_upload_lets_its_blobs_go(database: Database) -> None:
         checkpoint.original_bytes = 2
         assert not repo.replaceable(checkpoint)  # uploading: maybe a push in progress
     with database.sessions.begin() as session:
-        assert repo.fail_upload(session, checkpoint.id, "base_mismatch: other shapes")
+        assert queue.fail_upload(session, checkpoint.id, "base_mismatch: other shapes")
     with database.sessions() as session:
         row = repo.get_checkpoint(session, checkpoint.id)
         assert row.state == CheckpointState.FAILED and row.error == "base_mismatch: other shapes"
@@ -159,7 +159,7 @@ def test_a_failed_upload_lets_its_blobs_go(database: Database) -> None:
         row.state = CheckpointState.QUEUED  # committed meanwhile: not failed again
         session.commit()
     with database.sessions.begin() as session:
-        assert not repo.fail_upload(session, checkpoint.id, "late")
+        assert not queue.fail_upload(session, checkpoint.id, "late")
         assert repo.get_checkpoint(session, checkpoint.id).state == CheckpointState.QUEUED
 
 

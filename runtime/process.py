@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.settings import Settings
+from migrations.api import migrate
+from runtime.settings import Settings
 from storage.blobstore import BlobStore, LocalBlobStore, S3BlobStore
-from storage.db import make_engine, migrate, session_factory
-from worker.materialize import BlobCache
+from storage.cache import BlobCache
+from storage.db import make_engine, session_factory
 from worker.runner import Worker, WorkerOptions
 
 

@@ -31,7 +31,7 @@ from core.checkpoint import check_relpath
 from storage.blobstore import CHUNK_SIZE, BlobStore, sha256_of_key
 from storage.errors import IntegrityError
 
-log = logging.getLogger("slim.worker")
+log = logging.getLogger("slim.storage")
 
 
 @dataclass(frozen=True, slots=True)
