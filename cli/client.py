@@ -28,9 +28,9 @@ from core.params import (
     DEFAULT_KEEP,
     DEFAULT_LAMBDA,
     DEFAULT_MERGE_METHOD,
+    GENERATIONS_METHODS,
     MERGE_METHODS,
     METHODS,
-    SEARCHING_METHODS,
     VALUE_BITS,
     CompressOutcome,
     Method,
@@ -246,7 +246,7 @@ def _warn_report(report: PushReport) -> None:
 def cmd_push(args: argparse.Namespace) -> int:
     options = None
     if args.generations is not None:
-        if args.method is not None and args.method not in SEARCHING_METHODS:
+        if args.method is not None and args.method not in GENERATIONS_METHODS:
             raise _usage("--generations sets the search of nps, nps-seeded and auto only")
         options = {"generations": args.generations}
     with _client(args) as client:

@@ -15,8 +15,8 @@ from core.params import (
     DEFAULT_MIN_FIDELITY,
     DEFAULT_VALUE_BITS,
     EVAL_KINDS,
+    GENERATIONS_METHODS,
     METHODS,
-    SEARCHING_METHODS,
     VALUE_BITS,
     CompressOutcome,
     CompressParams,
@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     method = args.method or (Method.AUTO if args.min_fidelity is not None else Method.NPS)
     opts: dict[str, Any] = {}
-    if args.generations is not None and method in SEARCHING_METHODS:
+    if args.generations is not None and method in GENERATIONS_METHODS:
         opts["generations"] = args.generations
     if args.subspaces is not None:
         if method == Method.NPS:

@@ -56,8 +56,10 @@ class MergeMethod(StrEnum):
 
 #: The methods core implements (every :class:`Method` but ``auto``, which searches them).
 METHODS: tuple[str, ...] = tuple(str(m) for m in Method if m is not Method.AUTO)
-#: Methods whose search takes a ``generations`` option.
-SEARCHING_METHODS = frozenset({Method.NPS, Method.NPS_SEEDED, Method.AUTO})
+#: Methods whose CMA-ES search takes a ``generations`` option (``magnitude-scaled`` searches a
+#: single scale by golden section: no generations; which methods search at all is
+#: :attr:`core.methods.base.Method.searches`).
+GENERATIONS_METHODS = frozenset({Method.NPS, Method.NPS_SEEDED, Method.AUTO})
 #: Evaluation kinds, as plain strings.
 EVAL_KINDS: tuple[str, ...] = tuple(str(e) for e in Evaluation)
 #: Merge methods, as plain strings.
