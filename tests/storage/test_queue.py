@@ -326,10 +326,21 @@ def test_cancelling_a_queued_job_fails_its_checkpoint(database: Database) -> Non
     assert state == CheckpointState.FAILED and error is not None and "cancelled" in error
 
 
+#: What a finished job writes to its checkpoint (``CompressOutcome.to_row``'s columns).
+OUTCOME = {
+    "original_bytes": 40,
+    "bits_per_param": 3.2,
+    "num_params": 10,
+    "fitness": {"fidelity": 0.995},
+    "trace": [],
+    "search_seconds": 1.5,
+}
+
+
 def test_publish_only_by_the_lease_holder_and_not_after_a_cancel(database: Database) -> None:
     (job_id,) = enqueue_jobs(database, 1)
     info = BlobInfo(key="sha256/ab/" + "ab" * 32, size=10, sha256="ab" * 32)
-    args = ({"original_bytes": 40}, {})
+    args = (OUTCOME, {})
     kwargs = {"new_files": True, "drop_originals": False, "progress": {"phase": "store"}}
     with database.sessions() as session:
         assert queue.claim(session, "worker-a", LEASE) is not None
@@ -351,7 +362,7 @@ def test_publish_makes_the_checkpoint_ready(database: Database) -> None:
             job_id,
             "w",
             info,
-            {"original_bytes": 40},
+            OUTCOME,
             {},
             new_files=True,
             drop_originals=False,
@@ -364,3 +375,4 @@ def test_publish_makes_the_checkpoint_ready(database: Database) -> None:
         checkpoint = session.get(Checkpoint, job.checkpoint_id)
         assert checkpoint is not None and checkpoint.state == CheckpointState.READY
         assert checkpoint.delta_blob_key == info.key and checkpoint.ratio == 4.0
+        assert checkpoint.bits_per_param == 3.2 and checkpoint.fitness == {"fidelity": 0.995}
