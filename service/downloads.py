@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.checkpoint import CheckpointDir
-from core.constants import CHUNK_SIZE
 from core.delta_format import DeltaReader, FileEntry
 from core.errors import IntegrityError, InvalidDelta
+from core.files import CHUNK_SIZE
 from core.reconstruct import (
     StreamCheck,
     check_base,

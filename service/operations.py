@@ -23,11 +23,11 @@ from core.compress import (
     default_method,
 )
 from core.errors import InvalidArgument, InvalidCalibration, SlimError
+from core.files import manifest_sha256
 from core.methods import REGISTRY
 from service.errors import ApiError
 from service.schemas import CheckpointCreate, MergeCreate
 from service.settings import Settings
-from service.uploads import manifest_sha256
 from service.validation import check_fits_base, stored_checkpoint
 from storage import queue, repo
 from storage.blobstore import BlobStore
@@ -58,7 +58,7 @@ def commit_base(
     ckpt = stored_checkpoint(store, rows, max_header=settings.max_header_bytes, what="base")
     base.num_params = ckpt.num_params
     base.total_bytes = sum(row.size for row in rows)
-    base.manifest_sha256 = manifest_sha256(rows)
+    base.manifest_sha256 = manifest_sha256((row.path, row.sha256) for row in rows)
     base.state = BaseState.READY
     session.commit()
     return base

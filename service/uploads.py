@@ -11,7 +11,6 @@ blob and no row is written.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 import anyio
@@ -19,10 +18,10 @@ import anyio.to_thread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.checkpoint import check_relpath
-from core.errors import HeaderTooLarge, InvalidCheckpoint, InvalidSafetensors
+from core.errors import HeaderTooLarge, InvalidSafetensors
+from core.files import is_unread
 from core.safetensors_io import Header, parse_header
-from service.errors import ApiError, InvalidPath, TooManyFiles, TooManyTensors, Truncated
+from service.errors import ApiError, TooManyFiles, TooManyTensors, Truncated
 from service.streaming import body_in_thread
 from storage import repo
 from storage.blobstore import BlobInfo, BlobStore
@@ -34,33 +33,8 @@ from worker.txn import begin_write
 
 #: A declared header length at or above this is not a safetensors file at all.
 IMPLAUSIBLE_HEADER = 1 << 32
-#: File name endings of formats the service never reads: pickled weights (torch ``.bin``,
-#: ``.pt``, ``.pth``, Lightning ``.ckpt``) and other pickles. Storing them would keep bytes no
-#: pull should hand back (a pickle runs code when loaded), so a PUT of one is refused.
-UNREAD_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".dill")
 #: First bytes of a pickle of protocol 2 to 5 (PROTO opcode, then the protocol number).
 PICKLE_MAGIC = tuple(bytes([0x80, n]) for n in range(2, 6))
-
-
-#: Longest file path accepted (UTF-8 bytes; the database column holds 1024 characters).
-MAX_PATH_BYTES = 1024
-
-
-def clean_path(path: str) -> str:
-    """The normalised relative path, or 400 ``invalid_path``."""
-    try:
-        rel = check_relpath(path)
-    except InvalidCheckpoint as exc:
-        raise InvalidPath(
-            f"{exc.detail}; use a relative path such as 'model.safetensors' or "
-            "'tokenizer/vocab.json' (no '..', no leading '/', no NUL or backslash)"
-        ) from None
-    if len(rel.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or not rel.isprintable():
-        raise InvalidPath(
-            f"file paths are at most {MAX_PATH_BYTES} bytes of printable characters; "
-            "use a shorter name without control characters"
-        )
-    return rel
 
 
 class UnsupportedFile(ApiError):
@@ -72,7 +46,7 @@ class UnsupportedFile(ApiError):
 
 def check_readable(path: str) -> None:
     """Refuse a file the service does not read, by its name (415 ``unsupported_file``)."""
-    if path.lower().endswith(UNREAD_SUFFIXES):
+    if is_unread(path):
         raise UnsupportedFile(
             f"{path}: Slimstore does not store {path.rsplit('.', 1)[-1]} files (pickled "
             "weights are never read and a pickle runs code when loaded); save the weights with "
@@ -343,11 +317,3 @@ def record_upload(
         )
         session.commit()
         return row
-
-
-def manifest_sha256(rows: Iterable[File]) -> str:
-    """A digest over (path, sha256) of every file: the identity of a committed file set."""
-    h = hashlib.sha256()
-    for row in sorted(rows, key=lambda r: r.path):
-        h.update(f"{row.path}\0{row.sha256}\n".encode())
-    return h.hexdigest()

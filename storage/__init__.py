@@ -1,10 +1,6 @@
 """Where bytes and rows live: blob stores (local directory, S3), SQLAlchemy models, the job
 queue and repository functions. No FastAPI; nothing here imports ``service`` or ``worker``.
 
-Modules: ``blobstore`` (BlobStore, LocalBlobStore, S3BlobStore, CHUNK_SIZE), ``errors``,
+Modules: ``blobstore`` (BlobStore, LocalBlobStore, S3BlobStore), ``errors``,
 ``models``, ``db`` (make_engine, session_factory, migrate), ``queue``, ``repo``, ``gc``.
 """
-
-from storage.blob_common import CHUNK_SIZE
-
-__all__ = ["CHUNK_SIZE"]

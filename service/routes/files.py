@@ -8,6 +8,7 @@ import anyio.to_thread
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from core.files import check_path
 from service.downloads import ByteRange, parse_range
 from service.runtime import Runtime
 from service.schemas import FilePublic
@@ -15,7 +16,6 @@ from service.streaming import produced_in_thread
 from service.uploads import (
     check_base_open,
     check_checkpoint_open,
-    clean_path,
     receive_file,
     record_upload,
 )
@@ -149,7 +149,7 @@ async def upload(
     ``base_id`` / ``checkpoint_id`` may be a name (:func:`storage.repo.get_base`'s rule); it is
     resolved to the id once, before the body is read, and the row is recorded under that id.
     """
-    rel = clean_path(path)
+    rel = check_path(path)
     settings = runtime.settings
 
     def precheck() -> tuple[str | None, str | None]:

@@ -12,7 +12,7 @@ import pytest
 
 from cli import sdk
 from cli.main import main
-from core.checkpoint import sha256_file
+from core.files import sha256_file
 from tests.client.helpers import CKPT_FILE_ROUTE, counter, settled_counter
 from tests.conftest import Models, Stack
 from tests.infra import TEST_ADMIN_KEY
