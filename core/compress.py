@@ -104,7 +104,9 @@ def build_evaluator(
     if evaluation == "weights":
         return None
     if calibration is None:
-        raise InvalidArgument(f"--eval {evaluation} needs --calibration FILE.jsonl")
+        raise InvalidArgument(
+            f"`evaluation={evaluation}` needs `calibration` examples (a JSONL file of texts)"
+        )
     examples = (
         calibration
         if isinstance(calibration, list)
@@ -348,8 +350,8 @@ def compress_request(
         )
     if min_fidelity is not None:
         raise InvalidArgument(
-            f"a fidelity floor goes with method auto, not {method}: drop --min-fidelity or "
-            "use --method auto"
+            f"a fidelity floor goes with method auto, not {method}: drop `min_fidelity` or "
+            "use `method=auto`"
         )
     return compress(
         base_dir,

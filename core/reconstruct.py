@@ -360,16 +360,6 @@ def weight_header(reader: FrameSource, file: FileEntry) -> tuple[bytes, Header]:
     return raw, header
 
 
-def file_sha256(
-    reader: DeltaReader, base: CheckpointDir, file: FileEntry, scale: float = 1.0
-) -> str:
-    """sha256 of a reconstructed file, computed from the stream (nothing written)."""
-    h = hashlib.sha256()
-    for chunk in iter_file(reader, base, file, scale):
-        h.update(chunk)
-    return h.hexdigest()
-
-
 def expected_sha256(file: FileEntry, scale: float) -> str | None:
     """The hash a reconstruction must have: recorded at write time, for scale 1 only."""
     if scale != 1.0:

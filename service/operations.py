@@ -25,13 +25,13 @@ from core.compress import (
 from core.errors import InvalidArgument, InvalidCalibration, SlimError
 from core.files import manifest_sha256
 from core.methods import REGISTRY
-from service.errors import ApiError
+from service.errors import OptionsDiffer
 from service.schemas import CheckpointCreate, MergeCreate
 from service.settings import Settings
 from service.validation import check_fits_base, stored_checkpoint
 from storage import queue, repo
 from storage.blobstore import BlobStore
-from storage.errors import Conflict, NotFound
+from storage.errors import Conflict, NotFound, StorageError
 from storage.models import (
     Base,
     BaseState,
@@ -210,14 +210,12 @@ def create_checkpoint(
     return CheckpointCreation(ckpt, True, request.warnings)
 
 
-def _options_differ(existing: Checkpoint, differ: list[str]) -> ApiError:
-    return ApiError(
+def _options_differ(existing: Checkpoint, differ: list[str]) -> OptionsDiffer:
+    return OptionsDiffer(
         f"checkpoint {existing.name!r} already exists ({existing.state.value}) with other "
         f"options — {'; '.join(differ)}. Push under another name, or delete it first "
         f"(`slim rm {existing.name}`, DELETE /v1/checkpoints/{existing.id}); pushing with "
-        "its own options resumes it",
-        code="options_differ",
-        status=409,
+        "its own options resumes it"
     )
 
 
@@ -272,8 +270,10 @@ def commit_checkpoint(
             store, repo.list_files(session, base_id=base.id), max_header=max_header, what="base"
         )
         check_fits_base(ft, base_ckpt)
-    except (SlimError, ApiError) as exc:  # the upload is unusable (not an outage): clean up
-        ckpt_id = ckpt.id
+    except SlimError as exc:
+        if isinstance(exc, StorageError):  # an outage or a lost blob, not a bad upload
+            raise
+        ckpt_id = ckpt.id  # the upload is unusable: clean up
         session.rollback()
         begin_write(session)
         if repo.fail_upload(session, ckpt_id, f"{exc.code}: {exc.detail}"):

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.errors import HeaderTooLarge, InvalidSafetensors
 from core.files import is_unread
 from core.safetensors_io import Header, parse_header
-from service.errors import ApiError, TooManyFiles, TooManyTensors, Truncated
+from service.errors import ApiError, ChecksumMismatch, TooManyFiles, TooManyTensors, Truncated
 from service.streaming import body_in_thread
 from storage import repo
 from storage.blobstore import BlobInfo, BlobStore
@@ -41,7 +41,6 @@ class UnsupportedFile(ApiError):
     """415 ``unsupported_file``: a file the service does not read (pickled weights)."""
 
     code = "unsupported_file"
-    status = 415
 
 
 def check_readable(path: str) -> None:
@@ -213,7 +212,7 @@ def store_body(
     try:
         return store.put_stream(chunks, max_bytes=max_bytes, expected_sha256=expected_sha256)
     except StorageIntegrityError as exc:
-        raise ApiError(str(exc), code="checksum_mismatch") from None
+        raise ChecksumMismatch(exc.detail) from None
 
 
 async def receive_file(
