@@ -21,7 +21,7 @@ from core.frames import STEP_BYTES, FrameStream, compressor
 class XorEncoder:
     """The lossless planes of one tensor of ``n`` elements, fed a piece at a time (so neither
     tensor is ever whole in memory): each byte plane streams into its own zstd frame of
-    ``n`` bytes, with the level and threads :func:`zstd_compress` would choose for the whole
+    ``n`` bytes, with the level and threads :func:`core.frames.zstd_compress` would choose for the whole
     tensor's bytes (a bulk tensor's planes at the bulk level: deeper levels compress these
     noise-like planes worse, not better)."""
 
@@ -40,9 +40,9 @@ class XorEncoder:
         k = len(ft_raw) // self.width
         if self.done + k > self.n:
             raise InvalidArgument("more elements than the tensor has")
-        a = np.frombuffer(ft_raw, dtype=np.uint8).reshape(k, self.width)
-        b = np.frombuffer(base_raw, dtype=np.uint8).reshape(k, self.width)
-        plane = np.empty(k, dtype=np.uint8)
+        a = np.frombuffer(ft_raw, dtype=np.uint8).reshape(k, self.width)  # (k, width)
+        b = np.frombuffer(base_raw, dtype=np.uint8).reshape(k, self.width)  # (k, width)
+        plane = np.empty(k, dtype=np.uint8)  # (k,) byte j of each element
         for j in range(self.width):
             np.bitwise_xor(a[:, j], b[:, j], out=plane)
             if self.equal and plane.any():
@@ -148,7 +148,7 @@ class XorPlanes:
         self._check_piece(k)
         self.done += k
         pool = _plane_pool()
-        bufs = [np.empty(k, dtype=np.uint8) for _ in range(self.width)]
+        bufs = [np.empty(k, dtype=np.uint8) for _ in range(self.width)]  # width x (k,)
         return Inflating(
             [(b, pool.submit(self._plane(j).readinto, b.data)) for j, b in enumerate(bufs)]
         )
