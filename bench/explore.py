@@ -30,13 +30,15 @@ import torch
 from bench.data import load_task
 from bench.fidelity import DEFAULT_CALIBRATION, RESULTS, TestHarness, calibration
 from bench.finetune import base_model_dir, full_recipe, make_finetune
-from core import codec, rng
+from core import rng
 from core.compress import compress
 from core.evaluate import ModelEvaluator, score_with
+from core.frames import zstd_compress
 from core.methods.nps_seeded import budget_rates
 from core.reconstruct import load_state
 from core.taskvector import TensorPlan
 from core.tensor_codec import ValueSpec
+from core.values import encode_values
 from core.workspace import Workspace
 
 #: Validation texts beyond the calibration set that the draws are also scored on.
@@ -115,9 +117,9 @@ def explore_row_rates(args: argparse.Namespace) -> None:
                 idx = torch.nonzero(u < p_entry).squeeze(1)
                 spec = ValueSpec.from_bits(args.bits, fx.plans[n].dtype)
                 values = spec.round(tau[idx] / p_entry[idx])
-                value_bytes += len(codec.encode_values(values, spec.coding, spec.bits)[0])
+                value_bytes += len(encode_values(values, spec.coding, spec.bits)[0])
                 if len(p) > 1 and gamma:
-                    rate_bytes += len(codec.zstd_compress(q.tobytes(), 19))
+                    rate_bytes += len(zstd_compress(q.tobytes(), 19))
                 kept += idx.numel()
                 rebuilt = fx.base_values[n].clone()
                 rebuilt[idx] += values

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from client.errors import BadRequest
+from core.files import UNREAD_SUFFIXES, is_unread
 
 __all__ = [
     "BASE_MARKER",
@@ -25,11 +26,6 @@ __all__ = [
 INCOMPLETE = ".incomplete"
 #: Directory names a push never uploads (VCS and download caches).
 SKIP_DIRS = frozenset({".git", ".cache", ".huggingface", "__pycache__"})
-#: File name endings a push leaves out: formats the server never reads and refuses (415
-#: ``unsupported_file``) — pickled weights and other pickles. The server's list
-#: (``service.uploads.UNREAD_SUFFIXES``) is the rule; this copy only spares the upload of
-#: bytes that would be refused (the SDK imports no server package).
-UNREAD_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".dill")
 #: Marker that says a cached base directory is complete and verified.
 BASE_MARKER = ".slim-base.json"
 
@@ -58,8 +54,8 @@ def split_unread(
 ) -> tuple[list[tuple[str, Path]], list[str]]:
     """``files`` without those the server does not read (:data:`UNREAD_SUFFIXES`), and the
     relative paths of those left out."""
-    keep = [(rel, p) for rel, p in files if not rel.lower().endswith(UNREAD_SUFFIXES)]
-    return keep, [rel for rel, _ in files if rel.lower().endswith(UNREAD_SUFFIXES)]
+    keep = [(rel, p) for rel, p in files if not is_unread(rel)]
+    return keep, [rel for rel, _ in files if is_unread(rel)]
 
 
 def read_calibration(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

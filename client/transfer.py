@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,6 +23,7 @@ from client.errors import BadRequest, IntegrityError, ServerError
 from client.files import INCOMPLETE
 from client.http import Connection
 from client.models import FileInfo, NoProgress, Progress, PulledFile, PushReport, build
+from core.files import CHUNK_SIZE, manifest_sha256, sha256_file
 
 __all__ = [
     "CHUNK_SIZE",
@@ -33,25 +34,6 @@ __all__ = [
     "sha256_file",
     "upload",
 ]
-
-#: Bytes per read/write of a transfer.
-CHUNK_SIZE = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest_sha256(entries: Iterable[tuple[str, str]]) -> str:
-    """The server's identity of a file set: sha256 over sorted ``path\\0sha256\\n`` lines."""
-    h = hashlib.sha256()
-    for path, digest in sorted(entries):
-        h.update(f"{path}\0{digest}\n".encode())
-    return h.hexdigest()
 
 
 def quote_path(path: str) -> str:

@@ -358,10 +358,11 @@ def auto_compress(
         InvalidArgument: no model evaluation (auto needs calibration data) or a bad floor.
     """
     if not 0 < min_fidelity <= 1:
-        raise InvalidArgument("--min-fidelity must be in (0, 1], e.g. 0.99")
+        raise InvalidArgument("`min_fidelity` must be in (0, 1], e.g. `min_fidelity=0.99`")
     if evaluation == Evaluation.WEIGHTS:
         raise InvalidArgument(
-            "auto needs a fidelity floor to check: pass --calibration (and --eval fidelity or accuracy)"
+            "auto needs a fidelity floor to check: pass `calibration` examples (and "
+            "`evaluation=fidelity` or `evaluation=accuracy`)"
         )
     opts = dict(options or {})
     generations = int(opts.pop("generations", generations))
@@ -507,7 +508,7 @@ def _encode_best(
         notes=[
             *result.notes,
             f"auto: the floor {run.floor} could not be met lossily ({len(run.judged)} candidates "
-            f"judged in {run.search_seconds:.1f} s); stored exact. Lower --min-fidelity for a "
+            f"judged in {run.search_seconds:.1f} s); stored exact. Lower `min_fidelity` for a "
             "smaller delta",
         ],
     )

@@ -7,7 +7,6 @@ never parsed beyond what the index needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -15,8 +14,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from core.constants import CHUNK_SIZE
-from core.errors import InvalidCheckpoint, InvalidPath, InvalidSafetensors
+from core.errors import InvalidCheckpoint, InvalidSafetensors
+from core.files import check_path
 from core.safetensors_io import Header, SafetensorsFile, TensorInfo, read_header
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -26,27 +25,6 @@ INDEX_SUFFIX = ".safetensors.index.json"
 class TensorRef:
     file: str  # relative posix path of the weight file
     info: TensorInfo
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_relpath(rel: str) -> str:
-    """Normalise a relative file path and refuse traversal, absolute paths and NUL."""
-    if not rel or "\x00" in rel or "\\" in rel:
-        raise InvalidPath(f"invalid file path {rel!r}; use a relative path with forward slashes")
-    p = PurePosixPath(rel)
-    if p.is_absolute() or any(part in ("..", "") for part in p.parts) or rel.startswith("/"):
-        raise InvalidPath(f"file path {rel!r} must be relative and stay inside the checkpoint")
-    norm = str(p)
-    if norm == ".":
-        raise InvalidPath(f"invalid file path {rel!r}; name a file")
-    return norm
 
 
 class CheckpointDir:
@@ -90,7 +68,7 @@ class CheckpointDir:
                 full = Path(dirpath) / fn
                 if not full.is_file():
                     continue
-                rel = full.relative_to(root).as_posix()
+                rel = check_path(full.relative_to(root).as_posix())
                 (weight_files if fn.endswith(".safetensors") else aux_files).append(rel)
         if not weight_files:
             raise InvalidCheckpoint(
@@ -122,9 +100,13 @@ class CheckpointDir:
             try:
                 doc = json.loads((self.root / rel).read_text("utf-8"))
                 weight_map = doc["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, AssertionError, UnicodeDecodeError, RecursionError):
-                raise InvalidCheckpoint(f"{rel} is not a valid sharding index") from None
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+                weight_map = None
+            if not isinstance(weight_map, dict):
+                raise InvalidCheckpoint(
+                    f"{rel} is not a valid sharding index; it must be a JSON object whose "
+                    '"weight_map" maps tensor names to file names'
+                )
             prefix = str(PurePosixPath(rel).parent)
             for name, file in weight_map.items():
                 want = file if prefix == "." else f"{prefix}/{file}"

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from core import codec
-from core.checkpoint import CheckpointDir, sha256_file
+from core.checkpoint import CheckpointDir
 from core.constants import DTYPES, PIECE_BYTES, ZSTD_LEVEL
 from core.delta_format import DeltaDoc, DeltaWriter, FileEntry, TensorEntry
 from core.errors import InvalidArgument
@@ -30,6 +29,8 @@ from core.evaluate import (
     part_label,
     relative_fidelity,
 )
+from core.files import sha256_file
+from core.frames import zstd_compress
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
 from core.params import (
@@ -48,6 +49,7 @@ from core.safetensors_io import tensor_to_bytes
 from core.summary import delta_sizes
 from core.tensor_codec import Selection, ValueSpec, decode_sparse, encode_sparse
 from core.workspace import Workspace
+from core.xor import XorEncoder
 
 
 def build_evaluator(
@@ -69,7 +71,9 @@ def build_evaluator(
     if evaluation == Evaluation.WEIGHTS:
         return None
     if calibration is None:
-        raise InvalidArgument(f"--eval {evaluation} needs --calibration FILE.jsonl")
+        raise InvalidArgument(
+            f"`evaluation={evaluation}` needs `calibration` examples (a JSONL file of texts)"
+        )
     examples = (
         calibration
         if isinstance(calibration, list)
@@ -277,8 +281,8 @@ def compress_request(
         )
     if p.min_fidelity is not None:
         raise InvalidArgument(
-            f"a fidelity floor goes with method auto, not {p.method}: drop --min-fidelity or "
-            "use --method auto"
+            f"a fidelity floor goes with method auto, not {p.method}: drop `min_fidelity` or "
+            "use `method=auto`"
         )
     # lossless records no keep or value bits: compress's own defaults stand for them
     pinned: dict[str, Any] = {"keep": p.keep, "value_bits": p.value_bits}
@@ -335,7 +339,7 @@ def _encode(
             role="weights",
             size=header.file_size,
             sha256=sha256_file(ws.ft.root / rel),
-            header_frame=writer.add(f"h{fi}", codec.zstd_compress(header.raw, level)),
+            header_frame=writer.add(f"h{fi}", zstd_compress(header.raw, level)),
             header_size=len(header.raw),
         )
         for name in header.tensors:
@@ -346,7 +350,7 @@ def _encode(
             delta_for_eval: torch.Tensor | None = None
             if plan.kind == "dense":
                 te.frame = writer.add(
-                    prefix, codec.zstd_compress(tensor_to_bytes(ws.ft.get(name)), level)
+                    prefix, zstd_compress(tensor_to_bytes(ws.ft.get(name)), level)
                 )
             else:
                 base_ref = ws.base.tensors[plan.base_name or ""]
@@ -397,7 +401,7 @@ def _encode(
         if digest in base_aux:
             entry.base_path = base_aux[digest]
         else:
-            entry.frame = writer.add(f"a{ai}", codec.zstd_compress(path.read_bytes(), level))
+            entry.frame = writer.add(f"a{ai}", zstd_compress(path.read_bytes(), level))
         files.append(entry)
     doc = DeltaDoc(
         base=base_fingerprint(ws.base),
@@ -426,11 +430,11 @@ def _encode_lossless(
         te.kind = "dense"
         te.base_name = te.base_dtype = None
         ft_t = ws.ft.get(te.name).reshape(-1)
-        te.frame = writer.add(prefix, codec.zstd_compress(tensor_to_bytes(ft_t), level))
+        te.frame = writer.add(prefix, zstd_compress(tensor_to_bytes(ft_t), level))
         return
     width = DTYPES[plan_dtype][0]
     n = ws.ft.tensors[te.name].info.numel
-    enc = codec.XorEncoder(width, n, level)
+    enc = XorEncoder(width, n, level)
     step = max(PIECE_BYTES // width, 1)
     for i in range(0, n, step):
         k = min(step, n - i)

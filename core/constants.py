@@ -16,8 +16,6 @@ METADATA_KEY = "slimstore"
 #: Magic value of the document's ``format`` field.
 FORMAT_NAME = "slimstore-delta"
 
-#: Streaming unit for file I/O and hashing.
-CHUNK_SIZE = 1 << 20
 #: Bytes of a tensor rebuilt at a time when reconstructing (memory does not grow with the
 #: size of the largest tensor).
 PIECE_BYTES = 8 << 20

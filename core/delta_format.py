@@ -18,9 +18,7 @@ from typing import Any, BinaryIO, Protocol
 
 import xxhash
 
-from core.checkpoint import check_relpath
 from core.constants import (
-    CHUNK_SIZE,
     FORMAT_NAME,
     FORMAT_VERSION,
     METADATA_KEY,
@@ -33,6 +31,7 @@ from core.errors import (
     InvalidSafetensors,
     UnsupportedFormatVersion,
 )
+from core.files import CHUNK_SIZE, check_path
 from core.safetensors_io import build_header, read_header
 
 TENSOR_KINDS = ("sparse", "dense", "same", "lossless")
@@ -153,9 +152,9 @@ class DeltaDoc:
             raise InvalidDelta(f"delta document is malformed ({exc})") from None
         for f in doc.files:
             try:
-                check_relpath(f.path)
+                check_path(f.path)
                 if f.base_path is not None:
-                    check_relpath(f.base_path)
+                    check_path(f.base_path)
             except InvalidCheckpoint:
                 raise InvalidDelta(f"delta names an unsafe file path {f.path!r}") from None
         return doc

@@ -75,7 +75,7 @@ def load_calibration(path: str | os.PathLike[str], *, need_labels: bool) -> list
         if need_labels and label is None:
             raise InvalidCalibration(
                 f'{p.name} line {i}: has no "label"; accuracy evaluation needs labels '
-                "(or use --eval fidelity)"
+                "(or use `evaluation=fidelity`)"
             )
         examples.append(Example(obj["text"], label))
     if not examples:
@@ -180,7 +180,8 @@ class ModelEvaluator:
         ft_dir = Path(ft_dir)
         if not (ft_dir / "config.json").is_file():
             raise EvaluationUnavailable(
-                "the fine-tune has no config.json, so no model can be built; use --eval weights"
+                "the fine-tune has no config.json, so no model can be built; use "
+                "`evaluation=weights`"
             )
         try:
             config = transformers.AutoConfig.from_pretrained(ft_dir, local_files_only=True)
@@ -189,12 +190,13 @@ class ModelEvaluator:
             tokenizer = transformers.AutoTokenizer.from_pretrained(ft_dir, local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
             raise EvaluationUnavailable(
-                f"cannot build the model from the fine-tune's files ({exc}); use --eval weights"
+                f"cannot build the model from the fine-tune's files ({exc}); use "
+                "`evaluation=weights`"
             ) from None
         if self.task == "embedder" and kind == "accuracy":
             raise EvaluationUnavailable(
                 "accuracy needs a classifier or a causal LM; this model is an embedder "
-                "(use --eval fidelity)"
+                "(use `evaluation=fidelity`)"
             )
         self.model = model.to(self.device).eval()
         if tokenizer.pad_token is None:
@@ -296,7 +298,7 @@ class ModelEvaluator:
         if missing:
             raise EvaluationUnavailable(
                 f"the model built from config.json has no parameter for {len(missing)} tensors "
-                f"(e.g. {missing[0]!r}); use --eval weights"
+                f"(e.g. {missing[0]!r}); use `evaluation=weights`"
             )
         return out
 

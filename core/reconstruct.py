@@ -25,13 +25,15 @@ import numpy as np
 import torch
 import xxhash
 
-from core import codec
-from core.checkpoint import CheckpointDir, check_relpath
-from core.constants import CHUNK_SIZE, DTYPES, MAX_HEADER_BYTES, PIECE_BYTES
+from core.checkpoint import CheckpointDir
+from core.constants import DTYPES, MAX_HEADER_BYTES, PIECE_BYTES
 from core.delta_format import DeltaReader, FileEntry, FrameSource, TensorEntry
 from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafetensors
+from core.files import CHUNK_SIZE, check_path
+from core.frames import FrameStream, zstd_decompress
 from core.safetensors_io import Header, TensorInfo, bytes_to_tensor, parse_header, tensor_view
 from core.tensor_codec import decode_sparse
+from core.xor import XorPlanes
 
 
 def _base_info(base: CheckpointDir, entry: TensorEntry) -> TensorInfo:
@@ -121,7 +123,7 @@ def iter_file(
     """Stream one reconstructed file: header bytes, then each tensor's bytes in file order."""
     if file.role == "aux":
         if file.base_path is not None:
-            path = base.root / check_relpath(file.base_path)
+            path = base.root / check_path(file.base_path)
             if not path.is_file():
                 raise BaseMismatch(
                     f"the base lacks {file.base_path}, which the delta shares with it"
@@ -132,7 +134,7 @@ def iter_file(
             return
         if file.frame is None:
             raise InvalidDelta(f"file {file.path!r} has no frame")
-        yield codec.zstd_decompress(reader.frame(file.frame), file.size)
+        yield zstd_decompress(reader.frame(file.frame), file.size)
         return
     raw_header, header = weight_header(reader, file)
     yield raw_header
@@ -278,7 +280,7 @@ def _piece_maker(
     if entry.kind == "dense":
         if entry.frame is None:
             raise InvalidDelta(f"dense tensor {entry.name!r} has no frame")
-        stream = codec.FrameStream(reader.frame(entry.frame), numel * itemsize)
+        stream = FrameStream(reader.frame(entry.frame), numel * itemsize)
         stream.skip(first * itemsize)
 
         def dense(a: int, b: int) -> memoryview:
@@ -301,7 +303,7 @@ def _piece_maker(
     if entry.kind == "lossless":
         if entry.frame is None or info.dtype != entry.dtype:
             raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
-        planes = codec.XorPlanes(reader.frame(entry.frame), itemsize, numel, entry.planes)
+        planes = XorPlanes(reader.frame(entry.frame), itemsize, numel, entry.planes)
         whole: torch.Tensor | None = None
         if planes.streamable:
             planes.skip(first)
@@ -348,7 +350,7 @@ def weight_header(reader: FrameSource, file: FileEntry) -> tuple[bytes, Header]:
     size = file.header_size
     if file.header_frame is None or size is None or not 8 < size <= 8 + MAX_HEADER_BYTES:
         raise InvalidDelta(f"weight file {file.path!r} has no valid header frame")
-    raw = codec.zstd_decompress(reader.frame(file.header_frame), size)
+    raw = zstd_decompress(reader.frame(file.header_frame), size)
     try:
         header = parse_header(raw, file_size=file.size)
     except InvalidSafetensors as exc:
@@ -356,16 +358,6 @@ def weight_header(reader: FrameSource, file: FileEntry) -> tuple[bytes, Header]:
             f"weight file {file.path!r}: stored header is invalid ({exc.detail})"
         ) from None
     return raw, header
-
-
-def file_sha256(
-    reader: DeltaReader, base: CheckpointDir, file: FileEntry, scale: float = 1.0
-) -> str:
-    """sha256 of a reconstructed file, computed from the stream (nothing written)."""
-    h = hashlib.sha256()
-    for chunk in iter_file(reader, base, file, scale):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def expected_sha256(file: FileEntry, scale: float) -> str | None:
@@ -406,7 +398,7 @@ def reconstruct(
     with DeltaReader(delta_path) as reader, base:
         check_base(reader, base)
         for file in reader.doc.files:
-            target = out / check_relpath(file.path)
+            target = out / check_path(file.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".incomplete")
             check = rebuild_check(file, scale)

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core import codec, rng
+from core import rng
 from core.delta_format import DeltaWriter, FrameSource, TensorEntry
 from core.errors import InvalidDelta
+from core.frames import zstd_compress, zstd_decompress
+from core.positions import decode_positions, encode_positions, pack_bitmap, unpack_bitmap
+from core.values import decode_values, encode_values, round_values, value_coding_for
 
 
 @dataclass
@@ -43,10 +46,10 @@ class ValueSpec:
 
     @classmethod
     def from_bits(cls, bits: int, dtype: str) -> ValueSpec:
-        return cls(codec.value_coding_for(bits, prefer_bf16=dtype == "BF16"), bits)
+        return cls(value_coding_for(bits, prefer_bf16=dtype == "BF16"), bits)
 
     def round(self, values: torch.Tensor) -> torch.Tensor:
-        return codec.round_values(values, self.coding, self.bits)
+        return round_values(values, self.coding, self.bits)
 
 
 def encode_sparse(
@@ -67,7 +70,7 @@ def encode_sparse(
     entry.nnz = int(sel.positions.size)
     sections: list[bytes] = []
     if sel.seeded is None:
-        coding, section, params = codec.encode_positions(sel.positions, entry.numel, level)
+        coding, section, params = encode_positions(sel.positions, entry.numel, level)
         entry.positions = {"mode": "explicit", "coding": coding, "size": len(section), **params}
         sections.append(section)
     else:
@@ -80,12 +83,12 @@ def encode_sparse(
         }
         if s.hi > s.lo:
             amb = s.ambiguous_keep if s.ambiguous_keep is not None else np.zeros(0, dtype=bool)
-            section = codec.zstd_compress(codec.pack_bitmap(amb), level)
+            section = zstd_compress(pack_bitmap(amb), level)
             pos["ambiguous"] = int(amb.size)
             pos["size"] = len(section)
             sections.append(section)
         entry.positions = pos
-    section, vparams = codec.encode_values(sel.values, spec.coding, spec.bits, level)
+    section, vparams = encode_values(sel.values, spec.coding, spec.bits, level)
     entry.values = {"coding": spec.coding, "size": len(section), **vparams}
     sections.append(section)
     entry.frame = writer.add(prefix, b"".join(sections))
@@ -114,7 +117,7 @@ def decode_sparse(entry: TensorEntry, reader: FrameSource) -> tuple[np.ndarray, 
     first, values_section = _sections(entry, reader.frame(entry.frame))
     numel = entry.numel
     if pos.get("mode") == "explicit":
-        positions = codec.decode_positions(str(pos.get("coding")), first, pos, entry.nnz, numel)
+        positions = decode_positions(str(pos.get("coding")), first, pos, entry.nnz, numel)
     elif pos.get("mode") == "seeded":
         try:
             key, lo, hi = int(pos["key"]), int(pos["lo"]), int(pos["hi"])
@@ -126,8 +129,8 @@ def decode_sparse(entry: TensorEntry, reader: FrameSource) -> tuple[np.ndarray, 
         if amb.size:
             if int(pos.get("ambiguous", -1)) != amb.size:
                 raise InvalidDelta(f"ambiguous count of {entry.name!r} does not match its draw")
-            raw = codec.zstd_decompress(first, (amb.size + 7) // 8)
-            keep = codec.unpack_bitmap(raw, amb.size)
+            raw = zstd_decompress(first, (amb.size + 7) // 8)
+            keep = unpack_bitmap(raw, amb.size)
             positions = np.sort(np.concatenate([sure, amb[keep]]))
         else:
             positions = sure
@@ -135,7 +138,7 @@ def decode_sparse(entry: TensorEntry, reader: FrameSource) -> tuple[np.ndarray, 
             raise InvalidDelta(f"seeded positions of {entry.name!r} do not match its count")
     else:
         raise InvalidDelta(f"unknown position mode of {entry.name!r}")
-    values = codec.decode_values(str(vals.get("coding")), values_section, vals, entry.nnz)
+    values = decode_values(str(vals.get("coding")), values_section, vals, entry.nnz)
     return positions, values
 
 

@@ -22,7 +22,7 @@ from core.topk import SLICE
 def _not_finite(plan: TensorPlan) -> InvalidCheckpoint:
     return InvalidCheckpoint(
         f"tensor {plan.name!r} has NaN or infinite values (in the fine-tune or the base); "
-        "lossy methods cannot compress it — fix the checkpoint or use --method lossless"
+        "lossy methods cannot compress it — fix the checkpoint or use `method=lossless`"
     )
 
 

@@ -74,13 +74,11 @@ DeclaredBearer = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_
 
 class Unauthorized(ApiError):
     code = "unauthorized"
-    status = 401
     headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": 'Bearer realm="slimstore"'}
 
 
 class Forbidden(ApiError):
     code = "forbidden"
-    status = 403
 
 
 class SignInRequired(Exception):
@@ -247,7 +245,7 @@ def install(app: FastAPI) -> None:
     async def _sign_in(request: Request, exc: SignInRequired) -> Response:
         if "text/html" in request.headers.get("accept", ""):
             return RedirectResponse(f"/signin?next={quote(exc.next_path, safe='/')}", 303)
-        response: JSONResponse = error_response("unauthorized", exc.detail, 401)
+        response: JSONResponse = error_response("unauthorized", exc.detail)
         response.headers.update(Unauthorized.headers or {})
         return response
 

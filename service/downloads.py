@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.checkpoint import CheckpointDir
-from core.constants import CHUNK_SIZE
 from core.delta_format import DeltaReader, FileEntry
 from core.errors import IntegrityError, InvalidDelta
+from core.files import CHUNK_SIZE
 from core.reconstruct import (
     StreamCheck,
     check_base,
-    expected_sha256,
     iter_file,
     rebuild_check,
     rebuilt_ahead,
@@ -120,13 +119,7 @@ class Reconstruction:
     file: FileEntry
     scale: float
     size: int
-    on_bytes: Callable[[int], None] | None = None
     _closed: bool = field(default=False, init=False)
-
-    @property
-    def etag(self) -> str | None:
-        digest = expected_sha256(self.file, self.scale)
-        return f'"{digest}"' if digest else None
 
     def close(self) -> None:
         if not self._closed:

@@ -1,46 +1,9 @@
 """One place that turns exceptions into HTTP answers ``{"code": ..., "detail": ...}``.
 
-Codes are stable; clients branch on them. The table below is the whole mapping:
-
-========================  ======  ==========================================================
-code                      status  when
-========================  ======  ==========================================================
-invalid_path              400     a file path is absolute, has ``..``, a backslash or NUL
-invalid_safetensors       400     a ``*.safetensors`` upload is not a valid safetensors file
-header_too_large          400     its header is over the configured limit
-truncated                 400     the body ended before the header or the data it declares
-checksum_mismatch         400     the body does not hash to the ``X-Slim-Sha256`` it was sent with
-client_disconnected       400     the client closed the connection mid-upload (nothing stored)
-too_many_files            400     a checkpoint would hold more files than the limit
-too_many_tensors          400     a safetensors header lists more tensors than the limit
-no_weights                400     commit with no ``*.safetensors`` file
-base_mismatch             400     the fine-tune's tensors do not fit the base
-invalid_checkpoint        400     the uploaded directory is unusable (e.g. a bad shard index)
-invalid_argument          400     a parameter is out of range or contradicts another one
-invalid_calibration       400     calibration examples unusable for the chosen evaluation
-evaluation_unavailable    400     the requested evaluation cannot run for this model
-validation_error          422     the request does not match its schema
-unauthorized              401     no API key, or an unknown or revoked one
-forbidden                 403     the key's role is too low for the request
-not_found                 404     no such base, checkpoint, job, file or route (or it lives
-                                  in another namespace than the key's)
-blob_not_found            404     a row's bytes are missing from the blob store
-method_not_allowed        405
-request_timeout           408     the request body stalled for SLIM_REQUEST_TIMEOUT_SECONDS
-conflict                  409     the operation contradicts the current state
-already_exists            409     the name is taken in the namespace
-not_ready                 409     the checkpoint has no stored delta yet
-blob_too_large            413     the body is over the file size limit
-body_too_large            413     a JSON body is over SLIM_MAX_JSON_BODY_BYTES
-range_not_satisfiable     416     a ``Range`` outside the file
-integrity_error           500     stored bytes do not match their recorded hash
-invalid_delta             500     a stored delta is malformed
-internal_error            500     a bug; the log has the traceback
-unavailable               503     the database is unreachable; retry later
-storage_unavailable       503     the object store is unreachable; retry later
-timeout                   504     the answer did not start within SLIM_REQUEST_TIMEOUT_SECONDS
-storage_full              507     the blob store's disk is full; nothing was stored
-========================  ======  ==========================================================
+Codes are stable; clients branch on them. Every error the project raises on purpose is a
+:class:`core.errors.SlimError` (the core's, the storage layer's and the service's own
+:class:`ApiError`), each class with one code; :data:`STATUS_BY_CODE` is the one table from
+code to HTTP status, for those and for the answers the handlers below build themselves.
 """
 
 from __future__ import annotations
@@ -58,7 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from core.errors import SlimError
-from storage.errors import StorageError
 
 log = logging.getLogger("slim.service")
 
@@ -70,28 +32,22 @@ class ErrorPublic(BaseModel):
     detail: str
 
 
-class ApiError(Exception):
-    """An error raised by the service itself (not by core or storage)."""
+class ApiError(SlimError):
+    """An error raised by the service itself (not by core or storage); its HTTP status is
+    :data:`STATUS_BY_CODE` of its code."""
 
     code = "api_error"
-    status = 400
     headers: ClassVar[dict[str, str] | None] = None
-
-    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        if code is not None:
-            self.code = code
-        if status is not None:
-            self.status = status
-
-
-class InvalidPath(ApiError):
-    code = "invalid_path"
 
 
 class Truncated(ApiError):
     code = "truncated"
+
+
+class ChecksumMismatch(ApiError):
+    """The body does not hash to the ``X-Slim-Sha256`` it was sent with."""
+
+    code = "checksum_mismatch"
 
 
 class TooManyTensors(ApiError):
@@ -104,12 +60,16 @@ class NoWeights(ApiError):
 
 class NotReady(ApiError):
     code = "not_ready"
-    status = 409
+
+
+class OptionsDiffer(ApiError):
+    """A checkpoint of that name exists with other compression options."""
+
+    code = "options_differ"
 
 
 class RangeNotSatisfiable(ApiError):
     code = "range_not_satisfiable"
-    status = 416
 
     def __init__(self, detail: str, size: int) -> None:
         super().__init__(detail)
@@ -119,31 +79,56 @@ class RangeNotSatisfiable(ApiError):
 #: Sent with 503 answers: the outage is expected to be short.
 RETRY_AFTER = {"Retry-After": "2"}
 
+#: Every error code the API answers with, and its HTTP status: the one table.
 STATUS_BY_CODE: dict[str, int] = {
-    # core
-    "invalid_safetensors": 400,
-    "header_too_large": 400,
-    "invalid_checkpoint": 400,
-    "base_mismatch": 400,
-    "invalid_calibration": 400,
-    "invalid_argument": 400,
-    "evaluation_unavailable": 400,
-    "invalid_delta": 500,
-    "unsupported_format_version": 500,
-    "integrity_error": 500,
+    # -- core (core.errors) --
+    "slim_error": 400,
+    "invalid_safetensors": 400,  # a *.safetensors upload is not a valid safetensors file
+    "header_too_large": 400,  # its header is over the configured limit
+    "invalid_checkpoint": 400,  # the uploaded directory is unusable (e.g. a bad shard index)
+    "invalid_path": 400,  # a file path breaks core.files.check_path
+    "base_mismatch": 400,  # the fine-tune's tensors do not fit the base
+    "invalid_calibration": 400,  # calibration examples unusable for the chosen evaluation
+    "invalid_argument": 400,  # a parameter is out of range or contradicts another one
+    "evaluation_unavailable": 400,  # the requested evaluation cannot run for this model
     "cancelled": 409,
-    # storage
-    "not_found": 404,
-    "blob_not_found": 404,
-    "conflict": 409,
-    "already_exists": 409,
-    "blob_too_large": 413,
+    "integrity_error": 500,  # stored bytes do not match their recorded hash
+    "invalid_delta": 500,  # a stored delta is malformed
+    "unsupported_format_version": 500,
+    # -- storage (storage.errors) --
+    "storage_error": 500,
     "invalid_key": 400,
-    "invalid_path": 400,
-    "too_many_files": 400,
-    "storage_unavailable": 503,
-    "storage_full": 507,
+    "not_found": 404,  # no such base, checkpoint, job, file or route (or another namespace's)
+    "blob_not_found": 404,  # a row's bytes are missing from the blob store
+    "conflict": 409,  # the operation contradicts the current state
+    "already_exists": 409,  # the name is taken in the namespace
+    "blob_too_large": 413,  # the body is over the file size limit
+    "too_many_files": 400,  # a checkpoint would hold more files than the limit
+    "storage_unavailable": 503,  # the object store is unreachable; retry later
+    "storage_full": 507,  # the blob store's disk is full; nothing was stored
+    # -- service (ApiError and the handlers below) --
+    "api_error": 400,
+    "truncated": 400,  # the body ended before the header or the data it declares
+    "checksum_mismatch": 400,
+    "client_disconnected": 400,  # the client closed the connection mid-upload (nothing stored)
+    "too_many_tensors": 400,  # a safetensors header lists more tensors than the limit
+    "no_weights": 400,  # commit with no *.safetensors file
+    "unauthorized": 401,  # no API key, or an unknown or revoked one
+    "forbidden": 403,  # the key's role is too low for the request
+    "method_not_allowed": 405,
+    "request_timeout": 408,  # the request body stalled for SLIM_REQUEST_TIMEOUT_SECONDS
+    "not_ready": 409,  # the checkpoint has no stored delta yet
+    "options_differ": 409,  # the name is taken by a checkpoint with other options
+    "body_too_large": 413,  # a JSON body is over SLIM_MAX_JSON_BODY_BYTES
+    "unsupported_file": 415,  # a file the service does not read (pickled weights)
+    "range_not_satisfiable": 416,  # a Range outside the file
+    "validation_error": 422,  # the request does not match its schema
+    "internal_error": 500,  # a bug; the log has the traceback
+    "unavailable": 503,  # the database is unreachable; retry later
+    "timeout": 504,  # the answer did not start within SLIM_REQUEST_TIMEOUT_SECONDS
 }
+#: Other statuses Starlette raises (its own HTTPException) are answered as ``http_error``.
+HTTP_ERROR = "http_error"
 
 #: OpenAPI ``responses=`` entries for the error statuses a route can answer.
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -171,42 +156,37 @@ def errors(*statuses: int) -> dict[int | str, dict[str, object]]:
 
 
 def error_response(
-    code: str, detail: str, status: int, headers: dict[str, str] | None = None
+    code: str, detail: str, headers: dict[str, str] | None = None, *, status: int | None = None
 ) -> JSONResponse:
-    """The JSON error answer every handler sends."""
+    """The JSON error answer every handler sends (status: :data:`STATUS_BY_CODE` of the code)."""
+    if status is None:
+        status = STATUS_BY_CODE[code]
     return JSONResponse({"code": code, "detail": detail}, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
     """Register the exception handlers of the whole app."""
 
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        headers = dict(exc.headers) if exc.headers else None
+    @app.exception_handler(SlimError)
+    async def _slim(_: Request, exc: SlimError) -> JSONResponse:
+        status = STATUS_BY_CODE.get(exc.code)
+        if status is None:  # a code missing from the table is a bug
+            log.error("error code %r has no HTTP status; answering 500", exc.code)
+            status = 500
+        elif status >= 500:
+            log.error("%s: %s", exc.code, exc.detail)
+        headers = dict(exc.headers) if isinstance(exc, ApiError) and exc.headers else None
         if isinstance(exc, RangeNotSatisfiable):
             headers = {"Content-Range": f"bytes */{exc.size}"}
-        return error_response(exc.code, exc.detail, exc.status, headers)
-
-    @app.exception_handler(SlimError)
-    async def _core(_: Request, exc: SlimError) -> JSONResponse:
-        status = STATUS_BY_CODE.get(exc.code, 400)
-        if status >= 500:
-            log.error("%s: %s", exc.code, exc.detail)
-        return error_response(exc.code, exc.detail, status)
-
-    @app.exception_handler(StorageError)
-    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
-        status = STATUS_BY_CODE.get(exc.code, 500)
-        if status >= 500:
-            log.error("%s: %s", exc.code, exc)
-        retry = RETRY_AFTER if status in (503, 507) else None
-        return error_response(exc.code, str(exc), status, retry)
+        elif status in (503, 507):
+            headers = RETRY_AFTER
+        return error_response(exc.code, exc.detail, headers, status=status)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
         log.info("client disconnected mid-request; nothing was stored")
         return error_response(
-            "client_disconnected", "the body ended early: the connection was closed", 400
+            "client_disconnected", "the body ended early: the connection was closed"
         )
 
     @app.exception_handler(RequestValidationError)
@@ -216,15 +196,16 @@ def install(app: FastAPI) -> None:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         detail = "; ".join(parts) or "invalid request"
-        return error_response("validation_error", f"{detail}; see /docs for the schema", 422)
+        return error_response("validation_error", f"{detail}; see /docs for the schema")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, HTTP_ERROR)
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and detail == "Not Found":
             detail = "no such route; the API is described at /docs"
-        return error_response(code, detail, exc.status_code, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return error_response(code, detail, headers, status=exc.status_code)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
@@ -233,7 +214,6 @@ def install(app: FastAPI) -> None:
         return error_response(
             "unavailable",
             "the database is unreachable; retry in a few seconds",
-            503,
             RETRY_AFTER,
         )
 
@@ -244,7 +224,6 @@ def install(app: FastAPI) -> None:
             "invalid_argument",
             "a value in the request cannot be stored or looked up (a NUL character, or a "
             "number or string out of range); correct it and retry",
-            400,
         )
 
     @app.exception_handler(DBAPIError)
@@ -253,15 +232,14 @@ def install(app: FastAPI) -> None:
             return error_response(
                 "unavailable",
                 "the database connection dropped; retry in a few seconds",
-                503,
                 RETRY_AFTER,
             )
         log.exception("database error", exc_info=exc)
-        return error_response("internal_error", "unexpected database error; see the log", 500)
+        return error_response("internal_error", "unexpected database error; see the log")
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return error_response(
-            "internal_error", f"unexpected {type(exc).__name__}; the server log has details", 500
+            "internal_error", f"unexpected {type(exc).__name__}; the server log has details"
         )

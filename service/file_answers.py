@@ -9,11 +9,12 @@ import anyio.to_thread
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from core.files import check_path
 from runtime.process import Runtime
 from service.downloads import ByteRange, parse_range
 from service.schemas import FilePublic
 from service.streaming import produced_in_thread
-from service.uploads import clean_path, receive_file, role_of
+from service.uploads import receive_file, role_of
 from storage import repo
 from storage.uploads import check_base_open, check_checkpoint_open, record_upload
 
@@ -148,7 +149,7 @@ async def upload(
     ``base_id`` / ``checkpoint_id`` may be a name (:func:`storage.repo.get_base`'s rule); it is
     resolved to the id once, before the body is read, and the row is recorded under that id.
     """
-    rel = clean_path(path)
+    rel = check_path(path)
     settings = runtime.settings
 
     def precheck() -> tuple[str | None, str | None]:

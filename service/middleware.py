@@ -23,13 +23,16 @@ import re
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import STATUS_BY_CODE
+
 log = logging.getLogger("slim.service")
 
 #: Streamed file uploads: exempt from the JSON body cap.
 _UPLOAD = re.compile(r"^/v1/(bases|checkpoints)/[^/]+/files/.+")
 
 
-async def _answer(send: Send, status: int, code: str, detail: str) -> None:
+async def _answer(send: Send, code: str, detail: str) -> None:
+    status = STATUS_BY_CODE[code]
     body = json.dumps({"code": code, "detail": detail}).encode()
     await send(
         {
@@ -103,7 +106,6 @@ class TimeoutMiddleware:
                 if body_done:
                     await _answer(
                         send,
-                        504,
                         "timeout",
                         f"the server did not start answering within {self.timeout:g}s; "
                         "retry later (the request may still complete — check before retrying)",
@@ -111,7 +113,6 @@ class TimeoutMiddleware:
                 else:
                     await _answer(
                         send,
-                        408,
                         "request_timeout",
                         f"no body bytes arrived for {self.timeout:g}s; nothing was stored — "
                         "send the request again",
@@ -142,7 +143,7 @@ class BodyLimitMiddleware:
         )
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _answer(send, 413, "body_too_large", too_large)
+                await _answer(send, "body_too_large", too_large)
                 return
         body = bytearray()
         while True:
@@ -151,7 +152,7 @@ class BodyLimitMiddleware:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                await _answer(send, 413, "body_too_large", too_large)
+                await _answer(send, "body_too_large", too_large)
                 return
             if not message.get("more_body", False):
                 break

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidArgument, InvalidCalibration, SlimError
+from core.files import manifest_sha256
 from core.methods import REGISTRY
 from core.params import (
     VALUE_BITS,
@@ -27,14 +28,13 @@ from core.params import (
     Method,
 )
 from runtime.settings import Settings
-from service.errors import ApiError
+from service.errors import OptionsDiffer
 from service.schemas import CheckpointCreate, MergeCreate
-from service.uploads import manifest_sha256
 from service.validation import check_fits_base, stored_checkpoint
 from storage import queue, repo
 from storage.blobstore import BlobStore
 from storage.db import begin_write, write_transaction
-from storage.errors import Conflict, NotFound
+from storage.errors import Conflict, NotFound, StorageError
 from storage.models import (
     Base,
     BaseState,
@@ -59,7 +59,7 @@ def commit_base(
     ckpt = stored_checkpoint(store, rows, max_header=settings.max_header_bytes, what="base")
     base.num_params = ckpt.num_params
     base.total_bytes = sum(row.size for row in rows)
-    base.manifest_sha256 = manifest_sha256(rows)
+    base.manifest_sha256 = manifest_sha256((row.path, row.sha256) for row in rows)
     base.state = BaseState.READY
     session.commit()
     return base
@@ -207,14 +207,12 @@ def create_checkpoint(
     return CheckpointCreation(ckpt, True, request.warnings)
 
 
-def _options_differ(existing: Checkpoint, differ: list[str]) -> ApiError:
-    return ApiError(
+def _options_differ(existing: Checkpoint, differ: list[str]) -> OptionsDiffer:
+    return OptionsDiffer(
         f"checkpoint {existing.name!r} already exists ({existing.state.value}) with other "
         f"options — {'; '.join(differ)}. Push under another name, or delete it first "
         f"(`slim rm {existing.name}`, DELETE /v1/checkpoints/{existing.id}); pushing with "
-        "its own options resumes it",
-        code="options_differ",
-        status=409,
+        "its own options resumes it"
     )
 
 
@@ -269,8 +267,10 @@ def commit_checkpoint(
             store, repo.list_files(session, base_id=base.id), max_header=max_header, what="base"
         )
         check_fits_base(ft, base_ckpt)
-    except (SlimError, ApiError) as exc:  # the upload is unusable (not an outage): clean up
-        ckpt_id = ckpt.id
+    except SlimError as exc:
+        if isinstance(exc, StorageError):  # an outage or a lost blob, not a bad upload
+            raise
+        ckpt_id = ckpt.id  # the upload is unusable: clean up
         session.rollback()
         with write_transaction(session):
             failed = queue.fail_upload(session, ckpt_id, f"{exc.code}: {exc.detail}")

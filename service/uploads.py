@@ -11,63 +11,36 @@ blob and no row is written.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 import anyio
 import anyio.to_thread
 
-from core.checkpoint import check_relpath
-from core.errors import HeaderTooLarge, InvalidCheckpoint, InvalidSafetensors
+from core.errors import HeaderTooLarge, InvalidSafetensors
+from core.files import is_unread
 from core.safetensors_io import Header, parse_header
-from service.errors import ApiError, InvalidPath, TooManyTensors, Truncated
+from service.errors import ApiError, ChecksumMismatch, TooManyTensors, Truncated
 from service.streaming import body_in_thread
 from storage.blobstore import BlobInfo, BlobStore
 from storage.errors import BlobTooLarge
 from storage.errors import IntegrityError as StorageIntegrityError
-from storage.models import File, FileRole
+from storage.models import FileRole
 
 #: A declared header length at or above this is not a safetensors file at all.
 IMPLAUSIBLE_HEADER = 1 << 32
-#: File name endings of formats the service never reads: pickled weights (torch ``.bin``,
-#: ``.pt``, ``.pth``, Lightning ``.ckpt``) and other pickles. Storing them would keep bytes no
-#: pull should hand back (a pickle runs code when loaded), so a PUT of one is refused.
-UNREAD_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".dill")
 #: First bytes of a pickle of protocol 2 to 5 (PROTO opcode, then the protocol number).
 PICKLE_MAGIC = tuple(bytes([0x80, n]) for n in range(2, 6))
-
-
-#: Longest file path accepted (UTF-8 bytes; the database column holds 1024 characters).
-MAX_PATH_BYTES = 1024
-
-
-def clean_path(path: str) -> str:
-    """The normalised relative path, or 400 ``invalid_path``."""
-    try:
-        rel = check_relpath(path)
-    except InvalidCheckpoint as exc:
-        raise InvalidPath(
-            f"{exc.detail}; use a relative path such as 'model.safetensors' or "
-            "'tokenizer/vocab.json' (no '..', no leading '/', no NUL or backslash)"
-        ) from None
-    if len(rel.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or not rel.isprintable():
-        raise InvalidPath(
-            f"file paths are at most {MAX_PATH_BYTES} bytes of printable characters; "
-            "use a shorter name without control characters"
-        )
-    return rel
 
 
 class UnsupportedFile(ApiError):
     """415 ``unsupported_file``: a file the service does not read (pickled weights)."""
 
     code = "unsupported_file"
-    status = 415
 
 
 def check_readable(path: str) -> None:
     """Refuse a file the service does not read, by its name (415 ``unsupported_file``)."""
-    if path.lower().endswith(UNREAD_SUFFIXES):
+    if is_unread(path):
         raise UnsupportedFile(
             f"{path}: Slimstore does not store {path.rsplit('.', 1)[-1]} files (pickled "
             "weights are never read and a pickle runs code when loaded); save the weights with "
@@ -234,7 +207,7 @@ def store_body(
     try:
         return store.put_stream(chunks, max_bytes=max_bytes, expected_sha256=expected_sha256)
     except StorageIntegrityError as exc:
-        raise ApiError(str(exc), code="checksum_mismatch") from None
+        raise ChecksumMismatch(exc.detail) from None
 
 
 async def receive_file(
@@ -268,11 +241,3 @@ async def receive_file(
                 max_tensors=max_tensors,
             )
         )
-
-
-def manifest_sha256(rows: Iterable[File]) -> str:
-    """A digest over (path, sha256) of every file: the identity of a committed file set."""
-    h = hashlib.sha256()
-    for row in sorted(rows, key=lambda r: r.path):
-        h.update(f"{row.path}\0{row.sha256}\n".encode())
-    return h.hexdigest()

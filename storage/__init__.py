@@ -3,11 +3,7 @@ queue with every job and checkpoint state change, transactions, repository funct
 local blob cache. No FastAPI; nothing here imports ``service``, ``worker``, ``runtime`` or
 ``cli``.
 
-Modules: ``blobstore`` (BlobStore, LocalBlobStore, S3BlobStore, CHUNK_SIZE), ``errors``,
+Modules: ``blobstore`` (BlobStore, LocalBlobStore, S3BlobStore), ``errors``,
 ``models``, ``db`` (make_engine, session_factory, write transactions), ``queue`` (state
 changes), ``repo``, ``cache`` (BlobCache), ``gc``, ``scrub``.
 """
-
-from storage.blob_common import CHUNK_SIZE
-
-__all__ = ["CHUNK_SIZE"]

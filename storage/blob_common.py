@@ -1,4 +1,4 @@
-"""Primitives shared by the blob stores: chunk size, key scheme, result types, hashing.
+"""Primitives shared by the blob stores: key scheme, result types, hashing.
 
 Import these from :mod:`storage.blobstore`; this module exists so the two implementations can
 share them without importing each other.
@@ -16,10 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
+from core.files import CHUNK_SIZE
 from storage.errors import BlobTooLarge, IntegrityError, InvalidKey
-
-CHUNK_SIZE = 1 << 20
-"""Bytes per chunk for every streamed read and write in Slimstore (1 MiB)."""
 
 TMP_PREFIX = "tmp/"
 """Keys under this prefix are uploads in progress (or left by a killed one; GC removes them)."""

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from storage.blob_common import (
-    CHUNK_SIZE,
     TMP_PREFIX,
     BlobEntry,
     BlobInfo,
@@ -36,7 +35,6 @@ from storage.local_store import LocalBlobStore
 from storage.s3_store import S3BlobStore
 
 __all__ = [
-    "CHUNK_SIZE",
     "TMP_PREFIX",
     "BlobEntry",
     "BlobInfo",

@@ -27,8 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.checkpoint import check_relpath
-from storage.blobstore import CHUNK_SIZE, BlobStore, sha256_of_key
+from core.files import CHUNK_SIZE, check_path
+from storage.blobstore import BlobStore, sha256_of_key
 from storage.errors import IntegrityError
 
 log = logging.getLogger("slim.storage")
@@ -106,7 +106,7 @@ class BlobCache:
         """Build ``directory`` as a tree of symlinks to the files' blobs; returns it."""
         directory.mkdir(parents=True, exist_ok=True)
         for spec in files:
-            link = directory / check_relpath(spec.path)
+            link = directory / check_path(spec.path)
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(self.path(spec.blob_key).resolve())
         return directory

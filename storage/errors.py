@@ -1,26 +1,31 @@
-"""The storage layer's error tree.
+"""The storage layer's error tree, a branch of the core's :class:`core.errors.SlimError`.
 
 Every error carries a stable ``code`` (a short snake_case string) that the service maps to an
-HTTP status and puts in its ``{"code", "detail"}`` body; the message says what to do next.
+HTTP status (``service.errors.STATUS_BY_CODE``) and puts in its ``{"code", "detail"}`` body;
+the message says what to do next. A condition the core already names keeps the core's code:
+a bad file path is :class:`core.errors.InvalidPath` (raised by ``core.files.check_path``), and
+bytes that do not match their hash are an :class:`IntegrityError` here that is also the core's.
 
-    StorageError                 code            suggested HTTP status
-    ├── NotFound                 not_found       404
-    │   └── BlobNotFound         blob_not_found  404
-    ├── Conflict                 conflict        409
-    │   └── AlreadyExists        already_exists  409
-    ├── BlobTooLarge             blob_too_large  413
-    ├── TooManyFiles             too_many_files  400
-    ├── InvalidKey               invalid_key     400
-    ├── InvalidPath              invalid_path    400
-    ├── IntegrityError           integrity_error 500 (stored bytes do not match their hash)
-    └── StorageUnavailable       storage_unavailable 503 (object store unreachable; retry later)
-        └── StorageFull          storage_full    507 (no space left on the blob store's disk)
+    StorageError                 code
+    ├── NotFound                 not_found
+    │   └── BlobNotFound         blob_not_found
+    ├── Conflict                 conflict
+    │   └── AlreadyExists        already_exists
+    ├── BlobTooLarge             blob_too_large
+    ├── TooManyFiles             too_many_files
+    ├── InvalidKey               invalid_key
+    ├── IntegrityError           integrity_error (also a core.errors.IntegrityError)
+    └── StorageUnavailable       storage_unavailable (object store unreachable; retry later)
+        └── StorageFull          storage_full (no space left on the blob store's disk)
 """
 
 from __future__ import annotations
 
+from core.errors import IntegrityError as CoreIntegrityError
+from core.errors import SlimError
 
-class StorageError(Exception):
+
+class StorageError(SlimError):
     """Base class of every error raised by ``storage``."""
 
     code = "storage_error"
@@ -78,16 +83,9 @@ class InvalidKey(StorageError):
     code = "invalid_key"
 
 
-class InvalidPath(StorageError):
-    """A file path is not a plain relative POSIX path (absolute, '..', backslash, empty part)."""
-
-    code = "invalid_path"
-
-
-class IntegrityError(StorageError):
-    """Bytes read back (or uploaded) do not hash to the sha256 they were recorded under."""
-
-    code = "integrity_error"
+class IntegrityError(CoreIntegrityError, StorageError):
+    """Bytes read back (or uploaded) do not hash to the sha256 they were recorded under (the
+    core's code, ``integrity_error``)."""
 
 
 class StorageUnavailable(StorageError):

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.errors import InvalidArgument
 from storage.errors import AlreadyExists, NotFound, StorageError
 from storage.models import DEFAULT_NAMESPACE, ApiKey, ApiKeyRole, utcnow
 
@@ -52,10 +53,8 @@ _NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ROLE_ORDER = (ApiKeyRole.READ, ApiKeyRole.WRITE, ApiKeyRole.ADMIN)
 
 
-class InvalidNamespace(StorageError):
-    """A namespace name breaks the naming rule (HTTP 400 ``invalid_argument``)."""
-
-    code = "invalid_argument"
+class InvalidNamespace(InvalidArgument, StorageError):
+    """A namespace name breaks the naming rule (the core's ``invalid_argument``)."""
 
 
 def role_allows(have: ApiKeyRole | str, need: ApiKeyRole | str) -> bool:

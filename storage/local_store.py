@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from core.files import CHUNK_SIZE
 from storage.blob_common import (
-    CHUNK_SIZE,
     TMP_PREFIX,
     BlobEntry,
     BlobInfo,

@@ -21,8 +21,9 @@ from sqlalchemy import String, case, exists, func, literal, select, union, union
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
 
+from core.files import check_path
 from storage.blob_common import BlobInfo
-from storage.errors import AlreadyExists, Conflict, InvalidPath, NotFound
+from storage.errors import AlreadyExists, Conflict, NotFound
 from storage.models import (
     DEFAULT_NAMESPACE,
     Base,
@@ -37,27 +38,6 @@ from storage.models import (
 )
 
 _Row = TypeVar("_Row", Base, Checkpoint)
-
-
-def check_relative_path(path: str) -> str:
-    """Return ``path`` if it is a plain relative POSIX path (``a/b.safetensors``).
-
-    Raises:
-        InvalidPath: absolute, empty, with a backslash, NUL, or a '', '.' or '..' component.
-    """
-    parts = path.split("/")
-    if (
-        not path
-        or path.startswith("/")
-        or "\\" in path
-        or "\x00" in path
-        or any(part in ("", ".", "..") for part in parts)
-    ):
-        raise InvalidPath(
-            f"invalid file path {path!r}; use a relative path like 'model.safetensors' or "
-            "'tokenizer/vocab.json' without '..', leading '/', or backslashes"
-        )
-    return path
 
 
 # -- bases -----------------------------------------------------------------------------------
@@ -278,7 +258,7 @@ def put_file(
         InvalidPath: ``path`` is not a plain relative path.
         ValueError: not exactly one of ``base_id`` and ``checkpoint_id`` given.
     """
-    check_relative_path(path)
+    check_path(path)
     row = _find_file(session, path=path, base_id=base_id, checkpoint_id=checkpoint_id)
     if row is None:
         row = File(base_id=base_id, checkpoint_id=checkpoint_id, path=path)

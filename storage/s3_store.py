@@ -35,8 +35,8 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
+from core.files import CHUNK_SIZE
 from storage.blob_common import (
-    CHUNK_SIZE,
     TMP_PREFIX,
     BlobEntry,
     BlobInfo,

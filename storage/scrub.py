@@ -188,12 +188,12 @@ def _check_delta(
                 reader.frame(frame)
                 report.frames_checked += 1
             entries = {f.path: f for f in reader.doc.files}
+    except StorageError as exc:  # before SlimError, the core's base that it derives from
+        report.problems.append(ScrubProblem("corrupt", key, str(exc), used_by))
+        return
     except SlimError as exc:
         kind = "corrupt_frame" if exc.code == "integrity_error" else "invalid_delta"
         report.problems.append(ScrubProblem(kind, key, f"[{exc.code}] {exc.detail}", used_by))
-        return
-    except StorageError as exc:
-        report.problems.append(ScrubProblem("corrupt", key, str(exc), used_by))
         return
     finally:
         if local is not None and local.parent == tmp:

@@ -113,7 +113,7 @@ class Method(ABC):
 
 def check_keep(keep: float) -> float:
     if not (isinstance(keep, int | float) and 0 < keep <= 1 and math.isfinite(keep)):
-        raise InvalidArgument(f"keep must be in (0, 1] (got {keep!r}); e.g. --keep 0.01 keeps 1%")
+        raise InvalidArgument(f"`keep` must be in (0, 1] (got {keep!r}); e.g. `keep=0.01` keeps 1%")
     return float(keep)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import codec, rng
+from core import rng
 from core.errors import InvalidArgument
 from core.evaluate import Score
 from core.methods.base import Candidate, FitContext, Fitted, Method, check_keep, keep_count
@@ -38,6 +38,7 @@ from core.methods.subspaces import magnitude_subspaces, tensor_group
 from core.params import DEFAULT_KEEP
 from core.taskvector import TensorPlan
 from core.tensor_codec import Seeded, Selection, ValueSpec
+from core.values import encode_values
 from core.workspace import Workspace
 
 SUBSPACE_KINDS = ("tensor", "magnitude")
@@ -55,9 +56,9 @@ def marginal_bits(values: torch.Tensor, spec: ValueSpec) -> float | None:
     n = values.numel()
     if n < MIN_COSTED:
         return None
-    full = len(codec.encode_values(values, spec.coding, spec.bits)[0])
+    full = len(encode_values(values, spec.coding, spec.bits)[0])
     half = values[::2]
-    part = len(codec.encode_values(half, spec.coding, spec.bits)[0])
+    part = len(encode_values(half, spec.coding, spec.bits)[0])
     return 8.0 * (full - part) / (n - half.numel())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
 
+from core.files import check_path
 from service import operations
 from service.deps import BaseRef, NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
 from service.downloads import blob_chunks
@@ -17,7 +18,6 @@ from service.file_answers import (
     upload,
 )
 from service.schemas import MAX_OFFSET, BaseCreate, BasePublic, BasesPublic, FilePublic, FilesPublic
-from service.uploads import clean_path
 from storage import repo
 from storage.blob_common import sha256_of_key
 from storage.errors import NotFound
@@ -114,7 +114,7 @@ def download_base_file(
 ) -> Response:
     """One file of the base, as uploaded (ETag = its sha256; Range honoured)."""
     base = repo.get_base(session, base_id, namespace=namespace)
-    row = repo.get_file(session, path=clean_path(path), base_id=base.id)
+    row = repo.get_file(session, path=check_path(path), base_id=base.id)
     key, size, etag = row.blob_key, row.size, f'"{row.sha256}"'
     session.close()
     if key is None or sha256_of_key(key) is None:

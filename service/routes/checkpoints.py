@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
+from core.files import check_path
 from service import operations
 from service.deps import CheckpointRef, NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
 from service.downloads import (
@@ -35,7 +36,6 @@ from service.schemas import (
     FilesPublic,
     JobPublic,
 )
-from service.uploads import clean_path
 from storage import repo
 from storage.blob_common import sha256_of_key
 from storage.cache import FileSpec
@@ -183,7 +183,7 @@ def download_checkpoint_file(
 
     ETag = the sha256 recorded when the delta was written (scale 1 only); Range honoured.
     """
-    rel = clean_path(path)
+    rel = check_path(path)
     ckpt = _ready(session, checkpoint_id, namespace)
     row = repo.get_file(session, path=rel, checkpoint_id=ckpt.id)
     digest = row.recon_sha256 or row.sha256

@@ -14,7 +14,7 @@ import client as sdk
 from cli.main import main
 from client import transfer
 from client.files import BASE_MARKER
-from core.checkpoint import sha256_file
+from core.files import sha256_file
 from tests.client.helpers import CKPT_FILE_ROUTE, counter, settled_counter
 from tests.conftest import Models, Stack
 from tests.infra import TEST_ADMIN_KEY

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import client as sdk
-from core.checkpoint import sha256_file
+from core.files import sha256_file
 from tests.client.helpers import CKPT_FILE_ROUTE, counter, serve, settled_counter, slim
 from tests.fixtures import base_dir, test_examples, tiny_finetune_dir
 from tests.infra import TEST_ADMIN_KEY

@@ -168,6 +168,23 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
 
 
+def test_core_messages_name_parameters_and_the_cli_names_its_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from core.errors import InvalidArgument
+    from core.methods.base import check_keep
+
+    with pytest.raises(InvalidArgument) as info:
+        check_keep(2.0)
+    assert "`keep=0.01`" in info.value.detail and "--" not in info.value.detail
+    base, ft, _, _ = make_pair(tmp_path)
+    argv = ["compress", str(base), str(ft), "-o", str(tmp_path / "x.slim"), "--keep", "2"]
+    assert main([*argv, "--method", "magnitude"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slim: error [invalid_argument]") and "--keep 0.01" in err, err
+    assert "`" not in err
+
+
 def test_unknown_format_version_cli(tmp_path: Path) -> None:
     from tests.hostile.corpus import build
 

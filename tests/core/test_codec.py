@@ -1,4 +1,5 @@
-"""Round-trip properties of the frame codecs (positions, values, quantisation, xor)."""
+"""Round-trip properties of the frame codings: zstd frames, positions, values (and their
+quantisation) and XOR planes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import codec
+from core import xor
 from core.errors import InvalidDelta
+from core.frames import to_planes, zstd_compress, zstd_decompress
+from core.positions import decode_positions, encode_positions
+from core.values import (
+    _round_q_on_device,
+    decode_values,
+    encode_values,
+    pack_codes,
+    round_values,
+    unpack_codes,
+)
+from core.xor import XorEncoder, XorPlanes
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -36,8 +48,8 @@ def positions_and_numel(draw: st.DrawFn) -> tuple[np.ndarray, int]:
 @given(positions_and_numel())
 def test_positions_round_trip(case: tuple[np.ndarray, int]) -> None:
     positions, numel = case
-    coding, frame, params = codec.encode_positions(positions, numel)
-    out = codec.decode_positions(coding, frame, params, positions.size, numel)
+    coding, frame, params = encode_positions(positions, numel)
+    out = decode_positions(coding, frame, params, positions.size, numel)
     assert np.array_equal(out, positions)
 
 
@@ -45,20 +57,20 @@ def test_positions_pick_the_smaller_coding() -> None:
     numel = 100_000
     sparse = np.arange(0, numel, 997, dtype=np.int64)
     dense = np.flatnonzero(np.random.default_rng(0).random(numel) < 0.5).astype(np.int64)
-    assert codec.encode_positions(sparse, numel)[0] == "gaps"
-    assert codec.encode_positions(dense, numel)[0] == "bitmap"
+    assert encode_positions(sparse, numel)[0] == "gaps"
+    assert encode_positions(dense, numel)[0] == "bitmap"
 
 
 def test_huge_gaps_use_wide_planes() -> None:
     positions = np.array([0, 2**33], dtype=np.int64)
     coding, (frame, params) = "gaps", _gaps(positions)
     assert params["width"] == 8
-    assert np.array_equal(codec.decode_positions(coding, frame, params, 2, 2**33 + 1), positions)
+    assert np.array_equal(decode_positions(coding, frame, params, 2, 2**33 + 1), positions)
 
 
 def _gaps(positions: np.ndarray) -> tuple[bytes, dict[str, int]]:
     gaps = np.diff(positions, prepend=-1) - 1
-    return codec.zstd_compress(codec.to_planes(gaps.astype("<u8"))), {"width": 8}
+    return zstd_compress(to_planes(gaps.astype("<u8"))), {"width": 8}
 
 
 float_values = st.lists(
@@ -70,25 +82,25 @@ float_values = st.lists(
 @given(float_values, st.sampled_from(["f32", "f16", "bf16"]))
 def test_float_values_round_trip_to_their_rounding(values: list[float], coding: str) -> None:
     t = torch.tensor(values, dtype=torch.float32)
-    frame, params = codec.encode_values(t, coding, 16 if coding != "f32" else 32)
-    out = codec.decode_values(coding, frame, params, t.numel())
-    assert torch.equal(out, codec.round_values(t, coding, 16))
+    frame, params = encode_values(t, coding, 16 if coding != "f32" else 32)
+    out = decode_values(coding, frame, params, t.numel())
+    assert torch.equal(out, round_values(t, coding, 16))
 
 
 @SETTINGS
 @given(float_values, st.sampled_from([1, 2, 3, 4, 8]))
 def test_quantised_values_decode_to_what_the_search_sees(values: list[float], bits: int) -> None:
     t = torch.tensor(values, dtype=torch.float32)
-    frame, params = codec.encode_values(t, "q", bits)
-    out = codec.decode_values("q", frame, params, t.numel())
-    assert torch.equal(out, codec.round_values(t, "q", bits))
+    frame, params = encode_values(t, "q", bits)
+    out = decode_values("q", frame, params, t.numel())
+    assert torch.equal(out, round_values(t, "q", bits))
     if t.numel():
         assert bool(((out == 0) | (torch.sign(out) == torch.sign(t)) | (t == 0)).all())
 
 
 def test_quantisation_error_shrinks_with_bits() -> None:
     t = torch.randn(20_000) * torch.rand(20_000)
-    errors = [float((codec.round_values(t, "q", b) - t).norm()) for b in (2, 3, 4, 8)]
+    errors = [float((round_values(t, "q", b) - t).norm()) for b in (2, 3, 4, 8)]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] < 0.02 * float(t.norm())
 
@@ -97,7 +109,7 @@ def test_quantisation_error_shrinks_with_bits() -> None:
 @given(st.integers(0, 3000), st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 2**31))
 def test_code_packing_round_trip(n: int, bits: int, seed: int) -> None:
     codes = np.random.default_rng(seed).integers(0, 1 << bits, n).astype(np.uint8)
-    assert np.array_equal(codec.unpack_codes(codec.pack_codes(codes, bits), n, bits), codes)
+    assert np.array_equal(unpack_codes(pack_codes(codes, bits), n, bits), codes)
 
 
 def _pair(n: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> tuple[bytes, bytes]:
@@ -113,7 +125,27 @@ def _pair(n: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> tuple[b
 def _single_frame_planes(ft: bytes, base: bytes, width: int) -> bytes:
     """The lossless frame of format versions 1–2: all planes, one after another, one frame."""
     x = np.bitwise_xor(np.frombuffer(ft, np.uint8), np.frombuffer(base, np.uint8))
-    return codec.zstd_compress(x.reshape(-1, width).T.copy().tobytes())
+    return zstd_compress(x.reshape(-1, width).T.copy().tobytes())
+
+
+def _encode_xor(ft: bytes, base: bytes, width: int) -> tuple[bytes, list[int]]:
+    """The lossless frame of a whole tensor, fed in two pieces as the encoder is."""
+    enc = XorEncoder(width, len(ft) // width)
+    half = (len(ft) // width // 2) * width
+    enc.add(ft[:half], base[:half])
+    enc.add(ft[half:], base[half:])
+    return enc.finish()
+
+
+def _decode_xor(
+    frame: bytes, base: bytes, width: int, plane_sizes: list[int] | None = None
+) -> bytes:
+    """The fine-tune's bytes: the planes XORed into a copy of the base, the whole at once."""
+    items = np.frombuffer(base, dtype=f"<u{width}").copy()  # (n,)
+    planes = XorPlanes(frame, width, len(items), plane_sizes)
+    planes.apply(items)
+    planes.finish()
+    return items.tobytes()
 
 
 @pytest.mark.parametrize(
@@ -126,23 +158,20 @@ def test_xor_is_exact_for_every_dtype_and_odd_shapes(
     n = int(np.prod(shape))
     ab, bb = _pair(n, dtype)
     width = torch.empty(0, dtype=dtype).element_size()
-    frame, sizes = codec.encode_xor(bb, ab, width)
+    frame, sizes = _encode_xor(bb, ab, width)
     assert len(sizes) == width and sum(sizes) == len(frame)  # one zstd frame per byte plane
-    assert codec.decode_xor(frame, ab, width, plane_sizes=sizes) == bb
-    mine = bytearray(ab)  # in place: the caller's own copy of the base becomes the fine-tune
-    out = codec.decode_xor(frame, mine, width, in_place=True, plane_sizes=sizes)
-    assert out == bb and mine == bb
+    assert _decode_xor(frame, ab, width, plane_sizes=sizes) == bb
     # the single-frame planes of format versions 1–2 still decode
-    assert codec.decode_xor(_single_frame_planes(bb, ab, width), ab, width) == bb
+    assert _decode_xor(_single_frame_planes(bb, ab, width), ab, width) == bb
 
 
 def test_xor_decodes_in_steps_smaller_than_a_plane(monkeypatch: pytest.MonkeyPatch) -> None:
     """Planes are inflated a few bytes at a time; a step boundary mid-plane changes nothing."""
-    monkeypatch.setattr(codec, "XOR_STEP", 7)
+    monkeypatch.setattr(xor, "STEP_BYTES", 7)
     ab, bb = _pair(1001, seed=1)
-    frame, sizes = codec.encode_xor(bb, ab, 2)
-    assert codec.decode_xor(frame, ab, 2, plane_sizes=sizes) == bb
-    assert codec.decode_xor(_single_frame_planes(bb, ab, 2), ab, 2) == bb
+    frame, sizes = _encode_xor(bb, ab, 2)
+    assert _decode_xor(frame, ab, 2, plane_sizes=sizes) == bb
+    assert _decode_xor(_single_frame_planes(bb, ab, 2), ab, 2) == bb
 
 
 def test_xor_planes_rebuild_any_run_of_pieces() -> None:
@@ -150,9 +179,9 @@ def test_xor_planes_rebuild_any_run_of_pieces() -> None:
     bytes as the whole; the single-frame layout refuses pieces instead of misreading them."""
     n, width = 5000, 4
     ab, bb = _pair(n, torch.float32, seed=2)
-    frame, sizes = codec.encode_xor(bb, ab, width)
+    frame, sizes = _encode_xor(bb, ab, width)
     for first, step in [(0, 1), (0, 999), (1234, 321), (4999, 7)]:
-        planes = codec.XorPlanes(frame, width, n, sizes)
+        planes = XorPlanes(frame, width, n, sizes)
         planes.skip(first)
         got = bytearray(ab[first * width :])
         items = np.frombuffer(got, dtype="<u4")
@@ -160,7 +189,7 @@ def test_xor_planes_rebuild_any_run_of_pieces() -> None:
             planes.apply(items[i : i + step])
         planes.finish()
         assert bytes(got) == bb[first * width :]
-    legacy = codec.XorPlanes(_single_frame_planes(bb, ab, width), width, n, None)
+    legacy = XorPlanes(_single_frame_planes(bb, ab, width), width, n, None)
     assert not legacy.streamable
     with pytest.raises(InvalidDelta, match="only whole"):
         legacy.apply(np.zeros(10, dtype="<u4"))
@@ -168,25 +197,25 @@ def test_xor_planes_rebuild_any_run_of_pieces() -> None:
 
 def test_xor_refuses_frames_of_the_wrong_size_or_damaged() -> None:
     base = bytes(range(256)) * 40
-    frame, sizes = codec.encode_xor(bytes(reversed(base)), base, 4)
+    frame, sizes = _encode_xor(bytes(reversed(base)), base, 4)
     with pytest.raises(InvalidDelta, match="declares"):
-        codec.decode_xor(frame, base[:-4], 4, plane_sizes=sizes)
+        _decode_xor(frame, base[:-4], 4, plane_sizes=sizes)
     with pytest.raises(InvalidDelta, match="not a zstd frame"):
-        codec.decode_xor(b"garbage!", base, 4)
+        _decode_xor(b"garbage!", base, 4)
     with pytest.raises(InvalidDelta, match="do not add up"):
-        codec.decode_xor(frame, base, 4, plane_sizes=[*sizes[:-1], sizes[-1] + 1])
+        _decode_xor(frame, base, 4, plane_sizes=[*sizes[:-1], sizes[-1] + 1])
     with pytest.raises(InvalidDelta, match="do not add up"):
-        codec.decode_xor(frame, base, 4, plane_sizes=sizes[:2])
+        _decode_xor(frame, base, 4, plane_sizes=sizes[:2])
     cut = frame[: len(frame) - sizes[-1] // 2]
     with pytest.raises(InvalidDelta, match=r"wrong size|does not decompress"):
-        codec.decode_xor(cut, base, 4, plane_sizes=[*sizes[:-1], sizes[-1] - sizes[-1] // 2])
-    extra = codec.zstd_compress(b"x" * 64)  # a plane with trailing garbage after its content
+        _decode_xor(cut, base, 4, plane_sizes=[*sizes[:-1], sizes[-1] - sizes[-1] // 2])
+    extra = zstd_compress(b"x" * 64)  # a plane with trailing garbage after its content
     with pytest.raises(InvalidDelta):
-        codec.decode_xor(frame + extra, bytearray(base), 4,
+        _decode_xor(frame + extra, bytearray(base), 4,
                          plane_sizes=[*sizes[:-1], sizes[-1] + len(extra)])  # fmt: skip
     legacy = _single_frame_planes(bytes(reversed(base)), base, 4)
     with pytest.raises(InvalidDelta):
-        codec.decode_xor(legacy + extra, bytearray(base), 4)
+        _decode_xor(legacy + extra, bytearray(base), 4)
 
 
 def test_non_contiguous_tensors_encode_like_their_contiguous_copy() -> None:
@@ -195,23 +224,23 @@ def test_non_contiguous_tensors_encode_like_their_contiguous_copy() -> None:
     from core.safetensors_io import tensor_to_bytes
 
     assert tensor_to_bytes(t) == tensor_to_bytes(t.contiguous())
-    f1, _ = codec.encode_values(t.reshape(-1), "f16", 16)
-    f2, _ = codec.encode_values(t.contiguous().reshape(-1), "f16", 16)
+    f1, _ = encode_values(t.reshape(-1), "f16", 16)
+    f2, _ = encode_values(t.contiguous().reshape(-1), "f16", 16)
     assert f1 == f2
 
 
 def test_zstd_refuses_frames_larger_than_declared() -> None:
-    frame = codec.zstd_compress(b"\0" * 10_000)
+    frame = zstd_compress(b"\0" * 10_000)
     with pytest.raises(InvalidDelta, match="declares"):
-        codec.zstd_decompress(frame, 100)
+        zstd_decompress(frame, 100)
     with pytest.raises(InvalidDelta, match="not a zstd frame"):
-        codec.zstd_decompress(b"garbage", 5)
+        zstd_decompress(b"garbage", 5)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_accelerator_quantisation_matches_the_host_fit(bits: int) -> None:
     """The torch-only fit used on a GPU (run here on the CPU) agrees with the stored one."""
     t = torch.randn(5000) * torch.rand(5000)
-    host = codec.round_values(t, "q", bits)
-    device_path = codec._round_q_on_device(t, bits)
+    host = round_values(t, "q", bits)
+    device_path = _round_q_on_device(t, bits)
     assert torch.allclose(host, device_path, rtol=1e-4, atol=1e-6)

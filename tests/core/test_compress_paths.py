@@ -167,7 +167,7 @@ def test_non_auto_defaults_are_written_once(
 def test_a_floor_with_a_fixed_method_is_refused(tiny_models: dict[str, Path]) -> None:
     from core.errors import InvalidArgument
 
-    with pytest.raises(InvalidArgument, match="min-fidelity"):
+    with pytest.raises(InvalidArgument, match="`min_fidelity`"):
         core.compress.compress_request(
             tiny_models["base"],
             tiny_models["ft"],

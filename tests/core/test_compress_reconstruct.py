@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import sha256_file
 from core.compress import compress
 from core.constants import FORMAT_VERSION
 from core.delta_format import DeltaReader
 from core.errors import BaseMismatch, IntegrityError, InvalidCheckpoint, UnsupportedFormatVersion
+from core.files import sha256_file
 from core.reconstruct import load_state, reconstruct
 from core.safetensors_io import SafetensorsFile, save_file
 from tests.core.conftest import make_pair

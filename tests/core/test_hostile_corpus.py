@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from core.checkpoint import check_relpath
 from core.compress import compress
 from core.errors import SlimError
 from core.evaluate import load_calibration
+from core.files import check_path
 from core.reconstruct import reconstruct
 from core.safetensors_io import read_header
-from tests.hostile.corpus import SERVICE_ONLY_PATHS, Case, build
+from tests.hostile.corpus import Case, build
 
 #: Kinds the core alone can refuse (the others need the service: limits, stored state).
 CORE_KINDS = {"safetensors", "delta", "calibration", "path", "model"}
@@ -33,7 +33,7 @@ def test_corpus_is_large_enough(corpus: list[Case]) -> None:
 def test_every_case_gets_its_code(corpus: list[Case], tmp_path: Path) -> None:
     base = next(c.path for c in corpus if c.path is not None).parent / "_base"
     for case in corpus:
-        if case.kind not in CORE_KINDS or case.name in SERVICE_ONLY_PATHS:
+        if case.kind not in CORE_KINDS:
             continue
         assert case.path is not None
         with pytest.raises(SlimError) as info:
@@ -49,5 +49,5 @@ def test_every_case_gets_its_code(corpus: list[Case], tmp_path: Path) -> None:
                 shutil.copy(case.path, ft / "model.safetensors")
                 compress(base, ft, tmp_path / f"{case.name}.slim", method="magnitude", keep=0.2)
             else:
-                check_relpath(json.loads(case.path.read_text())[case.name])
+                check_path(json.loads(case.path.read_text())[case.name])
         assert info.value.code == case.code, (case.name, info.value.detail)

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from core.checkpoint import sha256_file
+from core.files import sha256_file
 from tests.conftest import Stack
 from tests.fixtures import base_dir, tiny_finetune_dir
 from tests.infra import push_dir, wait_job

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.checkpoint import sha256_file
+from core.files import sha256_file
 from tests.conftest import Stack
 from tests.e2e.helpers import push_base, push_checkpoint, push_pull_real_model
 from tests.fixtures import base_dir, tiny_finetune_dir

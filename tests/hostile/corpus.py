@@ -398,9 +398,6 @@ PATH_CASES = {
     "path_control_char": "a\x07b.json",
     "path_too_long": "a/" * 600 + "b.json",
 }
-#: Path cases the core's check_relpath accepts but the service refuses (length, control chars).
-SERVICE_ONLY_PATHS = {"path_control_char", "path_too_long"}
-
 
 #: How the service answers calibration files whose lines parse as JSON (the client sends the
 #: examples in the create request; pydantic refuses malformed ones with ``validation_error``).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.checkpoint import sha256_file
+from core.files import sha256_file
 from tests.conftest import Models, Stack, run_stack
 from tests.infra import commit_and_wait, make_base, make_checkpoint, wait_job
 

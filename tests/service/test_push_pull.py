@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.checkpoint import sha256_file
 from core.delta_format import DeltaReader
+from core.files import sha256_file
 from core.reconstruct import reconstruct
 from core.safetensors_io import SafetensorsFile
 from tests.conftest import Models, Stack

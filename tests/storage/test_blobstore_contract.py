@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.blobstore import CHUNK_SIZE, BlobStore, LocalBlobStore, S3BlobStore, blob_key
+from core.files import CHUNK_SIZE
+from storage.blobstore import BlobStore, LocalBlobStore, S3BlobStore, blob_key
 from storage.errors import BlobNotFound, BlobTooLarge, IntegrityError, InvalidKey
 
 

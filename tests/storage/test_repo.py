@@ -14,9 +14,11 @@ from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 from storage_helpers import Database
 
+from core.errors import InvalidPath
+from core.files import check_path
 from storage import queue, repo
 from storage.blobstore import BlobInfo, blob_key
-from storage.errors import AlreadyExists, Conflict, InvalidPath, NotFound
+from storage.errors import AlreadyExists, Conflict, NotFound
 from storage.models import (
     Base,
     BaseState,
@@ -226,13 +228,13 @@ def test_file_rows_need_their_blob_row(database: Database) -> None:
 )
 def test_unsafe_paths_are_refused(path: str) -> None:
     with pytest.raises(InvalidPath):
-        repo.check_relative_path(path)
+        check_path(path)
 
 
 @given(st.text(alphabet="ab./\\", max_size=12))
 def test_accepted_paths_stay_inside_their_owner(path: str) -> None:
     try:
-        repo.check_relative_path(path)
+        check_path(path)
     except InvalidPath:
         return
     parts = PurePosixPath(path).parts

@@ -1,0 +1,194 @@
+"""Exact (lossless) tensors: fine-tune bytes XOR base bytes, one zstd frame per byte plane.
+
+The encoder is fed a piece at a time and the decoder rebuilds any run of elements from a few
+steps of memory, so neither tensor is ever whole. Specified in ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.constants import ZSTD_LEVEL
+from core.errors import InvalidArgument, InvalidDelta
+from core.frames import STEP_BYTES, FrameStream, compressor
+
+
+class XorEncoder:
+    """The lossless planes of one tensor of ``n`` elements, fed a piece at a time (so neither
+    tensor is ever whole in memory): each byte plane streams into its own zstd frame of
+    ``n`` bytes, with the level and threads :func:`core.frames.zstd_compress` would choose for the whole
+    tensor's bytes (a bulk tensor's planes at the bulk level: deeper levels compress these
+    noise-like planes worse, not better)."""
+
+    def __init__(self, width: int, n: int, level: int = ZSTD_LEVEL) -> None:
+        self.width, self.n, self.done = width, n, 0
+        self._objs = [compressor(n * width, level).compressobj(size=n) for _ in range(width)]
+        self._out: list[list[bytes]] = [[] for _ in range(width)]
+        self.equal = True  # whether every byte fed so far was equal in both buffers
+
+    def add(
+        self, ft_raw: bytes | bytearray | memoryview, base_raw: bytes | bytearray | memoryview
+    ) -> None:
+        """XOR the next elements of the fine-tune and the base (equal sizes) into the planes."""
+        if len(ft_raw) != len(base_raw) or len(ft_raw) % self.width:
+            raise InvalidArgument("xor coding needs two buffers of equal size")
+        k = len(ft_raw) // self.width
+        if self.done + k > self.n:
+            raise InvalidArgument("more elements than the tensor has")
+        a = np.frombuffer(ft_raw, dtype=np.uint8).reshape(k, self.width)  # (k, width)
+        b = np.frombuffer(base_raw, dtype=np.uint8).reshape(k, self.width)  # (k, width)
+        plane = np.empty(k, dtype=np.uint8)  # (k,) byte j of each element
+        for j in range(self.width):
+            np.bitwise_xor(a[:, j], b[:, j], out=plane)
+            if self.equal and plane.any():
+                self.equal = False
+            if k:
+                self._out[j].append(self._objs[j].compress(plane.data))
+        self.done += k
+
+    def finish(self) -> tuple[bytes, list[int]]:
+        """The plane frames back to back, and the size of each."""
+        if self.done != self.n:
+            raise InvalidArgument(f"{self.done} of {self.n} elements were given")
+        frames = []
+        for j in range(self.width):
+            self._out[j].append(self._objs[j].flush())
+            frames.append(b"".join(self._out[j]))
+            self._out[j].clear()
+        return b"".join(frames), [len(f) for f in frames]
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _plane_pool() -> ThreadPoolExecutor:
+    """Threads that inflate lossless planes, shared by the process (one per core)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="slim-planes")
+        return _pool
+
+
+@dataclass
+class Inflating:
+    """Planes being inflated by :meth:`XorPlanes.inflate`."""
+
+    planes: list[tuple[np.ndarray, Future[None]]]
+
+    def result(self) -> list[np.ndarray]:
+        """The inflated planes, once all are done (the first error is raised after every
+        thread has stopped using its buffer and stream)."""
+        for _, fut in self.planes:
+            fut.exception()
+        for _, fut in self.planes:
+            fut.result()
+        return [buf for buf, _ in self.planes]
+
+
+class XorPlanes:
+    """The XOR planes of one lossless tensor of ``n`` elements, applied a piece at a time.
+
+    With ``plane_sizes`` (format version 3) each plane is its own zstd frame and all of them
+    are inflated side by side, so any run of elements is rebuilt from a few steps of memory.
+    Without (versions 1–2) the planes are one frame, plane after plane, and only the whole
+    tensor can be rebuilt (one :meth:`apply` over all ``n`` elements)."""
+
+    def __init__(
+        self, frame: bytes | memoryview, width: int, n: int, plane_sizes: list[int] | None
+    ) -> None:
+        if width not in (1, 2, 4, 8):
+            raise InvalidDelta(f"lossless planes of {width}-byte elements are not a known dtype")
+        self.width, self.n, self.done = width, n, 0
+        #: Whether pieces can be rebuilt one after another (planes stored side by side).
+        self.streamable = plane_sizes is not None or width == 1
+        if plane_sizes is None:
+            self._streams = [FrameStream(frame, n * width)]
+        else:
+            if len(plane_sizes) != width or sum(plane_sizes) != len(frame) or min(plane_sizes) < 0:
+                raise InvalidDelta(
+                    "the plane sizes of a lossless tensor do not add up to its frame"
+                )
+            view, at, self._streams = memoryview(frame), 0, []
+            for size in plane_sizes:
+                self._streams.append(FrameStream(view[at : at + size], n))
+                at += size
+        step = min(STEP_BYTES, max(n, 1))
+        self._step = np.empty(step, dtype=np.uint8)
+        self._wide = np.empty(step, dtype=f"<u{width}")
+
+    def _plane(self, j: int) -> FrameStream:
+        return self._streams[j] if len(self._streams) > 1 else self._streams[0]
+
+    def apply(self, items: np.ndarray) -> None:
+        """XOR the next ``len(items)`` elements' planes into ``items`` (unsigned, the dtype's
+        width; little-endian byte j of an element is plane j)."""
+        k = len(items)
+        self._check_piece(k)
+        self._xor_inflated(items)
+        self.done += k
+
+    def _check_piece(self, k: int) -> None:
+        if not self.streamable and k != self.n:
+            raise InvalidDelta("a lossless tensor of this format version rebuilds only whole")
+        if self.done + k > self.n:
+            raise InvalidDelta("a lossless tensor was asked for more elements than it has")
+
+    def inflate(self, k: int) -> Inflating:
+        """Start inflating the next ``k`` elements' planes, each in a thread of its own (zstd
+        releases the GIL; plane 0 of a float tensor, the noisy low byte, takes as long as the
+        rest), while the caller does something else — e.g. reads the base. Hand the result to
+        :meth:`xor_into`. Needs the planes stored side by side."""
+        self._check_piece(k)
+        self.done += k
+        pool = _plane_pool()
+        bufs = [np.empty(k, dtype=np.uint8) for _ in range(self.width)]  # width x (k,)
+        return Inflating(
+            [(b, pool.submit(self._plane(j).readinto, b.data)) for j, b in enumerate(bufs)]
+        )
+
+    def xor_into(self, items: np.ndarray, planes: Inflating) -> None:
+        """XOR planes started by :meth:`inflate` into ``items`` (waits for them)."""
+        got = planes.result()
+        if any(len(b) != len(items) for b in got):
+            raise InvalidDelta("inflated planes do not match the elements they are XORed into")
+        for j, buf in enumerate(got):
+            self._xor_plane(items, j, buf)
+
+    def _xor_inflated(self, items: np.ndarray) -> None:
+        """Inflate the planes a step at a time and XOR them in while in cache."""
+        view, k = self._step.data, len(items)
+        for j in range(self.width):
+            stream = self._plane(j)
+            for i in range(0, k, self._step.size):
+                got = min(self._step.size, k - i)
+                stream.readinto(view[:got])
+                self._xor_plane(items[i : i + got], j, self._step[:got])
+
+    def _xor_plane(self, items: np.ndarray, j: int, plane: np.ndarray) -> None:
+        """``items ^= plane << 8j``, a step at a time through the widening buffer."""
+        for i in range(0, len(items), self._wide.size):
+            got = min(self._wide.size, len(items) - i)
+            w = self._wide[:got]
+            np.copyto(w, plane[i : i + got], casting="unsafe")
+            if j:
+                np.left_shift(w, 8 * j, out=w)
+            items[i : i + got] ^= w
+
+    def skip(self, k: int) -> None:
+        """Pass over the next ``k`` elements (their planes are inflated and dropped)."""
+        self._check_piece(k)
+        for stream in self._streams:
+            stream.skip(k)
+        self.done += k
+
+    def finish(self) -> None:
+        """Check that every plane ended exactly after its ``n`` bytes."""
+        for s in self._streams:
+            s.finish()
