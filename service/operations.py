@@ -57,10 +57,12 @@ def commit_base(
         return base
     rows = repo.list_files(session, base_id=base.id)
     ckpt = stored_checkpoint(store, rows, max_header=settings.max_header_bytes, what="base")
-    base.num_params = ckpt.num_params
-    base.total_bytes = sum(row.size for row in rows)
-    base.manifest_sha256 = manifest_sha256((row.path, row.sha256) for row in rows)
-    base.state = BaseState.READY
+    queue.ready_base(
+        base,
+        total_bytes=sum(row.size for row in rows),
+        num_params=ckpt.num_params,
+        manifest_sha256=manifest_sha256((row.path, row.sha256) for row in rows),
+    )
     session.commit()
     return base
 

@@ -16,8 +16,10 @@ Where does a job (or its checkpoint) change state? Here, and only here:
 - :func:`fail_expired_exhausted` (the reaper): running job whose lease expired with no
   attempts left → failed (cancelled if a cancel was asked); its checkpoint → failed.
 - :func:`fail_upload`: checkpoint uploading|failed → failed, its uploaded files let go.
+- :func:`ready_base`: base uploading → ready, with its size, parameter count and manifest.
 
-(A checkpoint is created ``uploading`` by :func:`storage.repo.create_checkpoint`.)
+(A checkpoint is created ``uploading`` by :func:`storage.repo.create_checkpoint`, a base by
+:func:`storage.repo.create_base`.)
 
 Life of a job::
 
@@ -57,7 +59,17 @@ from sqlalchemy.orm import Session
 from storage.blob_common import BlobInfo
 from storage.db import db_now, is_sqlite, write_transaction
 from storage.errors import Conflict, NotFound
-from storage.models import Checkpoint, CheckpointState, File, FileRole, Job, JobKind, JobState
+from storage.models import (
+    Base,
+    BaseState,
+    Checkpoint,
+    CheckpointState,
+    File,
+    FileRole,
+    Job,
+    JobKind,
+    JobState,
+)
 from storage.repo import OPEN_CHECKPOINT_STATES, list_files, put_file, record_blob
 
 FINISH_STATES = frozenset(
@@ -464,6 +476,16 @@ def list_jobs(
     if checkpoint_id is not None:
         stmt = stmt.where(Job.checkpoint_id == checkpoint_id)
     return list(session.scalars(stmt))
+
+
+def ready_base(base: Base, *, total_bytes: int, num_params: int, manifest_sha256: str) -> Base:
+    """A base whose weights were checked becomes ``ready``: its files are fixed from now on
+    (in the caller's transaction)."""
+    base.total_bytes = total_bytes
+    base.num_params = num_params
+    base.manifest_sha256 = manifest_sha256
+    base.state = BaseState.READY
+    return base
 
 
 def fail_upload(session: Session, checkpoint_id: str, error: str) -> bool:
