@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,11 @@ def test_originals_dropped_unless_retained(tmp_path: Path, models: Models) -> No
             weights_key += sha256_file(models.finetune / "model.safetensors")
             shared_key = f"sha256/{sha256_file(models.finetune / 'tokenizer/vocab.txt')[:2]}/"
             shared_key += sha256_file(models.finetune / "tokenizer/vocab.txt")
+            # the worker lets the originals go just after it publishes (the job shows
+            # succeeded first), so wait for the drop
+            deadline = time.monotonic() + 10
+            while store.exists(weights_key) is not retain and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert store.exists(weights_key) is retain
             assert store.exists(shared_key)  # the base still uses the same bytes
             files = stack.client.get(f"/v1/checkpoints/{ckpt['id']}/files").json()["data"]
