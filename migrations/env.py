@@ -40,6 +40,11 @@ def run_migrations_online() -> None:
     engine = make_engine(_url())
     try:
         with engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # Batch migrations rebuild a table (copy, drop, rename); with foreign keys on,
+                # dropping it would cascade into the rows that reference it. Off for this
+                # connection only, set before its first transaction (a no-op inside one).
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,

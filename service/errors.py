@@ -106,6 +106,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "too_many_files": 400,  # a checkpoint would hold more files than the limit
     "storage_unavailable": 503,  # the object store is unreachable; retry later
     "storage_full": 507,  # the blob store's disk is full; nothing was stored
+    "repo_not_found": 404,  # no repository of that name in the namespace
+    "revision_not_found": 404,  # the repository has no such ref, commit id or prefix
+    "ambiguous_revision": 400,  # a commit id prefix that starts several commit ids
+    "parent_mismatch": 409,  # the ref moved since the parent the writer built on
     # -- service (ApiError and the handlers below) --
     "api_error": 400,
     "truncated": 400,  # the body ended before the header or the data it declares

@@ -31,7 +31,7 @@ from runtime.settings import Settings
 from service.errors import OptionsDiffer
 from service.schemas import CheckpointCreate, MergeCreate
 from service.validation import check_fits_base, stored_checkpoint
-from storage import queue, repo
+from storage import queue, repo, revisions
 from storage.blobstore import BlobStore
 from storage.db import begin_write, write_transaction
 from storage.errors import Conflict, NotFound, StorageError
@@ -175,32 +175,40 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
 def create_checkpoint(
     session: Session, settings: Settings, body: CheckpointCreate, namespace: str
 ) -> CheckpointCreation:
-    """A new checkpoint in state ``uploading``; its parameters are checked now, not later.
+    """A new checkpoint in state ``uploading``, the next revision of the repository ``name``
+    once it is ready; its parameters are checked now, not later.
 
-    A name already taken answers according to the checkpoint holding it: the same base and
-    options (after defaults) give that checkpoint back, so an interrupted push resumes; other
-    options are a 409 ``options_differ`` naming them — unless the holder failed and was never
+    A push of the name still in flight (not ready yet) answers according to that checkpoint:
+    the same base and options (after defaults) give it back, so an interrupted push resumes;
+    other options are a 409 ``options_differ`` naming them — unless it failed and was never
     stored (:func:`storage.repo.replaceable`), which the new checkpoint then replaces (its
-    files go to garbage collection).
+    files go to garbage collection). With none in flight, a repository whose ``main`` holds
+    exactly the files of ``manifest_sha256`` with the same base and options answers with
+    that checkpoint (a no-op); anything else starts a new revision (parent: ``main``).
     """
     request = resolve_request(settings, body)
-    existing = repo.find_checkpoint(session, name=body.name, namespace=namespace)
+    base_id = repo.get_base(session, body.base_id, namespace=namespace).id
+    begin_write(session)  # one push at a time decides what a name means
+    existing = revisions.in_flight(session, name=body.name, namespace=namespace)
+    if existing is None and body.manifest_sha256 is not None:
+        holder = revisions.find_repo(session, name=body.name, namespace=namespace)
+        main = None if holder is None else revisions.head(session, holder)
+        if main is not None and main.manifest_sha256 == body.manifest_sha256:
+            same = session.get(Checkpoint, main.checkpoint_id) if main.checkpoint_id else None
+            if same is not None and not _differences(same, base_id, request):
+                session.commit()
+                return CheckpointCreation(same, False, request.warnings)
     if existing is not None:
-        differ = _differences(existing, body.base_id, request)
+        differ = _differences(existing, base_id, request)
         if not differ:
             return CheckpointCreation(existing, False, request.warnings)
         if not repo.replaceable(existing):
-            raise _options_differ(existing, differ)
-        existing_id = existing.id
-        begin_write(session)
-        existing = repo.get_checkpoint(session, existing_id)  # again, under the write lock
-        if not repo.replaceable(existing):  # resumed meanwhile
             raise _options_differ(existing, differ)
         repo.delete_checkpoint(session, existing.id, namespace=namespace)
     ckpt = repo.create_checkpoint(
         session,
         name=body.name,
-        base_id=body.base_id,
+        base_id=base_id,
         method=request.method,
         params=request.params.to_dict(),
         namespace=namespace,

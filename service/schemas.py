@@ -21,6 +21,7 @@ from core.params import (
     EVAL_KINDS,
     MERGE_METHODS,
     VALUE_BITS,
+    CompressOutcome,
     CompressParams,
     Method,
 )
@@ -34,6 +35,8 @@ from storage.models import (
     Job,
     JobKind,
     JobState,
+    Repo,
+    Revision,
 )
 
 Name = Field(
@@ -182,6 +185,13 @@ class CheckpointCreate(BaseModel):
     calibration: list[CalibrationExample] | None = Field(
         None, description="Calibration inputs for the fidelity/accuracy evaluations."
     )
+    manifest_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="The files about to be pushed (core.files.manifest_sha256 of their paths "
+        "and sha256). When the repository's main revision holds exactly these files with the "
+        "same options, the push is a no-op: the answer is that revision's checkpoint (200).",
+    )
 
 
 class CheckpointParams(BaseModel):
@@ -216,6 +226,12 @@ class CheckpointPublic(BaseModel):
     error: str | None
     created_at: datetime
     updated_at: datetime
+    repo: str = Field(description="The repository (its name) this checkpoint is a revision of.")
+    commit_id: str | None = Field(
+        None, description="The revision it holds (40 hex); null while its push is in flight."
+    )
+    revision: int | None = Field(None, description="The revision's number in its repository.")
+    parent_commit: str | None = Field(None, description="The revision's parent commit.")
 
     @classmethod
     def from_row(cls, row: Checkpoint, *, with_trace: bool = False) -> CheckpointPublic:
@@ -249,6 +265,10 @@ class CheckpointPublic(BaseModel):
             error=row.error,
             created_at=row.created_at,
             updated_at=row.updated_at,
+            repo=row.name,
+            commit_id=None if row.revision is None else row.revision.commit_id,
+            revision=None if row.revision is None else row.revision.number,
+            parent_commit=None if row.revision is None else row.revision.parent_commit,
         )
 
 
@@ -264,6 +284,91 @@ class CheckpointCreated(CheckpointPublic):
 
 class CheckpointsPublic(BaseModel):
     data: list[CheckpointPublic]
+    count: int
+
+
+# -- repositories ----------------------------------------------------------------------------
+
+
+class RepoPublic(BaseModel):
+    id: str
+    namespace: str
+    name: str
+    kind: Literal["base", "model"] = Field(
+        description="base: stored whole (others are stored against it); model: stored against "
+        "the base ``base_id``."
+    )
+    base_id: str | None
+    main: str | None = Field(description="The commit id ``main`` points at (null: none yet).")
+    revisions: int = Field(description="How many revisions it holds.")
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Repo, *, main: str | None, revisions: int) -> RepoPublic:
+        return cls(
+            id=row.id,
+            namespace=row.namespace,
+            name=row.name,
+            kind="base" if row.base_id is None else "model",
+            base_id=row.base_id,
+            main=main,
+            revisions=revisions,
+            created_at=row.created_at,
+        )
+
+
+class ReposPublic(BaseModel):
+    data: list[RepoPublic]
+    count: int
+
+
+class RevisionPublic(BaseModel):
+    """One immutable revision and a summary of the stored object that holds its files."""
+
+    commit_id: str
+    revision: int = Field(description="1, 2, 3, ... in the order revisions were added.")
+    parent_commit: str | None
+    message: str
+    manifest_sha256: str
+    created_at: datetime
+    refs: list[str] = Field(description="The refs pointing at it (e.g. main).")
+    checkpoint_id: str | None
+    base_id: str | None
+    method: str | None = Field(description="How it is stored (a base: whole).")
+    original_bytes: int
+    stored_bytes: int | None
+    fidelity: float | None = Field(description="Measured fidelity, when it was measured.")
+
+    @classmethod
+    def from_row(
+        cls, row: Revision, stored: Checkpoint | Base | None, refs: list[str]
+    ) -> RevisionPublic:
+        method: str | None = None
+        original, size, fidelity = 0, None, None
+        if isinstance(stored, Checkpoint):
+            method, original, size = stored.method, stored.original_bytes, stored.stored_bytes
+            fidelity = CompressOutcome.from_row(stored).fidelity
+        elif isinstance(stored, Base):
+            method, original, size = "whole", stored.total_bytes, stored.total_bytes
+        return cls(
+            commit_id=row.commit_id,
+            revision=row.number,
+            parent_commit=row.parent_commit,
+            message=row.message,
+            manifest_sha256=row.manifest_sha256,
+            created_at=row.created_at,
+            refs=refs,
+            checkpoint_id=row.checkpoint_id,
+            base_id=row.base_id,
+            method=method,
+            original_bytes=original,
+            stored_bytes=size,
+            fidelity=fidelity,
+        )
+
+
+class RevisionsPublic(BaseModel):
+    data: list[RevisionPublic]
     count: int
 
 

@@ -2,7 +2,13 @@
 
 Tables: ``blobs`` (:class:`Blob`), ``bases`` (:class:`Base`, a base model), ``checkpoints``
 (:class:`Checkpoint`), ``files`` (:class:`File`), ``jobs`` (:class:`Job`), ``api_keys``
-(:class:`ApiKey`); :class:`Model` is the declarative base holding :data:`Model.metadata`.
+(:class:`ApiKey`), ``repos`` (:class:`Repo`), ``revisions`` (:class:`Revision`) and ``refs``
+(:class:`Ref`); :class:`Model` is the declarative base holding :data:`Model.metadata`.
+
+A repository (``namespace/name``) owns the name users see; each of its revisions is immutable
+and points at exactly one stored object, a base or a checkpoint, that holds its files. Several
+checkpoints share their repository's name (one per revision, plus at most one push still in
+flight); :mod:`storage.revisions` says which one a name means.
 
 Types are portable (SQLite and PostgreSQL): ids are uuid4 strings (``String(36)``), JSON
 columns use :class:`sqlalchemy.JSON`, states are ``StrEnum`` values stored as short strings
@@ -37,7 +43,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -178,10 +184,14 @@ class Base(Model):
 
 
 class Checkpoint(Model):
-    """A fine-tune, stored (once ``ready``) as a compressed delta against its base."""
+    """A fine-tune, stored (once ``ready``) as a compressed delta against its base.
+
+    ``name`` is its repository's name: every revision of a repository has its own checkpoint
+    row, so names are not unique here (see :mod:`storage.revisions`).
+    """
 
     __tablename__ = "checkpoints"
-    __table_args__ = (UniqueConstraint("namespace", "name"),)
+    __table_args__ = (Index("ix_checkpoints_namespace_name", "namespace", "name"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     namespace: Mapped[str] = mapped_column(String(64), default=DEFAULT_NAMESPACE, index=True)
@@ -212,6 +222,11 @@ class Checkpoint(Model):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    #: The revision this checkpoint holds the files of; None while its push is in flight.
+    revision: Mapped[Revision | None] = relationship(
+        "Revision", primaryjoin="Checkpoint.id == Revision.checkpoint_id", viewonly=True
+    )
 
 
 class File(Model):
@@ -294,3 +309,76 @@ class ApiKey(Model):
     name: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+class Repo(Model):
+    """A repository ``namespace/name``: the history of one model under one name.
+
+    ``base_id`` is the base its revisions are stored against (None: a repository stored whole,
+    a base, which other repositories can be stored against). ``policy`` is kept for the
+    repository's storage policy.
+    """
+
+    __tablename__ = "repos"
+    __table_args__ = (UniqueConstraint("namespace", "name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    namespace: Mapped[str] = mapped_column(String(64), default=DEFAULT_NAMESPACE)
+    name: Mapped[str] = mapped_column(String(255))
+    base_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("bases.id", ondelete="RESTRICT"), index=True
+    )
+    policy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Revision(Model):
+    """An immutable revision of a repository: its files are those of exactly one stored object
+    (a base or a checkpoint), fixed from the moment the revision exists.
+
+    ``commit_id`` is 40 hex (:func:`storage.revisions.commit_id`); ``parent_commit`` the commit
+    that was ``main`` when it was added (None for the first; it may name a deleted revision).
+    ``manifest_sha256`` is :func:`core.files.manifest_sha256` of its files.
+    """
+
+    __tablename__ = "revisions"
+    __table_args__ = (
+        UniqueConstraint("commit_id"),
+        CheckConstraint(
+            "(base_id IS NULL AND checkpoint_id IS NOT NULL)"
+            " OR (base_id IS NOT NULL AND checkpoint_id IS NULL)",
+            name="one_object",
+        ),
+        CheckConstraint("length(commit_id) = 40", name="commit_id_length"),
+        UniqueConstraint("repo_id", "number"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    repo_id: Mapped[str] = mapped_column(String(36), ForeignKey("repos.id", ondelete="CASCADE"))
+    #: 1, 2, 3, ... in the order revisions were added to the repository (gaps where deleted).
+    number: Mapped[int] = mapped_column(Integer)
+    commit_id: Mapped[str] = mapped_column(String(40))
+    parent_commit: Mapped[str | None] = mapped_column(String(40))
+    message: Mapped[str] = mapped_column(Text, default="")
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    base_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("bases.id", ondelete="CASCADE"), unique=True
+    )
+    checkpoint_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("checkpoints.id", ondelete="CASCADE"), unique=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Ref(Model):
+    """A named pointer into a repository's history (``main``: its newest revision)."""
+
+    __tablename__ = "refs"
+    __table_args__ = (UniqueConstraint("repo_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    repo_id: Mapped[str] = mapped_column(String(36), ForeignKey("repos.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    revision_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("revisions.id", ondelete="CASCADE"), index=True
+    )

@@ -8,7 +8,8 @@ Where does a job (or its checkpoint) change state? Here, and only here:
 - :func:`claim`: job queued (or running with an expired lease) → running, under a lease.
 - :func:`mark_compressing`: checkpoint → compressing (the worker, once it claimed the job).
 - :func:`heartbeat`: running job's lease renewed and progress merged (reports a cancel).
-- :func:`publish`: job running → succeeded and checkpoint → ready, with the delta's rows.
+- :func:`publish`: job running → succeeded and checkpoint → ready, with the delta's rows; the
+  checkpoint becomes the newest revision of its repository (``main`` moves to it).
 - :func:`finish`: job running → failed | cancelled (checkpoint → failed), or → queued for
   a retry (checkpoint → queued; both failed once no attempts are left).
 - :func:`request_cancel`: job queued → cancelled (a queued checkpoint → failed); a running job
@@ -16,7 +17,8 @@ Where does a job (or its checkpoint) change state? Here, and only here:
 - :func:`fail_expired_exhausted` (the reaper): running job whose lease expired with no
   attempts left → failed (cancelled if a cancel was asked); its checkpoint → failed.
 - :func:`fail_upload`: checkpoint uploading|failed → failed, its uploaded files let go.
-- :func:`ready_base`: base uploading → ready, with its size, parameter count and manifest.
+- :func:`ready_base`: base uploading → ready, with its size, parameter count and manifest; the
+  base becomes its repository's revision.
 
 (A checkpoint is created ``uploading`` by :func:`storage.repo.create_checkpoint`, a base by
 :func:`storage.repo.create_base`.)
@@ -54,8 +56,11 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
+from core.files import manifest_sha256 as files_manifest
+from core.params import CompressOutcome
+from storage import revisions
 from storage.blob_common import BlobInfo
 from storage.db import db_now, is_sqlite, write_transaction
 from storage.errors import Conflict, NotFound
@@ -340,6 +345,7 @@ def publish(
                 if drop_originals and row.blob_key is not None:
                     drop.add(row.blob_key)
                     row.blob_key = None
+        _add_checkpoint_revision(session, checkpoint)
         job.state = JobState.SUCCEEDED
         job.finished_at = db_now(session)
         job.lease_expires_at = None
@@ -479,13 +485,53 @@ def list_jobs(
 
 
 def ready_base(base: Base, *, total_bytes: int, num_params: int, manifest_sha256: str) -> Base:
-    """A base whose weights were checked becomes ``ready``: its files are fixed from now on
-    (in the caller's transaction)."""
+    """A base whose weights were checked becomes ``ready``: its files are fixed from now on,
+    and it becomes the newest revision of its repository (in the caller's transaction)."""
     base.total_bytes = total_bytes
     base.num_params = num_params
     base.manifest_sha256 = manifest_sha256
     base.state = BaseState.READY
+    session = object_session(base)
+    if session is not None:
+        holder = revisions.repo_of_base(session, base) or revisions.claim_repo(
+            session, name=base.name, namespace=base.namespace, base_id=None
+        )
+        revisions.add_revision(
+            session,
+            holder,
+            manifest_sha256=manifest_sha256,
+            message=f"base {base.name}: {total_bytes} bytes stored whole",
+            base_id=base.id,
+        )
     return base
+
+
+def revision_message(checkpoint: Checkpoint) -> str:
+    """The commit message of a checkpoint's revision: method, stored size, measured fidelity."""
+    outcome = CompressOutcome.from_row(checkpoint)
+    text = f"{checkpoint.name}: {checkpoint.method}, {checkpoint.stored_bytes} bytes stored"
+    if checkpoint.ratio:
+        text += f" ({checkpoint.ratio:.2f}x)"
+    if outcome.fidelity is not None:
+        text += f", fidelity {outcome.fidelity:.4f}"
+    return text
+
+
+def _add_checkpoint_revision(session: Session, checkpoint: Checkpoint) -> None:
+    """A checkpoint that became ready is the newest revision of its repository."""
+    if checkpoint.revision is not None:
+        return
+    holder = revisions.claim_repo(
+        session, name=checkpoint.name, namespace=checkpoint.namespace, base_id=checkpoint.base_id
+    )
+    rows = list_files(session, checkpoint_id=checkpoint.id)
+    revisions.add_revision(
+        session,
+        holder,
+        manifest_sha256=files_manifest((row.path, row.sha256) for row in rows),
+        message=revision_message(checkpoint),
+        checkpoint_id=checkpoint.id,
+    )
 
 
 def fail_upload(session: Session, checkpoint_id: str, error: str) -> bool:

@@ -7,7 +7,9 @@ id take an optional ``namespace``; a row in another namespace is reported as not
 Bases and checkpoints are looked up by reference (:func:`get_base`, :func:`get_checkpoint`,
 the one rule every route uses through them): the id, else — within the caller's namespace —
 the name. An id wins over a name that happens to look like another row's id. Without a
-namespace (the worker's internal lookups) only ids are accepted.
+namespace (the worker's internal lookups) only ids are accepted. A checkpoint name is its
+repository's name and means the checkpoint of the repository's ``main`` revision (else its
+push in flight): :func:`storage.revisions.checkpoint_for_name`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
 
 from core.files import check_path
+from storage import revisions
 from storage.blob_common import BlobInfo
 from storage.errors import AlreadyExists, Conflict, NotFound
 from storage.models import (
@@ -35,6 +38,7 @@ from storage.models import (
     FileRole,
     Job,
     JobState,
+    Revision,
 )
 
 _Row = TypeVar("_Row", Base, Checkpoint)
@@ -44,11 +48,12 @@ _Row = TypeVar("_Row", Base, Checkpoint)
 
 
 def create_base(session: Session, *, name: str, namespace: str = DEFAULT_NAMESPACE) -> Base:
-    """A new base in state ``uploading``.
+    """A new base in state ``uploading``, in a new repository of its name (stored whole).
 
     Raises:
-        AlreadyExists: the namespace already has a base of this name.
+        AlreadyExists: the namespace already has a base (or another repository) of this name.
     """
+    revisions.claim_repo(session, name=name, namespace=namespace, base_id=None, lock=False)
     base = Base(namespace=namespace, name=name, state=BaseState.UPLOADING, total_bytes=0)
     _insert_unique(session, base, f"a base named {name!r} already exists in {namespace!r}")
     return base
@@ -92,6 +97,7 @@ def delete_base(session: Session, base_id: str, *, namespace: str | None = None)
         Conflict: checkpoints still depend on it (HTTP 409).
     """
     base = get_base(session, base_id, namespace=namespace)
+    revision = session.scalars(select(Revision).where(Revision.base_id == base.id)).first()
     dependents = session.scalar(
         select(func.count()).select_from(Checkpoint).where(Checkpoint.base_id == base.id)
     )
@@ -102,7 +108,14 @@ def delete_base(session: Session, base_id: str, *, namespace: str | None = None)
         )
     try:
         with session.begin_nested():
-            session.delete(base)
+            if revision is not None:
+                revisions.delete_revision(session, revision)
+            else:
+                holder = revisions.repo_of_base(session, base)
+                session.delete(base)
+                session.flush()
+                if holder is not None:
+                    revisions.delete_repo_if_empty(session, holder)
     except DbIntegrityError as exc:  # a checkpoint was created meanwhile
         raise Conflict(
             f"base {base.name!r} gained a checkpoint while being deleted; "
@@ -123,12 +136,13 @@ def create_checkpoint(
     namespace: str = DEFAULT_NAMESPACE,
     derived_from: Any = None,
 ) -> Checkpoint:
-    """A new checkpoint in state ``uploading`` against a ready base of the same namespace.
+    """A new checkpoint in state ``uploading`` against a ready base of the same namespace: the
+    next revision of the repository ``name`` (created on its first push) once it is ready.
 
     Raises:
         NotFound: no such base in the namespace.
         Conflict: the base is still uploading.
-        AlreadyExists: the namespace already has a checkpoint of this name.
+        AlreadyExists: a push of this name is in flight (not ready yet), or the name is a base's.
     """
     base = get_base(session, base_id, namespace=namespace)
     if base.state != BaseState.READY:
@@ -136,6 +150,14 @@ def create_checkpoint(
             f"base {base.name!r} is still {base.state.value}; commit it "
             f"(POST /v1/bases/{base.id}/commit) before adding checkpoints"
         )
+    holder = revisions.claim_repo(session, name=name, namespace=namespace, base_id=base.id)
+    pending = revisions.in_flight(session, name=name, namespace=namespace)
+    if pending is not None:
+        raise AlreadyExists(
+            f"a push of {name!r} is in flight ({pending.state.value}, checkpoint {pending.id}); "
+            "resume it with the same options, wait until it is ready, or delete it"
+        )
+    holder.base_id = base.id  # the next revision's base
     checkpoint = Checkpoint(
         namespace=namespace,
         name=name,
@@ -166,10 +188,9 @@ def get_checkpoint(
 def find_checkpoint(
     session: Session, *, name: str, namespace: str = DEFAULT_NAMESPACE
 ) -> Checkpoint | None:
-    """The checkpoint of this name in the namespace, or None."""
-    return session.scalars(
-        select(Checkpoint).where(Checkpoint.namespace == namespace, Checkpoint.name == name)
-    ).first()
+    """The checkpoint this name means in the namespace (``main``'s, else its push in flight),
+    or None."""
+    return revisions.checkpoint_for_name(session, name=name, namespace=namespace)
 
 
 def list_checkpoints(
@@ -194,15 +215,25 @@ def list_checkpoints(
 def delete_checkpoint(
     session: Session, checkpoint_id: str, *, namespace: str | None = None
 ) -> None:
-    """Delete a checkpoint with its file rows and jobs (blobs are left to garbage collection).
+    """Delete a checkpoint with its file rows and jobs (blobs are left to garbage collection):
+    the revision it holds goes with it (:func:`storage.revisions.delete_revision`: ``main``
+    moves back to its parent), and a repository left empty goes too.
 
     A worker still running its job finds its lease gone at the next heartbeat and stops.
 
     Raises:
         NotFound: no such checkpoint.
     """
-    session.delete(get_checkpoint(session, checkpoint_id, namespace=namespace))
+    checkpoint = get_checkpoint(session, checkpoint_id, namespace=namespace)
+    revision = checkpoint.revision
+    if revision is not None:
+        revisions.delete_revision(session, revision)
+        return
+    holder = revisions.find_repo(session, name=checkpoint.name, namespace=checkpoint.namespace)
+    session.delete(checkpoint)
     session.flush()
+    if holder is not None:
+        revisions.delete_repo_if_empty(session, holder)
 
 
 #: Checkpoint states in which files may still change (and a commit may be tried again).
@@ -526,10 +557,14 @@ def _get(
         return row
     if namespace is None:
         raise NotFound(f"{what} {ref} does not exist; list them with {hint}")
-    named = session.scalars(
-        select(model).where(model.namespace == namespace, model.name == ref)
-    ).first()  # names are unique per namespace (a constraint)
-    if named is not None:
+    named: Base | Checkpoint | None
+    if model is Checkpoint:
+        named = revisions.checkpoint_for_name(session, name=ref, namespace=namespace)
+    else:  # base names are unique per namespace (a constraint)
+        named = session.scalars(
+            select(model).where(model.namespace == namespace, model.name == ref)
+        ).first()
+    if isinstance(named, model):
         return named
     raise NotFound(
         f"no {what} has the id or name {ref!r} in namespace {namespace!r}; list them with {hint}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.files import manifest_sha256
 from core.safetensors_io import save_file
 from storage.gc import collect_garbage
 from tests.conftest import Models, Stack
@@ -113,13 +114,25 @@ def test_same_options_resume_other_options_are_409(embedded: Stack, models: Mode
     )
     assert status == 409 and "calibration: asked 2 examples, stored 0" in err["detail"]
     assert "evaluation: asked fidelity, stored weights" in err["detail"]
-    # Once ready the same holds: the options are the checkpoint's, not silently ignored.
+    # Once ready, the name is a repository's: the same files with the same options (their
+    # manifest sent) are a no-op; another push starts its next revision, to which the rules
+    # above apply while it is in flight.
     push_dir(embedded.client, "checkpoints", first["id"], models.finetune)
     assert commit_and_wait(embedded.client, first["id"])["state"] == "succeeded"
-    status, err = create(embedded, base["id"])
-    assert status == 409 and "method: asked lossless, stored magnitude" in err["detail"]
-    status, same = create(embedded, base["id"], method="magnitude", keep=0.1)
-    assert status == 200 and same["state"] == "ready"
+    ready = embedded.client.get(f"/v1/checkpoints/{first['id']}").json()
+    assert ready["repo"] == "ft" and ready["revision"] == 1 and len(ready["commit_id"]) == 40
+    files = embedded.client.get(f"/v1/checkpoints/{first['id']}/files").json()["data"]
+    manifest = manifest_sha256((f["path"], f["sha256"]) for f in files)
+    status, same = create(
+        embedded, base["id"], method="magnitude", keep=0.1, manifest_sha256=manifest
+    )
+    assert status == 200 and same["id"] == first["id"] and same["state"] == "ready"
+    status, second = create(embedded, base["id"])
+    assert status == 201 and second["id"] != first["id"] and second["commit_id"] is None
+    status, err = create(embedded, base["id"], method="magnitude", keep=0.1)
+    assert status == 409 and "method: asked magnitude, stored lossless" in err["detail"]
+    main = embedded.client.get("/v1/checkpoints/ft").json()
+    assert main["id"] == first["id"]  # the name means main until the new revision is ready
 
 
 # -- item 4: failed commits clean up -------------------------------------------------------------

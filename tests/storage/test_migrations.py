@@ -13,7 +13,17 @@ from migrations.api import downgrade, migrate, schema_is_current
 from storage.db import make_engine
 from storage.models import Model
 
-TABLES = {"api_keys", "bases", "blobs", "checkpoints", "files", "jobs"}
+TABLES = {
+    "api_keys",
+    "bases",
+    "blobs",
+    "checkpoints",
+    "files",
+    "jobs",
+    "repos",
+    "revisions",
+    "refs",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
