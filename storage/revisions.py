@@ -463,14 +463,14 @@ def revision_counts(session: Session, repos: list[Repo]) -> dict[str, tuple[str 
             select(Revision.repo_id, func.count())
             .where(Revision.repo_id.in_(ids))
             .group_by(Revision.repo_id)
-        ).tuples()
+        ).all()
     )
     mains = dict(
         session.execute(
             select(Ref.repo_id, Revision.commit_id)
             .join(Revision, Revision.id == Ref.revision_id)
             .where(Ref.repo_id.in_(ids), Ref.name == MAIN)
-        ).tuples()
+        ).all()
     )
     return {i: (mains.get(i), int(counts.get(i, 0))) for i in ids}
 
