@@ -124,6 +124,13 @@ def register(sub: SubParsers) -> None:
     p.add_argument("ref", metavar="ID", help="checkpoint id, name or id prefix")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--scale", type=float, default=1.0, help="λ of θ_pre + λ·δ (default 1)")
+    p.add_argument(
+        "--revision",
+        default=None,
+        metavar="REV",
+        help="that revision of the name: a ref (main), a commit id or a prefix of ≥ 7 hex "
+        "digits (default: main); `slim log NAME` lists them",
+    )
     p.add_argument("--local", action="store_true", help="fetch the delta only; rebuild here")
     p.add_argument(
         "--cache-dir",
@@ -141,8 +148,20 @@ def register(sub: SubParsers) -> None:
 
     p = sub.add_parser("show", parents=[conn], help="describe a checkpoint")
     p.add_argument("ref", metavar="ID")
+    p.add_argument("--revision", default=None, metavar="REV", help="that revision of the name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_show)
+
+    p = sub.add_parser(
+        "log",
+        parents=[conn],
+        help="a name's revisions, newest first",
+        description="The history of a repository: each revision's number, commit id, time, "
+        "method, stored size, fidelity, refs and message.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_log)
 
     p = sub.add_parser("rm", parents=[conn], help="delete a checkpoint")
     p.add_argument("ref", metavar="ID")
@@ -278,17 +297,56 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(_summary(ckpt))
     else:
         print(f"follow it with: slim status {job.id} --follow")
+    if ckpt.commit_id is not None:
+        print(f"revision {ckpt.revision} of {ckpt.name}: commit {ckpt.commit_id}")
+    else:
+        print(f"its commit id comes once the job has stored it: slim log {ckpt.name}")
     return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        history = client.list_revisions(args.name)
+    if args.json:
+        return _dump([r.raw for r in history])
+    rows = [
+        [
+            str(r.revision),
+            r.commit_id[:12],
+            (r.created_at or "")[:19].replace("T", " "),
+            r.method or "-",
+            _size(r.stored_bytes),
+            _num(r.fidelity, "{:.4f}"),
+            ",".join(r.refs),
+            r.message,
+        ]
+        for r in history
+    ]
+    _table(["REV", "COMMIT", "TIME (UTC)", "METHOD", "STORED", "FIDELITY", "REFS", "MESSAGE"], rows)
+    return 0
+
+
+def _revision_text(ckpt: Checkpoint) -> str | None:
+    if ckpt.commit_id is None:
+        return None
+    return f"{ckpt.revision} (commit {ckpt.commit_id})"
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     with _client(args) as client, _transfer_bar() as bar:
         if args.local:
             report = client.pull_local(
-                args.ref, args.out_dir, scale=args.scale, cache_dir=args.cache_dir, progress=bar
+                args.ref,
+                args.out_dir,
+                scale=args.scale,
+                cache_dir=args.cache_dir,
+                progress=bar,
+                revision=args.revision,
             )
         else:
-            report = client.pull(args.ref, args.out_dir, scale=args.scale, progress=bar)
+            report = client.pull(
+                args.ref, args.out_dir, scale=args.scale, progress=bar, revision=args.revision
+            )
     if args.json:
         return _dump(asdict(report))
     print(_pull_line(args.ref, args.out_dir, report))
@@ -337,7 +395,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        ckpt = client.get_checkpoint(args.ref)
+        ckpt = client.get_checkpoint(args.ref, revision=args.revision)
         base = client.get_base(ckpt.base_id)
         jobs = client.list_jobs(checkpoint_id=ckpt.id)
     if args.json:
@@ -351,6 +409,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     lines = [
         ("id", ckpt.id),
         ("name", ckpt.name),
+        ("revision", _revision_text(ckpt)),
+        ("parent", ckpt.parent_commit),
         ("base", f"{base.name} ({base.id})"),
         ("state", ckpt.state),
         ("method", ckpt.method),

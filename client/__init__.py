@@ -58,6 +58,8 @@ from client.models import (
     PulledFile,
     PullReport,
     PushReport,
+    Repo,
+    Revision,
     Stats,
 )
 
@@ -82,6 +84,8 @@ __all__ = [
     "PullReport",
     "PulledFile",
     "PushReport",
+    "Repo",
+    "Revision",
     "ServerError",
     "SlimClient",
     "Stats",

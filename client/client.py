@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -41,6 +42,8 @@ from client.models import (
     PulledFile,
     PullReport,
     PushReport,
+    Repo,
+    Revision,
     Stats,
     build,
 )
@@ -147,10 +150,20 @@ class SlimClient:
             params["state"] = state
         return [build(Checkpoint, c) for c in self._conn.pages("/v1/checkpoints", **params)]
 
-    def get_checkpoint(self, ref: str) -> Checkpoint:
-        """A checkpoint (with its search trace) by id, name or unique id prefix."""
-        if not _UUID.match(ref):
-            ref = _pick(self.list_checkpoints(), ref, "checkpoint", "slim ls").id
+    def get_checkpoint(self, ref: str, *, revision: str | None = None) -> Checkpoint:
+        """A checkpoint (with its search trace) by id, name (its repository's ``main``) or
+        unique id prefix; with ``revision``, the one holding that revision of repository
+        ``ref`` (a ref name, a commit id or a prefix of at least 7 hex digits)."""
+        if revision is not None:
+            held = self.get_revision(ref, revision)
+            if held.checkpoint_id is None:
+                raise NotFound(f"{ref!r} is a base's repository; use `slim base` to read it")
+            ref = held.checkpoint_id
+        elif not _UUID.match(ref):
+            try:
+                return build(Checkpoint, self._conn.json("GET", f"/v1/checkpoints/{_segment(ref)}"))
+            except NotFound:
+                ref = _pick(self.list_checkpoints(), ref, "checkpoint", "slim ls").id
         return build(Checkpoint, self._conn.json("GET", f"/v1/checkpoints/{ref}"))
 
     def checkpoint_files(self, checkpoint_id: str) -> list[FileInfo]:
@@ -161,6 +174,25 @@ class SlimClient:
         ckpt = self.get_checkpoint(ref)
         self._conn.request("DELETE", f"/v1/checkpoints/{ckpt.id}")
         return ckpt
+
+    # -- repositories --------------------------------------------------------------------------
+
+    def list_repos(self) -> list[Repo]:
+        return [build(Repo, r) for r in self._conn.pages("/v1/repos")]
+
+    def get_repo(self, name: str) -> Repo:
+        return build(Repo, self._conn.json("GET", f"/v1/repos/{_segment(name)}"))
+
+    def list_revisions(self, name: str) -> list[Revision]:
+        """A repository's revisions, newest first."""
+        return [
+            build(Revision, r) for r in self._conn.pages(f"/v1/repos/{_segment(name)}/revisions")
+        ]
+
+    def get_revision(self, name: str, rev: str = "main") -> Revision:
+        """The revision ``rev`` names: a ref name, a full commit id or a unique prefix."""
+        url = f"/v1/repos/{_segment(name)}/revisions/{_segment(rev)}"
+        return build(Revision, self._conn.json("GET", url))
 
     def create_checkpoint(self, **body: Any) -> Checkpoint:
         return build(Checkpoint, self._conn.json("POST", "/v1/checkpoints", json=body))
@@ -187,11 +219,13 @@ class SlimClient:
     ) -> tuple[Checkpoint, Job, PushReport]:
         """Upload a fine-tune of ``base`` and queue its compression.
 
-        The server decides what a name in use means: the same base and options (after its
-        defaults) resume that checkpoint — only the files it does not hold with the same sha256
-        are sent, and once committed, pushing the same files again answers with the existing
-        checkpoint and its latest job; other options are a 409 ``options_differ`` naming them,
-        unless that checkpoint failed unstored, which the new one replaces. Files the server
+        The server decides what a name in use means. While a push of it is in flight, the same
+        base and options (after its defaults) resume it — only the files it does not hold with
+        the same sha256 are sent; other options are a 409 ``options_differ`` naming them,
+        unless that checkpoint failed unstored, which the new one replaces. Once the name's
+        repository has a ready ``main``, the same files with the same options answer with
+        that checkpoint and its latest job, and anything else becomes the repository's next
+        revision (its ``commit_id`` is set once the job has stored it). Files the server
         does not read (``*.bin``, ``*.pt``, pickles: :data:`UNREAD_SUFFIXES`) are left out and
         listed in the report's ``left_out``; the server's ``warnings`` land in ``warnings``.
 
@@ -230,6 +264,8 @@ class SlimClient:
             body["calibration"] = (
                 calibration if isinstance(calibration, list) else read_calibration(calibration)
             )
+        if self._has_main(name):  # the same files again are a no-op
+            body["manifest_sha256"] = manifest_sha256((rel, sha256_file(p)) for rel, p in files)
         answer = self._conn.json("POST", "/v1/checkpoints", json=body)
         ckpt = build(Checkpoint, answer)
         warnings = [str(w) for w in answer.get("warnings") or []]
@@ -241,6 +277,12 @@ class SlimClient:
             ckpt = self.get_checkpoint(ckpt.id)
         report.left_out, report.warnings = left_out, warnings
         return ckpt, job, report
+
+    def _has_main(self, name: str) -> bool:
+        try:
+            return self.get_repo(name).main is not None
+        except NotFound:
+            return False
 
     def _same_push(
         self, ckpt: Checkpoint, files: list[tuple[str, Path]]
@@ -266,14 +308,16 @@ class SlimClient:
         *,
         scale: float = 1.0,
         progress: Progress | None = None,
+        revision: str | None = None,
     ) -> PullReport:
-        """Download every file of a ready checkpoint, rebuilt by the server, into ``out_dir``.
+        """Download every file of a ready checkpoint, rebuilt by the server, into ``out_dir``
+        (with ``revision``: that revision of repository ``ref``, exactly its bytes).
 
         Files already there with the right sha256 are kept; ``<file>.incomplete`` leftovers
         of an interrupted pull are continued with ``Range``. Each file is moved into place only
         after its sha256 matched the ETag (at ``scale`` 1; other scales have no recorded hash).
         """
-        ckpt = self._ready(ref)
+        ckpt = self._ready(ref, revision)
         out = Path(out_dir)
         t0 = time.perf_counter()
         files = self.checkpoint_files(ckpt.id)
@@ -311,6 +355,7 @@ class SlimClient:
         scale: float = 1.0,
         cache_dir: str | os.PathLike[str] | None = None,
         progress: Progress | None = None,
+        revision: str | None = None,
     ) -> PullReport:
         """Download only the checkpoint's delta and rebuild it here against a cached base.
 
@@ -322,7 +367,7 @@ class SlimClient:
         """
         from core.reconstruct import reconstruct  # torch: only for local rebuilds
 
-        ckpt = self._ready(ref)
+        ckpt = self._ready(ref, revision)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         t0 = time.perf_counter()
         report = PullReport(local=True)
@@ -342,8 +387,8 @@ class SlimClient:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _ready(self, ref: str) -> Checkpoint:
-        ckpt = self.get_checkpoint(ref)
+    def _ready(self, ref: str, revision: str | None = None) -> Checkpoint:
+        ckpt = self.get_checkpoint(ref, revision=revision)
         if ckpt.state != "ready":
             raise NotReady(
                 f"checkpoint {ckpt.name!r} is {ckpt.state}; pull it once its job has succeeded "
@@ -499,6 +544,12 @@ class SlimClient:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _segment(text: str) -> str:
+    """A name as one URL path segment."""
+    return quote(text, safe="")
+
 
 _Named = TypeVar("_Named", Base, Checkpoint)
 

@@ -86,6 +86,10 @@ class Checkpoint:
     error: str | None = None
     namespace: str = "default"
     created_at: str | None = None
+    repo: str | None = None
+    commit_id: str | None = None
+    revision: int | None = None
+    parent_commit: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -216,3 +220,39 @@ class NoProgress:
 
     def finish(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class Repo:
+    """A repository: one model's history under one name (``kind`` base: stored whole)."""
+
+    id: str
+    name: str
+    kind: str
+    base_id: str | None = None
+    main: str | None = None
+    revisions: int = 0
+    namespace: str = "default"
+    created_at: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One immutable revision of a repository; ``checkpoint_id`` (or ``base_id``) holds its
+    files."""
+
+    commit_id: str
+    revision: int
+    parent_commit: str | None
+    message: str
+    created_at: str
+    refs: list[str] = field(default_factory=list)
+    checkpoint_id: str | None = None
+    base_id: str | None = None
+    method: str | None = None
+    original_bytes: int = 0
+    stored_bytes: int | None = None
+    fidelity: float | None = None
+    manifest_sha256: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

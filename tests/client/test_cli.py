@@ -203,8 +203,11 @@ def test_interrupted_push_resends_only_what_is_missing(
 
     code, out, _ = run(embedded, capsys, "push", str(models.finetune), *same)
     assert code == 0 and "0 file(s) sent" in out  # the same files: the existing checkpoint
-    code, _, err = run(embedded, capsys, "push", str(models.finetune2), *same)
-    assert code == 2 and err.startswith("slim: error [already_exists]")
+    # Other files once it is ready: the name's next revision, not a refusal.
+    code, out, err = run(embedded, capsys, "push", str(models.finetune2), *same)
+    assert code == 0 and "3 file(s) sent" in out and "slim log ft" in out, err
+    names = [c["name"] for c in embedded.client.get("/v1/checkpoints").json()["data"]]
+    assert names == ["ft", "ft"]
     client.close()
 
 
@@ -292,3 +295,45 @@ def test_serve_limits_malloc_arenas_unless_the_environment_says(
         assert limit_malloc_arenas(2) is True
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert limit_malloc_arenas(2) is False
+
+
+def test_second_push_is_a_revision_log_and_pull_by_revision(
+    embedded: Stack, models: Models, ready: dict[str, Any], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    one = ready["checkpoint"]
+    assert one["revision"] == 1 and len(one["commit_id"]) == 40
+    # The same files and options again: a no-op that names the revision.
+    code, out, err = run(
+        embedded, capsys, "push", str(models.finetune), "--base", "tiny", "--name", "ft",
+        "--method", "magnitude", "--keep", "0.1",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"revision 1 of ft: commit {one['commit_id']}" in out and "0 file(s) sent" in out
+    # Other files: revision 2, its parent revision 1; the name now means revision 2.
+    code, out, err = run(
+        embedded, capsys, "push", str(models.finetune2), "--base", "tiny", "--name", "ft",
+        "--method", "magnitude", "--keep", "0.1", "--wait",
+    )  # fmt: skip
+    assert code == 0, err
+    two = run_json(embedded, capsys, "show", "ft")
+    assert two["revision"] == 2 and two["parent_commit"] == one["commit_id"]
+    assert f"revision 2 of ft: commit {two['commit_id']}" in out
+
+    code, out, _ = run(embedded, capsys, "log", "ft")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["REV", "COMMIT", "TIME"]
+    assert lines[1].split()[:2] == ["2", two["commit_id"][:12]] and "main" in lines[1]
+    assert lines[2].split()[:2] == ["1", one["commit_id"][:12]]
+    code, out, _ = run(embedded, capsys, "show", "ft", "--revision", one["commit_id"][:7])
+    assert code == 0 and f"revision: 1 (commit {one['commit_id']})" in out
+
+    for rev, directory, want in ((one["commit_id"][:10], "r1", one), ("main", "r2", two)):
+        code, _, err = run(embedded, capsys, "pull", "ft", str(tmp_path / directory),
+                           "--revision", rev)  # fmt: skip
+        assert code == 0, err
+        files = embedded.client.get(f"/v1/checkpoints/{want['id']}/files").json()["data"]
+        assert tree(tmp_path / directory) == {f["path"]: f["recon_sha256"] for f in files}
+    assert tree(tmp_path / "r1") != tree(tmp_path / "r2")
+    code, _, err = run(embedded, capsys, "pull", "ft", str(tmp_path / "x"), "--revision", "0" * 7)
+    assert code == 2 and "revision_not_found" in err
