@@ -26,7 +26,7 @@ from core.params import AutoStep, CompressOutcome, CompressParams, Method
 from service import operations
 from service.dashboard import charts
 from service.schemas import split_error
-from storage import repo
+from storage import repo, revisions
 from storage.models import Checkpoint, Job, JobState
 
 #: How many rows the page lists at most (the JSON API pages through everything).
@@ -254,6 +254,21 @@ class Totals:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One revision of the selected checkpoint's repository."""
+
+    number: int
+    commit_id: str
+    created_at: str
+    method: str
+    stored_bytes: int | None
+    fidelity: float | None
+    refs: list[str]
+    checkpoint_id: str | None
+    message: str
+
+
 @dataclass
 class Dashboard:
     totals: Totals
@@ -267,6 +282,7 @@ class Dashboard:
     trace_chart: Any
     fingerprint: str
     trail: AutoTrail | None = None
+    history: list[HistoryRow] = field(default_factory=list)
 
 
 def build(session: Session, namespace: str, selected_id: str | None = None) -> Dashboard:
@@ -327,7 +343,35 @@ def build(session: Session, namespace: str, selected_id: str | None = None) -> D
         trace_chart=_trace_chart(selected, trail, outcomes),
         fingerprint=fingerprint(rows),
         trail=trail,
+        history=[] if selected is None else history(session, namespace, selected.name),
     )
+
+
+def history(session: Session, namespace: str, name: str) -> list[HistoryRow]:
+    """The revisions of the repository ``name``, newest first (at most :data:`MAX_ROWS`)."""
+    holder = revisions.find_repo(session, name=name, namespace=namespace)
+    if holder is None:
+        return []
+    out = []
+    for info in revisions.describe(
+        session, revisions.list_revisions(session, holder, limit=MAX_ROWS)
+    ):
+        r, stored = info.revision, info.stored
+        ckpt = stored if isinstance(stored, Checkpoint) else None
+        out.append(
+            HistoryRow(
+                number=r.number,
+                commit_id=r.commit_id,
+                created_at=r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                method="whole" if ckpt is None else ckpt.method,
+                stored_bytes=None if ckpt is None else ckpt.stored_bytes,
+                fidelity=None if ckpt is None else CompressOutcome.from_row(ckpt).fidelity,
+                refs=info.refs,
+                checkpoint_id=r.checkpoint_id,
+                message=r.message,
+            )
+        )
+    return out
 
 
 def live_totals(session: Session, namespace: str) -> Totals:

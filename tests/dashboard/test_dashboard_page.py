@@ -235,3 +235,23 @@ def test_savings_bar_labels_fit_the_chart() -> None:
     for x, text in re.findall(r'class="bar-value" x="([\d.]+)"[^>]*>([^<]*)<', svg):
         assert float(x) + 6.5 * len(text) <= width, text  # ~6.5 user units per 11px glyph
     assert 'class="bar-note"' in svg
+
+
+def test_checkpoint_view_shows_its_repository_history(embedded: Stack, models: Models) -> None:
+    client = sdk.SlimClient(embedded.url, TEST_ADMIN_KEY)
+    client.push_base(models.base, "tiny")
+    for directory, method in ((models.finetune, "lossless"), (models.finetune2, "magnitude")):
+        _, job, _ = client.push(directory, "tiny", name="ft", method=method, keep=None)
+        client.wait(job.id, poll_seconds=0.1, timeout=120)
+    two, one = client.list_revisions("ft")
+    page = embedded.client.get(f"/dashboard?checkpoint={one.checkpoint_id}").text
+    table = page[page.index('<table id="history">') :]
+    table = table[: table.index("</table>")]
+    rows = re.findall(r'<tr data-commit="([0-9a-f]{40})"( class="selected")?', table)
+    assert rows == [(two.commit_id, ""), (one.commit_id, ' class="selected"')]
+    assert "History of <strong>ft</strong>" in table
+    assert ">lossless<" in table and ">magnitude<" in table
+    assert human_bytes(two.stored_bytes) in table and human_bytes(one.stored_bytes) in table
+    assert f"<code>{two.commit_id[:12]}</code>" in table and ">main<" in table
+    assert f'href="?checkpoint={two.checkpoint_id}"' in table
+    client.close()
