@@ -209,6 +209,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             grace_seconds=settings.gc_grace_seconds,
             interval_seconds=settings.gc_interval_seconds,
             stop=stop,
+            retention_seconds=settings.revision_retention_seconds,
         )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -250,7 +251,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     runtime = Runtime.from_settings(settings, migrate_schema=False)
     try:
         grace = settings.gc_grace_seconds if args.grace_seconds is None else args.grace_seconds
-        report = collect_garbage(runtime.sessions, runtime.store, grace, dry_run=args.dry_run)
+        report = collect_garbage(
+            runtime.sessions,
+            runtime.store,
+            grace,
+            dry_run=args.dry_run,
+            retention_seconds=settings.revision_retention_seconds,
+        )
     finally:
         runtime.close()
     data = asdict(report)

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         "where searches run (`slim worker`, embedded `slim serve`).",
     )
     gc_grace_seconds: float = Field(default=3600.0, ge=0)
+    revision_retention_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Garbage collection deletes revisions older than this that no ref (main, "
+        "a branch) points at (default: keep every revision).",
+    )
     gc_interval_seconds: float = Field(
         default=3600.0,
         ge=0,

@@ -94,6 +94,7 @@ def create_app(
                 grace_seconds=rt.settings.gc_grace_seconds,
                 interval_seconds=rt.settings.gc_interval_seconds,
                 stop=stop,
+                retention_seconds=rt.settings.revision_retention_seconds,
             )
         try:
             yield

@@ -29,10 +29,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.blob_common import BlobEntry
 from storage.blobstore import BlobStore
-from storage.db import begin_write
+from storage.db import begin_write, write_transaction
 from storage.errors import StorageError
 from storage.models import Blob
 from storage.repo import referenced_blob_keys, unreferenced_blob_condition
+from storage.revisions import expire_revisions
 
 _BATCH = 500
 log = logging.getLogger("slim.gc")
@@ -51,6 +52,7 @@ class GcReport:
     deleted_rows: int = 0
     aborted_uploads: int = 0
     deleted_keys: list[str] = field(default_factory=list)
+    expired_revisions: list[str] = field(default_factory=list)
 
 
 def collect_garbage(
@@ -59,6 +61,7 @@ def collect_garbage(
     grace_seconds: float = 3600,
     *,
     dry_run: bool = False,
+    retention_seconds: float | None = None,
 ) -> GcReport:
     """Delete stored objects and ``blobs`` rows that nothing references.
 
@@ -72,9 +75,17 @@ def collect_garbage(
         store: the blob store to sweep.
         grace_seconds: minimum age of anything deleted.
         dry_run: report what would be deleted, delete nothing.
+        retention_seconds: first expire the revisions older than this that no ref points at
+            (:func:`storage.revisions.expire_revisions`; None keeps every revision); their
+            blobs then go like any other unreferenced ones, after the grace period.
     """
     cutoff = datetime.now(UTC) - timedelta(seconds=grace_seconds)
     report = GcReport(dry_run=dry_run)
+    if retention_seconds is not None and not dry_run:
+        with session_factory() as session, write_transaction(session):
+            report.expired_revisions = expire_revisions(
+                session, older_than=timedelta(seconds=retention_seconds)
+            )
     entries = store.list_keys("")
     while batch := list(itertools.islice(entries, _BATCH)):
         report.scanned += len(batch)
@@ -185,6 +196,7 @@ def gc_loop(
     grace_seconds: float,
     interval_seconds: float,
     stop: threading.Event,
+    retention_seconds: float | None = None,
 ) -> None:
     """Run :func:`collect_garbage` every ``interval_seconds`` until ``stop`` is set.
 
@@ -194,7 +206,9 @@ def gc_loop(
     """
     while not stop.wait(interval_seconds):
         try:
-            report = collect_garbage(session_factory, store, grace_seconds)
+            report = collect_garbage(
+                session_factory, store, grace_seconds, retention_seconds=retention_seconds
+            )
         except Exception:  # keep the loop alive; the next round tries again
             log.warning("periodic garbage collection failed; retrying later", exc_info=True)
             continue
@@ -215,6 +229,7 @@ def start_gc_thread(
     grace_seconds: float,
     interval_seconds: float,
     stop: threading.Event,
+    retention_seconds: float | None = None,
 ) -> threading.Thread | None:
     """Start :func:`gc_loop` in a daemon thread (None when ``interval_seconds`` is 0)."""
     if interval_seconds <= 0:
@@ -226,6 +241,7 @@ def start_gc_thread(
             "grace_seconds": grace_seconds,
             "interval_seconds": interval_seconds,
             "stop": stop,
+            "retention_seconds": retention_seconds,
         },
         name="slim-gc",
         daemon=True,

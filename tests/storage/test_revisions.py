@@ -4,6 +4,7 @@ by ref, full commit id and prefix; the parent check; immutability; deletes and r
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -11,7 +12,9 @@ from storage_helpers import Database
 
 from core.files import manifest_sha256
 from storage import queue, repo, revisions
+from storage.blobstore import LocalBlobStore
 from storage.errors import AlreadyExists, Conflict
+from storage.gc import collect_garbage
 from storage.models import Base, Checkpoint, CheckpointState, FileRole, Revision
 from storage.revisions import (
     AmbiguousRevision,
@@ -209,3 +212,23 @@ def test_retention_expires_old_unreferenced_revisions(database: Database) -> Non
             three.commit_id,
             revisions.resolve_revision(s, NS, "b").commit_id,
         }
+
+
+def test_garbage_collection_applies_the_retention_setting(
+    database: Database, tmp_path: Path
+) -> None:
+    with database.sessions.begin() as s:
+        base = ready_base(s)
+        one = revision_of(s, base, "ft", "a" * 64)
+        revision_of(s, base, "ft", "b" * 64)
+        one.created_at = datetime.now(UTC) - timedelta(days=10)
+        old = one.commit_id
+    store = LocalBlobStore(tmp_path / "blobs")
+    kept = collect_garbage(database.sessions, store, 0)  # default: keep every revision
+    assert kept.expired_revisions == []
+    report = collect_garbage(database.sessions, store, 0, retention_seconds=86400)
+    assert report.expired_revisions == [old]
+    with database.sessions() as s:
+        assert [
+            r.number for r in revisions.list_revisions(s, revisions.get_repo(s, name="ft"))
+        ] == [2]
