@@ -154,6 +154,7 @@ class ModelEvaluator:
         device: ``cuda``/``cpu``; default picks ``cuda`` when present.
         max_length: tokens per example.
         batch_size: examples per forward pass.
+        given: how many calibration examples were given before a subsample (default: these).
     """
 
     def __init__(
@@ -168,6 +169,7 @@ class ModelEvaluator:
         device: str | None = None,
         max_length: int = 64,
         batch_size: int = 64,
+        given: int | None = None,
     ) -> None:
         if kind not in ("fidelity", "accuracy"):
             raise EvaluationUnavailable(f"a model evaluator cannot run {kind!r}")
@@ -176,6 +178,7 @@ class ModelEvaluator:
 
         transformers.logging.set_verbosity_error()
         self.kind = kind
+        self.calibration_given = given if given is not None else len(examples) + len(holdout)
         self.device = pick_device(device)
         ft_dir = Path(ft_dir)
         if not (ft_dir / "config.json").is_file():

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.methods import REGISTRY
 from core.params import (
+    AUTO_CALIBRATION_LIMIT,
+    DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_KEEP,
     DEFAULT_LAMBDA,
     DEFAULT_MERGE_METHOD,
@@ -182,6 +184,13 @@ class CheckpointCreate(BaseModel):
     calibration: list[CalibrationExample] | None = Field(
         None, description="Calibration inputs for the fidelity/accuracy evaluations."
     )
+    calibration_limit: int | None = Field(
+        None,
+        gt=0,
+        le=1_000_000,
+        description="Evaluate on at most this many calibration examples; more are subsampled "
+        f"by `seed` (default {DEFAULT_CALIBRATION_LIMIT}; auto {AUTO_CALIBRATION_LIMIT}).",
+    )
 
 
 class CheckpointParams(BaseModel):
@@ -191,7 +200,8 @@ class CheckpointParams(BaseModel):
     min_fidelity: float | None = None
     seed: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
-    calibration_examples: int = 0
+    calibration_examples: int = 0  # stored with the request
+    calibration_limit: int | None = None  # of them, evaluated on at most
 
 
 class CheckpointPublic(BaseModel):
@@ -228,6 +238,7 @@ class CheckpointPublic(BaseModel):
             seed=p.seed,
             options=dict(p.options),
             calibration_examples=len(p.calibration or ()),
+            calibration_limit=p.calibration_limit,
         )
         return cls(
             id=row.id,
