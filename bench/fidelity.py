@@ -279,6 +279,7 @@ def run_task(
                                     ws,
                                     ft_dir,
                                     calibration(task_name, n_cal, series.evaluation == "accuracy"),
+                                    calibration_limit=n_cal,
                                 )
                                 assert built is not None
                                 evaluators[series.evaluation] = built

@@ -26,7 +26,9 @@ def nps_search(device: str, generations: int) -> dict[str, float]:
     ft = make_finetune(full_recipe(task))
     base = base_model_dir()
     with Workspace(base, ft) as ws:
-        ev = build_evaluator("fidelity", ws, ft, calibration(task, 384, False), device=device)
+        ev = build_evaluator(
+            "fidelity", ws, ft, calibration(task, 384, False), device=device, calibration_limit=384
+        )
     out = {}
     for method in ("nps", "nps-seeded"):
         t = time.perf_counter()

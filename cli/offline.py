@@ -11,6 +11,8 @@ from typing import Any
 
 # core.params imports no torch: `slim --help` and the client verbs start without it
 from core.params import (
+    AUTO_CALIBRATION_LIMIT,
+    DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_KEEP,
     DEFAULT_MIN_FIDELITY,
     DEFAULT_VALUE_BITS,
@@ -72,6 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fitness: fidelity (default with --calibration), accuracy, weights",
     )
     p.add_argument("--calibration", help='JSONL file of {"text": ..., "label": ...} lines')
+    p.add_argument(
+        "--calibration-limit",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"evaluate on at most N calibration lines, a subsample drawn by --seed from a "
+        f"longer file (default {DEFAULT_CALIBRATION_LIMIT}; auto {AUTO_CALIBRATION_LIMIT})",
+    )
     p.add_argument("--generations", type=int, default=None, help="search generations")
     p.add_argument("--subspaces", default=None, help="nps: M (int); nps-seeded: tensor|magnitude")
     p.add_argument(
@@ -101,6 +111,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("delta")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_inspect)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1 (got {value})")
+    return value
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,6 +239,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         options=_method_options(args),
         calibration=tuple(calibration) if calibration else None,
+        calibration_limit=args.calibration_limit,
     )
     result = compress_request(
         args.base_dir,

@@ -44,7 +44,14 @@ from core.evaluate import Evaluator, combined, part_label, relative_fidelity
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
 from core.methods.nps import default_popsize
-from core.params import DEFAULT_MIN_FIDELITY, DEFAULT_SEED, CompressOutcome, Evaluation, Method
+from core.params import (
+    AUTO_CALIBRATION_LIMIT,
+    DEFAULT_MIN_FIDELITY,
+    DEFAULT_SEED,
+    CompressOutcome,
+    Evaluation,
+    Method,
+)
 from core.tensor_codec import ValueSpec
 from core.workspace import Workspace
 
@@ -54,9 +61,6 @@ KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 #: 3-bit values: at 2.5% keep they stored what 4-bit values at 2% did and kept more of the
 #: gain on both benchmark tasks (bench/NOTES.md, third sitting); 3% is the nearby keep step
 BITS = (1, 2, 3, 4, 8, 16)
-#: Calibration examples auto evaluates on at most (the first ones of the file): one
-#: evaluation's cost grows with them; 512 resolve agreement to 0.002.
-MAX_EXAMPLES = 512
 #: Seconds auto may spend judging before it stops trying searched candidates (the DARE
 #: screen always completes; model loading and the final encoding come on top).
 TIME_BUDGET = 180.0
@@ -345,6 +349,7 @@ def auto_compress(
     generations: int = GENERATIONS,
     time_budget: float = TIME_BUDGET,
     evaluator: Evaluator | None = None,
+    calibration_limit: int = AUTO_CALIBRATION_LIMIT,
 ) -> CompressOutcome:
     """Find and write the smallest encoding whose fidelity is ≥ ``min_fidelity``.
 
@@ -352,7 +357,8 @@ def auto_compress(
     for ``accuracy``); the recorded fidelity of what is stored is measured on the examples that
     judged it (see the module docstring). ``keep`` and ``value_bits``, when given, pin that
     dimension of the search. ``options`` may set ``generations`` (of each searched candidate)
-    and ``time_budget`` (seconds).
+    and ``time_budget`` (seconds). At most ``calibration_limit`` examples are evaluated on
+    (a longer file is subsampled by ``seed``: :func:`core.params.calibration_sample`).
 
     Raises:
         InvalidArgument: no model evaluation (auto needs calibration data) or a bad floor.
@@ -376,7 +382,13 @@ def auto_compress(
     t0 = time.perf_counter()
     with Workspace(base_dir, ft_dir) as ws:
         ev = evaluator or build_evaluator(
-            evaluation, ws, ft_dir, calibration, seed=seed, device=device, max_examples=MAX_EXAMPLES
+            evaluation,
+            ws,
+            ft_dir,
+            calibration,
+            seed=seed,
+            device=device,
+            calibration_limit=calibration_limit,
         )
         assert ev is not None
         ws.load_taus()

@@ -34,6 +34,7 @@ from core.frames import zstd_compress
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
 from core.params import (
+    DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_KEEP,
     DEFAULT_SEED,
     DEFAULT_VALUE_BITS,
@@ -43,6 +44,8 @@ from core.params import (
     CompressParams,
     Evaluation,
     Method,
+    calibration_sample,
+    default_calibration_limit,
 )
 from core.reconstruct import RebuildHasher, tensor_pieces
 from core.safetensors_io import tensor_to_bytes
@@ -63,9 +66,13 @@ def build_evaluator(
     device: str | None = None,
     max_length: int = 64,
     batch_size: int = 64,
-    max_examples: int | None = None,
+    calibration_limit: int = DEFAULT_CALIBRATION_LIMIT,
 ) -> ModelEvaluator | None:
-    """The fitness for an evaluation kind (None for ``weights``)."""
+    """The fitness for an evaluation kind (None for ``weights``).
+
+    At most ``calibration_limit`` examples are evaluated on (:func:`calibration_sample`
+    with ``seed`` picks them from a longer file); a quarter of them is held out when there are
+    32 or more."""
     if evaluation not in EVAL_KINDS:
         raise InvalidArgument(f"evaluation must be one of {', '.join(EVAL_KINDS)}")
     if evaluation == Evaluation.WEIGHTS:
@@ -79,8 +86,8 @@ def build_evaluator(
         if isinstance(calibration, list)
         else load_calibration(calibration, need_labels=evaluation == "accuracy")
     )
-    if max_examples is not None:
-        examples = examples[:max_examples]
+    given = len(examples)
+    examples = calibration_sample(examples, calibration_limit, seed)
     rnd = random.Random(seed)
     order = list(range(len(examples)))
     rnd.shuffle(order)
@@ -97,7 +104,16 @@ def build_evaluator(
         device=device,
         max_length=max_length,
         batch_size=batch_size,
+        given=given,
     )
+
+
+def calibration_counts(evaluator: Evaluator | None) -> tuple[int | None, int | None]:
+    """(calibration examples evaluated on, examples given) — None without a model."""
+    if evaluator is None:
+        return None, None
+    used = sum(evaluator.part_size(p) for p in evaluator.parts)
+    return used, getattr(evaluator, "calibration_given", None) or used
 
 
 def compress(
@@ -118,6 +134,7 @@ def compress(
     evaluator: Evaluator | None = None,
     fitted: Fitted | None = None,
     judge_parts: tuple[str, ...] | None = None,
+    calibration_limit: int = DEFAULT_CALIBRATION_LIMIT,
 ) -> CompressOutcome:
     """Compress a fine-tune against its base into a delta file.
 
@@ -142,6 +159,8 @@ def compress(
         judge_parts: the calibration parts the recorded fidelity is measured on (default: the
             ``search`` part); recorded in the document as ``fidelity_part`` with the number of
             examples.
+        calibration_limit: how many calibration examples the evaluation uses at most
+            (a longer file is subsampled by ``seed``, see :func:`build_evaluator`).
 
     Returns:
         A :class:`core.params.CompressOutcome`.
@@ -158,7 +177,13 @@ def compress(
     with Workspace(base_dir, ft_dir) as ws:
         if evaluator is None:
             evaluator = build_evaluator(
-                evaluation, ws, ft_dir, calibration, seed=seed, device=device
+                evaluation,
+                ws,
+                ft_dir,
+                calibration,
+                seed=seed,
+                device=device,
+                calibration_limit=calibration_limit,
             )
         ctx = FitContext(
             keep=keep, value_bits=value_bits, seed=seed, evaluator=evaluator, progress=progress
@@ -192,6 +217,12 @@ def compress(
                 relative_fidelity(evaluation, after, reference) if after and reference else None
             )
             notes = list(fitted.notes) if fitted else []
+            used, given = calibration_counts(evaluator)
+            if used is not None and given is not None and given > used:
+                notes.append(
+                    f"calibration: {used} of the {given} examples given were evaluated on (a "
+                    f"subsample drawn with seed {seed}; `calibration_limit` sets how many)"
+                )
             doc.evaluation = {
                 "kind": evaluation,
                 "reference": reference.metrics if reference else None,
@@ -205,6 +236,8 @@ def compress(
                 "fidelity_examples": sum(evaluator.part_size(p) for p in parts)
                 if evaluator is not None
                 else None,
+                "calibration_used": used,
+                "calibration_given": given,
                 "objective": evaluator.objective if evaluator is not None else None,
                 "search_seconds": search_seconds,
                 "evaluations": ctx.evaluations,
@@ -229,6 +262,8 @@ def compress(
         fidelity=doc.evaluation["fidelity"],
         fidelity_part=doc.evaluation["fidelity_part"],
         fidelity_examples=doc.evaluation["fidelity_examples"],
+        calibration_used=used,
+        calibration_given=given,
         fitness_objective=doc.evaluation["objective"],
         metrics_after=doc.evaluation["after"] or {},
         metrics_removed=doc.evaluation["removed"] or {},
@@ -266,6 +301,7 @@ def compress_request(
         "options": dict(p.options) or None,
         "device": device,
         "progress": progress,
+        "calibration_limit": p.calibration_limit or default_calibration_limit(p.method),
     }
     if p.method == Method.AUTO:
         from core.auto import auto_compress

@@ -154,6 +154,7 @@ class ModelEvaluator:
         device: ``cuda``/``cpu``; default picks ``cuda`` when present.
         max_length: tokens per example.
         batch_size: examples per forward pass.
+        given: how many calibration examples were given before a subsample (default: these).
     """
 
     def __init__(
@@ -168,6 +169,7 @@ class ModelEvaluator:
         device: str | None = None,
         max_length: int = 64,
         batch_size: int = 64,
+        given: int | None = None,
     ) -> None:
         if kind not in ("fidelity", "accuracy"):
             raise EvaluationUnavailable(f"a model evaluator cannot run {kind!r}")
@@ -176,6 +178,7 @@ class ModelEvaluator:
 
         transformers.logging.set_verbosity_error()
         self.kind = kind
+        self.calibration_given = given if given is not None else len(examples) + len(holdout)
         self.device = pick_device(device)
         ft_dir = Path(ft_dir)
         if not (ft_dir / "config.json").is_file():
@@ -202,6 +205,9 @@ class ModelEvaluator:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self._params = self._map_params(plans)
+        #: per tensor, the entries the last sparse candidate changed from the base (absent:
+        #: unknown, the next sparse candidate copies the whole base)
+        self._written: dict[str, torch.Tensor] = {}
         self._base: dict[str, torch.Tensor] = {}
         self._base_stored: dict[str, torch.Tensor] = {}  # unkept entries as rebuilt
         self._dtype: dict[str, torch.dtype] = {}
@@ -252,9 +258,16 @@ class ModelEvaluator:
     def apply_sparse(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
         base = self._base[name]
         flat = self._params[name].view(-1)
-        flat.copy_(self._base_stored[name])
-        if index.numel():
-            idx = index.to(self.device)
+        # back to the base: only the entries the last sparse candidate wrote, when known (a
+        # whole-tensor copy per candidate cost as much as a sixth of an evaluation)
+        before = self._written.pop(name, None)
+        if before is None:
+            flat.copy_(self._base_stored[name])
+        elif before.numel():
+            flat[before] = self._base_stored[name][before]
+        idx = index.to(self.device)
+        self._written[name] = idx
+        if idx.numel():
             new = base[idx] + values.to(self.device, torch.float32)
             if self._dtype[name] != torch.float32:
                 new = new.to(self._dtype[name])  # what reconstruction will store
@@ -381,6 +394,7 @@ class ModelEvaluator:
         if self._dtype[name] != torch.float32:
             value = value.to(self._dtype[name])  # what reconstruction will store
         self._params[name].copy_(value.reshape(self._params[name].shape))
+        self._written.pop(name, None)  # the whole tensor was written
 
     def _score_classifier(self, p: _Part, outs: list[dict[str, torch.Tensor]]) -> Score:
         kl_sum = agree = correct = ll = 0.0

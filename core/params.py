@@ -22,11 +22,14 @@ and the service's schemas take their choices from here without loading it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import random
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
+
+from core.errors import InvalidArgument
 
 
 class Method(StrEnum):
@@ -77,6 +80,14 @@ DEFAULT_VALUE_BITS = 16
 DEFAULT_MIN_FIDELITY = 0.99
 #: Seed of searches and seeded masks.
 DEFAULT_SEED = 0
+#: Calibration examples a search evaluates on at most: a longer file is subsampled
+#: (:func:`calibration_sample`), so a search's cost does not grow with the file. 128 rank
+#: candidates as well as 768 (Spearman ρ ≥ 0.958, ``bench/results/calibration_size.md``) and
+#: are what the fidelity grid searches with; an evaluation's cost grows linearly with them.
+DEFAULT_CALIBRATION_LIMIT = 128
+#: ``auto``'s cap: it judges a fidelity floor on its held-out quarter, not only a ranking, and
+#: 512 examples resolve agreement to 0.002.
+AUTO_CALIBRATION_LIMIT = 512
 #: A merge's method and scale λ.
 DEFAULT_MERGE_METHOD = MergeMethod.TASK_ARITHMETIC
 DEFAULT_LAMBDA = 1.0
@@ -102,6 +113,11 @@ def default_evaluation(*, calibrated: bool) -> Evaluation:
     return Evaluation.FIDELITY if calibrated else Evaluation.WEIGHTS
 
 
+def default_calibration_limit(method: str | None) -> int:
+    """How many calibration examples a compression with ``method`` evaluates on at most."""
+    return AUTO_CALIBRATION_LIMIT if method == Method.AUTO else DEFAULT_CALIBRATION_LIMIT
+
+
 # -- compression parameters ------------------------------------------------------------------
 
 
@@ -111,6 +127,23 @@ class Example:
 
     text: str
     label: int | str | None = None
+
+
+def calibration_sample(examples: Sequence[Example], limit: int, seed: int) -> list[Example]:
+    """The calibration examples a compression evaluates on: every one when there are at most
+    ``limit``, else ``limit`` of them drawn without replacement by ``seed`` (in file order).
+
+    The one subsample rule, for the CLI, the service's worker and ``auto``: the same file,
+    limit and seed give the same examples.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidArgument(
+            f"`calibration_limit` must be a whole number ≥ 1 (got {limit!r}), e.g. 128"
+        )
+    if len(examples) <= limit:
+        return list(examples)
+    picked = random.Random(f"calibration-{seed}").sample(range(len(examples)), limit)
+    return [examples[i] for i in sorted(picked)]
 
 
 @dataclass(frozen=True)
@@ -127,6 +160,9 @@ class CompressParams:
         seed: seed of searches and seeded masks.
         options: extra method options (e.g. ``{"generations": 30}``).
         calibration: the calibration examples, or None.
+        calibration_limit: how many of them are evaluated on at most (None:
+            :func:`default_calibration_limit`); more are subsampled by
+            :func:`calibration_sample`.
     """
 
     method: Method | None = None
@@ -137,6 +173,7 @@ class CompressParams:
     seed: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     calibration: tuple[Example, ...] | None = None
+    calibration_limit: int | None = None
 
     def resolve(self) -> CompressParams:
         """These parameters with every default applied — the one place they are decided.
@@ -146,7 +183,9 @@ class CompressParams:
         - ``evaluation``: ``fidelity`` with calibration examples, else ``weights``;
         - ``keep`` / ``value_bits``: :data:`DEFAULT_KEEP` / :data:`DEFAULT_VALUE_BITS` unless
           given, except that ``auto`` searches them and ``lossless`` records neither;
-        - ``seed``: :data:`DEFAULT_SEED`.
+        - ``seed``: :data:`DEFAULT_SEED`;
+        - ``calibration_limit``: with calibration examples, :func:`default_calibration_limit`
+          of the method.
 
         ``auto``'s floor stays as asked (it is recorded so); :attr:`floor` defaults it.
         Resolving resolved parameters changes nothing, so rows stored by older versions (which
@@ -175,6 +214,9 @@ class CompressParams:
             else default_evaluation(calibrated=calibrated),
             seed=DEFAULT_SEED if self.seed is None else self.seed,
             options=dict(self.options or {}),
+            calibration_limit=default_calibration_limit(method)
+            if self.calibration_limit is None and calibrated
+            else self.calibration_limit,
         )
 
     @property
@@ -194,6 +236,7 @@ class CompressParams:
             "calibration": [{"text": e.text, "label": e.label} for e in self.calibration]
             if self.calibration
             else None,
+            "calibration_limit": self.calibration_limit,
         }
 
     @classmethod
@@ -221,6 +264,7 @@ class CompressParams:
             calibration=tuple(Example(e["text"], e.get("label")) for e in calibration)
             if calibration
             else None,
+            calibration_limit=_int(row.get("calibration_limit")),
         )
 
 
@@ -405,6 +449,8 @@ _FITNESS_KEYS = (
     "fidelity",
     "fidelity_part",
     "fidelity_examples",
+    "calibration_used",
+    "calibration_given",
     "fitness_objective",
     "metrics_after",
     "metrics_reference",
@@ -436,6 +482,9 @@ class CompressOutcome:
     fidelity: float | None  # relative to the fine-tune (1.0 = as good)
     fidelity_part: str | None = None  # the calibration examples it was measured on
     fidelity_examples: int | None = None
+    # calibration examples evaluated on, of how many given (more than the limit: a subsample)
+    calibration_used: int | None = None
+    calibration_given: int | None = None
     fitness_objective: str | None = None  # what fitness_before/after measure (not 0–1)
     metrics_after: dict[str, float] = field(default_factory=dict)
     metrics_removed: dict[str, float] = field(default_factory=dict)
@@ -493,6 +542,8 @@ class CompressOutcome:
             fidelity=_float(fit.get("fidelity")),
             fidelity_part=_str(fit.get("fidelity_part")),
             fidelity_examples=_int(fit.get("fidelity_examples")),
+            calibration_used=_int(fit.get("calibration_used")),
+            calibration_given=_int(fit.get("calibration_given")),
             fitness_objective=_str(fit.get("fitness_objective")),
             metrics_after=dict(fit.get("metrics_after") or {}),
             metrics_removed=dict(fit.get("metrics_removed") or {}),

@@ -129,6 +129,7 @@ def resolve_request(settings: Settings, body: CheckpointCreate) -> CheckpointReq
         seed=body.seed,
         options=body.options,
         calibration=calibration or None,
+        calibration_limit=body.calibration_limit,
     ).resolve()
     method, evaluation = params.method, params.evaluation
     methods = available_methods()

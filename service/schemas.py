@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.methods import REGISTRY
 from core.params import (
+    AUTO_CALIBRATION_LIMIT,
+    DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_KEEP,
     DEFAULT_LAMBDA,
     DEFAULT_MERGE_METHOD,
@@ -192,6 +194,13 @@ class CheckpointCreate(BaseModel):
         "and sha256). When the repository's main revision holds exactly these files with the "
         "same options, the push is a no-op: the answer is that revision's checkpoint (200).",
     )
+    calibration_limit: int | None = Field(
+        None,
+        gt=0,
+        le=1_000_000,
+        description="Evaluate on at most this many calibration examples; more are subsampled "
+        f"by `seed` (default {DEFAULT_CALIBRATION_LIMIT}; auto {AUTO_CALIBRATION_LIMIT}).",
+    )
 
 
 class CheckpointParams(BaseModel):
@@ -201,7 +210,8 @@ class CheckpointParams(BaseModel):
     min_fidelity: float | None = None
     seed: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
-    calibration_examples: int = 0
+    calibration_examples: int = 0  # stored with the request
+    calibration_limit: int | None = None  # of them, evaluated on at most
 
 
 class CheckpointPublic(BaseModel):
@@ -244,6 +254,7 @@ class CheckpointPublic(BaseModel):
             seed=p.seed,
             options=dict(p.options),
             calibration_examples=len(p.calibration or ()),
+            calibration_limit=p.calibration_limit,
         )
         return cls(
             id=row.id,

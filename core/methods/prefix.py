@@ -38,7 +38,8 @@ class PrefixIndex:
         """Index a tensor from its entries' subspace ids and keys. # sid, key: (numel,)"""
         # sort by (sid, key): key order first, then a stable sort by sid
         order = torch.argsort(key, stable=True)
-        order = order[torch.argsort(sid[order].long(), stable=True)]
+        if sid.numel() and bool(sid.min() != sid.max()):  # one subspace: already in order
+            order = order[torch.argsort(sid[order].long(), stable=True)]
         sorted_sid = sid[order].long()
         groups, counts = torch.unique_consecutive(sorted_sid, return_counts=True)
         starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts.cpu(), 0)])

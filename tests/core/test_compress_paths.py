@@ -190,3 +190,67 @@ def test_no_method_and_no_data_is_exact(
     assert default_method(min_fidelity=None, calibrated=False, lossy_asked=True) == "nps"
     assert default_method(min_fidelity=None, calibrated=True, lossy_asked=False) == "nps"
     assert default_method(min_fidelity=0.99, calibrated=True, lossy_asked=False) == "auto"
+
+
+def test_a_long_calibration_file_is_subsampled_alike_offline_and_in_the_worker(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, ft = tiny_models["base"], tiny_models["ft"]
+    lines = tiny_models["calibration"].read_text().splitlines()
+    long = tmp_path / "long.jsonl"
+    rows = [json.loads(lines[i % len(lines)]) for i in range(300)]
+    long.write_text(
+        "".join(json.dumps({**r, "text": f"{r['text']} {i}"}) + "\n" for i, r in enumerate(rows))
+    )
+    args = ["--method", "nps-seeded", "--keep", "0.05", "--generations", "1", "--seed", "3"]
+    assert (
+        main(
+            [
+                "compress",
+                str(base),
+                str(ft),
+                "-o",
+                str(tmp_path / "o.slim"),
+                *args,
+                "--calibration",
+                str(long),
+                "--calibration-limit",
+                "40",
+                "--quiet",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    offline = json.loads(capsys.readouterr().out)
+    params = _service_params(
+        long, min_fidelity=None, seed=3, keep=0.05, calibration_limit=40, options={"generations": 1}
+    )
+    worker = _worker_run("nps-seeded", params, base, ft, tmp_path / "w.slim")
+    for r in (offline, worker.to_dict()):
+        assert (r["calibration_used"], r["calibration_given"]) == (40, 300)
+        assert any("40 of the 300 examples" in n for n in r["notes"])
+    # the same 40 examples: the same search, step for step
+    assert (offline["fitness_before"], offline["fitness_after"], offline["kept"]) == (
+        worker.fitness_before,
+        worker.fitness_after,
+        worker.kept,
+    )
+
+
+def test_the_calibration_limit_is_checked_by_the_cli(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "compress",
+                str(tiny_models["base"]),
+                str(tiny_models["ft"]),
+                "-o",
+                str(tmp_path / "x.slim"),
+                "--calibration-limit",
+                "0",
+            ]
+        )
+    assert exc.value.code == 2

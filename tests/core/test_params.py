@@ -6,7 +6,12 @@ import math
 import subprocess
 import sys
 
+import pytest
+
+from core.errors import InvalidArgument
 from core.params import (
+    AUTO_CALIBRATION_LIMIT,
+    DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_KEEP,
     DEFAULT_MIN_FIDELITY,
     DEFAULT_SEED,
@@ -18,6 +23,7 @@ from core.params import (
     MergeMethod,
     MergeParams,
     Method,
+    calibration_sample,
 )
 
 
@@ -83,7 +89,7 @@ def test_round_trip_and_old_rows() -> None:
         calibration=(Example("x", 1), Example("y", "neg")),
     ).resolve()
     row = p.to_dict()
-    # the stored JSON: the keys and order rows have always had
+    # the stored JSON: the keys and order rows have always had, then the calibration limit
     assert list(row) == [
         "keep",
         "value_bits",
@@ -92,6 +98,7 @@ def test_round_trip_and_old_rows() -> None:
         "seed",
         "options",
         "calibration",
+        "calibration_limit",
     ]
     assert row["calibration"] == [{"text": "x", "label": 1}, {"text": "y", "label": "neg"}]
     assert row["evaluation"] == "accuracy" and type(row["evaluation"]) is str
@@ -168,3 +175,37 @@ def test_outcome_row_round_trip_and_trace() -> None:
     # a checkpoint not stored yet (no columns) reads as empty
     empty = CompressOutcome.from_row({})
     assert empty.method == "" and empty.fidelity is None and empty.search.points == ()
+
+
+def test_calibration_sample_is_seeded_and_capped() -> None:
+    examples = [Example(f"text {i}", i % 2) for i in range(1000)]
+    a = calibration_sample(examples, 128, seed=0)
+    assert len(a) == 128 and len(set(a)) == 128
+    assert a == calibration_sample(examples, 128, seed=0)  # deterministic by seed
+    assert a != calibration_sample(examples, 128, seed=1)
+    positions = [examples.index(e) for e in a]
+    assert positions == sorted(positions)  # in file order
+    assert a[:10] != examples[:10]  # drawn over the whole file, not its head
+    # at or under the limit every example is used, in order: the limit does not bite
+    assert calibration_sample(examples[:128], 128, seed=5) == examples[:128]
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(InvalidArgument, match="calibration_limit"):
+            calibration_sample(examples, bad, seed=0)  # type: ignore[arg-type]
+
+
+def test_calibration_limit_defaults_by_method_and_round_trips() -> None:
+    cal = (Example("a"), Example("b"))
+    assert CompressParams(calibration=cal).resolve().calibration_limit == DEFAULT_CALIBRATION_LIMIT
+    auto = CompressParams(min_fidelity=0.9, calibration=cal).resolve()
+    assert auto.calibration_limit == AUTO_CALIBRATION_LIMIT
+    assert DEFAULT_CALIBRATION_LIMIT == 128  # the fidelity grid's calibration size
+    asked = CompressParams(calibration=cal, calibration_limit=40).resolve()
+    assert asked.calibration_limit == 40
+    row = asked.to_dict()
+    assert row["calibration_limit"] == 40
+    assert CompressParams.from_row(row, method="nps").resolve() == asked
+    # rows from before the limit existed take the default when resolved
+    del row["calibration_limit"]
+    assert CompressParams.from_row(row, method="nps").resolve().calibration_limit == 128
+    # nothing to evaluate on: no limit recorded
+    assert CompressParams(keep=0.05).resolve().calibration_limit is None

@@ -90,16 +90,23 @@ def test_nps_with_fidelity_and_auto(tmp_path: Path, tiny_bert: dict[str, Path]) 
             method="nps",
             keep=0.05,
             calibration=calibration(),
+            calibration_limit=40,
             options={"generations": 3},
         )
         assert ckpt["params"]["evaluation"] == "fidelity"  # the default with calibration
         assert ckpt["params"]["calibration_examples"] == 48
+        assert ckpt["params"]["calibration_limit"] == 40
         job = commit_and_wait(stack.client, ckpt["id"])
         assert job["state"] == "succeeded", job
         assert job["progress"]["generations"] == 3 and job["progress"]["best_fitness"] is not None
         info = stack.client.get(f"/v1/checkpoints/{ckpt['id']}").json()
         assert info["fitness"]["evaluation"] == "fidelity"
         assert info["fitness"]["fidelity"] is not None
+        # a seeded subsample of 40 of the 48 examples sent, as offline
+        assert (info["fitness"]["calibration_used"], info["fitness"]["calibration_given"]) == (
+            40,
+            48,
+        )
         assert isinstance(info["trace"], list) and info["trace"]
         assert info["search_seconds"] is not None
 
@@ -115,6 +122,17 @@ def test_nps_with_fidelity_and_auto(tmp_path: Path, tiny_bert: dict[str, Path]) 
             options={"generations": 2},
         )
         assert auto["method"] == "auto" and auto["params"]["keep"] is None
+        assert auto["params"]["calibration_limit"] == 512  # auto's default
+        bad = stack.client.post(
+            "/v1/checkpoints",
+            json={
+                "name": "bad",
+                "base_id": base["id"],
+                "calibration": calibration(),
+                "calibration_limit": 0,
+            },
+        )
+        assert bad.status_code == 422 and "calibration_limit" in bad.text
         job = commit_and_wait(stack.client, auto["id"])
         assert job["state"] == "succeeded", job
         info = stack.client.get(f"/v1/checkpoints/{auto['id']}").json()
