@@ -24,10 +24,14 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from cli.offline import positive_int
 from core.params import (
+    AUTO_CALIBRATION_LIMIT,
+    DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_KEEP,
     DEFAULT_LAMBDA,
     DEFAULT_MERGE_METHOD,
+    EVAL_KINDS,
     GENERATIONS_METHODS,
     MERGE_METHODS,
     METHODS,
@@ -102,11 +106,19 @@ def register(sub: SubParsers) -> None:
     p.add_argument(
         "--eval",
         dest="evaluation",
-        choices=("fidelity", "accuracy", "weights"),
+        choices=EVAL_KINDS,
         default=None,
         help="fitness (default fidelity with --calibration, else weights)",
     )
     p.add_argument("--calibration", default=None, help='JSONL of {"text": ..., "label": ...}')
+    p.add_argument(
+        "--calibration-limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"evaluate on at most N calibration lines, a subsample drawn by --seed from a "
+        f"longer file (default {DEFAULT_CALIBRATION_LIMIT}; auto {AUTO_CALIBRATION_LIMIT})",
+    )
     p.add_argument("--generations", type=int, default=None, help="search generations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait", action="store_true", help="follow the job until it finishes")
@@ -280,6 +292,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                 value_bits=args.value_bits,
                 evaluation=args.evaluation,
                 calibration=args.calibration,
+                calibration_limit=args.calibration_limit,
                 options=options,
                 seed=args.seed,
                 progress=bar,

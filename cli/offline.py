@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", help='JSONL file of {"text": ..., "label": ...} lines')
     p.add_argument(
         "--calibration-limit",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help=f"evaluate on at most N calibration lines, a subsample drawn by --seed from a "
@@ -113,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_inspect)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

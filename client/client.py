@@ -213,6 +213,7 @@ class SlimClient:
         value_bits: int | None = None,
         evaluation: str | None = None,
         calibration: str | os.PathLike[str] | list[dict[str, Any]] | None = None,
+        calibration_limit: int | None = None,
         options: dict[str, Any] | None = None,
         seed: int = 0,
         progress: Progress | None = None,
@@ -237,6 +238,8 @@ class SlimClient:
                 ``POST /v1/checkpoints`` (without calibration and without a lossy choice the
                 server stores the checkpoint exact).
             calibration: a JSONL file (or list) of ``{"text", "label"}`` examples.
+            calibration_limit: evaluate on at most this many of them (a subsample drawn by
+                ``seed``; default :data:`core.params.DEFAULT_CALIBRATION_LIMIT`).
 
         Raises:
             AlreadyExists: a committed checkpoint of that name holds other files.
@@ -257,6 +260,7 @@ class SlimClient:
             "min_fidelity": min_fidelity,
             "value_bits": value_bits,
             "evaluation": evaluation,
+            "calibration_limit": calibration_limit,
             "options": options,
         }
         body |= {k: v for k, v in optional.items() if v is not None}

@@ -139,3 +139,18 @@ def test_make_run_takes_host_and_port() -> None:
     assert dry("HOST=0.0.0.0", "PORT=9000").endswith("slim serve --host 0.0.0.0 --port 9000")
     assert dry(HOST="laptop.local").endswith("--host 127.0.0.1 --port 8000")  # zsh's $HOST
     assert dry(SLIM_PORT="8123").endswith("--port 8123")
+
+
+def test_push_sends_the_calibration_limit(
+    embedded: Stack, models: Models, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(20)))
+    assert run(embedded, capsys, "base", "push", str(models.base), "--name", "tiny")[0] == 0
+    with pytest.raises(SystemExit) as bad:
+        main(["push", str(models.finetune), "--base", "tiny", "--calibration-limit", "0"])
+    assert bad.value.code == 2 and "must be ≥ 1" in capsys.readouterr().err
+    pushed = run_json(embedded, capsys, "push", str(models.finetune), "--base", "tiny",
+                      "--name", "ft", "--method", "magnitude", "--keep", "0.1",
+                      "--calibration", str(calib), "--calibration-limit", "8")  # fmt: skip
+    assert pushed["checkpoint"]["params"]["calibration_limit"] == 8
