@@ -95,10 +95,10 @@ def test_dashboard_totals_charts_and_live_progress(chromium: Path, tmp_path: Pat
             assert total("stored-deltas") == human_bytes(parts["deltas"])
             assert "checkpoint deltas" in (page.text_content(".stored-tile") or "")
             assert total("bases") == "1" and total("checkpoints") == "5"
-            rows = page.locator("#checkpoints tbody tr")
+            rows = page.locator("#checkpoints .scroll tbody tr")
             assert rows.count() == 5
             assert "auto → " in (rows.nth(2).text_content() or "")
-            table = page.text_content("#checkpoints table") or ""
+            table = page.text_content("#checkpoints .scroll table") or ""
             assert "scaled" in table and "dare" in table and "magnitude-scaled" in table
 
             # Charts: a savings bar pair, a point per compressed checkpoint, a search trace.
