@@ -57,6 +57,8 @@ class _SocketBody:
             while got < len(buffer):
                 n = self._r.readinto(buffer[got:])
                 if not n:
+                    if self._r.length:  # http.client reads a body cut short as its end
+                        raise http.client.IncompleteRead(b"", self._r.length)
                     break
                 got += n
         except (OSError, http.client.HTTPException) as exc:
