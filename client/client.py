@@ -3,9 +3,11 @@ and checkpoints, follows jobs and merges, over one :class:`client.http.Connectio
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -321,15 +323,21 @@ class SlimClient:
         when the delta was written, and their sha256 against the server's listing). Tensors are
         rebuilt on every core; nothing rebuilt is read back.
         """
-        from core.reconstruct import reconstruct  # torch: only for local rebuilds
-
+        # torch (for the rebuild) takes seconds to import: load it while the delta downloads
+        importing = threading.Thread(
+            target=importlib.import_module, args=("core.reconstruct",), daemon=True
+        )
+        importing.start()
+        t0 = time.perf_counter()
         ckpt = self._ready(ref)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        t0 = time.perf_counter()
         report = PullReport(local=True)
         bar = progress or NoProgress()
         base_dir, report.base_bytes = self._cached_base(self.get_base(ckpt.base_id), cache, bar)
         delta, report.delta_bytes = self._cached_delta(ckpt, cache, bar)
+        importing.join()
+        from core.reconstruct import reconstruct  # raises here if the import failed
+
         bar.start(f"rebuilding {ckpt.name}", 0)
         digests: dict[str, str] = {}
         try:
