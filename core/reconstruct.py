@@ -371,6 +371,8 @@ def expected_sha256(file: FileEntry, scale: float) -> str | None:
 
 #: Bytes of rebuilt tensors an offline rebuild holds ahead of the one being written.
 AHEAD_BYTES = 256 << 20
+#: ... and at most this many tensors (norms and biases are small tasks).
+AHEAD_TENSORS = 64
 
 
 def default_workers() -> int:
@@ -499,7 +501,7 @@ class _Rebuilders:
                 for entry, _, nbytes in todo:  # whole tensors: (entry, 0, its size)
                     pending.append((self._pool.submit(self._tensor, entry, scale), nbytes))
                     ahead += nbytes
-                    if ahead >= AHEAD_BYTES or len(pending) >= 4 * workers:
+                    if ahead >= AHEAD_BYTES or len(pending) >= AHEAD_TENSORS:
                         break
                 if not pending:
                     return
