@@ -602,10 +602,13 @@ def write(result: dict[str, Any], out: Path, stem: str = "throughput") -> None:
         f"Machine: {result['machine']}",
         "",
         "Ceilings measured in the same run: " + ", ".join(f"{k} {v:.2f}" for k, v in c.items()),
-        "",
-        "| params | weights GB | ingest MB/s, curl / SDK | lossless ratio | zipnn | zipnn delta | compress lossless s | compress magnitude s | nps (weights) s | reconstruct HTTP GB/s, curl (lossless / magnitude) | same, httpx client | pull --local GB/s (lossless / magnitude) | RSS API MB (idle) | RSS worker MB | limit MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if any("compress" in r for r in result["sizes"]):
+        md += [
+            "",
+            "| params | weights GB | ingest MB/s, curl / SDK | lossless ratio | zipnn | zipnn delta | compress lossless s | compress magnitude s | nps (weights) s | reconstruct HTTP GB/s, curl (lossless / magnitude) | same, httpx client | pull --local GB/s (lossless / magnitude) | RSS API MB (idle) | RSS worker MB | limit MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in result["sizes"]:
         if "compress" not in r:
             continue
@@ -620,6 +623,9 @@ def write(result: dict[str, Any], out: Path, stem: str = "throughput") -> None:
             f"{r['rss_api_mb']:.0f} ({r.get('rss_api_idle_mb', float('nan')):.0f}) | "
             f"{r['rss_worker_mb']:.0f} | {r['rss_limit_mb']:.0f} |"
         )
+    if not any("pull" in r for r in result["sizes"]):
+        (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+        return
     md += [
         "",
         "Pulls to disk, MB/s (medians of the modes taking turns; ratios from the same run):",
