@@ -12,13 +12,21 @@ against the base: the delta mode its paper describes — the package's own delta
 downloads and each method's compression have their own peak; the RSS goal covers upload,
 non-NPS compression and reconstruction.
 
-Run: ``python -m bench throughput [--params 5e8 2e9] [--repeat 3]``.
-Outputs ``bench/results/throughput.{json,md}``.
+The pull comparison (:func:`pull_phase`) reads each checkpoint the ways a user can, side by
+side: ``curl -o /dev/null``, ``curl -o file``, ``slim pull`` (the SDK, to disk, hashed) and
+``slim pull --local`` with the base cached, beside the host's ceilings (memcpy, file read,
+sha256 / xxh3 / zstd decompress per thread, loopback curl of a static file sent by
+``sendfile``).
+
+Run: ``python -m bench throughput [--params 5e8 2e9] [--repeat 3]``, or only the pulls:
+``python -m bench throughput --params 2e8 --pull-only`` (a few minutes on 2 cores).
+Outputs ``bench/results/throughput.{json,md}`` (``throughput-pull.*`` with ``--pull-only``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -49,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", default=None, help="fixture cache (default bench/cache/llm)")
     p.add_argument("--skip-zipnn", action="store_true")
+    p.add_argument(
+        "--pull-only",
+        action="store_true",
+        help="only compare curl, slim pull and pull --local (lossless and magnitude)",
+    )
     p.add_argument("--out", default=str(RESULTS))
 
 
@@ -90,7 +103,74 @@ def ceilings(sample: Path, repeat: int) -> dict[str, float]:
     read_all()  # warm the page cache
     t, _ = timed(read_all, repeat)
     out["file_read_gbps"] = size / t / 1e9
+    import xxhash
+    import zstandard
+
+    t, _ = timed(lambda: xxhash.xxh3_128(data).digest(), repeat)
+    out["xxh3_gbps"] = len(data) / t / 1e9
+    with open(sample, "rb") as f:  # bf16 weights: what a delta's frames hold
+        f.seek(min(size // 2, max(size - (64 << 20), 0)))
+        weights = f.read(64 << 20)
+    frame = zstandard.ZstdCompressor(level=3).compress(weights)
+    t, _ = timed(lambda: zstandard.ZstdDecompressor().decompress(frame), repeat)
+    out["zstd_decompress_gbps"] = len(weights) / t / 1e9
+    with StaticServer(sample) as url:
+        for name, dest in (("curl_null_gbps", "/dev/null"), ("curl_file_gbps", None)):
+            with tempfile.TemporaryDirectory(dir=sample.parent) as tmp:
+                target = dest or str(Path(tmp) / "out")
+                t, n = timed(functools.partial(curl_get, url, target), repeat)
+            out[f"loopback_{name}"] = n / t / 1e9
     return out
+
+
+def curl_get(url: str, target: str, *headers: str) -> int:
+    """GET ``url`` with curl into ``target`` (a file or /dev/null); the bytes received."""
+    args = [a for h in headers for a in ("-H", h)]
+    done = subprocess.run(
+        ["curl", "-sfS", "-o", target, "-w", "%{size_download}", *args, url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(done.stdout)
+
+
+class StaticServer:
+    """A loopback HTTP server answering every GET with one file, sent by ``sendfile``: what
+    curl reads here when the server costs nothing (the ceiling of a download)."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+        import threading
+
+        self.path = path
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/file"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+    def _serve(self) -> None:
+        size = self.path.stat().st_size
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request and (got := conn.recv(65536)):
+                    request += got
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                    b"Connection: close\r\nContent-Length: %d\r\n\r\n" % size
+                )
+                with open(self.path, "rb") as f:
+                    conn.sendfile(f)
 
 
 def rss_mb(pid: int, field: str = "VmHWM") -> float:
@@ -271,6 +351,97 @@ def local_pull(stack: Stack, ckpt: str, base: Path, out: Path) -> int:
     return n
 
 
+PULL_MODES = ("curl_null", "curl_file", "sdk_pull", "sdk_pull_local")
+
+
+def pull_phase(stack: Stack, name: str, ckpt: str, tmp: Path, repeat: int) -> dict[str, Any]:
+    """What a user gets, side by side: the checkpoint's files read by ``curl -o /dev/null``
+    (what the server sends), ``curl -o file``, ``SlimClient.pull`` (to disk, each file's
+    sha256 checked against its ETag) and ``SlimClient.pull_local`` with the base already
+    cached (only the delta crosses the socket; it is fetched again each time). The modes take
+    turns ``repeat`` times; medians in MB/s, and each ratio against ``curl -o file`` and
+    ``slim pull`` of the same run."""
+    from client import SlimClient
+
+    files = [f["path"] for f in stack.client.get(f"/v1/checkpoints/{ckpt}/files").json()["data"]]
+    out, cache = tmp / f"pulled-{name}", tmp / "client-cache"
+    rates: dict[str, list[float]] = {m: [] for m in PULL_MODES}
+    auth = f"Authorization: Bearer {KEY}"
+    with SlimClient(stack.url, KEY) as client:
+        client.pull_local(name, out, cache_dir=cache)  # caches the base (not timed)
+        for _ in range(repeat):
+            for mode in PULL_MODES:
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(cache / "deltas", ignore_errors=True)
+                out.mkdir(parents=True)
+                t = time.perf_counter()
+                if mode.startswith("curl"):
+                    n = sum(
+                        curl_get(
+                            f"{stack.url}/v1/checkpoints/{ckpt}/files/{f}",
+                            "/dev/null" if mode == "curl_null" else str(out / f.replace("/", "_")),
+                            auth,
+                        )
+                        for f in files
+                    )
+                elif mode == "sdk_pull":
+                    n = client.pull(name, out).bytes_received
+                else:
+                    n = sum(f.size for f in client.pull_local(name, out, cache_dir=cache).files)
+                rates[mode].append(n / (time.perf_counter() - t) / 1e6)
+    shutil.rmtree(out, ignore_errors=True)
+    med = {m: statistics.median(v) for m, v in rates.items()}
+    return {
+        "mbps": med,
+        "runs_mbps": rates,
+        "pull_vs_curl_file": med["sdk_pull"] / med["curl_file"],
+        "pull_local_vs_pull": med["sdk_pull_local"] / med["sdk_pull"],
+        "curl_file_vs_null": med["curl_file"] / med["curl_null"],
+    }
+
+
+def pull_only(
+    params: float, args: argparse.Namespace, fixtures: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Only the pull comparison: the base and one ``lossless`` and one ``magnitude`` (1%,
+    16-bit values: a sparse delta) checkpoint, then :func:`pull_phase` for each."""
+    base, ft, shape = build(fixtures, params)
+    weights = sum(p.stat().st_size for p in ft.glob("*.safetensors"))
+    row: dict[str, Any] = {"params": shape.num_params, "weight_bytes": weights, "pull": {}}
+    log(f"[{params:.0e}] {shape.num_params / 1e9:.2f} B params, {weights / 1e9:.2f} GB bf16")
+    with tempfile.TemporaryDirectory(dir=fixtures) as tmp:
+        stack = Stack(Path(tmp) / "data")
+        try:
+            b = stack.post("/v1/bases", json={"name": "base"})["id"]
+            stack.put_dir("bases", b, base)
+            stack.post(f"/v1/bases/{b}/commit")
+            for method in ("lossless", "magnitude"):
+                c = stack.post(
+                    "/v1/checkpoints",
+                    json={"name": method, "base_id": b, "method": method, "keep": 0.01,
+                          "value_bits": 16},
+                )["id"]  # fmt: skip
+                stack.put_dir("checkpoints", c, ft)
+                job = stack.wait_job(stack.post(f"/v1/checkpoints/{c}/commit")["id"])
+                if job["state"] != "succeeded":
+                    raise RuntimeError(f"{method} job failed: {job}")
+                row["pull"][method] = pull_phase(stack, method, c, Path(tmp), args.repeat)
+                log(pull_line(method, row["pull"][method]))
+        finally:
+            stack.close()
+    return row
+
+
+def pull_line(method: str, r: dict[str, Any]) -> str:
+    m = r["mbps"]
+    return (
+        f"  pull {method}: MB/s curl -o /dev/null {m['curl_null']:.0f}, curl -o file "
+        f"{m['curl_file']:.0f}, slim pull {m['sdk_pull']:.0f} "
+        f"({r['pull_vs_curl_file']:.2f} of curl -o file), pull --local {m['sdk_pull_local']:.0f} "
+        f"({r['pull_local_vs_pull']:.2f} of slim pull)"
+    )
+
+
 def run_size(
     params: float, args: argparse.Namespace, fixtures: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -366,6 +537,10 @@ def run_size(
                         n = local_pull(stack, jobs[-1], base, Path(tmp) / "pull")
                         local.append(n / (time.perf_counter() - t) / 1e9)
                     compress[method]["pull_local_gbps"] = statistics.median(local)
+                    row.setdefault("pull", {})[method] = pull_phase(
+                        stack, f"{method}-{len(jobs) - 1}", jobs[-1], Path(tmp), args.repeat
+                    )
+                    log(pull_line(method, row["pull"][method]))
             row["ingest_mbps"] = weights / statistics.median(ingest) / 1e6
             if ingest_sdk:
                 row["ingest_sdk_mbps"] = weights / statistics.median(ingest_sdk) / 1e6
@@ -411,13 +586,14 @@ def main(args: argparse.Namespace) -> int:
     }
     log(f"ceilings: {json.dumps({k: round(v, 2) for k, v in result['ceilings'].items()})}")
     for p in args.params:
-        result["sizes"].append(run_size(p, args, fixtures, log))
-        write(result, out)
+        measure = pull_only if args.pull_only else run_size
+        result["sizes"].append(measure(p, args, fixtures, log))
+        write(result, out, "throughput-pull" if args.pull_only else "throughput")
     return 0
 
 
-def write(result: dict[str, Any], out: Path) -> None:
-    (out / "throughput.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+def write(result: dict[str, Any], out: Path, stem: str = "throughput") -> None:
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     c = result["ceilings"]
     md = [
         "# Throughput benchmark",
@@ -426,11 +602,16 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"Machine: {result['machine']}",
         "",
         "Ceilings measured in the same run: " + ", ".join(f"{k} {v:.2f}" for k, v in c.items()),
-        "",
-        "| params | weights GB | ingest MB/s, curl / SDK | lossless ratio | zipnn | zipnn delta | compress lossless s | compress magnitude s | nps (weights) s | reconstruct HTTP GB/s, curl (lossless / magnitude) | same, httpx client | pull --local GB/s (lossless / magnitude) | RSS API MB (idle) | RSS worker MB | limit MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if any("compress" in r for r in result["sizes"]):
+        md += [
+            "",
+            "| params | weights GB | ingest MB/s, curl / SDK | lossless ratio | zipnn | zipnn delta | compress lossless s | compress magnitude s | nps (weights) s | reconstruct HTTP GB/s, curl (lossless / magnitude) | same, httpx client | pull --local GB/s (lossless / magnitude) | RSS API MB (idle) | RSS worker MB | limit MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in result["sizes"]:
+        if "compress" not in r:
+            continue
         comp = r["compress"]
         md.append(
             f"| {r['params'] / 1e9:.2f} B | {r['weight_bytes'] / 1e9:.2f} | {r['ingest_mbps']:.0f} / {r.get('ingest_sdk_mbps', float('nan')):.0f} | "
@@ -442,4 +623,23 @@ def write(result: dict[str, Any], out: Path) -> None:
             f"{r['rss_api_mb']:.0f} ({r.get('rss_api_idle_mb', float('nan')):.0f}) | "
             f"{r['rss_worker_mb']:.0f} | {r['rss_limit_mb']:.0f} |"
         )
-    (out / "throughput.md").write_text("\n".join(md) + "\n")
+    if not any("pull" in r for r in result["sizes"]):
+        (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+        return
+    md += [
+        "",
+        "Pulls to disk, MB/s (medians of the modes taking turns; ratios from the same run):",
+        "",
+        "| params | delta | curl -o /dev/null | curl -o file | slim pull | pull / curl -o file "
+        "| pull --local (base cached) | pull --local / pull |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["sizes"]:
+        for method, x in r.get("pull", {}).items():
+            m = x["mbps"]
+            md.append(
+                f"| {r['params'] / 1e9:.2f} B | {method} | {m['curl_null']:.0f} | "
+                f"{m['curl_file']:.0f} | {m['sdk_pull']:.0f} | {x['pull_vs_curl_file']:.2f} | "
+                f"{m['sdk_pull_local']:.0f} | {x['pull_local_vs_pull']:.2f} |"
+            )
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")

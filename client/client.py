@@ -3,9 +3,11 @@ and checkpoints, follows jobs and merges, over one :class:`client.http.Connectio
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -366,27 +368,43 @@ class SlimClient:
         The base is downloaded once into ``<cache>/bases/<manifest sha256>/`` (each file
         verified by sha256) and reused by every later pull of any checkpoint of that base; the
         delta is kept under ``<cache>/deltas/<sha256>.slim``. The rebuilt files are the same
-        bytes a server-side pull gives (at scale 1 each is checked against the sha256 recorded
-        when the delta was written).
+        bytes a server-side pull gives (at scale 1 each is checked against the digests recorded
+        when the delta was written, and their sha256 against the server's listing). Tensors are
+        rebuilt on every core; nothing rebuilt is read back.
         """
-        from core.reconstruct import reconstruct  # torch: only for local rebuilds
-
+        # torch (for the rebuild) takes seconds to import: load it while the delta downloads
+        importing = threading.Thread(
+            target=importlib.import_module, args=("core.reconstruct",), daemon=True
+        )
+        importing.start()
+        t0 = time.perf_counter()
         ckpt = self._ready(ref, revision)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        t0 = time.perf_counter()
         report = PullReport(local=True)
         bar = progress or NoProgress()
         base_dir, report.base_bytes = self._cached_base(self.get_base(ckpt.base_id), cache, bar)
         delta, report.delta_bytes = self._cached_delta(ckpt, cache, bar)
+        importing.join()
+        from core.reconstruct import reconstruct  # raises here if the import failed
+
         bar.start(f"rebuilding {ckpt.name}", 0)
+        digests: dict[str, str] = {}
         try:
-            written = reconstruct(base_dir, delta, out_dir, scale=scale)
+            written = reconstruct(base_dir, delta, out_dir, scale=scale, digests=digests)
         finally:
             bar.finish()
         out = Path(out_dir)
+        listed = {f.path: f.pull_sha256 for f in self.checkpoint_files(ckpt.id)}
         for path in written:
             rel = path.relative_to(out).as_posix()
-            report.files.append(PulledFile(rel, path.stat().st_size, sha256_file(path)))
+            digest = digests[rel]
+            if scale == 1.0 and listed.get(rel, digest) != digest:
+                path.unlink()
+                raise IntegrityError(
+                    f"{rel} rebuilt here has sha256 {digest}, the server records "
+                    f"{listed[rel]}; the cached delta is not this checkpoint's — pull again"
+                )
+            report.files.append(PulledFile(rel, path.stat().st_size, digest))
         report.bytes_received = report.base_bytes + report.delta_bytes
         report.seconds = time.perf_counter() - t0
         return report

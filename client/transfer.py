@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from client.errors import BadRequest, IntegrityError, ServerError
 from client.files import INCOMPLETE
-from client.http import Connection
+from client.http import Body, Connection
 from client.models import FileInfo, NoProgress, Progress, PulledFile, PushReport, build
 from core.files import CHUNK_SIZE, manifest_sha256, sha256_file
 
@@ -34,6 +34,10 @@ __all__ = [
     "sha256_file",
     "upload",
 ]
+
+
+#: Buffers of :data:`CHUNK_SIZE` bytes in flight in a download (read, written, hashed).
+BUFFERS = 4
 
 
 def quote_path(path: str) -> str:
@@ -100,6 +104,64 @@ def upload(
     return report
 
 
+class _Hasher:
+    """Hashes buffers in a thread of its own, so the sha256 (~1.3 GB/s on one core) runs while
+    the next buffer is read and written instead of after; hands each buffer back when done."""
+
+    def __init__(self, h: Any, buffers: int, size: int) -> None:
+        self._h = h
+        self._todo: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+        self.free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for _ in range(buffers):
+            self.free.put(memoryview(bytearray(size)))
+        self._thread = threading.Thread(target=self._run, name="slim-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            view, n = item
+            self._h.update(view[:n])
+            self.free.put(view)
+
+    def hash(self, view: memoryview, n: int) -> None:
+        """Hash the first ``n`` bytes of ``view``, then hand it back through :attr:`free`."""
+        self._todo.put((view, n))
+
+    def close(self) -> None:
+        """Wait until every buffer handed over is hashed."""
+        self._todo.put(None)
+        self._thread.join()
+
+
+def receive(body: Body, part: Path, h: Any, *, append: bool, progress: Progress) -> None:
+    """Write ``body`` to ``part`` (appended, or from scratch) and hash it into ``h``.
+
+    The body is read straight into a few reused buffers of :data:`CHUNK_SIZE` bytes; each is
+    written with ``os.write`` and hashed in a second thread while the next one is read. What
+    reached the file is always a prefix of the body, so an interrupted transfer resumes from
+    the file's size.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(part, flags | getattr(os, "O_BINARY", 0), 0o666)
+    hasher = _Hasher(h, BUFFERS, CHUNK_SIZE)
+    try:
+        while True:
+            view = hasher.free.get()
+            n = body.readinto(view)
+            if not n:
+                break
+            chunk = view[:n]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
+            hasher.hash(view, n)
+            progress.advance(n)
+            if n < len(view):
+                break
+    finally:
+        hasher.close()
+        os.close(fd)
+
+
 def download(
     conn: Connection,
     url: str,
@@ -137,37 +199,30 @@ def download(
             headers["Range"] = f"bytes={offset}-"
             if sha256 is not None:
                 headers["If-Range"] = f'"{sha256}"'
-        try:
-            with conn.stream("GET", url, headers=headers, params=params) as r:
-                if r.status_code == 416 and offset and _retry:  # the file is shorter now
-                    part.unlink(missing_ok=True)
-                    return download(
-                        conn, url, target, rel=rel, size=size, sha256=sha256, params=params,
-                        progress=progress, _retry=False,
-                    )  # fmt: skip
-                if r.status_code >= 400:
-                    raise conn.error(r)
-                if r.status_code == 206 and not r.headers.get("content-range", "").startswith(
-                    f"bytes {offset}-"
-                ):
-                    raise ServerError(
-                        f"asked for {rel} from byte {offset}, the server answered "
-                        f"{r.headers.get('content-range')!r}; pull again"
-                    )
-                if r.status_code == 200 and offset:
-                    progress.advance(-offset)
-                    offset = resumed_from = 0  # the server sent it whole
-                    h = hashlib.sha256()
-                elif offset:
-                    progress.advance(offset)
-                etag = (r.headers.get("etag") or "").strip('"') or sha256
-                with part.open("ab" if offset else "wb") as out:
-                    for chunk in r.iter_bytes(CHUNK_SIZE):
-                        out.write(chunk)
-                        h.update(chunk)
-                        progress.advance(len(chunk))
-        except httpx.TransportError as exc:
-            raise conn.unreachable(exc) from exc
+        with conn.body(url, headers=headers, params=params) as r:
+            if r.status_code == 416 and offset and _retry:  # the file is shorter now
+                part.unlink(missing_ok=True)
+                return download(
+                    conn, url, target, rel=rel, size=size, sha256=sha256, params=params,
+                    progress=progress, _retry=False,
+                )  # fmt: skip
+            if r.status_code >= 400:
+                raise conn.error(r)
+            if r.status_code == 206 and not r.headers.get("content-range", "").startswith(
+                f"bytes {offset}-"
+            ):
+                raise ServerError(
+                    f"asked for {rel} from byte {offset}, the server answered "
+                    f"{r.headers.get('content-range')!r}; pull again"
+                )
+            if r.status_code == 200 and offset:
+                progress.advance(-offset)
+                offset = resumed_from = 0  # the server sent it whole
+                h = hashlib.sha256()
+            elif offset:
+                progress.advance(offset)
+            etag = (r.headers.get("etag") or "").strip('"') or sha256
+            receive(r, part, h, append=bool(offset), progress=progress)
     else:
         progress.advance(offset)
     got_size = part.stat().st_size

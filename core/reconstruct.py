@@ -16,7 +16,9 @@ import hashlib
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
@@ -367,24 +369,41 @@ def expected_sha256(file: FileEntry, scale: float) -> str | None:
     return file.sha256 if file.role == "aux" else file.recon_sha256
 
 
+#: Bytes of rebuilt tensors an offline rebuild holds ahead of the one being written.
+AHEAD_BYTES = 256 << 20
+#: ... and at most this many tensors (norms and biases are small tasks).
+AHEAD_TENSORS = 64
+
+
+def default_workers() -> int:
+    """Threads an offline rebuild uses: one per core, at most 4."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 def reconstruct(
     base_dir: str | os.PathLike[str],
     delta_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
     scale: float = 1.0,
+    workers: int | None = None,
+    digests: dict[str, str] | None = None,
 ) -> list[Path]:
     """Rebuild the fine-tune's directory from a base and a delta.
 
     Each file is written to ``<name>.incomplete``, checked against its recorded digest (at
     scale 1: xxh3-128 where recorded, else sha256) and moved into place; a mismatch raises
-    and leaves no file at the final name.
+    and leaves no file at the final name. Tensors are rebuilt by ``workers`` threads, several
+    at once (up to :data:`AHEAD_BYTES` ahead), and written and checked in file order.
 
     Args:
         base_dir: directory of the base model the delta was made from.
         delta_path: the delta file.
         out_dir: where to write; created if missing.
         scale: λ of θ_pre + λ·δ (1.0 rebuilds the compressed fine-tune).
+        workers: threads rebuilding tensors (default :func:`default_workers`).
+        digests: filled with each written file's sha256 by its path: the recorded one where
+            the file was checked against the delta's record, else hashed while writing.
 
     Returns:
         Paths of the written files.
@@ -393,19 +412,29 @@ def reconstruct(
         BaseMismatch, InvalidDelta, UnsupportedFormatVersion, IntegrityError.
     """
     out = Path(out_dir)
+    workers = workers or default_workers()
     base = CheckpointDir.open(base_dir)
     written: list[Path] = []
-    with DeltaReader(delta_path) as reader, base:
+    with DeltaReader(delta_path) as reader, base, _Rebuilders(base_dir, delta_path) as pool:
         check_base(reader, base)
         for file in reader.doc.files:
             target = out / check_path(file.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".incomplete")
             check = rebuild_check(file, scale)
+            sha = hashlib.sha256() if digests is not None and check is None else None
+            if file.role == "aux" or workers == 1:
+                chunks = iter_file(reader, base, file, scale)
+            else:
+                raw_header, header = weight_header(reader, file)
+                parts = weight_parts(reader, file, header)
+                chunks = chain((raw_header,), pool.rebuilt(parts, scale, workers))
             with open(tmp, "wb") as f:
-                for chunk in iter_file(reader, base, file, scale):
+                for chunk in chunks:
                     if check is not None:
                         check.update(chunk)
+                    if sha is not None:
+                        sha.update(chunk)
                     f.write(chunk)
             if check is not None and not check.ok():
                 tmp.unlink()
@@ -416,7 +445,75 @@ def reconstruct(
                 )
             os.replace(tmp, target)
             written.append(target)
+            if digests is not None:
+                recorded = expected_sha256(file, scale) if check is not None else None
+                digests[file.path] = recorded or (sha.hexdigest() if sha is not None else "")
     return written
+
+
+class _Rebuilders:
+    """Threads rebuilding whole tensors, each with its own delta reader and base (their file
+    handles seek), for :func:`reconstruct`."""
+
+    def __init__(
+        self, base_dir: str | os.PathLike[str], delta_path: str | os.PathLike[str]
+    ) -> None:
+        self._base_dir, self._delta_path = base_dir, delta_path
+        self._local = threading.local()
+        self._opened: list[tuple[DeltaReader, CheckpointDir]] = []
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> _Rebuilders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for reader, base in self._opened:
+            reader.close()
+            base.close()
+
+    def _tensor(self, entry: TensorEntry, scale: float) -> list[bytes | memoryview]:
+        opened = getattr(self._local, "opened", None)
+        if opened is None:
+            opened = self._local.opened = (
+                DeltaReader(self._delta_path),
+                CheckpointDir.open(self._base_dir),
+            )
+            with self._lock:
+                self._opened.append(opened)
+        reader, base = opened
+        return list(tensor_pieces(entry, reader, base, scale))
+
+    def rebuilt(
+        self, parts: Sequence[tuple[TensorEntry, int, int]], scale: float, workers: int
+    ) -> Iterator[bytes | memoryview]:
+        """The bytes of each whole tensor of ``parts``, in order, rebuilt by ``workers``
+        threads while fewer than :data:`AHEAD_BYTES` wait to be taken (at least one tensor)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="slim-rebuild")
+        pending: deque[tuple[Future[list[bytes | memoryview]], int]] = deque()
+        ahead = 0
+        todo = iter(parts)
+        try:
+            while True:
+                for entry, _, nbytes in todo:  # whole tensors: (entry, 0, its size)
+                    pending.append((self._pool.submit(self._tensor, entry, scale), nbytes))
+                    ahead += nbytes
+                    if ahead >= AHEAD_BYTES or len(pending) >= AHEAD_TENSORS:
+                        break
+                if not pending:
+                    return
+                future, nbytes = pending.popleft()
+                yield from future.result()
+                ahead -= nbytes
+        finally:
+            for future, _ in pending:
+                future.cancel()
+            for future, _ in pending:
+                if not future.cancelled():
+                    future.exception()  # wait: its reader and base close after it
 
 
 def check_base(reader: DeltaReader, base: CheckpointDir) -> None:

@@ -230,3 +230,35 @@ def test_large_frames_are_checked_by_their_xxh3(tmp_path: Path) -> None:
         tmp_path / "ft" / "model.safetensors"
     )
     assert out
+
+
+@pytest.mark.parametrize("method", ["lossless", "magnitude"])
+@pytest.mark.parametrize("shards", [1, 3])
+def test_parallel_rebuild_writes_the_same_bytes_and_reports_digests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, shards: int
+) -> None:
+    import core.reconstruct as rec_mod
+
+    base, ft, _, _ = make_pair(tmp_path, dtype=torch.bfloat16, shards=shards)
+    compress(base, ft, tmp_path / "d.slim", method=method, keep=0.1)
+    reconstruct(base, tmp_path / "d.slim", tmp_path / "one", workers=1)
+    monkeypatch.setattr(rec_mod, "AHEAD_BYTES", 1)  # one tensor ahead at a time
+    for workers in (2, 4):
+        digests: dict[str, str] = {}
+        out = tmp_path / f"w{workers}"
+        reconstruct(base, tmp_path / "d.slim", out, workers=workers, digests=digests)
+        assert _files(out) == _files(tmp_path / "one")
+        assert digests == _files(out)  # the recorded sha256 is the written file's
+    half: dict[str, str] = {}
+    reconstruct(base, tmp_path / "d.slim", tmp_path / "half", scale=0.5, digests=half)
+    assert half == _files(tmp_path / "half")  # nothing recorded: hashed while writing
+
+
+def test_parallel_rebuild_of_a_wrong_base_fails_and_keeps_nothing(tmp_path: Path) -> None:
+    base, ft, _, _ = make_pair(tmp_path, dtype=torch.bfloat16)
+    compress(base, ft, tmp_path / "d.slim", method="lossless")
+    other, _, _, _ = make_pair(tmp_path / "other", dtype=torch.bfloat16, seed=1)
+    with pytest.raises(IntegrityError):
+        reconstruct(other, tmp_path / "d.slim", tmp_path / "out", workers=2)
+    left = [p.name for p in (tmp_path / "out").rglob("*")]
+    assert not [n for n in left if n.endswith((".safetensors", ".incomplete"))]
