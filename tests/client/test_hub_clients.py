@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from service import hub
 from tests.client.helpers import REPO, slim
 from tests.conftest import Models, Stack
 from tests.infra import TEST_ADMIN_KEY, commit_and_wait, make_base, push_dir
@@ -72,7 +73,10 @@ def digests(directory: Path) -> dict[str, str]:
     }
 
 
-def test_huggingface_hub_reads_slimstore(embedded: Stack, models: Models, tmp_path: Path) -> None:
+def test_huggingface_hub_reads_slimstore(
+    embedded: Stack, models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub, "PAGE_SIZE", 1)  # every listing takes several Link-ed pages
     c = embedded.client
     base = make_base(c, models.base, name="tiny-base")
     one = push(embedded, base["id"], models.finetune, "ft")

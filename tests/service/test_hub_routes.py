@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.client.helpers import counter
 from tests.conftest import Models, Stack
 from tests.infra import commit_and_wait, make_base, push_dir
 
@@ -114,6 +115,31 @@ def test_hub_routes_describe_and_serve_revisions(embedded: Stack, models: Models
     vocab = (models.base / "tokenizer/vocab.txt").read_bytes()
     got = c.get(f"/default/{base['name']}/resolve/main/tokenizer/vocab.txt")
     assert got.content == vocab and got.headers["etag"] == f'"{_sha(vocab)}"'
+
+    # a ref with a slash, sent as the clients send it (%2F), in every route that takes one
+    from storage import revisions
+    from storage.db import begin_write
+
+    with embedded.runtime.sessions() as session:
+        begin_write(session)
+        repo = revisions.get_repo(session, name="ft")
+        revisions.move_ref(session, repo, "release/v1", one["commit_id"])
+        session.commit()
+    slashed = "release%2Fv1"
+    assert c.get(f"/api/models/ft/revision/{slashed}").json()["sha"] == one["commit_id"]
+    r = c.get(f"/default/ft/resolve/{slashed}/model.safetensors")
+    assert r.headers["x-repo-commit"] == one["commit_id"] and r.content == weights
+    r = c.get(f"/api/models/default/ft/tree/{slashed}/tokenizer")
+    assert r.headers["x-repo-commit"] == one["commit_id"]
+    assert [e["path"] for e in r.json()] == ["tokenizer/vocab.txt"]
+    branches = {
+        b["name"]: b["targetCommit"] for b in c.get("/api/models/ft/refs").json()["branches"]
+    }
+    assert branches == {"main": two["commit_id"], "release/v1": one["commit_id"]}
+
+    # counted under the route templates like every other route
+    route = "/{namespace}/{name}/resolve/{rev}/{path:path}"
+    assert counter(c, "GET", route, 200) >= 3 and counter(c, "HEAD", route, 200) >= 1
 
     # errors in the Hub's shape
     _hub_error(c.get("/api/models/default/nope"), 404, "RepoNotFound")
