@@ -39,11 +39,11 @@ def _hub_error(r: httpx.Response, status: int, code: str | None) -> None:
         assert r.json()["error"]
 
 
-def test_hub_routes_describe_and_serve_revisions(embedded: Stack, models: Models) -> None:
-    c = embedded.client
+def test_hub_routes_describe_and_serve_revisions(stack: Stack, models: Models) -> None:
+    c = stack.client
     base = make_base(c, models.base)
-    one = _push(embedded, base["id"], models.finetune)
-    two = _push(embedded, base["id"], models.finetune2)
+    one = _push(stack, base["id"], models.finetune)
+    two = _push(stack, base["id"], models.finetune2)
     weights = (models.finetune / "model.safetensors").read_bytes()
     weights2 = (models.finetune2 / "model.safetensors").read_bytes()
 
@@ -120,7 +120,7 @@ def test_hub_routes_describe_and_serve_revisions(embedded: Stack, models: Models
     from storage import revisions
     from storage.db import begin_write
 
-    with embedded.runtime.sessions() as session:
+    with stack.runtime.sessions() as session:
         begin_write(session)
         repo = revisions.get_repo(session, name="ft")
         revisions.move_ref(session, repo, "release/v1", one["commit_id"])
