@@ -27,7 +27,7 @@ from service import hub
 from service.auth import CallerDep
 from service.deps import NamespaceDep, RuntimeDep, SessionDep
 from service.downloads import ByteRange, blob_chunks, open_reconstruction, reconstructed_size
-from service.errors import STATUS_BY_CODE, RangeNotSatisfiable, errors
+from service.errors import HTTP_ERROR, STATUS_BY_CODE, RangeNotSatisfiable, errors
 from service.file_answers import FILE_ANSWER, FILE_REQUEST, HEAD_ANSWER, file_response
 from storage.blob_common import sha256_of_key
 from storage.cache import FileSpec
@@ -75,7 +75,9 @@ class HubRoute(APIRoute):
                 detail = "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request"
                 return hub.hub_error("validation_error", detail, 422)
             except StarletteHTTPException as exc:
-                code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+                code = {404: "not_found", 405: "method_not_allowed"}.get(
+                    exc.status_code, HTTP_ERROR
+                )
                 return hub.hub_error(code, str(exc.detail), exc.status_code)
 
         return route
