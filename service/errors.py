@@ -108,6 +108,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "storage_full": 507,  # the blob store's disk is full; nothing was stored
     "repo_not_found": 404,  # no repository of that name in the namespace
     "revision_not_found": 404,  # the repository has no such ref, commit id or prefix
+    "entry_not_found": 404,  # Hub routes: the revision has no such file or folder
     "ambiguous_revision": 400,  # a commit id prefix that starts several commit ids
     "parent_mismatch": 409,  # the ref moved since the parent the writer built on
     # -- service (ApiError and the handlers below) --
