@@ -308,9 +308,11 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
         slim = {k: v for k, v in data.items() if k != "trace"}
         print(json.dumps(slim, indent=None, default=str))
         return
-    for key in (*HEADLINE, "fidelity", "kept", "path", "sources"):
+    for key in (*HEADLINE, "fidelity", "kept", "lowrank", "path", "sources"):
         if key in data and data[key] is not None:
             value = data[key]
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
             if isinstance(value, float):
                 value = f"{value:.6g}"
             if key == "fidelity" and data.get("fidelity_part"):
