@@ -11,8 +11,8 @@ delta-compression work on large language models stores singular vectors the same
 - Huang et al., "Seeing Delta Parameters as JPEG Images: Data-Free Delta Compression with
   Discrete Cosine Transform" (Delta-DCT), 2025, https://arxiv.org/abs/2503.06676
 
-Per 2-D tensor the rank is the smallest that retains ``energy`` of τ's squared Frobenius norm
-(at most ``max_rank``). The factors are stored only where they cost fewer values than the
+Per 2-D tensor the rank is the smallest that retains ``energy`` of τ's squared Frobenius norm;
+``max_rank`` truncates it (a fixed rank where the energy needs more). The factors are stored only where they cost fewer values than the
 entries the tensor would otherwise keep, r·(m + n) < kept; every other tensor (1-D ones,
 full-rank ones) falls back to a sparse selection of its top ``keep`` entries of |τ| (with the
 default keep of 1, every changed entry). The singular value decomposition runs one tensor at a
@@ -50,12 +50,10 @@ def factor_spec(spec: ValueSpec) -> ValueSpec:
     return ValueSpec("f16", 16) if spec.bits == 16 else spec
 
 
-def rank_cap(shape: tuple[int, ...], kept: int, max_rank: int | None) -> int:
+def rank_cap(shape: tuple[int, ...], kept: int) -> int:
     """The largest rank whose factors store fewer values than ``kept`` (0: none pays)."""
     m, n = shape
-    cap = max(math.ceil(kept / (m + n)) - 1, 0)
-    cap = min(cap, m, n)
-    return cap if max_rank is None else min(cap, max_rank)
+    return min(max(math.ceil(kept / (m + n)) - 1, 0), m, n)
 
 
 def _svd(t: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,17 +100,21 @@ class LowRankFitted(Fitted):
         self, plan: TensorPlan, tau: torch.Tensor, kept: int, spec: ValueSpec
     ) -> LowRank | None:
         """The factors of one matrix's τ, or None where a sparse selection costs less."""
-        cap = rank_cap((plan.shape[0], plan.shape[1]), kept, self.max_rank)
+        cap = rank_cap((plan.shape[0], plan.shape[1]), kept)
         if cap < 1:
             return None
+        q = cap if self.max_rank is None else min(cap, self.max_rank)
         t = tau.reshape(plan.shape).to(self.device, torch.float32)  # (m, n)
         total = float(torch.sum(t.double() ** 2))
-        u, s, v = _svd(t, cap, self.seed)
-        energy = torch.cumsum(s.double() ** 2, 0) / total  # (q,)
+        u, s, v = _svd(t, q, self.seed)
+        energy = torch.cumsum(s[:q].double() ** 2, 0) / total  # (q,)
         reached = torch.nonzero(energy >= self.energy - 1e-12).reshape(-1)
-        if reached.numel() == 0 or int(reached[0]) + 1 > cap:
-            return None
-        r = int(reached[0]) + 1
+        if reached.numel():
+            r = int(reached[0]) + 1
+        elif self.max_rank is not None and self.max_rank <= cap:
+            r = min(self.max_rank, int(s.numel()))  # truncated at the rank asked for
+        else:
+            return None  # the energy needs more values than a sparse τ holds
         root = s[:r].sqrt()
         fspec = factor_spec(spec)
         a = fspec.round((u[:, :r] * root).reshape(-1)).reshape(-1, r).to(t.device)  # (m, r)
