@@ -248,3 +248,31 @@ def test_merged_lora_of_the_real_base_round_trips_through_the_cli(tmp_path: Path
     )
     proc = _run("inspect", str(delta))
     assert proc.returncode == 0 and "rank_max 8" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_randomised_decomposition_finds_the_exact_rank(tmp_path: Path) -> None:
+    """A matrix larger than the exact decomposition's limit with a small rank cap takes the
+    seeded randomised path; it finds the rank-8 τ as the exact one does, and repeats itself."""
+    from core.methods.lowrank import EXACT_SVD_MAX
+
+    m, n = EXACT_SVD_MAX + 76, EXACT_SVD_MAX + 6
+    g = torch.Generator().manual_seed(3)
+    base = {"big.weight": 0.05 * torch.randn(m, n, generator=g)}
+    tau = (0.02 * torch.randn(m, RANK, generator=g)) @ (0.02 * torch.randn(RANK, n, generator=g))
+    ft = {"big.weight": base["big.weight"] + tau}
+    for d, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / d).mkdir()
+        save_file(tensors, tmp_path / d / "model.safetensors")
+    frames = []
+    for name in ("a.slim", "b.slim"):
+        opts = {"max_rank": 16, "device": "cpu"}
+        compress(
+            tmp_path / "base", tmp_path / "ft", tmp_path / name, method="lowrank", options=opts
+        )
+        with DeltaReader(tmp_path / name) as r:
+            (entry,) = r.doc.tensors
+            assert (entry.kind, entry.rank) == ("lowrank", RANK)
+            frames.append(r.frame(entry.frame or ""))
+    assert frames[0] == frames[1]
+    got = load_state(tmp_path / "base", tmp_path / "a.slim")["big.weight"]
+    assert float((got - ft["big.weight"]).abs().max()) <= 2.0**-10 * float(tau.abs().max())
