@@ -153,10 +153,9 @@ class LowRankMethod(Method):
             raise InvalidArgument(f"`max_rank` must be a whole number ≥ 1 (got {max_rank!r})")
         self.energy = float(energy)
         self.max_rank = max_rank
-        try:
-            self.device = None if device is None else torch.device(device)
-        except (RuntimeError, TypeError):
-            raise InvalidArgument(f"`device` must be cpu or cuda (got {device!r})") from None
+        if device not in (None, "cpu", "cuda"):
+            raise InvalidArgument(f"`device` must be cpu or cuda (got {device!r})")
+        self.device = None if device is None else torch.device(device)
 
     def fit(self, ws: Workspace, ctx: FitContext) -> Fitted:
         if self.device is not None:

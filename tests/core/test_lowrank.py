@@ -124,6 +124,8 @@ def test_rank_follows_energy_and_the_cap(tmp_path: Path) -> None:
         make_method("lowrank", energy=1.5)
     with pytest.raises(InvalidArgument, match="max_rank"):
         make_method("lowrank", max_rank=0)
+    with pytest.raises(InvalidArgument, match="device"):
+        make_method("lowrank", device="tpu:3")
 
 
 def test_lowrank_keep_defaults_to_every_entry() -> None:
