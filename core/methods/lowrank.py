@@ -104,10 +104,12 @@ class LowRankFitted(Fitted):
         if cap < 1:
             return None
         q = cap if self.max_rank is None else min(cap, self.max_rank)
-        t = tau.reshape(plan.shape).to(self.device, torch.float32)  # (m, n)
-        total = float(torch.sum(t.double() ** 2))
+        # float64: the factors' half-precision rounding then does not depend on the last bits
+        # a threaded or blocked LAPACK leaves, so the same τ writes the same bytes
+        t = tau.reshape(plan.shape).to(self.device, torch.float64)  # (m, n)
+        total = float(torch.sum(t**2))
         u, s, v = _svd(t, q, self.seed)
-        energy = torch.cumsum(s[:q].double() ** 2, 0) / total  # (q,)
+        energy = torch.cumsum(s[:q] ** 2, 0) / total  # (q,)
         reached = torch.nonzero(energy >= self.energy - 1e-12).reshape(-1)
         if reached.numel():
             r = int(reached[0]) + 1
@@ -117,13 +119,13 @@ class LowRankFitted(Fitted):
             return None  # the energy needs more values than a sparse τ holds
         root = s[:r].sqrt()
         fspec = factor_spec(spec)
-        a = fspec.round((u[:, :r] * root).reshape(-1)).reshape(-1, r).to(t.device)  # (m, r)
+        a = fspec.round((u[:, :r] * root).reshape(-1)).reshape(-1, r).to(t)  # (m, r)
         # B refitted to the rounded A: argmin ‖A·Bᵀ − τ‖ (A has full column rank r)
         b = torch.linalg.lstsq(a, t).solution.mT  # (n, r)
         if not bool(torch.isfinite(b).all()):
             b = v[:, :r] * root
         b = fspec.round(b.reshape(-1)).reshape(-1, r)
-        return LowRank(a.cpu(), b.cpu())
+        return LowRank(a.to("cpu", torch.float32), b.to("cpu", torch.float32))
 
 
 class LowRankMethod(Method):
