@@ -14,6 +14,7 @@ from core.params import (
     AUTO_CALIBRATION_LIMIT,
     DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_KEEP,
+    DEFAULT_LOWRANK_ENERGY,
     DEFAULT_MIN_FIDELITY,
     DEFAULT_VALUE_BITS,
     EVAL_KINDS,
@@ -57,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--keep",
         type=float,
         default=None,
-        help=f"keep ratio r (default {DEFAULT_KEEP:g}; auto: searched)",
+        help=f"keep ratio r (default {DEFAULT_KEEP:g}; lowrank: 1; auto: searched)",
     )
     p.add_argument(
         "--value-bits",
@@ -87,6 +88,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset", choices=["default", "paper"], default=None, help="nps parameterisation"
     )
+    p.add_argument(
+        "--energy",
+        type=float,
+        default=None,
+        help=f"lowrank: fraction of each tensor's squared norm its rank retains "
+        f"(default {DEFAULT_LOWRANK_ENERGY:g})",
+    )
+    p.add_argument("--max-rank", type=positive_int, default=None, help="lowrank: rank cap")
     p.add_argument(
         "--min-fidelity",
         type=float,
@@ -135,6 +144,10 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
             opts["subspaces"] = args.subspaces
     if args.preset is not None and method == Method.NPS:
         opts["preset"] = args.preset
+    if method == Method.LOWRANK:
+        for key in ("energy", "max_rank", "device"):
+            if getattr(args, key) is not None:
+                opts[key] = getattr(args, key)
     return opts
 
 
@@ -308,9 +321,11 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
         slim = {k: v for k, v in data.items() if k != "trace"}
         print(json.dumps(slim, indent=None, default=str))
         return
-    for key in (*HEADLINE, "fidelity", "kept", "path", "sources"):
+    for key in (*HEADLINE, "fidelity", "kept", "lowrank", "path", "sources"):
         if key in data and data[key] is not None:
             value = data[key]
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
             if isinstance(value, float):
                 value = f"{value:.6g}"
             if key == "fidelity" and data.get("fidelity_part"):

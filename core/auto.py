@@ -52,7 +52,7 @@ from core.params import (
     Evaluation,
     Method,
 )
-from core.tensor_codec import ValueSpec
+from core.tensor_codec import Selection, ValueSpec
 from core.workspace import Workspace
 
 #: 0.3 and 0.5 reach floors of top-1 agreement ≥ 0.99, which DARE at 20% may miss on a
@@ -230,6 +230,7 @@ class _Run:
                 continue
             spec = ValueSpec.from_bits(cand.value_bits, plan.dtype)
             sel = fitted.select(plan, self.ws.tau(plan), spec)
+            assert isinstance(sel, Selection)  # auto searches the sparse methods only
             self.ev.apply_sparse(plan.name, torch.from_numpy(sel.positions), spec.round(sel.values))
         # searched candidates are judged on the held-out part only; DARE on every example
         parts = ("holdout",) if cand.searches and "holdout" in self.ev.parts else self.ev.parts

@@ -33,6 +33,7 @@ from core.files import sha256_file
 from core.frames import zstd_compress
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
+from core.methods.lowrank import factor_spec
 from core.params import (
     DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_KEEP,
@@ -46,11 +47,21 @@ from core.params import (
     Method,
     calibration_sample,
     default_calibration_limit,
+    default_keep,
 )
 from core.reconstruct import RebuildHasher, tensor_pieces
 from core.safetensors_io import tensor_to_bytes
 from core.summary import delta_sizes
-from core.tensor_codec import Selection, ValueSpec, decode_sparse, encode_sparse
+from core.tensor_codec import (
+    LowRank,
+    Selection,
+    ValueSpec,
+    decode_lowrank,
+    decode_sparse,
+    encode_lowrank,
+    encode_sparse,
+    lowrank_rows,
+)
 from core.workspace import Workspace
 from core.xor import XorEncoder
 
@@ -122,7 +133,7 @@ def compress(
     out_path: str | os.PathLike[str],
     *,
     method: str = Method.MAGNITUDE,
-    keep: float = DEFAULT_KEEP,
+    keep: float | None = None,
     value_bits: int = DEFAULT_VALUE_BITS,
     evaluation: str = Evaluation.WEIGHTS,
     calibration: str | os.PathLike[str] | list[Example] | None = None,
@@ -144,7 +155,7 @@ def compress(
         out_path: the delta file to write (atomically).
         method: a registered method name (``nps``, ``nps-seeded``, ``magnitude``,
             ``magnitude-scaled``, ``dare``, ``lossless``).
-        keep: keep ratio r.
+        keep: keep ratio r (default: :func:`core.params.default_keep` of the method).
         value_bits: 32, 16 (fp16/bf16) or 8/4/3/2/1 (quantised, sign + levels).
         evaluation: ``fidelity``, ``accuracy`` or ``weights``.
         calibration: JSONL path (or examples) for model evaluations.
@@ -171,6 +182,8 @@ def compress(
     t0 = time.perf_counter()
     if value_bits not in VALUE_BITS:
         raise InvalidArgument(f"value bits must be one of {VALUE_BITS} (got {value_bits})")
+    if keep is None:
+        keep = default_keep(method) or DEFAULT_KEEP
     m = make_method(
         method, **({} if method == Method.LOSSLESS else {"keep": keep}), **(options or {})
     )
@@ -391,7 +404,7 @@ def _encode(
             else:
                 base_ref = ws.base.tensors[plan.base_name or ""]
                 te.base_name, te.base_dtype = plan.base_name, base_ref.info.dtype
-                sel: Selection | None = None
+                sel: Selection | LowRank | None = None
                 if fitted is None:  # lossless
                     _encode_lossless(ws, te, prefix, writer, level)
                 else:
@@ -404,7 +417,15 @@ def _encode(
                         del tau  # not held while the tensor is rebuilt and hashed below
                     if sel is None:
                         te.kind = "same"  # τ is all zero
-                if sel is not None:
+                if isinstance(sel, LowRank):
+                    encode_lowrank(te, prefix, sel, factor_spec(spec), writer, level)
+                    sel = None
+                    kept += (te.rank or 0) * sum(plan.shape)  # stored factor values
+                    if ctx.evaluator is not None:
+                        delta_for_eval = lowrank_rows(
+                            decode_lowrank(te, writer), 0, plan.shape[0]
+                        ).reshape(-1)
+                elif sel is not None:
                     encode_sparse(te, prefix, sel, spec, writer, level)
                     sel = None
                     kept += te.nnz

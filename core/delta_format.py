@@ -34,7 +34,7 @@ from core.errors import (
 from core.files import CHUNK_SIZE, check_path
 from core.safetensors_io import build_header, read_header
 
-TENSOR_KINDS = ("sparse", "dense", "same", "lossless")
+TENSOR_KINDS = ("sparse", "dense", "same", "lossless", "lowrank")
 
 
 class FrameSource(Protocol):
@@ -70,7 +70,7 @@ class TensorEntry:
     """How to rebuild one tensor of the fine-tune."""
 
     name: str
-    kind: str  # sparse | dense | same | lossless
+    kind: str  # sparse | dense | same | lossless | lowrank
     dtype: str  # the fine-tune's dtype
     shape: list[int]
     base_name: str | None = None
@@ -80,6 +80,8 @@ class TensorEntry:
     values: dict[str, Any] | None = None  # sparse: how values are coded (+ section size)
     frame: str | None = None  # the tensor's one frame (sparse sections, dense or lossless data)
     planes: list[int] | None = None  # lossless (version 3): size of each plane's zstd frame
+    rank: int | None = None  # lowrank (version 4): r, the factors' width
+    factors: dict[str, Any] | None = None  # lowrank: how A and B are coded (+ section sizes)
 
     @property
     def numel(self) -> int:

@@ -31,7 +31,14 @@ from core.errors import BaseMismatch, InvalidArgument
 from core.params import DEFAULT_LAMBDA, DEFAULT_MERGE_METHOD, DEFAULT_VALUE_BITS, MERGE_METHODS
 from core.reconstruct import RebuildHasher, check_base, tensor_bytes, weight_header
 from core.safetensors_io import bytes_to_tensor
-from core.tensor_codec import Selection, ValueSpec, dense_delta, encode_sparse
+from core.tensor_codec import (
+    Selection,
+    ValueSpec,
+    decode_lowrank,
+    dense_delta,
+    encode_sparse,
+    lowrank_rows,
+)
 
 
 @dataclass
@@ -51,6 +58,8 @@ def task_delta(entry: TensorEntry, reader: DeltaReader, base: CheckpointDir) -> 
         return dense_delta(entry, reader)
     if entry.kind == "same":
         return torch.zeros(entry.numel, dtype=torch.float32)
+    if entry.kind == "lowrank":
+        return lowrank_rows(decode_lowrank(entry, reader), 0, entry.shape[0]).reshape(-1)
     if entry.kind == "lossless":
         ft = bytes_to_tensor(tensor_bytes(entry, reader, base), entry.dtype, (entry.numel,))
         assert entry.base_name is not None

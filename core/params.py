@@ -41,6 +41,7 @@ class Method(StrEnum):
     MAGNITUDE_SCALED = "magnitude-scaled"
     DARE = "dare"
     LOSSLESS = "lossless"
+    LOWRANK = "lowrank"
     AUTO = "auto"
 
 
@@ -74,6 +75,13 @@ VALUE_BITS = (32, 16, 8, 4, 3, 2, 1)
 
 #: What a fixed-budget method keeps when nothing is asked (``auto`` searches it instead).
 DEFAULT_KEEP = 0.01
+#: ``lowrank``'s keep when nothing is asked: the tensors it does not factor (1-D ones, and those
+#: whose factors would cost more) keep every changed entry, so the fallback loses nothing
+#: beyond value rounding. A smaller keep keeps each such tensor's top-r entries of |τ|.
+DEFAULT_LOWRANK_KEEP = 1.0
+#: ``lowrank``'s rank rule when nothing is asked: the smallest rank that retains this fraction
+#: of τ's squared Frobenius norm (its energy), tensor by tensor.
+DEFAULT_LOWRANK_ENERGY = 0.99
 #: Bits per stored value when nothing is asked (``auto`` searches it instead); merges too.
 DEFAULT_VALUE_BITS = 16
 #: ``auto``'s fidelity floor when none is given.
@@ -105,6 +113,15 @@ def default_method(*, min_fidelity: float | None, calibrated: bool, lossy_asked:
     if calibrated or lossy_asked:
         return Method.NPS
     return Method.LOSSLESS
+
+
+def default_keep(method: str | None) -> float | None:
+    """The keep ratio of a request with ``method`` that names none: None for ``auto`` (it
+    searches one) and ``lossless`` (it keeps everything), :data:`DEFAULT_LOWRANK_KEEP` for
+    ``lowrank``, else :data:`DEFAULT_KEEP`."""
+    if method in (Method.AUTO, Method.LOSSLESS):
+        return None
+    return DEFAULT_LOWRANK_KEEP if method == Method.LOWRANK else DEFAULT_KEEP
 
 
 def default_evaluation(*, calibrated: bool) -> Evaluation:
@@ -181,7 +198,7 @@ class CompressParams:
         - ``method``: :func:`default_method` (``auto`` with a floor; ``nps`` with calibration,
           an evaluation that needs it, or an explicit keep / value bits; else ``lossless``);
         - ``evaluation``: ``fidelity`` with calibration examples, else ``weights``;
-        - ``keep`` / ``value_bits``: :data:`DEFAULT_KEEP` / :data:`DEFAULT_VALUE_BITS` unless
+        - ``keep`` / ``value_bits``: :func:`default_keep` / :data:`DEFAULT_VALUE_BITS` unless
           given, except that ``auto`` searches them and ``lossless`` records neither;
         - ``seed``: :data:`DEFAULT_SEED`;
         - ``calibration_limit``: with calibration examples, :func:`default_calibration_limit`
@@ -205,7 +222,7 @@ class CompressParams:
         return replace(
             self,
             method=method,
-            keep=self.keep if self.keep is not None or searched else DEFAULT_KEEP,
+            keep=self.keep if self.keep is not None else default_keep(method),
             value_bits=self.value_bits
             if self.value_bits is not None or searched
             else DEFAULT_VALUE_BITS,

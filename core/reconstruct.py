@@ -34,7 +34,7 @@ from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafet
 from core.files import CHUNK_SIZE, check_path
 from core.frames import FrameStream, zstd_decompress
 from core.safetensors_io import Header, TensorInfo, bytes_to_tensor, parse_header, tensor_view
-from core.tensor_codec import decode_sparse
+from core.tensor_codec import decode_lowrank, decode_sparse, lowrank_rows
 from core.xor import XorPlanes
 
 
@@ -239,8 +239,9 @@ def tensor_pieces(
     piece: int = PIECE_BYTES,
 ) -> Iterator[bytes | memoryview]:
     """Bytes ``[start, end)`` of one reconstructed tensor in the fine-tune's dtype, rebuilt
-    about ``piece`` bytes at a time: memory holds one piece and the tensor's stored entries,
-    not the tensor (except a lossless tensor of format versions 1–2, inflated whole once)."""
+    about ``piece`` bytes at a time: memory holds one piece and the tensor's stored entries
+    (a lowrank tensor's factors), not the tensor (except a lossless tensor of format versions
+    1–2, inflated whole once)."""
     if entry.dtype not in DTYPES:
         raise InvalidDelta(f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}")
     itemsize = DTYPES[entry.dtype][0]
@@ -291,7 +292,7 @@ def _piece_maker(
             return buf
 
         return dense, stream.finish
-    if entry.kind not in ("same", "sparse", "lossless"):
+    if entry.kind not in ("same", "sparse", "lossless", "lowrank"):
         raise InvalidDelta(f"tensor {entry.name!r} has unknown kind {entry.kind!r}")
     info = _base_info(base, entry)
     bitem = DTYPES[info.dtype][0]
@@ -328,6 +329,8 @@ def _piece_maker(
             return tensor_view((b32 + scale * (ft.to(torch.float32) - b32)).to(dtype))
 
         return lossless, (_nothing if whole is not None else planes.finish)
+    if entry.kind == "lowrank":
+        return _lowrank_maker(entry, reader, scale, base_piece), _nothing
     positions, values = decode_sparse(entry, reader)
     scaled = values if scale == 1.0 else scale * values
     at = int(np.searchsorted(positions, first))
@@ -345,6 +348,28 @@ def _piece_maker(
         return tensor_view(full.to(dtype))
 
     return sparse, _nothing
+
+
+def _lowrank_maker(
+    entry: TensorEntry,
+    reader: FrameSource,
+    scale: float,
+    base_piece: Callable[[int, int], torch.Tensor],
+) -> Callable[[int, int], memoryview]:
+    """Elements ``[a, b)`` of a ``lowrank`` tensor: the rows of A·Bᵀ covering them (a piece
+    and at most two partial rows in memory, never the whole product) added to the base."""
+    factors = decode_lowrank(entry, reader)
+    n = entry.shape[1]
+    dtype = DTYPES[entry.dtype][1]
+
+    def lowrank(a: int, b: int) -> memoryview:
+        r0, r1 = a // n, -(-b // n)
+        delta = lowrank_rows(factors, r0, r1).reshape(-1)[a - r0 * n : b - r0 * n]
+        if scale != 1.0:
+            delta = scale * delta
+        return tensor_view((base_piece(a, b).to(torch.float32) + delta).to(dtype))
+
+    return lowrank
 
 
 def weight_header(reader: FrameSource, file: FileEntry) -> tuple[bytes, Header]:

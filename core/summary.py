@@ -32,8 +32,27 @@ def delta_sizes(path: str | os.PathLike[str]) -> dict[str, Any]:
         return sizes_of(reader.doc, reader.size)
 
 
+def lowrank_summary(doc: DeltaDoc) -> dict[str, Any] | None:
+    """The factored tensors of a delta: how many, their ranks, the bytes of their factors and
+    the values a dense τ of the same tensors would hold (None when there are none)."""
+    low = [t for t in doc.tensors if t.kind == "lowrank" and t.rank]
+    if not low:
+        return None
+    ranks = sorted(int(t.rank or 0) for t in low)
+    return {
+        "tensors": len(low),
+        "rank_min": ranks[0],
+        "rank_max": ranks[-1],
+        "rank_median": ranks[len(ranks) // 2],
+        "factor_values": sum(int(t.rank or 0) * sum(t.shape) for t in low),
+        "factor_bytes": sum(doc.frames[t.frame].size for t in low if t.frame in doc.frames),
+        "dense_values": sum(t.numel for t in low),
+    }
+
+
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Method, keep, bits, sizes, ratio, bits/param, fitness and search cost of a delta file.
+    """Method, keep, bits, sizes, ratio, bits/param, fitness and search cost of a delta file
+    (and, where it has factored tensors, :func:`lowrank_summary`).
 
     ``fitness_before`` / ``fitness_after`` are the search's objective (``fitness_objective``
     says which: −KL in nats for ``fidelity``, so ≤ 0), kept on their own scale because that is
@@ -83,8 +102,9 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             ],
             "tensors": {
                 k: sum(1 for t in doc.tensors if t.kind == k)
-                for k in ("sparse", "dense", "same", "lossless")
+                for k in ("sparse", "dense", "same", "lossless", "lowrank")
             },
+            "lowrank": lowrank_summary(doc),
             "result": doc.method.get("result", {}),
             "notes": ev.get("notes", []),
         }

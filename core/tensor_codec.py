@@ -148,3 +148,86 @@ def dense_delta(entry: TensorEntry, reader: FrameSource) -> torch.Tensor:
     out = torch.zeros(entry.numel, dtype=torch.float32)
     out[torch.from_numpy(positions)] = values
     return out
+
+
+@dataclass
+class LowRank:
+    """A 2-D tensor's τ as two factors: τ ≈ A·Bᵀ with A ``(m, r)`` and B ``(n, r)``."""
+
+    a: torch.Tensor  # (m, r) float32
+    b: torch.Tensor  # (n, r) float32
+
+
+def encode_lowrank(
+    entry: TensorEntry,
+    prefix: str,
+    factors: LowRank,
+    spec: ValueSpec,
+    writer: DeltaWriter,
+    level: int,
+) -> None:
+    """Write a low-rank tensor's one frame (A's values, then B's, each a values section as in
+    :func:`encode_sparse`, row-major) and fill ``entry``'s ``rank`` and ``factors``."""
+    m, n = entry.shape
+    r = int(factors.a.shape[1])
+    if tuple(factors.a.shape) != (m, r) or tuple(factors.b.shape) != (n, r):
+        raise ValueError(f"factors of {entry.name!r} do not match its shape {entry.shape}")
+    entry.kind = "lowrank"
+    entry.rank = r
+    sections: list[bytes] = []
+    coded: dict[str, dict[str, object]] = {}
+    for key, t in (("a", factors.a), ("b", factors.b)):
+        section, params = encode_values(t.reshape(-1), spec.coding, spec.bits, level)
+        coded[key] = {"coding": spec.coding, "size": len(section), **params}
+        sections.append(section)
+    entry.factors = coded
+    entry.frame = writer.add(prefix, b"".join(sections))
+
+
+def decode_lowrank(entry: TensorEntry, reader: FrameSource) -> LowRank:
+    """The float32 factors of a ``lowrank`` tensor (checked against its shape and frame)."""
+    f, r = entry.factors, entry.rank
+    if (
+        f is None
+        or entry.frame is None
+        or len(entry.shape) != 2
+        or not isinstance(r, int)
+        or isinstance(r, bool)
+        or not 0 < r <= min(entry.shape)
+    ):
+        raise InvalidDelta(f"lowrank tensor {entry.name!r} lacks its rank, factors or frame")
+    m, n = entry.shape
+    frame = reader.frame(entry.frame)
+    out: list[torch.Tensor] = []
+    at = 0
+    for key, rows in (("a", m), ("b", n)):
+        part = f.get(key)
+        try:
+            size = int(part["size"]) if isinstance(part, dict) else -1
+        except (KeyError, TypeError, ValueError):
+            size = -1
+        if size < 0 or at + size > len(frame):
+            raise InvalidDelta(f"the factor sections of {entry.name!r} do not fit its frame")
+        assert isinstance(part, dict)
+        values = decode_values(str(part.get("coding")), frame[at : at + size], part, rows * r)
+        out.append(values.reshape(rows, r))
+        at += size
+    if at != len(frame):
+        raise InvalidDelta(f"the factor sections of {entry.name!r} do not add up to its frame")
+    return LowRank(out[0], out[1])
+
+
+def lowrank_rows(factors: LowRank, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of A·Bᵀ in float32. # (hi - lo, n)
+
+    Summed over the rank in order, each product and each sum rounded to float32 on its own
+    (no fused multiply-add, no blocked matrix product): the result does not depend on the
+    rows asked for, the machine or the library, so a tensor rebuilt in pieces or from an
+    offset hashes like the whole.
+    """
+    a = factors.a[lo:hi]  # (rows, r)
+    b = factors.b  # (n, r)
+    out = torch.zeros(hi - lo, b.shape[0], dtype=torch.float32)
+    for k in range(a.shape[1]):
+        out += a[:, k : k + 1] * b[:, k]
+    return out

@@ -8,6 +8,7 @@ from core.errors import InvalidArgument
 from core.methods.base import FitContext, Fitted, Method
 from core.methods.dare import Dare
 from core.methods.lossless import Lossless
+from core.methods.lowrank import LowRankMethod
 from core.methods.magnitude import Magnitude, MagnitudeScaled
 from core.methods.nps import Nps
 from core.methods.nps_seeded import NpsSeeded
@@ -20,6 +21,7 @@ REGISTRY: dict[str, type[Method]] = {
     MethodName.MAGNITUDE_SCALED: MagnitudeScaled,
     MethodName.DARE: Dare,
     MethodName.LOSSLESS: Lossless,
+    MethodName.LOWRANK: LowRankMethod,
 }
 
 

@@ -27,6 +27,7 @@ def test_registry_names_papers_and_params() -> None:
         "magnitude-scaled",
         "dare",
         "lossless",
+        "lowrank",
     }
     for cls in REGISTRY.values():
         assert cls.paper.startswith("https://arxiv.org/abs/")

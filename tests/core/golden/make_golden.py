@@ -23,7 +23,11 @@ CASES = {
     "dare_q4": dict(method="dare", keep=0.5, value_bits=4, seed=11),
     "nps_seeded_q2": dict(method="nps-seeded", keep=0.3, value_bits=2, seed=5),
     "lossless": dict(method="lossless"),
+    # version 4: the sine waves' task vectors are rank 2 (a rank-2 τ, a bf16 one, a 1-D one)
+    "lowrank_f16": dict(method="lowrank", options={"device": "cpu"}),
 }
+#: The cases of each older version kept under ``v<version>/`` (written before ``lowrank``).
+OLD_CASES = ("magnitude_f16", "dare_q4", "nps_seeded_q2", "lossless")
 
 
 def _wave(n: int, a: float, b: float) -> torch.Tensor:
