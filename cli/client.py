@@ -24,10 +24,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from cli.offline import positive_int
+from cli.offline import add_calibration_limit
 from core.params import (
-    AUTO_CALIBRATION_LIMIT,
-    DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_KEEP,
     DEFAULT_LAMBDA,
     DEFAULT_MERGE_METHOD,
@@ -111,14 +109,7 @@ def register(sub: SubParsers) -> None:
         help="fitness (default fidelity with --calibration, else weights)",
     )
     p.add_argument("--calibration", default=None, help='JSONL of {"text": ..., "label": ...}')
-    p.add_argument(
-        "--calibration-limit",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help=f"evaluate on at most N calibration lines, a subsample drawn by --seed from a "
-        f"longer file (default {DEFAULT_CALIBRATION_LIMIT}; auto {AUTO_CALIBRATION_LIMIT})",
-    )
+    add_calibration_limit(p)
     p.add_argument("--generations", type=int, default=None, help="search generations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait", action="store_true", help="follow the job until it finishes")

@@ -75,14 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fitness: fidelity (default with --calibration), accuracy, weights",
     )
     p.add_argument("--calibration", help='JSONL file of {"text": ..., "label": ...} lines')
-    p.add_argument(
-        "--calibration-limit",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help=f"evaluate on at most N calibration lines, a subsample drawn by --seed from a "
-        f"longer file (default {DEFAULT_CALIBRATION_LIMIT}; auto {AUTO_CALIBRATION_LIMIT})",
-    )
+    add_calibration_limit(p)
     p.add_argument("--generations", type=int, default=None, help="search generations")
     p.add_argument("--subspaces", default=None, help="nps: M (int); nps-seeded: tensor|magnitude")
     p.add_argument(
@@ -120,6 +113,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("delta")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_inspect)
+
+
+def add_calibration_limit(p: argparse.ArgumentParser) -> None:
+    """``--calibration-limit N``, the same for ``slim compress`` and ``slim push``."""
+    p.add_argument(
+        "--calibration-limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"evaluate on at most N calibration lines, a subsample drawn by --seed from a "
+        f"longer file (default {DEFAULT_CALIBRATION_LIMIT}; auto {AUTO_CALIBRATION_LIMIT})",
+    )
 
 
 def positive_int(text: str) -> int:
