@@ -299,6 +299,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         return _dump({"checkpoint": ckpt.raw, "job": job.raw, "report": asdict(report)})
     if args.wait:
         print(_summary(ckpt))
+    elif job.done:
+        print(_summary(ckpt))  # nothing to follow: e.g. the same files again, already stored
     else:
         print(f"follow it with: slim status {job.id} --follow")
     if ckpt.commit_id is not None:

@@ -310,6 +310,7 @@ def test_second_push_is_a_revision_log_and_pull_by_revision(
     )  # fmt: skip
     assert code == 0, err
     assert f"revision 1 of ft: commit {one['commit_id']}" in out and "0 file(s) sent" in out
+    assert "ft ready:" in out and "follow it with" not in out  # nothing left to follow
     # Other files: revision 2, its parent revision 1; the name now means revision 2.
     code, out, err = run(
         embedded, capsys, "push", str(models.finetune2), "--base", "tiny", "--name", "ft",
