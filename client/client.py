@@ -270,15 +270,17 @@ class SlimClient:
             body["calibration"] = (
                 calibration if isinstance(calibration, list) else read_calibration(calibration)
             )
+        digests: dict[str, str] | None = None
         if self._has_main(name):  # the same files again are a no-op
-            body["manifest_sha256"] = manifest_sha256((rel, sha256_file(p)) for rel, p in files)
+            digests = {rel: sha256_file(p) for rel, p in files}
+            body["manifest_sha256"] = manifest_sha256(digests.items())
         answer = self._conn.json("POST", "/v1/checkpoints", json=body)
         ckpt = build(Checkpoint, answer)
         warnings = [str(w) for w in answer.get("warnings") or []]
         if ckpt.state not in ("uploading", "failed"):
-            ckpt, job, report = self._same_push(ckpt, files)
+            ckpt, job, report = self._same_push(ckpt, files, digests)
         else:
-            report = upload(self._conn, f"/v1/checkpoints/{ckpt.id}", files, progress)
+            report = upload(self._conn, f"/v1/checkpoints/{ckpt.id}", files, progress, digests)
             job = self.commit(ckpt.id)
             ckpt = self.get_checkpoint(ckpt.id)
         report.left_out, report.warnings = left_out, warnings
@@ -291,10 +293,10 @@ class SlimClient:
             return False
 
     def _same_push(
-        self, ckpt: Checkpoint, files: list[tuple[str, Path]]
+        self, ckpt: Checkpoint, files: list[tuple[str, Path]], digests: dict[str, str] | None
     ) -> tuple[Checkpoint, Job, PushReport]:
         remote = {f.path: f.sha256 for f in self.checkpoint_files(ckpt.id)}
-        local = {rel: sha256_file(p) for rel, p in files}
+        local = digests if digests is not None else {rel: sha256_file(p) for rel, p in files}
         if remote != local:
             raise AlreadyExists(
                 f"checkpoint {ckpt.name!r} already exists ({ckpt.state}) with other files; pick "

@@ -62,9 +62,14 @@ def _read_chunks(path: Path, h: Any, advance: Callable[[int], None]) -> Iterator
 
 
 def upload(
-    conn: Connection, owner: str, files: list[tuple[str, Path]], progress: Progress | None
+    conn: Connection,
+    owner: str,
+    files: list[tuple[str, Path]],
+    progress: Progress | None,
+    digests: dict[str, str] | None = None,
 ) -> PushReport:
-    """PUT every file whose sha256 the server does not already list under ``owner``."""
+    """PUT every file whose sha256 the server does not already list under ``owner``
+    (``digests``: sha256 by path already computed by the caller, not read again)."""
     bar = progress or NoProgress()
     t0 = time.perf_counter()
     remote = {
@@ -76,7 +81,8 @@ def upload(
         size = path.stat().st_size
         have = remote.get(rel)
         unchanged = have is not None and have.stored and have.size == size
-        if unchanged and have is not None and sha256_file(path) == have.sha256:
+        known = (digests or {}).get(rel)
+        if unchanged and have is not None and (known or sha256_file(path)) == have.sha256:
             report.skipped.append(rel)
             continue
         todo.append((rel, path, size))
