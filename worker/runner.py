@@ -55,7 +55,7 @@ from storage import queue
 from storage.blobstore import BlobInfo, BlobStore
 from storage.cache import BlobCache, FileSpec
 from storage.db import begin_write, db_now
-from storage.errors import StorageError, StorageUnavailable
+from storage.errors import StorageUnavailable
 from storage.gc import drop_blobs
 from storage.models import Base, Checkpoint, File, Job, JobKind, JobState
 from storage.repo import list_files
@@ -184,13 +184,12 @@ class Worker:
             )
         except Cancelled as exc:
             self._finish(job_id, JobState.CANCELLED, f"cancelled: {exc.detail}")
-        except (SlimError, StorageError) as exc:
+        except SlimError as exc:  # storage errors are SlimErrors too
             if isinstance(exc, TRANSIENT_STORAGE):
                 self._finish(job_id, JobState.QUEUED, f"{exc.code}: {exc}")
             else:
-                detail = exc.detail if isinstance(exc, SlimError) else str(exc)
-                log.warning("job %s failed: [%s] %s", job_id, exc.code, detail)
-                self._finish(job_id, JobState.FAILED, f"{exc.code}: {detail}")
+                log.warning("job %s failed: [%s] %s", job_id, exc.code, exc.detail)
+                self._finish(job_id, JobState.FAILED, f"{exc.code}: {exc.detail}")
         except Exception as exc:  # unexpected: retry, with the traceback in the log
             log.exception("job %s: unexpected error (will retry if attempts remain)", job_id)
             self._finish(job_id, JobState.QUEUED, f"internal_error: {type(exc).__name__}: {exc}")
