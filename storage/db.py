@@ -27,15 +27,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, Select, create_engine, event, select
 from sqlalchemy import func as sa_func
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BEGIN = "slim_sqlite_begin"
 """Execution option naming the SQLite BEGIN mode of a new transaction (DEFERRED, IMMEDIATE)."""
+
+_T = TypeVar("_T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -100,6 +102,12 @@ def db_now(session: Session) -> datetime:
     value = session.execute(select(sa_func.now())).scalar_one()
     assert isinstance(value, datetime)
     return value.astimezone(UTC)
+
+
+def for_update(session: Session, stmt: Select[_T]) -> Select[_T]:
+    """``stmt`` locking the rows it reads for the rest of the transaction: ``FOR UPDATE`` on
+    PostgreSQL; SQLite's write transaction (:func:`begin_write`) already holds the database."""
+    return stmt if is_sqlite(session) else stmt.with_for_update()
 
 
 def begin_write(session: Session) -> Session:

@@ -62,7 +62,7 @@ from core.files import manifest_sha256 as files_manifest
 from core.params import CompressOutcome
 from storage import revisions
 from storage.blob_common import BlobInfo
-from storage.db import db_now, is_sqlite, write_transaction
+from storage.db import db_now, for_update, is_sqlite, write_transaction
 from storage.errors import Conflict, NotFound
 from storage.models import (
     Base,
@@ -575,6 +575,4 @@ def _record_outcome(checkpoint: Checkpoint, row: Mapping[str, Any]) -> None:
 def _lock(session: Session, job_id: str) -> Job | None:
     """The job row, locked against concurrent claims (FOR UPDATE on PostgreSQL)."""
     stmt = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
-    if not is_sqlite(session):
-        stmt = stmt.with_for_update()
-    return session.scalars(stmt).first()
+    return session.scalars(for_update(session, stmt)).first()

@@ -33,6 +33,7 @@ from sqlalchemy import and_, exists, func, select
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
 
+from storage.db import for_update
 from storage.errors import AlreadyExists, Conflict, NotFound, StorageError
 from storage.models import (
     DEFAULT_NAMESPACE,
@@ -524,8 +525,7 @@ def repo_of_base(session: Session, base: Base) -> Repo | None:
 
 def _lock(session: Session, repo: Repo) -> None:
     """Hold the repository row for the rest of the transaction (PostgreSQL: FOR UPDATE)."""
-    if session.get_bind().dialect.name != "sqlite":
-        session.execute(select(Repo.id).where(Repo.id == repo.id).with_for_update())
+    session.execute(for_update(session, select(Repo.id).where(Repo.id == repo.id)))
 
 
 def _point(session: Session, repo: Repo, name: str, revision: Revision) -> Ref:
