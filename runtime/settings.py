@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         default=100 * MIB, gt=0, description="Largest safetensors header."
     )
     max_files_per_checkpoint: int = Field(default=1000, gt=0)
+    hub_part_bytes: int = Field(
+        default=64 * MIB,
+        ge=5 * MIB,
+        description="Hub uploads (Git LFS): a file larger than this is uploaded in parts of "
+        "this size (the multipart transfer), each part a PUT.",
+    )
     max_calibration_examples: int = Field(default=10_000, gt=0)
     max_tensors_per_file: int = Field(
         default=200_000, gt=0, description="Most tensors one safetensors header may list."

@@ -33,7 +33,7 @@ from service import auth, errors
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware, TimeoutMiddleware
 from service.routes import auth as auth_routes
-from service.routes import bases, checkpoints, dashboard, hub, jobs, repos, system
+from service.routes import bases, checkpoints, dashboard, hub, hub_write, jobs, repos, system
 from service.routes import docs as docs_routes
 from storage.gc import start_gc_thread
 
@@ -120,7 +120,7 @@ def create_app(
     errors.install(app)
     auth.install(app)
     docs_routes.install(app)
-    for module in (bases, checkpoints, repos, jobs, system, auth_routes, dashboard, hub):
+    for module in (bases, checkpoints, repos, jobs, system, auth_routes, dashboard, hub_write, hub):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_body_bytes)
     app.add_middleware(TimeoutMiddleware, timeout=settings.request_timeout_seconds)

@@ -113,6 +113,12 @@ STATUS_BY_CODE: dict[str, int] = {
     "parent_mismatch": 409,  # the ref moved since the parent the writer built on
     # -- service (ApiError and the handlers below) --
     "api_error": 400,
+    "bad_commit": 400,  # Hub: a commit payload (NDJSON) that cannot be read
+    "bad_repo_name": 400,  # Hub: a repository name the Hub's rules refuse
+    "bad_upload_url": 403,  # Hub: an LFS upload URL with a bad or expired signature
+    "repo_exists": 409,  # Hub: create_repo of a name already taken
+    "parent_commit_mismatch": 412,  # Hub: the commit's parentCommit is not the head any more
+    "lfs_object_missing": 422,  # Hub: a commit names an LFS object that was not uploaded
     "truncated": 400,  # the body ended before the header or the data it declares
     "checksum_mismatch": 400,
     "client_disconnected": 400,  # the client closed the connection mid-upload (nothing stored)
@@ -144,6 +150,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (403, "The key's role is too low"),
         (404, "Not found"),
         (409, "Conflict with the current state"),
+        (412, "The branch moved past the commit's parentCommit (Hub commits)"),
         (413, "Body over the size limit"),
         (415, "A file the service does not read (pickled weights: unsupported_file)"),
         (416, "Range not satisfiable"),

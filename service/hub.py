@@ -185,10 +185,7 @@ def resolve(session: Session, repo_id: str, rev: str | None, namespace: str) -> 
     revision = revisions.resolve_revision(session, ns, name, rev or revisions.MAIN)
     info = revisions.describe(session, [revision])[0]
     stored = info.stored
-    if stored is None or (
-        isinstance(stored, Checkpoint)
-        and (stored.state != CheckpointState.READY or stored.delta_blob_key is None)
-    ):
+    if stored is None:
         raise revisions.RevisionNotFound(
             f"revision {revision.commit_id[:12]} of {ns}/{name} holds no stored files"
         )
@@ -196,8 +193,21 @@ def resolve(session: Session, repo_id: str, rev: str | None, namespace: str) -> 
         rows = repo_rows.list_files(session, base_id=stored.id)
     else:
         rows = repo_rows.list_files(session, checkpoint_id=stored.id)
+        rebuildable = stored.state == CheckpointState.READY and stored.delta_blob_key is not None
+        if not rebuildable and not all(exact_blob(r) for r in rows):
+            raise revisions.RevisionNotFound(
+                f"revision {revision.commit_id[:12]} of {ns}/{name} holds no stored files"
+            )
     files = [HubFile(r.path, r.size, r.recon_sha256 or r.sha256, r) for r in rows]
     return HubRevision(ns, name, revision, stored, files)
+
+
+def exact_blob(row: File) -> str | None:
+    """The blob holding exactly the bytes a file row serves, or None (only its delta does):
+    the pushed original, kept until the exact delta replaces it."""
+    if row.blob_key is not None and row.recon_sha256 in (None, row.sha256):
+        return row.blob_key
+    return None
 
 
 def iso(when: datetime) -> str:

@@ -28,7 +28,9 @@ from service.errors import STATUS_BY_CODE
 log = logging.getLogger("slim.service")
 
 #: Streamed file uploads: exempt from the JSON body cap.
-_UPLOAD = re.compile(r"^/v1/(bases|checkpoints)/[^/]+/files/.+")
+_UPLOAD = re.compile(r"^/v1/(bases|checkpoints)/[^/]+/files/.+|^/api/lfs/[0-9a-f]{64}(/part/\d+)?$")
+#: Hub commits (NDJSON) are read line by line with their own limits.
+_STREAMED_POST = re.compile(r"^/api/models/.+/commit/[^/]+$")
 
 
 async def _answer(send: Send, code: str, detail: str) -> None:
@@ -134,7 +136,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "PUT" and _UPLOAD.match(scope["path"]):
+        if (scope["method"] == "PUT" and _UPLOAD.match(scope["path"])) or (
+            scope["method"] == "POST" and _STREAMED_POST.match(scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         too_large = (

@@ -152,6 +152,12 @@ def authenticate(session: Session, token: str, cache: VerifiedCache | None = Non
     return row
 
 
+def live_key(session: Session, key_prefix: str) -> ApiKey | None:
+    """The live (not revoked) key row of a prefix, or None (for URLs signed for a key)."""
+    row = session.scalars(select(ApiKey).where(ApiKey.key_prefix == key_prefix)).first()
+    return row if row is not None and row.revoked_at is None else None
+
+
 def create_key(
     session: Session,
     *,

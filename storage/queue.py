@@ -345,7 +345,14 @@ def publish(
                 if drop_originals and row.blob_key is not None:
                     drop.add(row.blob_key)
                     row.blob_key = None
-        _add_checkpoint_revision(session, checkpoint)
+        lands_on = (job.payload or {}).get(LANDS_ON)
+        if lands_on is None:
+            _add_checkpoint_revision(session, checkpoint)
+        elif not _land_compression(session, checkpoint, str(lands_on)):
+            for row in list_files(session, checkpoint_id=checkpoint.id):
+                if row.blob_key is not None:
+                    drop.add(row.blob_key)
+                    row.blob_key = None
         job.state = JobState.SUCCEEDED
         job.finished_at = db_now(session)
         job.lease_expires_at = None
@@ -532,6 +539,46 @@ def _add_checkpoint_revision(session: Session, checkpoint: Checkpoint) -> None:
         message=revision_message(checkpoint),
         checkpoint_id=checkpoint.id,
     )
+
+
+#: The job payload key of a compression queued after a Hub push (:mod:`storage.commits`): the
+#: commit id of the exact revision it compresses.
+LANDS_ON = "lands_on"
+#: The error of a compression after a Hub push that found nothing smaller than the exact copy.
+NOTHING_SMALLER = (
+    "no lossy encoding met the repository's policy (every file rebuilds bit-identically): "
+    "the exact revision stays as main; no new revision was added"
+)
+
+
+def _land_compression(session: Session, checkpoint: Checkpoint, lands_on: str) -> bool:
+    """A compression queued after a Hub push (:mod:`storage.commits`) becomes a new revision:
+    on ``main`` if ``main`` is still at the exact revision ``lands_on``, else on the ref
+    ``compressed-<lands_on[:12]>`` (a newer push is never overwritten). A result that rebuilds
+    every file bit-identically adds nothing to the exact revision: the checkpoint is marked
+    ``failed`` with :data:`NOTHING_SMALLER` instead. Returns whether a revision was added."""
+    rows = list_files(session, checkpoint_id=checkpoint.id)
+    if all(row.recon_sha256 == row.sha256 for row in rows):
+        checkpoint.state = CheckpointState.FAILED
+        checkpoint.error = NOTHING_SMALLER
+        checkpoint.delta_blob_key = None
+        return False
+    holder = revisions.claim_repo(
+        session, name=checkpoint.name, namespace=checkpoint.namespace, base_id=checkpoint.base_id
+    )
+    main = revisions.head(session, holder)
+    ref = revisions.MAIN
+    if main is None or main.commit_id != lands_on:
+        ref = f"compressed-{lands_on[:12]}"
+    revisions.add_revision(
+        session,
+        holder,
+        manifest_sha256=files_manifest((row.path, row.recon_sha256 or row.sha256) for row in rows),
+        message=f"{revision_message(checkpoint)}\n\nCompressed from {lands_on}.",
+        checkpoint_id=checkpoint.id,
+        ref=ref,
+    )
+    return True
 
 
 def fail_upload(session: Session, checkpoint_id: str, error: str) -> bool:

@@ -337,7 +337,7 @@ def _resolve_file(
         hub.HEADER_LINKED_SIZE: str(entry.size),
     }
     stored = found.stored
-    if isinstance(stored, Base):
+    if isinstance(stored, Base) or hub.exact_blob(entry.row) is not None:
         key = entry.row.blob_key
         session.close()
         if key is None or sha256_of_key(key) is None:
