@@ -166,6 +166,32 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_log)
 
+    repo = sub.add_parser(
+        "repo",
+        help="repositories pushed through the Hub protocol (create, set)",
+        description="A repository's base (what pushes are stored against when their model "
+        "card names none) and policy (what pushes are compressed to after their exact copy: "
+        "auto at --min-fidelity on the pushed calibration.jsonl by default, nothing lossy "
+        "without one). See docs/hub.md.",
+    )
+    repo_sub = repo.add_subparsers(dest="repo_command", required=True)
+    for verb, text in (("create", "create a repository"), ("set", "change its base or policy")):
+        p = repo_sub.add_parser(verb, parents=[conn], help=text)
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--base", default=None, help="a repository here that holds a base")
+        p.add_argument("--method", default=None, help="policy: method (default auto)")
+        p.add_argument("--min-fidelity", type=float, default=None, help="policy: auto's floor")
+        p.add_argument("--keep", type=float, default=None, help="policy: keep ratio")
+        p.add_argument("--value-bits", type=int, default=None, help="policy: value bits")
+        p.add_argument(
+            "--calibration-file",
+            default=None,
+            metavar="PATH",
+            help="policy: the pushed file holding calibration lines (default calibration.jsonl)",
+        )
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=cmd_repo, verb=verb)
+
     p = sub.add_parser("rm", parents=[conn], help="delete a checkpoint")
     p.add_argument("ref", metavar="ID")
     p.set_defaults(handler=cmd_rm)
@@ -310,6 +336,27 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repo(args: argparse.Namespace) -> int:
+    fields = {
+        "method": args.method,
+        "min_fidelity": args.min_fidelity,
+        "keep": args.keep,
+        "value_bits": args.value_bits,
+        "calibration_file": args.calibration_file,
+    }
+    policy = {k: v for k, v in fields.items() if v is not None} or None
+    with _client(args) as client:
+        if args.verb == "create":
+            repo = client.create_repo(args.name, base=args.base, policy=policy)
+        else:
+            repo = client.update_repo(args.name, base=args.base, policy=policy)
+    if args.json:
+        return _dump(repo.raw)
+    policy_text = ", ".join(f"{k} {v}" for k, v in repo.policy.items() if v is not None)
+    print(f"{repo.namespace}/{repo.name}: base {repo.base_id or '-'}; policy {policy_text}")
+    return 0
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     with _client(args) as client:
         history = client.list_revisions(args.name)
@@ -324,7 +371,7 @@ def cmd_log(args: argparse.Namespace) -> int:
             _size(r.stored_bytes),
             _num(r.fidelity, "{:.4f}"),
             ",".join(r.refs),
-            r.message,
+            r.message.partition("\n")[0],
         ]
         for r in history
     ]

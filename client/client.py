@@ -185,6 +185,23 @@ class SlimClient:
     def get_repo(self, name: str) -> Repo:
         return build(Repo, self._conn.json("GET", f"/v1/repos/{_segment(name)}"))
 
+    def create_repo(
+        self, name: str, *, base: str | None = None, policy: dict[str, Any] | None = None
+    ) -> Repo:
+        """A repository for Hub pushes: ``base`` (a repository holding a base) is what pushes
+        are stored against when their model card names none; ``policy`` what they are
+        compressed to (``method``, ``min_fidelity``, ``keep``, ``value_bits``,
+        ``calibration_file``)."""
+        body = {"name": name, "base": base, "policy": policy}
+        return build(Repo, self._conn.json("POST", "/v1/repos", json=body))
+
+    def update_repo(
+        self, name: str, *, base: str | None = None, policy: dict[str, Any] | None = None
+    ) -> Repo:
+        """Change a repository's base or policy (fields not given stay)."""
+        body = {"base": base, "policy": policy}
+        return build(Repo, self._conn.json("PATCH", f"/v1/repos/{_segment(name)}", json=body))
+
     def list_revisions(self, name: str) -> list[Revision]:
         """A repository's revisions, newest first."""
         return [

@@ -233,6 +233,7 @@ class Repo:
     main: str | None = None
     revisions: int = 0
     namespace: str = "default"
+    policy: dict[str, Any] = field(default_factory=dict)
     created_at: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

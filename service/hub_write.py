@@ -49,8 +49,13 @@ from core.params import (
     Example,
     Method,
 )
+from runtime.process import Runtime
 from service.errors import ApiError
+from storage import commits, revisions
+from storage.db import begin_write
+from storage.errors import AlreadyExists
 from storage.models import FileRole
+from storage.repo import record_blob
 
 MIB: Final = 1024 * 1024
 #: Files at most this large and without NUL bytes in their first 512 are ``regular``: sent
@@ -173,6 +178,39 @@ def check_repo_name(name: str) -> str:
             + (" (it is reserved for a route)" if name.lower() in RESERVED_NAMES else "")
         )
     return name
+
+
+def new_repo(
+    runtime: Runtime,
+    namespace: str,
+    name: str,
+    *,
+    base_id: str | None = None,
+    policy: Mapping[str, Any] | None = None,
+) -> str:
+    """Create the repository ``namespace/name`` with its first commit (``.gitattributes``, as
+    the Hub does) and the given base and policy; returns that commit's id.
+
+    Raises:
+        RepoExists: the name is taken.
+    """
+    info = runtime.store.put_stream([GITATTRIBUTES])
+    with runtime.sessions() as session:
+        begin_write(session)
+        if revisions.find_repo(session, name=name, namespace=namespace) is not None:
+            raise RepoExists(f"You already created this model repo: {namespace}/{name}")
+        record_blob(session, info)
+        first = commits.CommitFile(".gitattributes", info.size, info.sha256, info.key, FileRole.AUX)
+        try:
+            revision = commits.create_repo(session, namespace=namespace, name=name, first=first)
+        except AlreadyExists:
+            raise RepoExists(f"You already created this model repo: {namespace}/{name}") from None
+        repo = revisions.get_repo(session, name=name, namespace=namespace)
+        repo.base_id = base_id
+        repo.policy = dict(policy or {})
+        commit_id = revision.commit_id
+        session.commit()
+    return commit_id
 
 
 # -- upload modes ------------------------------------------------------------------------------
@@ -309,7 +347,8 @@ def parse_commit_line(line: bytes, payload: CommitPayload) -> InlineFile | None:
         return None
     if not payload.seen_header:
         raise BadCommit('a commit starts with its header line ({"key": "header", ...})')
-    path = check_path(_text(value, "path"))
+    raw_path = _text(value, "path")
+    path = check_path(raw_path.rstrip("/") if key == "deletedFolder" else raw_path)
     if key == "file":
         if value.get("encoding", "base64") != "base64":
             raise BadCommit(f"{path}: a regular file's encoding is 'base64'")
@@ -334,7 +373,7 @@ def parse_commit_line(line: bytes, payload: CommitPayload) -> InlineFile | None:
         payload.deleted_files.append(path)
         return None
     if key == "deletedFolder":
-        payload.deleted_folders.append(path.rstrip("/"))
+        payload.deleted_folders.append(path)
         return None
     raise BadCommit(
         f"unknown commit operation {key!r}; this server takes header, file, lfsFile, "
@@ -444,22 +483,41 @@ def validate_card(content: str) -> tuple[list[dict[str, str]], list[dict[str, st
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """A repository's storage policy (``Repo.policy``): what a push is compressed to after the
-    exact copy. Without calibration examples nothing lossy is queued: fidelity cannot be
-    measured, so the exact revision stays (the default a user can trust)."""
+    """A repository's storage policy (``Repo.policy``): what a push is compressed to after its
+    exact copy.
 
+    The default is ``auto`` at a fidelity floor of :data:`~core.params.DEFAULT_MIN_FIDELITY`
+    on the revision's ``calibration.jsonl``; **without calibration examples nothing lossy is
+    queued** — fidelity cannot be measured, so the exact revision stays (the default a user can
+    trust). Another ``method`` (with ``keep`` / ``value_bits``) is the user's explicit choice and
+    runs with or without calibration, as ``slim push --method`` does.
+    """
+
+    method: str = str(Method.AUTO)
     min_fidelity: float = DEFAULT_MIN_FIDELITY
+    keep: float | None = None
+    value_bits: int | None = None
     calibration_file: str = CALIBRATION_FILE
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any] | None) -> Policy:
-        row = row or {}
-        floor = row.get("min_fidelity", DEFAULT_MIN_FIDELITY)
-        path = row.get("calibration_file", CALIBRATION_FILE)
-        return cls(float(floor), str(path))
+        row = dict(row or {})
+        return cls(
+            method=str(row.get("method") or Method.AUTO),
+            min_fidelity=float(row.get("min_fidelity") or DEFAULT_MIN_FIDELITY),
+            keep=None if row.get("keep") is None else float(row["keep"]),
+            value_bits=None if row.get("value_bits") is None else int(row["value_bits"]),
+            calibration_file=str(row.get("calibration_file") or CALIBRATION_FILE),
+        )
 
     def to_row(self) -> dict[str, Any]:
-        return {"min_fidelity": self.min_fidelity, "calibration_file": self.calibration_file}
+        return {
+            "method": self.method,
+            "min_fidelity": self.min_fidelity,
+            "keep": self.keep,
+            "value_bits": self.value_bits,
+            "calibration_file": self.calibration_file,
+        }
 
 
 def read_calibration(data: bytes) -> tuple[Example, ...]:
@@ -491,10 +549,18 @@ def read_calibration(data: bytes) -> tuple[Example, ...]:
 
 
 def policy_params(policy: Policy, calibration: tuple[Example, ...]) -> CompressParams | None:
-    """The compression a push is queued for after its exact copy: ``auto`` at the policy's
-    floor on the calibration examples; None without any."""
-    if not calibration:
+    """The compression a push is queued for after its exact copy (see :class:`Policy`); None
+    when there is none (``auto`` without calibration examples, or ``lossless``)."""
+    method = Method(policy.method)
+    if method == Method.LOSSLESS or (method == Method.AUTO and not calibration):
         return None
+    if method == Method.AUTO:
+        return CompressParams(
+            method=method, min_fidelity=policy.min_fidelity, calibration=calibration
+        )
     return CompressParams(
-        method=Method.AUTO, min_fidelity=policy.min_fidelity, calibration=calibration
+        method=method,
+        keep=policy.keep,
+        value_bits=policy.value_bits,
+        calibration=calibration or None,
     )

@@ -301,6 +301,34 @@ class CheckpointsPublic(BaseModel):
 # -- repositories ----------------------------------------------------------------------------
 
 
+class PolicyBody(BaseModel):
+    """What a push to the repository through the Hub protocol is compressed to after its exact
+    copy (``service.hub_write.Policy``): ``auto`` at ``min_fidelity`` on the revision's
+    calibration file by default — nothing lossy without one; another method as asked."""
+
+    method: str | None = Field(default=None, max_length=32)
+    min_fidelity: float | None = Field(default=None, gt=0, le=1)
+    keep: float | None = Field(default=None, gt=0, le=1)
+    value_bits: int | None = None
+    calibration_file: str | None = Field(default=None, max_length=1024)
+
+
+class RepoCreate(BaseModel):
+    name: str = Field(max_length=96, description="The repository's name (the Hub's rules).")
+    base: str | None = Field(
+        default=None,
+        max_length=255,
+        description="A repository of your namespace holding a base: what pushes are stored "
+        "against when their model card names no base.",
+    )
+    policy: PolicyBody | None = None
+
+
+class RepoUpdate(BaseModel):
+    base: str | None = Field(default=None, max_length=255)
+    policy: PolicyBody | None = None
+
+
 class RepoPublic(BaseModel):
     id: str
     namespace: str
@@ -312,6 +340,9 @@ class RepoPublic(BaseModel):
     base_id: str | None
     main: str | None = Field(description="The commit id ``main`` points at (null: none yet).")
     revisions: int = Field(description="How many revisions it holds.")
+    policy: dict[str, Any] = Field(
+        default_factory=dict, description="Its storage policy for Hub pushes (see PolicyBody)."
+    )
     created_at: datetime
 
     @classmethod
@@ -324,6 +355,7 @@ class RepoPublic(BaseModel):
             base_id=row.base_id,
             main=main,
             revisions=revisions,
+            policy=dict(row.policy or {}),
             created_at=row.created_at,
         )
 

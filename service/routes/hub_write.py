@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as FsPath
@@ -33,7 +34,6 @@ from service.hub_write import (
     CommitPayload,
     LfsObjectMissing,
     PreconditionFailed,
-    RepoExists,
     UploadGrant,
 )
 from service.routes.hub import HubRoute
@@ -43,7 +43,7 @@ from storage import commits, keys, revisions
 from storage.blob_common import BlobInfo, blob_key
 from storage.cache import FileSpec
 from storage.db import begin_write
-from storage.errors import AlreadyExists, IntegrityError, NotFound, TooManyFiles
+from storage.errors import IntegrityError, NotFound, TooManyFiles
 from storage.models import Base, Blob, Checkpoint, File, Repo, Revision
 from storage.repo import list_files, record_blob
 
@@ -100,22 +100,16 @@ def create_repo(body: RepoCreate, request: Request, runtime: RuntimeDep, caller:
             f"you can create repositories in {caller.namespace!r} (your key's namespace) only"
         )
     name = hub_write.check_repo_name(body.name)
-    info = runtime.store.put_stream([hub_write.GITATTRIBUTES])
-    with runtime.sessions() as session:
-        begin_write(session)
-        if revisions.find_repo(session, name=name, namespace=namespace) is not None:
-            raise RepoExists(f"You already created this model repo: {namespace}/{name}")
-        record_blob(session, info)
-        first = commits.CommitFile(
-            ".gitattributes", info.size, info.sha256, info.key, hub_write.role_of(".gitattributes")
-        )
-        try:
-            commits.create_repo(session, namespace=namespace, name=name, first=first)
-        except AlreadyExists:
-            raise RepoExists(f"You already created this model repo: {namespace}/{name}") from None
-        session.commit()
     repo_id = f"{namespace}/{name}"
-    return RepoCreated(url=f"{_base_url(request)}/{repo_id}", name=repo_id, id=repo_id)
+    url = f"{_base_url(request)}/{repo_id}"
+    try:
+        hub_write.new_repo(runtime, namespace, name)
+    except hub_write.RepoExists as exc:
+        # the Hub's 409 names the repository: create_repo(exist_ok=True) reads its url
+        answer = hub.hub_error(exc.code, exc.detail, 409)
+        headers = {k: v for k, v in answer.headers.items() if k.lower().startswith("x-error")}
+        return JSONResponse({**json.loads(answer.body), "url": url}, 409, headers=headers)
+    return RepoCreated(url=url, name=repo_id, id=repo_id)
 
 
 class RepoDelete(BaseModel):
@@ -737,10 +731,11 @@ def _base_for(
 def _policy(runtime: Runtime, repo: Repo, files: list[commits.CommitFile]) -> Any:
     policy = hub_write.Policy.from_row(repo.policy)
     calib = next((f for f in files if f.path == policy.calibration_file), None)
-    if calib is None:
-        return None
-    data = _blob_bytes(runtime, calib.blob_key, 64 * hub_write.MIB)
-    return hub_write.policy_params(policy, hub_write.read_calibration(data))
+    examples: tuple[Any, ...] = ()
+    if calib is not None:
+        data = _blob_bytes(runtime, calib.blob_key, 64 * hub_write.MIB)
+        examples = hub_write.read_calibration(data)[: runtime.settings.max_calibration_examples]
+    return hub_write.policy_params(policy, examples)
 
 
 _NDJSON: dict[str, Any] = {

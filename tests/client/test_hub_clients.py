@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ def hub_python(stack: Stack, home: Path, code: str, key: str = TEST_ADMIN_KEY) -
         "HF_TOKEN": key,
         "HF_HOME": str(home),
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",  # uploads through Git LFS (docs/hub.md)
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "PYTHONPATH": str(REPO),
     }
@@ -231,3 +233,106 @@ def test_transformers_from_pretrained_by_revision(embedded: Stack, tmp_path: Pat
         """
     pinned, main, original = hub_python(embedded, tmp_path / "hf", code)
     assert pinned == main == original
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["embedded", "distributed"])
+def test_push_to_hub_then_from_pretrained(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A user with only the Hub's clients: ``create_repo`` + ``upload_folder`` of a base,
+    ``push_to_hub`` of a fine-tune whose card names it, then ``from_pretrained`` of the exact
+    revision at once and of the compressed one (auto at 0.99 on the pushed calibration file)
+    once it lands — predictions compared with the original; a pinned ``hf_hub_download``,
+    ``list_repo_commits`` showing the compression, ``get_safetensors_metadata``, and two
+    concurrent ``create_commit``s on one parent (one gets 412)."""
+    from tests.client.helpers import tiny_bert, write_calibration
+    from tests.fixtures import test_examples
+
+    stack: Stack = request.getfixturevalue(kind)
+    base_dir, (ft_dir,) = tiny_bert(tmp_path / "models", n_finetunes=1)
+    calib = write_calibration(tmp_path / "calibration.jsonl", n=64)
+    texts = [e.text for e in test_examples(16)]
+    code = f"""
+        import json, threading, torch, huggingface_hub as hh, transformers
+        from huggingface_hub import HfApi, CommitOperationAdd, hf_hub_download, snapshot_download
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        api = HfApi()
+        out = {{"versions": [hh.__version__, transformers.__version__]}}
+        texts = {texts!r}
+        def predict(source, **kw):
+            tok = AutoTokenizer.from_pretrained(source, **kw)
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kw).eval()
+            with torch.no_grad():
+                return model(**tok(texts, padding=True, return_tensors="pt")).logits.tolist()
+        api.create_repo("tiny-base")
+        api.upload_folder(repo_id="tiny-base", folder_path={str(base_dir)!r})
+        api.create_repo("sentiment")
+        api.upload_file(path_or_fileobj=b"---\\nbase_model: tiny-base\\n---\\n# sentiment\\n",
+                        path_in_repo="README.md", repo_id="sentiment")
+        api.upload_file(path_or_fileobj={str(calib)!r}, path_in_repo="calibration.jsonl",
+                        repo_id="sentiment")
+        model = AutoModelForSequenceClassification.from_pretrained({str(ft_dir)!r})
+        AutoTokenizer.from_pretrained({str(ft_dir)!r}).push_to_hub("sentiment")
+        info = model.push_to_hub("sentiment", commit_message="fine-tune")
+        out["exact"] = info.oid
+        out["original"] = predict({str(ft_dir)!r})
+        out["exact_predictions"] = predict("sentiment", revision=info.oid)
+        out["pinned"] = hf_hub_download("default/sentiment", "model.safetensors",
+                                        revision=info.oid)
+        api.create_repo("scratch")
+        head = api.model_info("scratch").sha
+        results = []
+        def race(i):
+            try:
+                api.create_commit("scratch", operations=[CommitOperationAdd(
+                    f"note{{i}}.txt", f"{{i}}".encode())], commit_message=f"race {{i}}",
+                    parent_commit=head)
+                results.append("ok")
+            except hh.errors.HfHubHTTPError as e:
+                results.append(e.response.status_code)
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        out["race"] = sorted(map(str, results))
+        print(json.dumps(out))
+        """
+    got = hub_python(stack, tmp_path / "hf", code)
+    assert got["exact_predictions"] == got["original"]
+    pushed = (ft_dir / "model.safetensors").read_bytes()
+    assert Path(got["pinned"]).read_bytes() == pushed
+    assert got["race"] == ["412", "ok"]
+    # the compression lands as a new revision on main (a job; wait for it)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        revs = stack.client.get("/v1/repos/sentiment/revisions").json()["data"]
+        if revs[0]["message"].startswith("sentiment: auto"):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no compressed revision: {revs}")
+    assert revs[0]["fidelity"] >= 0.99 and revs[0]["refs"] == ["main"]
+    code = f"""
+        import json, torch
+        from huggingface_hub import HfApi
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        api = HfApi()
+        texts = {texts!r}
+        model = AutoModelForSequenceClassification.from_pretrained("sentiment").eval()
+        tok = AutoTokenizer.from_pretrained("sentiment")
+        with torch.no_grad():
+            logits = model(**tok(texts, padding=True, return_tensors="pt")).logits.tolist()
+        meta = api.get_safetensors_metadata("sentiment").files_metadata["model.safetensors"]
+        print(json.dumps({{
+            "compressed": logits,
+            "commits": [c.title for c in api.list_repo_commits("sentiment")],
+            "tensors": len(meta.tensors),
+        }}))
+        """
+    later = hub_python(stack, tmp_path / "hf2", code)
+    agree = sum(
+        max(range(2), key=a.__getitem__) == max(range(2), key=b.__getitem__)
+        for a, b in zip(later["compressed"], got["original"], strict=True)
+    )
+    assert agree >= 15, agree
+    assert later["commits"][0].startswith("sentiment: auto") and "fine-tune" in later["commits"]
+    assert later["tensors"] > 10
