@@ -76,8 +76,10 @@ def serve_workers(data_dir: Path, workers: int = 2) -> Iterator[Served]:
     log = data_dir.parent / "serve.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", "--workers", str(workers)]
-            + ["--data-dir", str(data_dir), "--port", str(port)],
+            [
+                *(sys.executable, "-m", "cli", "serve", "--workers", str(workers)),
+                *("--data-dir", str(data_dir), "--port", str(port)),
+            ],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -122,7 +124,7 @@ def test_two_api_processes_share_one_port(tmp_path: Path, models: Models) -> Non
 
         with SlimClient(served.url, served.key) as sdk:
             sdk.push_base(models.base, "tiny")
-            ckpt, job, _ = sdk.push(models.finetune, "tiny", name="ft", method="lossless")
+            _, job, _ = sdk.push(models.finetune, "tiny", name="ft", method="lossless")
             assert sdk.wait(job.id, timeout=300).state == "succeeded"
 
         def pull(i: int) -> dict[str, str]:
