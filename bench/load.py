@@ -10,6 +10,12 @@ latency (whole transfer, and time to first byte for pulls), errors (goal: zero) 
 process's peak resident memory, in ``bench/results/load.{json,md}``.
 
 The clients run in this process (threads), on the same machine as the server.
+
+``--api-workers 1 2`` compares ``slim serve --workers N`` instead: after the same preparation,
+for each N in turn a fresh API (``SLIM_API_WORKERS=N``, its own cache, warmed with each file
+once) takes ``--streams`` concurrent pulls for ``--seconds`` (no uploads), and the report gives
+each N's aggregate rate, p99 time to first byte and the peak RSS of the API's whole process tree,
+with the rate of each N against the first (``bench/results/load-workers.{json,md}``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -99,6 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params", type=int, default=4 << 20, help="parameters per model (float32; default 4M)"
     )
+    parser.add_argument(
+        "--api-workers",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="compare pulls against `slim serve --workers N` for each N (no uploads)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
 
 
@@ -111,6 +126,9 @@ def main(args: argparse.Namespace) -> int:
         result = run(root, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if args.api_workers:
+        write_workers_results(result, args.out)
+        return 0 if all(r["pulls"]["errors"] == 0 for r in result["rounds"]) else 1
     write_results(result, args.out)
     errors = result["pulls"]["errors"] + result["uploads"]["errors"]
     return 0 if errors == 0 else 1
@@ -151,6 +169,9 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             for url, _ in targets:
                 c.get(url).raise_for_status()
         w.stop()
+        if args.api_workers:
+            api.stop()
+            return _compare_workers(dep, targets, args)
         rss_before = api.peak_rss_bytes()
         pulls, puts = Samples(), Samples()
         stop_at = time.monotonic() + args.seconds
@@ -204,6 +225,92 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         api.stop()
         moto.stop()
         dep.close()
+
+
+def _compare_workers(
+    dep: Deployment, targets: list[tuple[str, int]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """``--streams`` concurrent pulls for ``--seconds`` against a fresh ``slim serve --workers
+    N`` for each N of ``--api-workers``, one after the other on the same checkpoints."""
+    rounds = []
+    for n in args.api_workers:
+        api = Api(dep, f"api-workers-{n}", api_workers=n).start().wait_ready()
+        try:
+            with client(api.url, timeout=600) as c:
+                for url, _ in targets:  # warm-up: fills this API's blob cache from S3
+                    c.get(url).raise_for_status()
+            pulls = Samples()
+            stop_at = time.monotonic() + args.seconds
+            threads = [
+                threading.Thread(
+                    target=_puller, args=(api.url, targets, i, stop_at, pulls), daemon=True
+                )
+                for i in range(args.streams)
+            ]
+            print(f"load: {args.streams} pulls for {args.seconds:g}s, --workers {n}", flush=True)
+            started = time.monotonic()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.monotonic() - started
+            rounds.append(
+                {
+                    "api_workers": n,
+                    "elapsed_seconds": round(elapsed, 1),
+                    "pulls": pulls.summary(elapsed),
+                    "api_tree_peak_rss_bytes": _tree_peak_rss(api.pid),
+                }
+            )
+        finally:
+            api.stop()
+    first = rounds[0]["pulls"]["throughput_mib_s"] or 0
+    for r in rounds:
+        rate = r["pulls"]["throughput_mib_s"] or 0
+        r["rate_vs_first"] = round(rate / first, 2) if first else None
+    return {
+        "benchmark": "load --api-workers",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.system()}, python {platform.python_version()}"
+        f", {os.cpu_count()} cores",
+        "stack": "PostgreSQL + moto S3 server; slim serve --no-worker --workers N as a child "
+        "process; clients are threads of the benchmark process",
+        "config": {
+            "streams": args.streams,
+            "seconds": args.seconds,
+            "checkpoints": args.checkpoints,
+            "params_per_model": args.params,
+            "file_bytes": targets[0][1] if targets else None,
+            "api_workers": args.api_workers,
+        },
+        "rounds": rounds,
+    }
+
+
+def _tree_peak_rss(pid: int | None) -> int | None:
+    """VmHWM summed over ``pid`` and its live child processes (the supervisor and the API
+    processes of ``slim serve --workers N``), from /proc."""
+    if pid is None:
+        return None
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
 
 def _retarget(ft_dir: Path, base_dir: Path, out: Path, seed: int) -> Path:
@@ -315,3 +422,34 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     if p["error_kinds"] or u["error_kinds"]:
         lines += [f"Errors: pulls {p['error_kinds']}, uploads {u['error_kinds']}", ""]
     (out / "load.md").write_text("\n".join(lines))
+
+
+def write_workers_results(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load-workers.json").write_text(json.dumps(result, indent=1) + "\n")
+    cfg, mib = result["config"], 1 << 20
+    lines = [
+        "# Load benchmark: API processes (`slim serve --workers N`)",
+        "",
+        f"`python -m bench load --api-workers {' '.join(map(str, cfg['api_workers']))} "
+        f"--streams {cfg['streams']} --seconds {cfg['seconds']:g} --checkpoints "
+        f"{cfg['checkpoints']} --params {cfg['params_per_model']}` — {result['when']}, "
+        f"{result['machine']}; {result['stack']}.",
+        "",
+        f"{cfg['streams']} concurrent pulls of {cfg['checkpoints']} checkpoints "
+        f"({(cfg['file_bytes'] or 0) / mib:.1f} MiB weight file each, rebuilt from base + delta "
+        "while streaming, each body checked against its ETag), each N on a fresh API in turn.",
+        "",
+        "| --workers | pulls | errors | aggregate | vs first | p50 | p99 | first byte p50 / p99 "
+        "| API peak RSS (all processes) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rounds"]:
+        p = r["pulls"]
+        lines.append(
+            f"| {r['api_workers']} | {p['requests']} | {p['errors']} | "
+            f"{p['throughput_mib_s']} MiB/s | {r['rate_vs_first']}x | {p['latency_p50_s']} s | "
+            f"{p['latency_p99_s']} s | {p['ttfb_p50_s']} s / {p['ttfb_p99_s']} s | "
+            f"{(r['api_tree_peak_rss_bytes'] or 0) / mib:.0f} MiB |"
+        )
+    (out / "load-workers.md").write_text("\n".join(lines) + "\n")

@@ -21,8 +21,10 @@ import ctypes.util
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import asdict
 from types import FrameType
@@ -47,12 +49,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="run the API (and, unless --no-worker, a job worker) — embedded by default",
         description="Embedded default: SQLite + local blobs under the data directory "
         "(--data-dir, $SLIM_DATA_DIR, else ~/.local/share/slimstore), API and worker "
-        "in one process on 127.0.0.1:8000, migrations applied at start. Distributed: set "
-        "SLIM_DATABASE_URL and SLIM_BLOB_BACKEND=s3 (+ SLIM_S3_*) and pass --no-worker.",
+        "in one process on 127.0.0.1:8000, migrations applied at start. --workers N runs N "
+        "API processes on the one port beside a supervisor that migrates and runs the job "
+        "worker once. Distributed: set SLIM_DATABASE_URL and SLIM_BLOB_BACKEND=s3 "
+        "(+ SLIM_S3_*) and pass --no-worker.",
     )
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--no-worker", action="store_true", help="API only; run `slim worker` apart")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="API processes on the one port (default $SLIM_API_WORKERS, else one per two "
+        "cores, capped by memory); the job worker still runs once",
+    )
     p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=cmd_serve)
@@ -178,17 +190,114 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
 
     try:
-        settings = _settings(args, host=args.host, port=args.port)
+        settings = _settings(args, host=args.host, port=args.port, api_workers=args.workers)
     except ValidationError as exc:
         for err in exc.errors():
             print(f"slim: error [invalid_settings]: {err['msg']}", file=sys.stderr)
         return 2
     _say_database(settings, "serve")
     _logging(args.log_level)
+    if settings.resolved_api_workers > 1:
+        return _serve_processes(settings, args)
     _torch_threads(settings.torch_threads or (1 if args.no_worker else None))
     app = create_app(settings, embedded_worker=not args.no_worker)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
     return 0
+
+
+#: The environment variable through which ``slim serve --workers N`` tells its API processes
+#: what the command line said beyond ``SLIM_*`` settings (JSON: supervisor pid, log level).
+API_PROCESS_ENV = "SLIM_SERVE_API_PROCESS"
+#: prctl option: the signal a process gets when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def _serve_processes(settings: Any, args: argparse.Namespace) -> int:
+    """``slim serve --workers N``: this process is the supervisor. It migrates, makes sure an
+    admin key exists (printing a generated one once), runs the embedded job worker and garbage
+    collection in its own threads — once, whatever N — and lets uvicorn's supervisor run N API
+    processes that accept on one listening socket (each builds :func:`api_process`'s app)."""
+    import uvicorn
+
+    from runtime.process import Background, Runtime
+    from service import auth
+    from service.metrics import MULTIPROCESS_ENV
+
+    n = settings.resolved_api_workers
+    _torch_threads(settings.torch_threads)  # the embedded worker's searches run here
+    # The API processes read the same settings from the environment, so the command line's
+    # overrides are written into it; they inherit it (spawned, not forked).
+    for name in ("data_dir", "host", "port", "api_workers"):
+        os.environ[f"SLIM_{name.upper()}"] = str(getattr(settings, name))
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # limit_malloc_arenas, for the children
+    metrics_dir = tempfile.mkdtemp(prefix="slim-metrics-")
+    os.environ[MULTIPROCESS_ENV] = metrics_dir
+    os.environ[API_PROCESS_ENV] = json.dumps(
+        {"supervisor_pid": os.getpid(), "log_level": args.log_level}
+    )
+    runtime = Runtime.from_settings(settings)  # migrations, once, before any API process
+    background: Background | None = None
+    try:
+        first_key = auth.bootstrap(runtime)
+        if first_key is not None:
+            auth.announce_first_key(first_key, f"http://{settings.host}:{settings.port}")
+        background = Background.start(runtime, worker=not args.no_worker, gc=True)
+        print(
+            f"slim serve: {n} API processes on http://{settings.host}:{settings.port}"
+            + ("" if args.no_worker else ", job worker in the supervisor"),
+            file=sys.stderr,
+            flush=True,
+        )
+        uvicorn.run(
+            "cli.server:api_process",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=n,
+            log_level=args.log_level.lower(),
+        )
+    finally:
+        if background is not None:
+            background.stop()
+        runtime.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def api_process() -> Any:
+    """The app of one API process of ``slim serve --workers N`` (uvicorn calls this factory in
+    each): settings from the environment the supervisor wrote, no migrations, no key
+    bootstrap, no job worker, no garbage collection (the supervisor runs those once), one torch
+    thread unless ``SLIM_TORCH_THREADS`` says otherwise. The process asks the kernel for
+    SIGTERM when the supervisor dies, so a killed supervisor leaves no API process behind."""
+    from runtime.settings import Settings
+    from service.app import create_app
+
+    spec = json.loads(os.environ[API_PROCESS_ENV])
+    _die_with_parent(int(spec["supervisor_pid"]))
+    limit_malloc_arenas()
+    _logging(spec["log_level"])
+    settings = Settings()
+    _torch_threads(settings.torch_threads or 1)
+    return create_app(
+        settings,
+        embedded_worker=False,
+        gc_enabled=False,
+        bootstrap=False,
+        migrate_schema=False,
+    )
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this process when ``parent`` exits (Linux prctl; elsewhere nothing), and exit
+    now if it already has."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        raise SystemExit(f"slim serve: the supervisor (pid {parent}) is gone; not starting")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

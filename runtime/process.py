@@ -1,13 +1,15 @@
 """The long-lived pieces a Slimstore process builds from its settings.
 
 :class:`Runtime` holds the database engine and session factory, the blob store and the local
-blob cache; :func:`make_worker` builds a :class:`worker.runner.Worker` over them. The API (see
+blob cache; :func:`make_worker` builds a :class:`worker.runner.Worker` over them, and
+:class:`Background` runs it (and periodic garbage collection) in threads. The API (see
 ``service.app``) and the server verbs of the CLI both start here. No FastAPI in this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +19,7 @@ from runtime.settings import Settings
 from storage.blobstore import BlobStore, LocalBlobStore, S3BlobStore
 from storage.cache import BlobCache
 from storage.db import make_engine, session_factory
+from storage.gc import start_gc_thread
 from worker.runner import Worker, WorkerOptions
 
 
@@ -86,3 +89,45 @@ def make_worker(
         options,
         worker_id=worker_id,
     )
+
+
+@dataclass
+class Background:
+    """The threads a server runs beside its API: the embedded job worker and periodic garbage
+    collection. ``slim serve`` runs them in exactly one process (the API process, or with
+    ``--workers`` above one the supervisor), never once per API process."""
+
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, runtime: Runtime, *, worker: bool, gc: bool) -> Background:
+        """Start the embedded worker (``worker``) and garbage collection every
+        ``gc_interval_seconds`` (``gc``; 0 in the settings: never)."""
+        bg = cls()
+        s = runtime.settings
+        if worker:
+            thread = threading.Thread(
+                target=make_worker(runtime).run, args=(bg.stop_event,), name="slim-worker"
+            )
+            thread.daemon = True
+            thread.start()
+            bg.threads.append(thread)
+        if gc:
+            gc_thread = start_gc_thread(
+                runtime.sessions,
+                runtime.store,
+                grace_seconds=s.gc_grace_seconds,
+                interval_seconds=s.gc_interval_seconds,
+                stop=bg.stop_event,
+                retention_seconds=s.revision_retention_seconds,
+            )
+            if gc_thread is not None:
+                bg.threads.append(gc_thread)
+        return bg
+
+    def stop(self, timeout: float = 60) -> None:
+        """Ask every thread to finish (a running job is given up to ``timeout`` seconds)."""
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=timeout)

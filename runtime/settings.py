@@ -22,6 +22,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1 << 30
 MIB = 1 << 20
+#: What one API process may take while it streams: ~300 MB of Python and torch plus ~100-130 MB
+#: of download buffers, rounded up (docs/scaling.md, "peak RSS of an API process").
+API_PROCESS_BYTES = 512 * MIB
 #: Hosts that only this machine can reach: the only ones open mode may bind to.
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -37,6 +40,24 @@ def default_data_dir() -> Path:
     create`` run elsewhere create a second database whose keys the server rejected."""
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "slimstore"
+
+
+def default_api_workers() -> int:
+    """How many API processes ``slim serve`` runs when ``SLIM_API_WORKERS`` is unset: one per
+    two cores this process may use, and no more than fit in half the memory at
+    :data:`API_PROCESS_BYTES` each; at least one.
+
+    Two cores per process, not one: a download already runs a rebuild thread two pieces ahead
+    and hashes in another, and a lossless rebuild inflates its byte planes on several threads,
+    so one process keeps about two cores busy (docs/scaling.md). A 2-core machine therefore
+    stays at one process, a 16-core node runs 8 (~4 GB)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    by_memory = memory // 2 // API_PROCESS_BYTES if memory > 0 else 1
+    return max(1, min((cores or 1) // 2, by_memory))
 
 
 class Settings(BaseSettings):
@@ -168,6 +189,14 @@ class Settings(BaseSettings):
     # -- server --------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
+    api_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="API processes `slim serve` runs on its one port (`--workers`); default "
+        "one per two cores, capped by memory (runtime.settings.default_api_workers). Beyond "
+        "one, a supervisor process migrates, prints the first key and runs the embedded job "
+        "worker and garbage collection once; the API processes only answer requests.",
+    )
 
     @model_validator(mode="after")
     def _open_only_on_loopback(self) -> Settings:
@@ -193,6 +222,10 @@ class Settings(BaseSettings):
         if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
             return None
         return Path(url.database).resolve()
+
+    @property
+    def resolved_api_workers(self) -> int:
+        return self.api_workers or default_api_workers()
 
     @property
     def resolved_blob_dir(self) -> Path:

@@ -9,7 +9,9 @@ Access: API keys (``service.auth``); the dashboard signs in at ``/signin``.
 
 Startup (lifespan): connect, make sure an admin key exists (``SLIM_BOOTSTRAP_KEY``, or a
 generated key printed once on a fresh install), start the embedded worker and the periodic
-garbage collection (``SLIM_GC_INTERVAL_SECONDS``).
+garbage collection (``SLIM_GC_INTERVAL_SECONDS``). ``slim serve --workers N`` (N > 1) does all
+of that once in its supervisor and builds each API process's app with none of it
+(``cli.server.api_process``).
 
 API docs: ``/docs`` (Swagger UI) and ``/redoc``, assets served locally
 (:mod:`service.routes.docs`).
@@ -20,14 +22,13 @@ Middleware, outermost first: metrics, request timeouts (408/504), the JSON body 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI
 
-from runtime.process import Runtime, make_worker
+from runtime.process import Background, Runtime
 from runtime.settings import Settings
 from service import auth, errors
 from service.metrics import Metrics, MetricsMiddleware
@@ -35,7 +36,6 @@ from service.middleware import BodyLimitMiddleware, TimeoutMiddleware
 from service.routes import auth as auth_routes
 from service.routes import bases, checkpoints, dashboard, hub, hub_write, jobs, repos, system
 from service.routes import docs as docs_routes
-from storage.gc import start_gc_thread
 
 log = logging.getLogger("slim.service")
 
@@ -58,6 +58,8 @@ def create_app(
     runtime: Runtime | None = None,
     embedded_worker: bool = False,
     gc_enabled: bool = True,
+    bootstrap: bool = True,
+    migrate_schema: bool | None = None,
 ) -> FastAPI:
     """Build the app. Connections are made at startup (lifespan), not here.
 
@@ -66,6 +68,8 @@ def create_app(
         runtime: an already built runtime to use instead (tests); not closed at shutdown.
         embedded_worker: run a job worker in a thread of this process.
         gc_enabled: run garbage collection every ``settings.gc_interval_seconds`` (0: never).
+        bootstrap: make sure an admin key exists at startup (printing a generated one).
+        migrate_schema: apply migrations at startup (default: ``settings.should_migrate``).
     """
     settings = settings or (runtime.settings if runtime else Settings())
     metrics = Metrics()
@@ -73,37 +77,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = runtime is None
-        rt = runtime or Runtime.from_settings(settings)
+        rt = runtime or Runtime.from_settings(settings, migrate_schema=migrate_schema)
         app.state.runtime = rt
         metrics.watch_database(rt.sessions)
-        first_key = await anyio.to_thread.run_sync(auth.bootstrap, rt)
+        first_key = await anyio.to_thread.run_sync(auth.bootstrap, rt) if bootstrap else None
         if first_key is not None:
             auth.announce_first_key(first_key, f"http://{settings.host}:{settings.port}")
-        stop = threading.Event()
-        thread = None
-        if embedded_worker:
-            worker = make_worker(rt)
-            thread = threading.Thread(target=worker.run, args=(stop,), name="slim-worker")
-            thread.daemon = True
-            thread.start()
-        gc_thread = None
-        if gc_enabled:
-            gc_thread = start_gc_thread(
-                rt.sessions,
-                rt.store,
-                grace_seconds=rt.settings.gc_grace_seconds,
-                interval_seconds=rt.settings.gc_interval_seconds,
-                stop=stop,
-                retention_seconds=rt.settings.revision_retention_seconds,
-            )
+        background = Background.start(rt, worker=embedded_worker, gc=gc_enabled)
         try:
             yield
         finally:
-            stop.set()
-            if thread is not None:
-                thread.join(timeout=60)
-            if gc_thread is not None:
-                gc_thread.join(timeout=60)
+            background.stop()
             if own:
                 rt.close()
 

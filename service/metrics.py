@@ -3,16 +3,25 @@ the database at scrape time) jobs by state and stored vs logical bytes.
 
 Each app gets its own :class:`~prometheus_client.CollectorRegistry`, so several apps can live
 in one process (tests) without clashing.
+
+Several API processes (``slim serve --workers N``): the supervisor points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before it starts them, so every process
+writes its counters and histograms there and a scrape — answered by whichever process the
+kernel hands the connection — sums them all (:meth:`Metrics.exposition`). The
+``slim_api_process_requests`` counter keeps one series per process id, so an operator sees how
+requests spread over the processes.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +31,8 @@ from storage.models import JobState
 from storage.repo import stats
 
 UNMATCHED = "<unmatched>"
+#: Where prometheus_client keeps the values of every process when several share the metrics.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -29,6 +40,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.pid = str(os.getpid())
+        self._database: DatabaseCollector | None = None
         self.requests = Counter(
             "slim_http_requests",
             "HTTP requests by method, route template and status.",
@@ -54,9 +67,28 @@ class Metrics:
             ["route"],
             registry=self.registry,
         )
+        self.process_requests = Counter(
+            "slim_api_process_requests",
+            "HTTP requests answered, by the API process (pid) that answered them.",
+            ["pid"],
+            registry=self.registry,
+        )
 
     def watch_database(self, sessions: sessionmaker[Session]) -> None:
-        self.registry.register(DatabaseCollector(sessions))
+        self._database = DatabaseCollector(sessions)
+        self.registry.register(self._database)
+
+    def exposition(self) -> bytes:
+        """The text format of every metric: this process's, or with ``PROMETHEUS_MULTIPROC_DIR``
+        set, every API process's summed (the database figures once either way)."""
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        if not directory:
+            return bytes(generate_latest(self.registry))
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
+        if self._database is not None:
+            registry.register(self._database)
+        return bytes(generate_latest(registry))
 
 
 class DatabaseCollector(Collector):
@@ -135,6 +167,7 @@ class MetricsMiddleware:
             method = scope.get("method", "")
             m = self.metrics
             m.requests.labels(method, route, str(status)).inc()
+            m.process_requests.labels(m.pid).inc()
             m.latency.labels(method, route).observe(time.perf_counter() - started)
             if received:
                 m.bytes_in.labels(route).inc(received)

@@ -6,6 +6,14 @@ blob is downloaded once into a cache keyed by its content key (so its sha256), a
 verified, and shared by every job and request of this process (and by other processes that use
 the same cache directory). The reconstruct endpoint and the worker both use this module.
 
+Several processes (``slim serve --workers N``, or a worker beside the API) share one cache
+directory: a download or a directory build holds an exclusive ``flock`` on a lock file under
+``<cache_dir>/locks`` as well as a thread lock, so one process fetches a blob while the others
+wait and then find it in place, and a materialised directory is never replaced while it is
+whole (only a tree with a dead link is, and it is moved aside before a new one is renamed in).
+Every file is first written under a temporary name and renamed, so a reader never sees a
+partial one whatever the locks.
+
 The cache is never evicted automatically; remove ``<cache_dir>/blobs`` to reclaim the space
 (everything in it can be fetched again).
 
@@ -17,13 +25,15 @@ job or a download never works from silently corrupted bytes.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +78,7 @@ class BlobCache:
         if target.is_file():
             self._verify(key, target)
             return target
-        with self._lock_for(key):
+        with self._exclusive(key):
             if not target.is_file():
                 self.store.get_to_file(key, target)  # verified while downloading
                 self._remember(key, target)
@@ -128,22 +138,36 @@ class BlobCache:
             for spec in files:  # checked once per process (a no-op after the first time)
                 self.path(spec.blob_key)
             return final
-        with self._lock_for(str(final)):
+        with self._exclusive(str(final)):
             if final.is_dir() and _links_alive(final):
                 return final
             tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.incomplete")
             try:
                 self.materialize(files, tmp)
-                if final.is_dir():
-                    shutil.rmtree(final, ignore_errors=True)
-                try:
-                    os.rename(tmp, final)
-                except OSError:  # another process won the race; its tree is as good as ours
-                    if not final.is_dir():
-                        raise
+                if final.exists():  # a dead tree (a blob it linked is gone): move it aside
+                    stale = final.with_name(f".{final.name}.{uuid.uuid4().hex}.stale")
+                    os.rename(final, stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+                os.rename(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    @contextmanager
+    def _exclusive(self, name: str) -> Iterator[None]:
+        """Hold ``name`` against this process's other threads and against every process that
+        shares the cache directory (an ``flock`` on ``<cache_dir>/locks/<digest>.lock``,
+        released when the file is closed, so also when a process dies holding it)."""
+        with self._lock_for(name):
+            locks = self.root / "locks"
+            locks.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256(name.encode()).hexdigest()[:32]
+            fd = os.open(locks / f"{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
 
     def _lock_for(self, key: str) -> threading.Lock:
         with self._guard:

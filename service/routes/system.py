@@ -7,7 +7,7 @@ from collections.abc import Callable
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from migrations.api import schema_is_current
@@ -73,8 +73,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
 )
 def metrics(request: Request) -> Response:
     """Prometheus metrics (server-wide totals: an admin key is needed)."""
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _check(probe: Callable[[], str]) -> str:
