@@ -104,6 +104,7 @@ def commit(
         ParentMismatch: ``main`` is not at ``expected_parent`` (nothing changed).
     """
     files = list(files)
+    revisions.lock_repo(session, repo)  # before naming rows after the revision number
     if base is None:
         return _commit_whole(
             session, repo, files, message, expected_parent=expected_parent, ref=ref

@@ -523,6 +523,12 @@ def repo_of_base(session: Session, base: Base) -> Repo | None:
 # -- helpers ---------------------------------------------------------------------------------
 
 
+def lock_repo(session: Session, repo: Repo) -> None:
+    """Hold the repository row for the rest of the transaction (PostgreSQL: FOR UPDATE):
+    what a writer reads of its history then stays true until it commits."""
+    _lock(session, repo)
+
+
 def _lock(session: Session, repo: Repo) -> None:
     """Hold the repository row for the rest of the transaction (PostgreSQL: FOR UPDATE)."""
     session.execute(for_update(session, select(Repo.id).where(Repo.id == repo.id)))

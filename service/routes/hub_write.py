@@ -576,6 +576,7 @@ def _land(
         with runtime.sessions() as session:
             begin_write(session)
             repo = revisions.get_repo(session, name=name, namespace=namespace)
+            revisions.lock_repo(session, repo)  # the head read here stays the head
             head = revisions.head(session, repo, rev)
             if head is None and rev != revisions.MAIN:
                 raise revisions.RevisionNotFound(
