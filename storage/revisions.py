@@ -334,6 +334,20 @@ def move_ref(session: Session, repo: Repo, name: str, rev: str) -> Ref:
     return _point(session, repo, name, revision_of(session, repo, rev))
 
 
+def delete_ref(session: Session, repo: Repo, name: str) -> None:
+    """Delete the ref ``name`` (not ``main``); its revisions stay until deleted or expired.
+
+    Raises:
+        RevisionNotFound: no such ref.
+    """
+    _lock(session, repo)
+    ref = session.scalars(select(Ref).where(Ref.repo_id == repo.id, Ref.name == name)).first()
+    if ref is None:
+        raise RevisionNotFound(f"repository {repo.name!r} has no ref {name!r}")
+    session.delete(ref)
+    session.flush()
+
+
 def delete_revision(session: Session, revision: Revision) -> None:
     """Delete a revision and the stored object that holds its files (the object's blobs go to
     garbage collection). Refs that pointed at it move to its parent if that still exists, else

@@ -34,6 +34,7 @@ from service.hub_write import (
     CommitPayload,
     LfsObjectMissing,
     PreconditionFailed,
+    RepoExists,
     UploadGrant,
 )
 from service.routes.hub import HubRoute
@@ -108,7 +109,7 @@ def create_repo(body: RepoCreate, request: Request, runtime: RuntimeDep, caller:
         # the Hub's 409 names the repository: create_repo(exist_ok=True) reads its url
         answer = hub.hub_error(exc.code, exc.detail, 409)
         headers = {k: v for k, v in answer.headers.items() if k.lower().startswith("x-error")}
-        return JSONResponse({**json.loads(answer.body), "url": url}, 409, headers=headers)
+        return JSONResponse({**json.loads(bytes(answer.body)), "url": url}, 409, headers=headers)
     return RepoCreated(url=url, name=repo_id, id=repo_id)
 
 
@@ -500,6 +501,98 @@ def xet_write_token(caller: CallerDep, name: str, rev: str, namespace: str | Non
 
 class XetUnsupported(ApiError):
     code = "not_found"
+
+
+# -- branches --------------------------------------------------------------------------------
+
+
+class BranchCreate(BaseModel):
+    startingPoint: str | None = Field(default=None, max_length=255)
+    emptyBranch: bool | None = None
+
+
+def _create_branch(
+    runtime: Runtime, caller: Caller, repo_id: str, branch: str, body: BranchCreate | None
+) -> Response:
+    namespace, name = hub.split_repo_id(repo_id, caller.namespace)
+    if body is not None and body.emptyBranch:
+        raise BadCommit("empty branches are not kept here; start a branch at a commit")
+    with runtime.sessions() as session:
+        begin_write(session)
+        repo = revisions.get_repo(session, name=name, namespace=namespace)
+        revisions.lock_repo(session, repo)
+        if revisions.head(session, repo, branch) is not None:
+            raise RepoExists(f"Reference already exists: refs/heads/{branch}")
+        start = (body.startingPoint if body is not None else None) or revisions.MAIN
+        try:
+            revisions.move_ref(session, repo, branch, start)
+        except ValueError as exc:
+            raise BadCommit(str(exc)) from None
+        session.commit()
+    return Response(status_code=200)
+
+
+@router.post("/api/models/{namespace}/{name}/branch/{branch}", responses=_ERRORS)
+def create_branch(
+    namespace: Namespace,
+    name: Name,
+    branch: str,
+    request: Request,
+    runtime: RuntimeDep,
+    caller: CallerDep,
+    body: BranchCreate | None = None,
+) -> Response:
+    """``create_branch``: a branch at ``startingPoint`` (default ``main``); 409 if it exists.
+    Commits to it are stored like any (exact); only ``main`` gets the policy's compression."""
+    return _create_branch(
+        runtime, caller, _repo_id(namespace, name), _raw_rev(request, branch), body
+    )
+
+
+@router.post("/api/models/{name}/branch/{branch}", responses=_ERRORS)
+def create_branch_short(
+    name: Name,
+    branch: str,
+    request: Request,
+    runtime: RuntimeDep,
+    caller: CallerDep,
+    body: BranchCreate | None = None,
+) -> Response:
+    """:func:`create_branch` for a repository of your namespace named without it."""
+    return _create_branch(runtime, caller, name, _raw_rev(request, branch), body)
+
+
+def _delete_branch(runtime: Runtime, caller: Caller, repo_id: str, branch: str) -> Response:
+    namespace, name = hub.split_repo_id(repo_id, caller.namespace)
+    if branch == revisions.MAIN:
+        raise BadCommit("main cannot be deleted; delete the repository instead")
+    with runtime.sessions() as session:
+        begin_write(session)
+        repo = revisions.get_repo(session, name=name, namespace=namespace)
+        revisions.delete_ref(session, repo, branch)
+        session.commit()
+    return Response(status_code=200)
+
+
+@router.delete("/api/models/{namespace}/{name}/branch/{branch}", responses=_ERRORS)
+def delete_branch(
+    namespace: Namespace,
+    name: Name,
+    branch: str,
+    request: Request,
+    runtime: RuntimeDep,
+    caller: CallerDep,
+) -> Response:
+    """``delete_branch``: the ref goes; its revisions stay until retention expires them."""
+    return _delete_branch(runtime, caller, _repo_id(namespace, name), _raw_rev(request, branch))
+
+
+@router.delete("/api/models/{name}/branch/{branch}", responses=_ERRORS)
+def delete_branch_short(
+    name: Name, branch: str, request: Request, runtime: RuntimeDep, caller: CallerDep
+) -> Response:
+    """:func:`delete_branch` for a repository of your namespace named without it."""
+    return _delete_branch(runtime, caller, name, _raw_rev(request, branch))
 
 
 # -- commits -----------------------------------------------------------------------------------

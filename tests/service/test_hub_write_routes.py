@@ -334,3 +334,21 @@ def test_whole_repositories_dedup_their_blobs(embedded: Stack, models: Models) -
         == (models.base / "model.safetensors").read_bytes()
     )
     assert after["stored_bytes"] == before["stored_bytes"]  # the same blobs
+
+
+def test_branches(embedded: Stack) -> None:
+    c = embedded.client
+    c.post("/api/repos/create", json={"name": "b"})
+    first = c.get("/api/models/b").json()["sha"]
+    assert c.post("/api/models/b/branch/dev", json={}).status_code == 200
+    hub_error(c.post("/api/models/b/branch/dev", json={}), 409)
+    r = commit(c, "b", ndjson("on dev", [regular("dev.txt", b"d")]), rev="dev")
+    assert r.status_code == 200, r.text
+    assert c.get("/api/models/b").json()["sha"] == first  # main did not move
+    assert read(c, "b", "dev", "dev.txt") == b"d"
+    refs = {x["name"] for x in c.get("/api/models/b/refs").json()["branches"]}
+    assert refs == {"main", "dev"}
+    assert c.delete("/api/models/b/branch/dev").status_code == 200
+    hub_error(c.delete("/api/models/b/branch/main"), 400)
+    hub_error(c.get("/b/resolve/dev/dev.txt"), 404)
+    assert read(c, "b", r.json()["commitOid"], "dev.txt") == b"d"  # by commit id it stays
