@@ -78,10 +78,13 @@ def find_base(session: Session, *, name: str, namespace: str = DEFAULT_NAMESPACE
 def list_bases(
     session: Session, *, namespace: str = DEFAULT_NAMESPACE, limit: int = 100, offset: int = 0
 ) -> list[Base]:
-    """Bases of a namespace, oldest first."""
+    """Bases of a namespace, oldest first: those that hold weights, or are still uploading (a
+    revision without weights — a README pushed through the Hub — is stored whole as a base row
+    but is no base anything can be stored against)."""
+    has_weights = exists().where(File.base_id == Base.id, File.role == FileRole.WEIGHTS)
     stmt = (
         select(Base)
-        .where(Base.namespace == namespace)
+        .where(Base.namespace == namespace, has_weights | (Base.state != BaseState.READY))
         .order_by(Base.created_at, Base.id)
         .limit(limit)
         .offset(offset)

@@ -144,6 +144,8 @@ def test_a_pushed_fine_tune_is_exact_at_once_then_compressed(stack: Stack, model
     info = c.get("/api/models/tb").json()
     assert info["sha"] == base_commit
     assert {s["rfilename"] for s in info["siblings"]} >= {".gitattributes", "model.safetensors"}
+    # the first commit (.gitattributes only) is no base anything can be stored against
+    assert [b["name"] for b in c.get("/v1/bases").json()["data"]] == ["tb@2"]
 
     # the fine-tune's repository compresses with magnitude (cheap, no calibration needed)
     r = c.post(
