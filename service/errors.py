@@ -118,7 +118,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "bad_upload_url": 403,  # Hub: an LFS upload URL with a bad or expired signature
     "repo_exists": 409,  # Hub: create_repo of a name already taken
     "parent_commit_mismatch": 412,  # Hub: the commit's parentCommit is not the head any more
-    "lfs_object_missing": 422,  # Hub: a commit names an LFS object that was not uploaded
+    "lfs_object_missing": 422,
+    "xet_unsupported": 404,  # Hub: Xet storage asked for; uploads go through Git LFS  # Hub: a commit names an LFS object that was not uploaded
     "truncated": 400,  # the body ended before the header or the data it declares
     "checksum_mismatch": 400,
     "client_disconnected": 400,  # the client closed the connection mid-upload (nothing stored)

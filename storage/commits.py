@@ -230,6 +230,7 @@ def base_of_repo(session: Session, *, namespace: str, name: str) -> Base:
             f"repository {name!r} is a fine-tune stored against a base, not a base itself"
         )
     base = session.get(Base, head.base_id)
-    if base is None or base.state != BaseState.READY:
-        raise NotFound(f"repository {name!r} holds no ready base")
+    weights = [r for r in list_files(session, base_id=head.base_id) if r.role == FileRole.WEIGHTS]
+    if base is None or base.state != BaseState.READY or not weights:
+        raise NotFound(f"repository {name!r} holds no base (no weights a model is stored against)")
     return base

@@ -75,16 +75,22 @@ def find_base(session: Session, *, name: str, namespace: str = DEFAULT_NAMESPACE
     ).first()
 
 
+def listed_base() -> Any:
+    """The condition on a base row that lists it as a base (:func:`list_bases`, the count in
+    :func:`stats`): it holds weights, or is still uploading."""
+    has_weights = exists().where(File.base_id == Base.id, File.role == FileRole.WEIGHTS)
+    return has_weights | (Base.state != BaseState.READY)
+
+
 def list_bases(
     session: Session, *, namespace: str = DEFAULT_NAMESPACE, limit: int = 100, offset: int = 0
 ) -> list[Base]:
     """Bases of a namespace, oldest first: those that hold weights, or are still uploading (a
     revision without weights — a README pushed through the Hub — is stored whole as a base row
     but is no base anything can be stored against)."""
-    has_weights = exists().where(File.base_id == Base.id, File.role == FileRole.WEIGHTS)
     stmt = (
         select(Base)
-        .where(Base.namespace == namespace, has_weights | (Base.state != BaseState.READY))
+        .where(Base.namespace == namespace, listed_base())
         .order_by(Base.created_at, Base.id)
         .limit(limit)
         .offset(offset)
@@ -426,7 +432,7 @@ class Stats:
 
 def stats(session: Session, *, namespace: str | None = None) -> Stats:
     """Totals over one namespace, or over everything when ``namespace`` is None."""
-    bases = select(Base.id, Base.total_bytes)
+    bases = select(Base.id, Base.total_bytes, listed_base().label("listed"))
     checkpoints = select(Checkpoint.id, Checkpoint.original_bytes, Checkpoint.state)
     if namespace is not None:
         bases = bases.where(Base.namespace == namespace)
@@ -435,7 +441,10 @@ def stats(session: Session, *, namespace: str | None = None) -> Stats:
 
     out = Stats()
     out.num_bases, base_bytes = session.execute(
-        select(func.count(), func.coalesce(func.sum(base_q.c.total_bytes), 0))
+        select(
+            func.coalesce(func.sum(case((base_q.c.listed, 1), else_=0)), 0),
+            func.coalesce(func.sum(base_q.c.total_bytes), 0),
+        )
     ).one()
     out.num_checkpoints, ckpt_bytes = session.execute(
         select(func.count(), func.coalesce(func.sum(ckpt_q.c.original_bytes), 0))

@@ -12,6 +12,7 @@ import binascii
 import json
 import shutil
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path as FsPath
 from typing import Annotated, Any
 from urllib.parse import unquote, urlencode
@@ -45,7 +46,7 @@ from storage.blob_common import BlobInfo, blob_key
 from storage.cache import FileSpec
 from storage.db import begin_write
 from storage.errors import IntegrityError, NotFound, TooManyFiles
-from storage.models import Base, Blob, Checkpoint, File, Repo, Revision
+from storage.models import Base, Blob, Checkpoint, File, FileRole, Repo, Revision
 from storage.repo import list_files, record_blob
 
 router = APIRouter(tags=["hub"], route_class=HubRoute)
@@ -500,7 +501,9 @@ def xet_write_token(caller: CallerDep, name: str, rev: str, namespace: str | Non
 
 
 class XetUnsupported(ApiError):
-    code = "not_found"
+    """The client asked for Xet storage, which this server does not offer."""
+
+    code = "xet_unsupported"
 
 
 # -- branches --------------------------------------------------------------------------------
@@ -693,6 +696,9 @@ def _land(
                 continue
             files = hub_write.apply_operations(entries, payload, commit=head_commit)
             commit_files = _commit_files(session, files, payload, stored)
+            if any(f.path == "adapter_config.json" for f in commit_files):
+                # a PEFT adapter is stored as it is: its weights are no base of anything
+                commit_files = [replace(f, role=FileRole.AUX) for f in commit_files]
             if head is not None and _same(commit_files, head):
                 return head.commit_id
             base = _base_for(runtime, session, repo, commit_files)

@@ -31,6 +31,7 @@ def _ndjson(ctx: Any, value: Any) -> bytes:
     """Hub commits (NDJSON): a generated string as it is, anything else as one JSON line."""
     return value.encode() if isinstance(value, str) else json.dumps(value).encode() + b"\n"
 
+
 #: Generated requests per operation (about 20 operations, two stacks).
 EXAMPLES = 12
 

@@ -146,6 +146,7 @@ def test_a_pushed_fine_tune_is_exact_at_once_then_compressed(stack: Stack, model
     assert {s["rfilename"] for s in info["siblings"]} >= {".gitattributes", "model.safetensors"}
     # the first commit (.gitattributes only) is no base anything can be stored against
     assert [b["name"] for b in c.get("/v1/bases").json()["data"]] == ["tb@2"]
+    assert c.get("/v1/stats").json()["num_bases"] == 1  # the same count everywhere
 
     # the fine-tune's repository compresses with magnitude (cheap, no calibration needed)
     r = c.post(
