@@ -532,6 +532,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if args.merged and (args.local or args.scale != 1.0):
         raise _usage("--merged merges a PEFT adapter; --local and --scale do not apply")
     with _client(args) as client, _transfer_bar() as bar:
+        adapter = not args.merged and _is_adapter(client, args.ref, args.revision)
+        if adapter and (args.local or args.scale != 1.0):
+            raise _usage(
+                f"{args.ref} is a PEFT adapter, stored as it is: pull it as it is, or merged "
+                "into its base with --merged (--local and --scale do not apply)"
+            )
         if args.merged:
             report = client.pull_merged(
                 args.ref,
@@ -541,7 +547,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 cache_dir=args.cache_dir,
                 progress=bar,
             )
-        elif _is_adapter(client, args.ref, args.revision):
+        elif adapter:
             report = client.pull_adapter(
                 args.ref, args.out_dir, revision=args.revision, progress=bar
             )
@@ -622,8 +628,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from client import NotFound
+
     with _client(args) as client:
-        ckpt = client.get_checkpoint(args.ref, revision=args.revision)
+        try:
+            ckpt = client.get_checkpoint(args.ref, revision=args.revision)
+        except NotFound:
+            if _is_adapter(client, args.ref, args.revision):
+                raise NotFound(
+                    f"{args.ref} is a PEFT adapter, not a checkpoint; describe it with "
+                    f"`slim adapters {args.ref}`"
+                ) from None
+            raise
         base = client.get_base(ckpt.base_id)
         jobs = client.list_jobs(checkpoint_id=ckpt.id)
     if args.json:

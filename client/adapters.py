@@ -27,7 +27,14 @@ from client.transfer import download, inside, quote_path, sha256_file
 from core.files import CHUNK_SIZE
 from core.peft_config import ADAPTER_CONFIG, MAX_CONFIG_BYTES, AdapterConfig
 
-__all__ = ["commit_files", "download_files", "hub_files", "not_an_adapter", "read_adapter"]
+__all__ = [
+    "GITATTRIBUTES",
+    "commit_files",
+    "download_files",
+    "hub_files",
+    "not_an_adapter",
+    "read_adapter",
+]
 
 #: The first bytes of a file the preupload sees (the Hub's clients send 512).
 SAMPLE_BYTES = 512

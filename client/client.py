@@ -17,8 +17,10 @@ from urllib.parse import quote
 import httpx
 
 from client.adapters import (
+    GITATTRIBUTES,
     commit_files,
     download_files,
+    hub_files,
     not_an_adapter,
     read_adapter,
 )
@@ -65,7 +67,7 @@ from client.transfer import (
     sha256_file,
     upload,
 )
-from core.peft_config import ADAPTER_WEIGHTS, AdapterConfig
+from core.peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
 
 __all__ = ["SlimClient"]
 
@@ -544,9 +546,12 @@ class SlimClient:
         name = name or Path(directory).resolve().name
         base = base or self._base_repo(config.base_model_name_or_path)
         repo = self._adapter_repo(name, base)
-        repo_id = f"{repo.namespace}/{repo.name}"
         commit, report = commit_files(
-            self._conn, repo_id, files, message=f"slim push: adapter {name}", progress=progress
+            self._conn,
+            _repo_id(repo),
+            files,
+            message=f"slim push: adapter {name}",
+            progress=progress,
         )
         report.left_out = left_out
         adapter = read_adapter(self._conn, self.get_repo(name), commit)
@@ -568,11 +573,15 @@ class SlimClient:
         except Conflict:  # it exists
             pass
         repo = self.get_repo(name)
-        if repo.main is not None and self.get_revision(name).checkpoint_id is not None:
-            raise AlreadyExists(
-                f"{name!r} holds a fine-tune stored against a base; push the adapter under "
-                "another --name"
-            )
+        if repo.main is not None:
+            held = self.get_revision(name)
+            files = [] if held.checkpoint_id else hub_files(self._conn, _repo_id(repo), "main")[1]
+            paths = {f.path for f in files} - {GITATTRIBUTES}
+            if held.checkpoint_id is not None or (paths and ADAPTER_CONFIG not in paths):
+                raise AlreadyExists(
+                    f"{name!r} holds a model, not a PEFT adapter; push the adapter under "
+                    "another --name"
+                )
         if base is not None:
             repo = self.update_repo(name, base=base)
         return repo
@@ -778,6 +787,11 @@ class SlimClient:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _repo_id(repo: Repo) -> str:
+    """A repository as the Hub routes name it."""
+    return f"{repo.namespace}/{repo.name}"
 
 
 def _segment(text: str) -> str:

@@ -62,7 +62,7 @@ def served(
 ) -> tuple[Stack, Path]:
     """The tiny BERT base pushed as ``tinybase``."""
     base, _ = tiny_bert(tmp_path, n_finetunes=0)
-    code, out, err = run(embedded, capsys, "base", "push", str(base), "--name", "tinybase")
+    code, _, err = run(embedded, capsys, "base", "push", str(base), "--name", "tinybase")
     assert code == 0, err
     return embedded, base
 
@@ -150,8 +150,16 @@ def test_without_a_recorded_base_merged_needs_one(
     assert code == 2 and "stored as it is" in err
     code, _, err = run(stack, capsys, "push", str(adapter), "--name", "y", "--base", "nobase")
     assert code == 2 and "nobase" in err
+    log = run_json(stack, capsys, "log", "tinybase")
+    code, _, err = run(stack, capsys, "push", str(adapter), "--name", "tinybase")
+    assert code == 2 and "holds a model, not a PEFT adapter" in err
+    assert run_json(stack, capsys, "log", "tinybase") == log  # the base stays its main
     code, _, err = run(stack, capsys, "adapters", "tinybase")
     assert code == 2 and "holds no PEFT adapter" in err
+    code, _, err = run(stack, capsys, "show", "lora2")
+    assert code == 2 and "slim adapters lora2" in err
+    code, _, err = run(stack, capsys, "pull", "lora2", str(tmp_path / "l"), "--local")
+    assert code == 2 and "--local and --scale do not apply" in err
 
 
 def test_peft_reads_a_pushed_adapter_through_the_hub_protocol(
