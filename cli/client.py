@@ -1,7 +1,9 @@
 """Client verbs: talk to a Slimstore server through the :mod:`client` SDK.
 
 ``slim base push|ls``, ``slim push``, ``slim pull``, ``slim ls``, ``slim show``, ``slim rm``,
-``slim status``, ``slim merge``, ``slim stats``. The server and key come from ``--url`` /
+``slim status``, ``slim merge``, ``slim stats``, ``slim adapters``. ``slim push`` of a PEFT adapter
+directory stores it as it is; ``slim pull`` gives it back, or with ``--merged`` merged into its
+base (:meth:`client.SlimClient.pull_merged`). The server and key come from ``--url`` /
 ``--api-key`` or ``SLIM_URL`` / ``SLIM_API_KEY`` (default http://127.0.0.1:8000, no key).
 
 Progress bars (rich, on stderr) show when stderr is a terminal; otherwise a followed job prints
@@ -41,7 +43,7 @@ from core.params import (
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
 
-    from client import Checkpoint, Job, PullReport, PushReport, SlimClient
+    from client import Adapter, Checkpoint, Job, PullReport, PushReport, SlimClient
 
 SubParsers = argparse._SubParsersAction
 
@@ -84,8 +86,19 @@ def register(sub: SubParsers) -> None:
         "the same options and only the files the server lacks are sent. Pickled files (*.bin, "
         "*.pt, *.pth, *.ckpt, *.pkl) are left out with a warning.",
     )
-    p.add_argument("dir", metavar="DIR", help="the fine-tune's HF model directory")
-    p.add_argument("--base", required=True, help="the base's name or id")
+    p.add_argument(
+        "dir",
+        metavar="DIR",
+        help="the fine-tune's HF model directory, or a PEFT adapter directory "
+        "(adapter_config.json + adapter_model.safetensors: stored as it is, see `slim adapters`)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="the base's name or id (required for a fine-tune); for an adapter, a repository "
+        "here holding its base, recorded for `slim pull --merged` (default: the one "
+        "adapter_config.json names, if it is here)",
+    )
     p.add_argument("--name", default=None, help="checkpoint name (default: the directory name)")
     p.add_argument(
         "--method",
@@ -136,6 +149,17 @@ def register(sub: SubParsers) -> None:
     )
     p.add_argument("--local", action="store_true", help="fetch the delta only; rebuild here")
     p.add_argument(
+        "--merged",
+        action="store_true",
+        help="a PEFT adapter merged into its base's weights (a full model directory, merged "
+        "here); without it an adapter is pulled as it was pushed",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="--merged: the base to merge into (default: the one recorded at push)",
+    )
+    p.add_argument(
         "--cache-dir",
         default=None,
         help="base cache (default $SLIM_CACHE_DIR or ~/.cache/slimstore)",
@@ -148,6 +172,20 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--state", default=None, help="only checkpoints in this state")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_ls)
+
+    p = sub.add_parser(
+        "adapters",
+        parents=[conn],
+        help="list PEFT adapters (rank, targets, size), or describe one",
+        description="PEFT adapters are stored as they are, each as a repository's revision "
+        "(not as checkpoints: nothing is compressed, so `slim ls` does not list them). "
+        "Push one with `slim push ADAPTER_DIR --name NAME [--base BASE]`; pull it with "
+        "`slim pull NAME DIR`, or merged into its base with `slim pull NAME DIR --merged`.",
+    )
+    p.add_argument("name", metavar="NAME", nargs="?", help="describe this adapter")
+    p.add_argument("--revision", default=None, metavar="REV", help="that revision of NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_adapters)
 
     p = sub.add_parser("show", parents=[conn], help="describe a checkpoint")
     p.add_argument("ref", metavar="ID")
@@ -292,6 +330,12 @@ def _warn_report(report: PushReport) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from core.peft_config import is_adapter_dir
+
+    if is_adapter_dir(args.dir):
+        return _push_adapter(args)
+    if args.base is None:
+        raise _usage("--base is required: the name or id of the base the fine-tune is of")
     options = None
     if args.generations is not None:
         if args.method is not None and args.method not in GENERATIONS_METHODS:
@@ -333,6 +377,103 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(f"revision {ckpt.revision} of {ckpt.name}: commit {ckpt.commit_id}")
     else:
         print(f"its commit id comes once the job has stored it: slim log {ckpt.name}")
+    return 0
+
+
+_COMPRESSION_FLAGS = {
+    "method": "--method",
+    "keep": "--keep",
+    "min_fidelity": "--min-fidelity",
+    "value_bits": "--value-bits",
+    "evaluation": "--eval",
+    "calibration": "--calibration",
+    "generations": "--generations",
+}
+
+
+def _push_adapter(args: argparse.Namespace) -> int:
+    given = [flag for key, flag in _COMPRESSION_FLAGS.items() if getattr(args, key) is not None]
+    if given:
+        raise _usage(
+            f"{args.dir} is a PEFT adapter, stored as it is: {', '.join(given)} do not apply"
+        )
+    with _client(args) as client:
+        with _transfer_bar() as bar:
+            adapter, report = client.push_adapter(args.dir, args.name, base=args.base, progress=bar)
+        _warn_report(report)
+        base = client.get_base(adapter.base_id).name if adapter.base_id else None
+    if args.json:
+        return _dump({"adapter": _adapter_json(adapter), "report": asdict(report)})
+    print(f"pushed adapter {adapter.repo_id} — {_push_line(report)}")
+    print(f"commit {adapter.commit_id}: {_adapter_line(adapter)}")
+    if base is None:
+        print("no base recorded: `slim pull --merged` will need --base BASE")
+    else:
+        print(f"base {base}: `slim pull {adapter.name} DIR --merged` merges into it")
+    return 0
+
+
+def _adapter_json(adapter: Adapter) -> dict[str, Any]:
+    return asdict(adapter) | {"size": adapter.size}
+
+
+def _targets(adapter: Adapter) -> str:
+    targets = adapter.target_modules
+    return targets if isinstance(targets, str) else ",".join(sorted(targets))
+
+
+def _adapter_line(adapter: Adapter) -> str:
+    return (
+        f"LoRA rank {adapter.r}, alpha {adapter.lora_alpha:g} on {_targets(adapter)}, "
+        f"{_size(adapter.size)}"
+    )
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.name is not None:
+            adapters = [client.get_adapter(args.name, args.revision)]
+        else:
+            adapters = client.list_adapters()
+        bases = {b.id: b.name for b in client.list_bases()} if adapters else {}
+    if args.json:
+        return _dump([_adapter_json(a) for a in adapters])
+    if args.name is None:
+        rows = [
+            [
+                a.name,
+                a.commit_id[:12],
+                str(a.r),
+                f"{a.lora_alpha:g}",
+                _targets(a),
+                _size(a.size),
+                bases.get(a.base_id or "", "-"),
+                a.base_model or "-",
+            ]
+            for a in adapters
+        ]
+        _table(
+            ["NAME", "COMMIT", "RANK", "ALPHA", "TARGETS", "SIZE", "BASE", "CONFIG'S BASE"], rows
+        )
+        return 0
+    a = adapters[0]
+    lines = [
+        ("name", a.repo_id),
+        ("commit", a.commit_id),
+        ("rank", str(a.r)),
+        ("alpha", f"{a.lora_alpha:g}"),
+        ("targets", _targets(a)),
+        ("also saved", ",".join(a.modules_to_save) or None),
+        ("task", a.task_type),
+        ("size", _size(a.size)),
+        ("base", bases.get(a.base_id or "") if a.base_id else None),
+        ("config's base", a.base_model),
+    ]
+    for key, value in lines:
+        if value is not None:
+            print(f"{key:>13}: {value}")
+    for f in a.files:
+        print(f"{'file':>13}: {f.path} ({_size(f.size)}, sha256 {f.sha256[:12]})")
     return 0
 
 
@@ -386,8 +527,31 @@ def _revision_text(ckpt: Checkpoint) -> str | None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    if args.base is not None and not args.merged:
+        raise _usage("--base goes with --merged (the base a PEFT adapter is merged into)")
+    if args.merged and (args.local or args.scale != 1.0):
+        raise _usage("--merged merges a PEFT adapter; --local and --scale do not apply")
     with _client(args) as client, _transfer_bar() as bar:
-        if args.local:
+        adapter = not args.merged and _is_adapter(client, args.ref, args.revision)
+        if adapter and (args.local or args.scale != 1.0):
+            raise _usage(
+                f"{args.ref} is a PEFT adapter, stored as it is: pull it as it is, or merged "
+                "into its base with --merged (--local and --scale do not apply)"
+            )
+        if args.merged:
+            report = client.pull_merged(
+                args.ref,
+                args.out_dir,
+                base=args.base,
+                revision=args.revision,
+                cache_dir=args.cache_dir,
+                progress=bar,
+            )
+        elif adapter:
+            report = client.pull_adapter(
+                args.ref, args.out_dir, revision=args.revision, progress=bar
+            )
+        elif args.local:
             report = client.pull_local(
                 args.ref,
                 args.out_dir,
@@ -404,6 +568,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return _dump(asdict(report))
     print(_pull_line(args.ref, args.out_dir, report))
     return 0
+
+
+def _is_adapter(client: SlimClient, ref: str, revision: str | None) -> bool:
+    """Whether ``ref`` names a repository whose revision (stored whole) is a PEFT adapter."""
+    from client import BadRequest, NotFound
+
+    try:
+        held = client.get_revision(ref, revision or "main")
+    except (NotFound, BadRequest):
+        return False
+    if held.base_id is None:
+        return False
+    try:
+        client.get_adapter(ref, held.commit_id)
+    except NotFound:
+        return False
+    return True
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -447,8 +628,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from client import NotFound
+
     with _client(args) as client:
-        ckpt = client.get_checkpoint(args.ref, revision=args.revision)
+        try:
+            ckpt = client.get_checkpoint(args.ref, revision=args.revision)
+        except NotFound:
+            if _is_adapter(client, args.ref, args.revision):
+                raise NotFound(
+                    f"{args.ref} is a PEFT adapter, not a checkpoint; describe it with "
+                    f"`slim adapters {args.ref}`"
+                ) from None
+            raise
         base = client.get_base(ckpt.base_id)
         jobs = client.list_jobs(checkpoint_id=ckpt.id)
     if args.json:

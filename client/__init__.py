@@ -21,12 +21,19 @@ Checkpoints and bases can be named by id, by name, or by a unique id prefix (``s
 the first 8 characters).
 
 The package imports neither torch nor any server package; only
-:meth:`SlimClient.pull_local` imports ``core`` (lazily) to rebuild a checkpoint here.
+:meth:`SlimClient.pull_local` and :meth:`SlimClient.pull_merged` import the core's torch
+modules (lazily) to rebuild a checkpoint, or merge a PEFT adapter into its base, here.
+
+PEFT adapters (``adapter_config.json`` + ``adapter_model.safetensors``) are stored as they are
+through the Hub protocol's routes (:mod:`client.adapters`): :meth:`SlimClient.push_adapter`,
+:meth:`SlimClient.list_adapters`, :meth:`SlimClient.pull_adapter`,
+:meth:`SlimClient.pull_merged`.
 
 Modules: :mod:`client.errors` (the error tree), :mod:`client.models` (typed answers and
 reports), :mod:`client.files` (the local side: model directories, calibration files, the
 cache), :mod:`client.http` (the connection), :mod:`client.transfer` (streaming, hashing,
-resume), :mod:`client.client` (:class:`SlimClient`).
+resume), :mod:`client.adapters` (PEFT adapters over the Hub routes), :mod:`client.client`
+(:class:`SlimClient`).
 """
 
 from client.client import SlimClient
@@ -49,6 +56,7 @@ from client.errors import (
 )
 from client.files import read_calibration
 from client.models import (
+    Adapter,
     Base,
     Checkpoint,
     FileInfo,
@@ -64,6 +72,7 @@ from client.models import (
 )
 
 __all__ = [
+    "Adapter",
     "AlreadyExists",
     "ApiError",
     "BadRequest",

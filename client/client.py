@@ -16,9 +16,18 @@ from urllib.parse import quote
 
 import httpx
 
+from client.adapters import (
+    GITATTRIBUTES,
+    commit_files,
+    download_files,
+    hub_files,
+    not_an_adapter,
+    read_adapter,
+)
 from client.errors import (
     AlreadyExists,
     BadRequest,
+    Conflict,
     IntegrityError,
     JobFailed,
     NotFound,
@@ -35,6 +44,7 @@ from client.files import (
 )
 from client.http import Connection
 from client.models import (
+    Adapter,
     Base,
     Checkpoint,
     FileInfo,
@@ -57,6 +67,7 @@ from client.transfer import (
     sha256_file,
     upload,
 )
+from core.peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
 
 __all__ = ["SlimClient"]
 
@@ -499,6 +510,197 @@ class SlimClient:
             bar.finish()
         return target, 0 if got.skipped else size - got.resumed_from
 
+    # -- PEFT adapters -------------------------------------------------------------------------
+
+    def push_adapter(
+        self,
+        directory: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        base: str | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[Adapter, PushReport]:
+        """Store a PEFT adapter directory as it is, as the next revision of repository
+        ``name`` (created if missing), through the Hub protocol's routes (:mod:`client.adapters`).
+
+        The revision holds exactly the directory's files (and the repository's
+        ``.gitattributes``); files the server already holds are not sent again. The base
+        recorded with the repository — what :meth:`pull_merged` merges into — is ``base`` (a
+        repository here holding a base), else ``adapter_config.json``'s
+        ``base_model_name_or_path`` when that names one; else none is recorded.
+
+        Raises:
+            InvalidAdapter: ``adapter_config.json`` is unreadable or not a LoRA adapter's.
+            BadRequest: no ``adapter_model.safetensors`` (pickled weights are not stored).
+            NotFound: ``base`` is not a repository here holding a base.
+            AlreadyExists: ``name`` holds a fine-tune stored against a base.
+        """
+        config = AdapterConfig.read(directory)
+        files, left_out = split_unread(local_files(directory))
+        if not any(rel == ADAPTER_WEIGHTS for rel, _ in files):
+            raise BadRequest(
+                f"{directory} has no {ADAPTER_WEIGHTS}; save the adapter with "
+                "save_pretrained(..., safe_serialization=True)",
+                code="invalid_adapter",
+            )
+        name = name or Path(directory).resolve().name
+        base = base or self._base_repo(config.base_model_name_or_path)
+        repo = self._adapter_repo(name, base)
+        commit, report = commit_files(
+            self._conn,
+            _repo_id(repo),
+            files,
+            message=f"slim push: adapter {name}",
+            progress=progress,
+        )
+        report.left_out = left_out
+        adapter = read_adapter(self._conn, self.get_repo(name), commit)
+        assert adapter is not None  # its adapter_config.json was just committed
+        return adapter, report
+
+    def _base_repo(self, ref: str | None) -> str | None:
+        """``ref`` when it names a repository here whose ``main`` holds a base."""
+        if not ref:
+            return None
+        try:
+            return ref if self.get_revision(ref).base_id is not None else None
+        except (NotFound, BadRequest):
+            return None
+
+    def _adapter_repo(self, name: str, base: str | None) -> Repo:
+        try:
+            return self.create_repo(name, base=base)
+        except Conflict:  # it exists
+            pass
+        repo = self.get_repo(name)
+        if repo.main is not None:
+            held = self.get_revision(name)
+            files = [] if held.checkpoint_id else hub_files(self._conn, _repo_id(repo), "main")[1]
+            paths = {f.path for f in files} - {GITATTRIBUTES}
+            if held.checkpoint_id is not None or (paths and ADAPTER_CONFIG not in paths):
+                raise AlreadyExists(
+                    f"{name!r} holds a model, not a PEFT adapter; push the adapter under "
+                    "another --name"
+                )
+        if base is not None:
+            repo = self.update_repo(name, base=base)
+        return repo
+
+    def list_adapters(self) -> list[Adapter]:
+        """The repositories whose ``main`` holds a PEFT adapter, by name."""
+        found = []
+        for repo in self.list_repos():
+            if repo.main is None:
+                continue
+            try:
+                adapter = read_adapter(self._conn, repo)
+            except NotFound:  # a revision whose files are not served (a failed push)
+                continue
+            if adapter is not None:
+                found.append(adapter)
+        return found
+
+    def get_adapter(self, name: str, revision: str | None = None) -> Adapter:
+        """The adapter at ``revision`` (default ``main``) of repository ``name``.
+
+        Raises:
+            NotFound: no such repository, revision, or no adapter there.
+        """
+        adapter = read_adapter(self._conn, self.get_repo(name), revision)
+        if adapter is None:
+            raise not_an_adapter(name)
+        return adapter
+
+    def pull_adapter(
+        self,
+        name: str,
+        out_dir: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        progress: Progress | None = None,
+    ) -> PullReport:
+        """The adapter's files into ``out_dir``, byte for byte as pushed (each checked
+        against its sha256; interrupted downloads resume)."""
+        return download_files(
+            self._conn, self.get_adapter(name, revision), out_dir, progress=progress
+        )
+
+    def pull_merged(
+        self,
+        name: str,
+        out_dir: str | os.PathLike[str],
+        *,
+        base: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        progress: Progress | None = None,
+    ) -> PullReport:
+        """The adapter merged into its base's weights, written to ``out_dir`` as a full model
+        directory (``AutoModel.from_pretrained`` loads it; :func:`core.peft.merge_adapter`).
+
+        The base is downloaded once into the cache :meth:`pull_local` uses (verified by
+        sha256) and the adapter under ``<cache>/adapters/<commit>/``; the merge runs here.
+
+        Args:
+            base: the base to merge into — a repository here holding a base, or a base's
+                name or id (default: the base recorded at push time, else the one
+                ``adapter_config.json`` names if it is a repository here).
+
+        Raises:
+            NotFound: no base recorded and none given.
+            InvalidAdapter: the adapter does not fit the base (names, shapes) or uses an
+                option merging does not support.
+        """
+        importing = threading.Thread(
+            target=importlib.import_module, args=("core.peft",), daemon=True
+        )
+        importing.start()
+        t0 = time.perf_counter()
+        adapter = self.get_adapter(name, revision)
+        the_base = self._merge_base(adapter, base)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        bar = progress or NoProgress()
+        report = PullReport(local=True)
+        base_dir, report.base_bytes = self._cached_base(the_base, cache, bar)
+        fetched = download_files(
+            self._conn, adapter, cache / "adapters" / adapter.commit_id, progress=bar
+        )
+        report.delta_bytes = fetched.bytes_received
+        importing.join()
+        from core.peft import merge_adapter  # raises here if the import failed
+
+        bar.start(f"merging {adapter.name} into {the_base.name}", 0)
+        try:
+            merged = merge_adapter(base_dir, cache / "adapters" / adapter.commit_id, out_dir)
+        finally:
+            bar.finish()
+        out = Path(out_dir)
+        for path in merged.files:
+            rel = path.relative_to(out).as_posix()
+            report.files.append(PulledFile(rel, path.stat().st_size, sha256_file(path)))
+        report.bytes_received = report.base_bytes + report.delta_bytes
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _merge_base(self, adapter: Adapter, ref: str | None) -> Base:
+        """The base ``ref`` names (a repository holding a base, else a base's name or id), or
+        the one recorded with the adapter's repository, or the one its config names."""
+        if ref is None and adapter.base_id is not None:
+            return self.get_base(adapter.base_id)
+        ref = ref or self._base_repo(adapter.base_model)
+        if ref is None:
+            raise NotFound(
+                f"no base is recorded for adapter {adapter.name!r} (its config names "
+                f"{adapter.base_model!r}, not a base here); pass --base BASE"
+            )
+        try:
+            held = self.get_revision(ref)
+            if held.base_id is not None:
+                return self.get_base(held.base_id)
+        except NotFound:
+            pass
+        return self.get_base(ref)
+
     # -- jobs ----------------------------------------------------------------------------------
 
     def list_jobs(self, *, state: str | None = None, checkpoint_id: str | None = None) -> list[Job]:
@@ -585,6 +787,11 @@ class SlimClient:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _repo_id(repo: Repo) -> str:
+    """A repository as the Hub routes name it."""
+    return f"{repo.namespace}/{repo.name}"
 
 
 def _segment(text: str) -> str:

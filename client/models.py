@@ -9,6 +9,7 @@ from typing import Any, Protocol, TypeVar
 from core.params import CompressOutcome, CompressParams
 
 __all__ = [
+    "Adapter",
     "Base",
     "Checkpoint",
     "FileInfo",
@@ -51,6 +52,33 @@ class FileInfo:
     def pull_sha256(self) -> str:
         """The sha256 a pulled copy has (the rebuilt file's, for a compressed weight file)."""
         return self.recon_sha256 or self.sha256
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT LoRA adapter stored as it is in a repository (``slim adapters``): what its
+    ``adapter_config.json`` says, its files and the base recorded for merging it."""
+
+    name: str
+    namespace: str
+    commit_id: str
+    r: int
+    lora_alpha: float
+    target_modules: list[str] | str  # names, or one regular expression
+    modules_to_save: list[str] = field(default_factory=list)
+    task_type: str | None = None
+    base_model: str | None = None  # adapter_config.json's base_model_name_or_path
+    base_id: str | None = None  # the stored base recorded with the repository (merges use it)
+    files: list[FileInfo] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the revision's files."""
+        return sum(f.size for f in self.files)
+
+    @property
+    def repo_id(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "header_too_large": 400,  # its header is over the configured limit
     "invalid_checkpoint": 400,  # the uploaded directory is unusable (e.g. a bad shard index)
     "invalid_path": 400,  # a file path breaks core.files.check_path
+    "invalid_adapter": 400,  # a PEFT adapter that cannot be read or merged (core.peft_config)
     "base_mismatch": 400,  # the fine-tune's tensors do not fit the base
     "invalid_calibration": 400,  # calibration examples unusable for the chosen evaluation
     "invalid_argument": 400,  # a parameter is out of range or contradicts another one

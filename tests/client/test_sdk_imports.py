@@ -8,7 +8,7 @@ import sys
 
 HEAVY = ("torch", "sqlalchemy", "fastapi", "storage", "service", "worker", "runtime", "cli")
 #: The core modules the SDK may load: torch-free, shared with the server (one definition).
-SHARED = {"core", "core.params", "core.files", "core.errors"}
+SHARED = {"core", "core.params", "core.files", "core.errors", "core.peft_config"}
 
 
 def test_import_client_leaves_torch_and_the_server_out() -> None:
