@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import String, case, exists, func, literal, select, union, union_all
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from core.files import check_path
 from storage import revisions
@@ -75,11 +75,27 @@ def find_base(session: Session, *, name: str, namespace: str = DEFAULT_NAMESPACE
     ).first()
 
 
+#: The owner :func:`stored_bytes_by_base` files the blobs of unlisted bases under (revisions
+#: stored whole without weights: a README or tokenizer pushed through the Hub).
+UNLISTED: Final = ""
+
+
 def listed_base() -> Any:
     """The condition on a base row that lists it as a base (:func:`list_bases`, the count in
     :func:`stats`): it holds weights, or is still uploading."""
-    has_weights = exists().where(File.base_id == Base.id, File.role == FileRole.WEIGHTS)
+    weights = aliased(File)
+    has_weights = exists().where(weights.base_id == Base.id, weights.role == FileRole.WEIGHTS)
     return has_weights | (Base.state != BaseState.READY)
+
+
+def unlisted_bases(session: Session, *, namespace: str) -> tuple[int, int]:
+    """How many base rows of a namespace are not listed as bases, and their bytes as uploaded."""
+    count, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(Base.total_bytes), 0)).where(
+            Base.namespace == namespace, ~listed_base()
+        )
+    ).one()
+    return int(count), int(size)
 
 
 def list_bases(
@@ -475,7 +491,8 @@ def stored_bytes(session: Session, *, namespace: str | None = None) -> StoredByt
 def stored_bytes_by_base(
     session: Session, *, namespace: str | None = None
 ) -> dict[str, StoredBytes]:
-    """Stored bytes per base: its files plus its checkpoints' blobs, each blob once per base."""
+    """Stored bytes per base: its files plus its checkpoints' blobs, each blob once per base;
+    the files of bases that are not listed (:func:`listed_base`) under :data:`UNLISTED`."""
     refs = _blob_refs(namespace)
     return _stored_by(session, refs, refs.c.base_id)
 
@@ -501,7 +518,7 @@ def _blob_refs(namespace: str | None, checkpoint_ids: Collection[str] | None = N
         select(
             File.blob_key.label("key"),
             literal(_PART_ORDER.index(StoredPart.BASES)).label("part"),
-            File.base_id.label("base_id"),
+            case((listed_base(), File.base_id), else_=literal(UNLISTED)).label("base_id"),
             literal(None, String).label("checkpoint_id"),
         )
         .join(Base, File.base_id == Base.id)

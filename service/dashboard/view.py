@@ -27,7 +27,7 @@ from service import operations
 from service.dashboard import charts
 from service.schemas import split_error
 from storage import repo, revisions
-from storage.models import Checkpoint, Job, JobState
+from storage.models import Base, Checkpoint, Job, JobState
 
 #: How many rows the page lists at most (the JSON API pages through everything).
 MAX_ROWS = 1000
@@ -300,6 +300,11 @@ def build(session: Session, namespace: str, selected_id: str | None = None) -> D
         )
         for b in repo.list_bases(session, namespace=namespace, limit=MAX_ROWS)
     ]
+    count, size = repo.unlisted_bases(session, namespace=namespace)
+    if count:  # revisions stored whole without weights (a README, a tokenizer pushed alone)
+        name = f"{count} without weights"  # short: it labels a bar of the chart
+        stored_other = stored_by_base.get(repo.UNLISTED, repo.StoredBytes())
+        bases.append(BaseRow(repo.UNLISTED, name, "ready", size, None, stored=stored_other))
     by_id = {b.id: b for b in bases}
     rows = repo.list_checkpoints(session, namespace=namespace, limit=MAX_ROWS)
     stored = repo.stored_bytes_by_checkpoint(session, [c.id for c in rows])
@@ -364,7 +369,9 @@ def history(session: Session, namespace: str, name: str) -> list[HistoryRow]:
                 commit_id=r.commit_id,
                 created_at=r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
                 method="whole" if ckpt is None else ckpt.method,
-                stored_bytes=None if ckpt is None else ckpt.stored_bytes,
+                stored_bytes=ckpt.stored_bytes
+                if ckpt is not None
+                else (stored.total_bytes if isinstance(stored, Base) else None),
                 fidelity=None if ckpt is None else CompressOutcome.from_row(ckpt).fidelity,
                 refs=info.refs,
                 checkpoint_id=r.checkpoint_id,

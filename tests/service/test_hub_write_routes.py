@@ -179,6 +179,9 @@ def test_a_pushed_fine_tune_is_exact_at_once_then_compressed(stack: Stack, model
         ft_files["model.safetensors"]
     )
     revs = c.get("/v1/repos/ft/revisions").json()["data"]
+    page = c.get(f"/dashboard?checkpoint={revs[0]['checkpoint_id']}").text
+    assert "2 without weights" in page  # the two first commits (.gitattributes)
+    assert "History of" in page and compressed[:12] in page and exact[:12] in page
     assert revs[0]["commit_id"] == compressed and revs[0]["method"] == "magnitude"
     assert revs[1]["method"] == "lossless" and revs[2]["method"] == "whole"
 
