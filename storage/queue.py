@@ -317,6 +317,10 @@ def publish(
         checkpoint = session.get(Checkpoint, job.checkpoint_id, populate_existing=True)
         if checkpoint is None:
             return PublishResult(lease_held=False, cancel_requested=False)
+        # a revision already served from the uploaded blobs (a Hub push, stored exact at once):
+        # readers may be streaming them, so they go to garbage collection after its grace
+        # period rather than now
+        served = checkpoint.revision is not None
         record_blob(session, info)
         checkpoint.delta_blob_key = info.key
         _record_outcome(checkpoint, outcome)
@@ -358,6 +362,8 @@ def publish(
         job.lease_expires_at = None
         job.error = None
         job.progress = {**(job.progress or {}), **progress, "phase": "done"}
+    if served:
+        drop = set()
     return PublishResult(lease_held=True, cancel_requested=False, drop=frozenset(drop))
 
 

@@ -11,10 +11,12 @@ included), so the Hub's clients raise ``RepositoryNotFoundError``, ``RevisionNot
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Annotated, Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
+import anyio
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import SlimError
 from core.files import check_path
 from service import hub
-from service.auth import CallerDep
+from service.auth import CallerDep, ReadCallerDep
 from service.deps import NamespaceDep, RuntimeDep, SessionDep
 from service.downloads import ByteRange, blob_chunks, open_reconstruction, reconstructed_size
 from service.errors import HTTP_ERROR, STATUS_BY_CODE, RangeNotSatisfiable, errors
@@ -235,6 +237,65 @@ def list_tree_short(
 ) -> Any:
     """:func:`list_tree` for a repository of your namespace named without it."""
     return _tree(request, session, caller_ns, name, 5, rev, path, recursive, cursor)
+
+
+# -- paths info ------------------------------------------------------------------------------
+
+
+async def _paths_info(
+    request: Request, session: SessionDep, namespace: str, repo_id: str, rev: str
+) -> Response:
+    raw = await request.body()
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            body = None
+        wanted = body.get("paths") if isinstance(body, dict) else None
+    else:
+        wanted = parse_qs(raw.decode("utf-8", errors="replace")).get("paths")
+    if isinstance(wanted, str):
+        wanted = [wanted]
+    if not isinstance(wanted, list) or not all(isinstance(p, str) for p in wanted):
+        return hub.hub_error("validation_error", "send 'paths': the file or folder paths", 422)
+    if len(wanted) > hub.PAGE_SIZE:
+        return hub.hub_error("validation_error", f"at most {hub.PAGE_SIZE} paths", 422)
+
+    def lookup() -> tuple[hub.HubRevision, dict[str, hub.TreeEntryPublic]]:
+        found = hub.resolve(session, repo_id, rev, namespace)
+        return found, {e.path: e for e in hub.tree(found, "", recursive=True)}
+
+    found, entries = await anyio.to_thread.run_sync(lookup)
+    body = [
+        entries[p.strip("/")].model_dump(exclude_none=True)
+        for p in wanted
+        if p.strip("/") in entries
+    ]
+    return JSONResponse(body, headers={hub.HEADER_COMMIT: found.commit})
+
+
+@router.post("/api/models/{namespace}/{name}/paths-info/{rev}", responses=_JSON_ERRORS)
+async def paths_info(
+    namespace: Namespace,
+    name: Name,
+    rev: Rev,
+    request: Request,
+    session: SessionDep,
+    caller: ReadCallerDep,
+) -> Any:
+    """``HfApi().get_paths_info``: the tree entries of the paths asked for (form field or JSON
+    ``paths``); paths that do not exist are left out, as on the Hub. A read key is enough."""
+    rev, _ = _rev_and_path(request, 6, rev, "")
+    return await _paths_info(request, session, caller.namespace, _repo_id(namespace, name), rev)
+
+
+@router.post("/api/models/{name}/paths-info/{rev}", responses=_JSON_ERRORS)
+async def paths_info_short(
+    name: Name, rev: Rev, request: Request, session: SessionDep, caller: ReadCallerDep
+) -> Any:
+    """:func:`paths_info` for a repository of your namespace named without it."""
+    rev, _ = _rev_and_path(request, 5, rev, "")
+    return await _paths_info(request, session, caller.namespace, name, rev)
 
 
 # -- commits and refs ------------------------------------------------------------------------

@@ -326,6 +326,7 @@ def test_push_to_hub_then_from_pretrained(
             "compressed": logits,
             "commits": [c.title for c in api.list_repo_commits("sentiment")],
             "tensors": len(meta.tensors),
+            "paths": [p.path for p in api.get_paths_info("sentiment", ["config.json", "nope"])],
         }}))
         """
     later = hub_python(stack, tmp_path / "hf2", code)
@@ -336,3 +337,4 @@ def test_push_to_hub_then_from_pretrained(
     assert agree >= 15, agree
     assert later["commits"][0].startswith("sentiment: auto") and "fine-tune" in later["commits"]
     assert later["tensors"] > 10
+    assert later["paths"] == ["config.json"]

@@ -358,3 +358,23 @@ def test_branches(embedded: Stack) -> None:
     hub_error(c.delete("/api/models/b/branch/main"), 400)
     hub_error(c.get("/b/resolve/dev/dev.txt"), 404)
     assert read(c, "b", r.json()["commitOid"], "dev.txt") == b"d"  # by commit id it stays
+
+
+def test_paths_info_takes_a_read_key(embedded: Stack) -> None:
+    c = embedded.client
+    c.post("/api/repos/create", json={"name": "p"})
+    assert commit(c, "p", ndjson("s", [regular("dir/a.txt", b"abc")])).status_code == 200
+    reader = embedded.client_for(embedded.new_key("default", "read"))
+    r = reader.post(
+        "/api/models/default/p/paths-info/main",
+        content="paths=dir%2Fa.txt&paths=dir&paths=missing&expand=false",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 200, r.text
+    got = {e["path"]: e for e in r.json()}
+    assert set(got) == {"dir/a.txt", "dir"}
+    assert got["dir/a.txt"]["lfs"]["oid"] == _sha(b"abc") and got["dir"]["type"] == "directory"
+    r = reader.post("/api/models/p/paths-info/main", json={"paths": ["dir/a.txt"]})
+    assert [e["path"] for e in r.json()] == ["dir/a.txt"]
+    hub_error(reader.post("/api/models/p/paths-info/main", json={"paths": 3}), 422)
+    hub_error(reader.post("/api/models/p/paths-info/nope", json={"paths": []}), 404)
