@@ -34,6 +34,8 @@ from sqlalchemy.orm import Session
 from core.files import check_path, manifest_sha256
 from core.params import CompressParams, Method
 from storage import revisions
+from storage.blob_common import BlobInfo
+from storage.db import for_update
 from storage.errors import NotFound
 from storage.models import (
     Base,
@@ -42,12 +44,14 @@ from storage.models import (
     CheckpointState,
     File,
     FileRole,
+    Job,
     JobKind,
+    JobState,
     Repo,
     Revision,
 )
 from storage.queue import LANDS_ON, enqueue
-from storage.repo import list_files, put_file
+from storage.repo import list_files, put_file, record_blob
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +137,112 @@ def commit(
     return revision
 
 
+def commit_reusing(
+    session: Session,
+    repo: Repo,
+    files: Iterable[CommitFile],
+    *,
+    served: Mapping[str, str],
+    parent: Checkpoint,
+    delta: BlobInfo,
+    message: str,
+    expected_parent: str | None,
+    ref: str = revisions.MAIN,
+) -> Revision:
+    """Add the revision of a commit that keeps the weights of ``parent`` (a ready checkpoint)
+    and changes only small files: a ready checkpoint whose delta ``delta`` is the parent's with
+    the new small files (:func:`core.rewrite.with_aux_files`), the same compression, no job.
+
+    Args:
+        served: the sha256 of the bytes each of the parent's files serves, by path.
+
+    Raises:
+        ParentMismatch: ``ref`` is not at ``expected_parent`` (nothing changed).
+    """
+    files = list(files)
+    revisions.lock_repo(session, repo)
+    record_blob(session, delta)
+    checkpoint = Checkpoint(
+        namespace=repo.namespace,
+        name=repo.name,
+        base_id=parent.base_id,
+        method=parent.method,
+        params=dict(parent.params or {}),
+        state=CheckpointState.READY,
+        delta_blob_key=delta.key,
+        original_bytes=parent.original_bytes,
+        stored_bytes=delta.size,
+        num_params=parent.num_params,
+        bits_per_param=parent.bits_per_param,
+        ratio=parent.original_bytes / delta.size if delta.size else None,
+        fitness=parent.fitness,
+        trace=parent.trace,
+        search_seconds=parent.search_seconds,
+    )
+    session.add(checkpoint)
+    session.flush()
+    for f in files:
+        sha256 = served.get(f.path, f.sha256) if f.role == FileRole.WEIGHTS else f.sha256
+        row = _put(
+            session,
+            CommitFile(f.path, f.size, sha256, f.blob_key, f.role),
+            checkpoint_id=checkpoint.id,
+            blob=False,
+        )
+        row.recon_sha256 = sha256  # the delta rebuilds every file, the small ones included
+    return revisions.add_revision(
+        session,
+        repo,
+        manifest_sha256=_manifest(files),
+        message=message,
+        checkpoint_id=checkpoint.id,
+        expected_parent=expected_parent,
+        ref=ref,
+    )
+
+
+def queued_compression(
+    session: Session, repo: Repo, *, of_commit: str, files: Iterable[CommitFile]
+) -> Job | None:
+    """The queued (not started) policy compression of revision ``of_commit``, when it
+    compresses the same weights as ``files`` and every other file of ``files`` has its blob —
+    so it can be handed to a newer revision (:func:`retarget_compression`); else None."""
+    files = list(files)
+    weights = {(f.path, f.sha256) for f in files if f.role == FileRole.WEIGHTS}
+    if not weights or any(not f.blob_key for f in files if f.role != FileRole.WEIGHTS):
+        return None
+    stmt = select(Job).where(Job.kind == JobKind.COMPRESS, Job.state == JobState.QUEUED)
+    for job in session.scalars(for_update(session, stmt)):
+        if (job.payload or {}).get(LANDS_ON) != of_commit:
+            continue
+        checkpoint = session.get(Checkpoint, job.checkpoint_id)
+        if checkpoint is None or checkpoint.namespace != repo.namespace:
+            continue
+        rows = list_files(session, checkpoint_id=checkpoint.id)
+        mine = {(r.path, r.sha256) for r in rows if r.role == FileRole.WEIGHTS}
+        if mine == weights and all(r.blob_key for r in rows if r.role == FileRole.WEIGHTS):
+            return job
+    return None
+
+
+def retarget_compression(
+    session: Session, job: Job, *, to_commit: str, files: Iterable[CommitFile]
+) -> None:
+    """Hand the queued compression ``job`` (:func:`queued_compression`) to the newer revision
+    ``to_commit`` with the same weights (a README or tokenizer pushed after the model): it
+    compresses those weights with the new revision's small files and lands on top of it, so
+    the weights are not compressed twice."""
+    for row in list_files(session, checkpoint_id=job.checkpoint_id):
+        if row.role != FileRole.WEIGHTS:
+            session.delete(row)
+    session.flush()
+    for f in files:
+        if f.role != FileRole.WEIGHTS:
+            _put(session, f, checkpoint_id=job.checkpoint_id)
+    job.payload = {**(job.payload or {}), LANDS_ON: to_commit}
+    session.flush()
+
+
 def _commit_whole(
     session: Session,
     repo: Repo,
@@ -190,7 +300,12 @@ def _checkpoint(
 
 
 def _put(
-    session: Session, f: CommitFile, *, base_id: str | None = None, checkpoint_id: str | None = None
+    session: Session,
+    f: CommitFile,
+    *,
+    base_id: str | None = None,
+    checkpoint_id: str | None = None,
+    blob: bool = True,
 ) -> File:
     check_path(f.path)
     return put_file(
@@ -198,7 +313,7 @@ def _put(
         path=f.path,
         size=f.size,
         sha256=f.sha256,
-        blob_key=f.blob_key,
+        blob_key=f.blob_key if blob else None,
         role=f.role,
         base_id=base_id,
         checkpoint_id=checkpoint_id,

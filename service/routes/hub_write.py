@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import shutil
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path as FsPath
@@ -24,6 +26,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from core.files import check_path, is_unread
+from core.rewrite import with_aux_files
 from runtime.process import Runtime
 from service import hub, hub_write
 from service.auth import Caller, CallerDep
@@ -46,7 +49,16 @@ from storage.blob_common import BlobInfo, blob_key
 from storage.cache import FileSpec
 from storage.db import begin_write
 from storage.errors import IntegrityError, NotFound, TooManyFiles
-from storage.models import Base, Blob, Checkpoint, File, FileRole, Repo, Revision
+from storage.models import (
+    Base,
+    Blob,
+    Checkpoint,
+    CheckpointState,
+    File,
+    FileRole,
+    Repo,
+    Revision,
+)
 from storage.repo import list_files, record_blob
 
 router = APIRouter(tags=["hub"], route_class=HubRoute)
@@ -667,8 +679,14 @@ def _land(
     payload: CommitPayload,
     stored: dict[str, BlobInfo],
 ) -> str:
-    """Make the commit a revision (retrying when the head moves and no parent was pinned)."""
-    for _ in range(5):
+    """Make the commit a revision (retrying when the head moves and no parent was pinned).
+
+    A commit that keeps the weights of a parent stored as a ready delta (a README or tokenizer
+    pushed after the model) is stored as that delta with its new small files
+    (:func:`core.rewrite.with_aux_files`): no job, no second compression of the weights."""
+    force_rebuild = False
+    prepared: tuple[tuple[str, str], BlobInfo] | None = None
+    for _ in range(8):
         with runtime.sessions() as session:
             begin_write(session)
             repo = revisions.get_repo(session, name=name, namespace=namespace)
@@ -687,7 +705,8 @@ def _land(
                     f"{rev} is at {head_commit}, not at {payload.parent_commit}"
                 )
             parent = commits.files_of(session, head) if head is not None else {}
-            entries, missing = _carried(session, parent)
+            reusable = None if force_rebuild or head is None else _ready_delta(session, head)
+            entries, missing = _carried(session, parent, in_delta=reusable is not None)
             if missing:
                 assert head is not None
                 specs = _rebuild_specs(session, head, missing)
@@ -702,39 +721,120 @@ def _land(
             if head is not None and _same(commit_files, head):
                 return head.commit_id
             base = _base_for(runtime, session, repo, commit_files)
-            policy = None
-            if base is not None and rev == revisions.MAIN:
-                policy = _policy(runtime, repo, commit_files)
-            try:
-                revision = commits.commit(
-                    session,
-                    repo,
-                    commit_files,
-                    message=payload.message,
-                    expected_parent=head_commit,
-                    base=base,
-                    policy=policy,
-                    ref=rev,
+            in_delta = [f for f in commit_files if f.blob_key == IN_DELTA]
+            if in_delta:
+                assert reusable is not None
+                served = {p: r.recon_sha256 or r.sha256 for p, r in parent.items()}
+                weights = {f.path for f in commit_files if f.role == FileRole.WEIGHTS}
+                same_weights = weights == {
+                    p for p, r in parent.items() if r.role == FileRole.WEIGHTS
+                }
+                if (
+                    not same_weights
+                    or len(in_delta) != len(weights)
+                    or base is None
+                    or (reusable.base_id != base.id)
+                ):
+                    force_rebuild = True  # other weights, or another base: store them anew
+                    session.rollback()
+                    continue
+                aux = {f.path: f.blob_key for f in commit_files if f.blob_key != IN_DELTA}
+                wanted = (str(reusable.delta_blob_key), repr(sorted(aux.items())))
+                if prepared is None or prepared[0] != wanted:
+                    delta_key = str(reusable.delta_blob_key)
+                    session.rollback()
+                    prepared = (wanted, _rewrite(runtime, delta_key, aux))
+                    continue
+            # a queued compression of the parent's weights is handed to this revision
+            pending = None
+            if head is not None and base is not None and rev == revisions.MAIN:
+                pending = commits.queued_compression(
+                    session, repo, of_commit=head.commit_id, files=commit_files
                 )
+            try:
+                if in_delta:
+                    assert prepared is not None and reusable is not None
+                    revision = commits.commit_reusing(
+                        session,
+                        repo,
+                        commit_files,
+                        served=served,
+                        parent=reusable,
+                        delta=prepared[1],
+                        message=payload.message,
+                        expected_parent=head_commit,
+                        ref=rev,
+                    )
+                else:
+                    policy = None
+                    if base is not None and rev == revisions.MAIN and pending is None:
+                        policy = _policy(runtime, repo, commit_files)
+                    revision = commits.commit(
+                        session,
+                        repo,
+                        commit_files,
+                        message=payload.message,
+                        expected_parent=head_commit,
+                        base=base,
+                        policy=policy,
+                        ref=rev,
+                    )
             except revisions.ParentMismatch:
                 session.rollback()
                 continue  # the head moved between our read and our lock
+            if pending is not None:
+                commits.retarget_compression(
+                    session, pending, to_commit=revision.commit_id, files=commit_files
+                )
             commit_id = revision.commit_id
             session.commit()
             return commit_id
     raise hub_write.PreconditionFailed(f"{rev} kept moving; try the commit again")
 
 
+#: The blob key of a carried file whose bytes the parent's delta holds (:func:`_land`).
+IN_DELTA = ""
+
+
+def _ready_delta(session: Session, head: Revision) -> Checkpoint | None:
+    """The parent revision's checkpoint, when it is stored as a ready delta."""
+    if head.checkpoint_id is None:
+        return None
+    ckpt = session.get(Checkpoint, head.checkpoint_id)
+    if ckpt is None or ckpt.delta_blob_key is None or ckpt.state != CheckpointState.READY:
+        return None
+    return ckpt
+
+
+def _rewrite(runtime: Runtime, delta_key: str, aux: dict[str, str]) -> BlobInfo:
+    """The parent's delta with the commit's small files, stored (see :func:`_land`)."""
+    delta = runtime.cache.path(delta_key)
+    local = {path: runtime.cache.path(key) for path, key in aux.items()}
+    work = FsPath(runtime.cache.root) / "rewrites"
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{os.getpid()}-{threading.get_ident()}.slim"
+    try:
+        with_aux_files(delta, out, local)
+        info = runtime.store.put_file(out)
+    finally:
+        out.unlink(missing_ok=True)
+    _record(runtime, info)
+    return info
+
+
 def _carried(
-    session: Session, parent: dict[str, File]
+    session: Session, parent: dict[str, File], *, in_delta: bool
 ) -> tuple[dict[str, tuple[str, int, str | None]], dict[str, File]]:
     """The parent revision's files as (sha256, size, blob key) of the bytes it serves, and
-    those whose bytes only a delta holds (to rebuild into blobs first)."""
+    those whose bytes only a delta holds (to rebuild into blobs first). With ``in_delta``
+    (the parent is a ready delta), its weights are marked :data:`IN_DELTA` instead."""
     entries: dict[str, tuple[str, int, str | None]] = {}
     missing: dict[str, File] = {}
     for path, row in parent.items():
         sha256 = row.recon_sha256 or row.sha256
-        if row.blob_key is not None and sha256 == row.sha256:
+        if in_delta and row.role == FileRole.WEIGHTS:
+            entries[path] = (sha256, row.size, IN_DELTA)
+        elif row.blob_key is not None and sha256 == row.sha256:
             entries[path] = (sha256, row.size, row.blob_key)
         elif session.get(Blob, blob_key(sha256)) is not None:
             entries[path] = (sha256, row.size, blob_key(sha256))

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -203,10 +204,16 @@ def test_a_pushed_fine_tune_is_exact_at_once_then_compressed(stack: Stack, model
     assert modes["training_args.bin"]["shouldIgnore"] is True  # pickles are left out
     assert r.json()["commitOid"] == compressed
 
-    # a commit that keeps the weights (now only in a delta) and deletes a file
+    # a commit that keeps the weights (now only in a delta) and deletes a file: stored as the
+    # same delta with the new small files, no job and no second compression
+    jobs_before = c.get("/v1/jobs").json()["count"]
     r = commit(c, "ft", ndjson("drop vocab", [("deletedFolder", {"path": "tokenizer/"})]))
     assert r.status_code == 200, r.text
     later = r.json()["commitOid"]
+    assert c.get("/v1/jobs").json()["count"] == jobs_before
+    top = c.get("/v1/repos/ft/revisions").json()["data"][0]
+    assert top["commit_id"] == later and top["method"] == "magnitude"
+    assert top["stored_bytes"] <= revs[0]["stored_bytes"] + 1024
     files = c.get("/api/models/ft/revision/" + later).json()["siblings"]
     assert "tokenizer/vocab.txt" not in {s["rfilename"] for s in files}
     assert read(c, "ft", later, "model.safetensors") == lossy  # the bytes main served
@@ -378,3 +385,37 @@ def test_paths_info_takes_a_read_key(embedded: Stack) -> None:
     assert [e["path"] for e in r.json()] == ["dir/a.txt"]
     hub_error(reader.post("/api/models/p/paths-info/main", json={"paths": 3}), 422)
     hub_error(reader.post("/api/models/p/paths-info/nope", json={"paths": []}), 404)
+
+
+def test_small_files_pushed_after_the_model_join_its_compression(
+    tmp_path: Path, models: Models
+) -> None:
+    """transformers pushes the tokenizer after the model: the compression queued for the
+    model's revision is handed to the newer one (same weights), so main ends compressed with
+    every file — and the weights are compressed once."""
+    from tests.conftest import start_worker
+
+    with run_stack("embedded", tmp_path, workers=0) as s:
+        c = s.client
+        c.post("/api/repos/create", json={"name": "tb"})
+        push_folder(c, "tb", models.base, {})
+        policy = {"method": "magnitude", "keep": 0.05, "value_bits": 8}
+        assert c.post("/v1/repos", json={"name": "ft", "base": "tb", "policy": policy}).is_success
+        weights = (models.finetune / "model.safetensors").read_bytes()
+        lfs_upload(c, "ft", weights)
+        r = commit(c, "ft", ndjson("model", [lfs("model.safetensors", weights)]))
+        model_commit = r.json()["commitOid"]
+        r = commit(c, "ft", ndjson("tokenizer", [regular("tokenizer.json", b'{"v": 1}')]))
+        tokenizer_commit = r.json()["commitOid"]
+        assert read(c, "ft", "main", "tokenizer.json") == b'{"v": 1}'
+        jobs = c.get("/v1/jobs").json()["data"]
+        assert sorted(j["state"] for j in jobs) == ["queued"] * 3  # 2 exact, 1 compression
+        with ExitStack() as stack:
+            start_worker(stack, s.settings, tmp_path / "worker")
+            wait_jobs(c)
+        commits = c.get("/api/models/ft/commits/main").json()
+        assert [x["id"] for x in commits[1:3]] == [tokenizer_commit, model_commit]
+        assert f"Compressed from {tokenizer_commit}" in commits[0]["message"]
+        assert read(c, "ft", "main", "tokenizer.json") == b'{"v": 1}'
+        assert read(c, "ft", "main", "model.safetensors") != weights
+        assert read(c, "ft", model_commit, "model.safetensors") == weights
