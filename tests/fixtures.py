@@ -105,11 +105,10 @@ def bf16_copy(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str]) 
     for path in sorted(tmp.rglob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
             meta = f.metadata()
-            tensors = {
-                k: (t.to(torch.bfloat16) if t.is_floating_point() else t)
-                for k in f.keys()
-                for t in (f.get_tensor(k),)
-            }
+            tensors = {}
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                t = f.get_tensor(name)
+                tensors[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
         save_file(tensors, path, metadata=meta)
     config = tmp / "config.json"
     if config.is_file():

@@ -3,11 +3,13 @@
 Every registered method compresses a bf16 fine-tune against a bf16 base, a bf16 fine-tune
 against the fp32 base and the fp32 fine-tune against a bf16 base; reconstruction keeps each
 tensor's dtype, lossless is bit-exact, lossy methods lose no more than on the fp32 pair. The
-evaluator's precision follows :func:`core.device.compute_dtype`.
+evaluator's precision follows :func:`core.device.compute_dtype` (the rule itself:
+``test_device.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 from core.compress import compress
-from core.device import compute_dtype, computes_bf16, cpu_flags, cpu_has_bf16
+from core.device import compute_dtype
 from core.evaluate import ModelEvaluator, load_calibration
 from core.files import sha256_file
 from core.methods import REGISTRY
 from core.reconstruct import reconstruct
 from core.workspace import Workspace
 from tests.fixtures import base_dir, bf16_copy, calibration_jsonl, tiny_finetune_dir
+
+pytestmark = pytest.mark.slow  # the real 22M-parameter model, ~4 min on 2 busy cores
 
 KEEP = 0.05
 #: calibration examples of the model checks (under 32: no holdout, every example is scored)
@@ -137,13 +141,31 @@ def _predictions(model_dir: Path, texts: list[str], dtype: torch.dtype) -> torch
     return torch.cat(preds)
 
 
+@pytest.fixture(scope="module")
+def bf16_scoring(
+    dirs: dict[str, tuple[Path, Path]], calibration: Path
+) -> Iterator[tuple[ModelEvaluator, list[str], torch.Tensor]]:
+    """One evaluator of the bf16 pair (reused, as ``auto`` and the benchmark do), the
+    calibration texts and the fine-tune's own predictions on them."""
+    base, ft = dirs["bf16/bf16"]
+    examples = load_calibration(calibration, need_labels=False)
+    texts = [e.text for e in examples]
+    with Workspace(base, ft) as ws:
+        ev = ModelEvaluator("fidelity", ft, ws.base, ws.plans, examples)
+        yield ev, texts, _predictions(ft, texts, ev.dtype)
+
+
 @pytest.mark.parametrize("method", list(REGISTRY))
 def test_bf16_pair_fidelity_is_what_the_rebuilt_model_gives(
-    method: str, dirs: dict[str, tuple[Path, Path]], calibration: Path, tmp_path: Path
+    method: str,
+    dirs: dict[str, tuple[Path, Path]],
+    bf16_scoring: tuple[ModelEvaluator, list[str], torch.Tensor],
+    tmp_path: Path,
 ) -> None:
     """On bf16/bf16, every method's recorded fidelity (agreement with the fine-tune, scored in
     the evaluator's precision) matches the rebuilt directory loaded with ``transformers``."""
     base, ft = dirs["bf16/bf16"]
+    ev, texts, ft_preds = bf16_scoring
     out = compress(
         base,
         ft,
@@ -152,13 +174,11 @@ def test_bf16_pair_fidelity_is_what_the_rebuilt_model_gives(
         keep=KEEP,
         value_bits=16,
         evaluation="fidelity",
-        calibration=calibration,
+        evaluator=ev,
         options=SEARCH_OPTIONS.get(method),
     )
     reconstruct(base, tmp_path / "d.slim", tmp_path / "rec")
-    dtype = compute_dtype(torch.device("cpu"), {torch.bfloat16})
-    texts = [e.text for e in load_calibration(calibration, need_labels=False)]
-    agree = float((_predictions(tmp_path / "rec", texts, dtype) == _predictions(ft, texts, dtype)).float().mean())
+    agree = float((_predictions(tmp_path / "rec", texts, ev.dtype) == ft_preds).float().mean())
     assert out.fidelity is not None
     assert abs(out.fidelity - agree) <= 1 / N_CAL + 1e-9, (out.fidelity, agree)
     if method == "lossless":
@@ -184,38 +204,6 @@ def test_lossless_across_dtypes_is_scored_as_the_fine_tune(
     )
     assert out.fidelity == 1.0
     assert out.metrics_after["kl"] == pytest.approx(0.0, abs=1e-5)
-
-
-# --- the precision rule ------------------------------------------------------------------
-
-
-def test_cpu_bf16_is_read_from_the_flags(tmp_path: Path) -> None:
-    assert not cpu_has_bf16({"sse4_2", "avx2", "fma"}, "x86_64")
-    assert cpu_has_bf16({"avx2", "avx512f", "avx512_bf16"}, "x86_64")
-    assert cpu_has_bf16({"avx2", "amx_tile", "amx_bf16"}, "x86_64")
-    assert cpu_has_bf16({"fp", "asimd", "bf16"}, "aarch64")
-    assert not cpu_has_bf16({"fp", "asimd", "sve"}, "aarch64")
-    assert not cpu_has_bf16({"bf16"}, "x86_64")  # an Arm flag name means nothing on x86
-    x86 = tmp_path / "x86"
-    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\n")
-    arm = tmp_path / "arm"
-    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
-    assert cpu_flags(str(x86)) == {"fpu", "avx2", "amx_bf16"}
-    assert cpu_flags(str(arm)) == {"fp", "asimd", "bf16", "i8mm"}
-    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
-
-
-def test_compute_dtype_is_bf16_only_for_bf16_weights_on_bf16_hardware() -> None:
-    cpu = torch.device("cpu")
-    native = cpu_has_bf16()
-    assert computes_bf16(cpu) == native
-    assert compute_dtype(cpu, {torch.bfloat16}) == (torch.bfloat16 if native else torch.float32)
-    for weights in ({torch.float32}, {torch.float16}, {torch.bfloat16, torch.float32}, set()):
-        assert compute_dtype(cpu, weights) == torch.float32
-    if torch.cuda.is_available():
-        gpu = torch.device("cuda")
-        want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        assert compute_dtype(gpu, {torch.bfloat16}) == want
 
 
 def test_evaluator_runs_bf16_weights_in_the_chosen_precision(
