@@ -252,6 +252,10 @@ def compress(
                 "calibration_used": used,
                 "calibration_given": given,
                 "objective": evaluator.objective if evaluator is not None else None,
+                # what the model computed in (bf16 only where the device has bf16 arithmetic)
+                "compute_dtype": str(evaluator.dtype).removeprefix("torch.")
+                if evaluator is not None
+                else None,
                 "search_seconds": search_seconds,
                 "evaluations": ctx.evaluations,
                 "trace": fitted.trace if fitted else [],
@@ -442,7 +446,7 @@ def _encode(
             ):
                 if te.kind == "same":
                     ctx.evaluator.apply(name, torch.zeros(plan.numel))
-                elif te.kind == "lossless":
+                elif te.kind in ("lossless", "dense"):  # dense: exact, the base's dtype differs
                     ctx.evaluator.apply(name, ws.tau(plan))
                 else:
                     ctx.evaluator.apply(name, delta_for_eval)

@@ -8,7 +8,10 @@
 - ``weights``: no model; data-free. Searches degenerate to magnitude pruning.
 
 The model is built once from the fine-tune's own directory (``config.json`` + weights; no hub
-access). A candidate is applied by writing base + delta into the model's parameters in place.
+access). A candidate is applied by writing base + delta into the model's parameters in place,
+rounded to each tensor's own dtype (what reconstruction stores). A bf16 fine-tune is run in bf16
+where the device computes bf16 natively and upcast to float32 elsewhere
+(:func:`core.device.compute_dtype` decides); any other fine-tune is run in float32.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any, Protocol
 import torch
 
 from core.checkpoint import CheckpointDir
-from core.constants import DTYPES
+from core.constants import DTYPES, FLOAT_DTYPES
+from core.device import compute_dtype, pick_device
 from core.errors import EvaluationUnavailable, InvalidCalibration
 from core.params import Example
 from core.taskvector import TensorPlan
@@ -86,6 +90,7 @@ def load_calibration(path: str | os.PathLike[str], *, need_labels: bool) -> list
 class Evaluator(Protocol):
     kind: str
     device: torch.device  # where candidates are applied (searches keep their tensors there)
+    dtype: torch.dtype  # what the model computes in (core.device.compute_dtype)
 
     def apply(self, name: str, delta: torch.Tensor | None) -> None:
         """Set one tensor of the candidate: base + ``delta`` (flat float32; None = base)."""
@@ -113,13 +118,6 @@ class Evaluator(Protocol):
     @property
     def tensor_names(self) -> list[str]:
         """The fine-tune tensor names this evaluator writes (delta tensors only)."""
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """``cuda`` when present, else CPU (or what the caller asks for)."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _model_class(config: Any) -> tuple[str, Any]:
@@ -152,6 +150,8 @@ class ModelEvaluator:
         examples: calibration texts (with labels for ``accuracy``).
         holdout: more calibration texts, scored only to pick a search's winner.
         device: ``cuda``/``cpu``; default picks ``cuda`` when present.
+        dtype: what the model computes in; default :func:`core.device.compute_dtype` of the
+            device and the fine-tune's floating-point dtypes.
         max_length: tokens per example.
         batch_size: examples per forward pass.
         given: how many calibration examples were given before a subsample (default: these).
@@ -167,6 +167,7 @@ class ModelEvaluator:
         *,
         holdout: Sequence[Example] = (),
         device: str | None = None,
+        dtype: torch.dtype | None = None,
         max_length: int = 64,
         batch_size: int = 64,
         given: int | None = None,
@@ -180,6 +181,9 @@ class ModelEvaluator:
         self.kind = kind
         self.calibration_given = given if given is not None else len(examples) + len(holdout)
         self.device = pick_device(device)
+        self.dtype = dtype or compute_dtype(
+            self.device, {DTYPES[p.dtype][1] for p in plans if p.dtype in FLOAT_DTYPES}
+        )
         ft_dir = Path(ft_dir)
         if not (ft_dir / "config.json").is_file():
             raise EvaluationUnavailable(
@@ -189,7 +193,7 @@ class ModelEvaluator:
         try:
             config = transformers.AutoConfig.from_pretrained(ft_dir, local_files_only=True)
             self.task, cls = _model_class(config)
-            model = cls.from_pretrained(ft_dir, local_files_only=True, dtype=torch.float32)
+            model = cls.from_pretrained(ft_dir, local_files_only=True, dtype=self.dtype)
             tokenizer = transformers.AutoTokenizer.from_pretrained(ft_dir, local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
             raise EvaluationUnavailable(
@@ -209,7 +213,8 @@ class ModelEvaluator:
         #: unknown, the next sparse candidate copies the whole base)
         self._written: dict[str, torch.Tensor] = {}
         self._base: dict[str, torch.Tensor] = {}
-        self._base_stored: dict[str, torch.Tensor] = {}  # unkept entries as rebuilt
+        # unkept entries as rebuilt, in the dtype the model computes in
+        self._base_stored: dict[str, torch.Tensor] = {}
         self._dtype: dict[str, torch.dtype] = {}
         for plan in plans:
             if plan.kind != "delta" or plan.base_name is None:
@@ -218,7 +223,9 @@ class ModelEvaluator:
             exact = raw.to(self.device, torch.float32)
             stored = raw.to(DTYPES[plan.dtype][1]).to(self.device, torch.float32)
             self._base[plan.name] = exact
-            self._base_stored[plan.name] = exact if torch.equal(stored, exact) else stored
+            stored = exact if torch.equal(stored, exact) else stored
+            dt = self._params[plan.name].dtype
+            self._base_stored[plan.name] = stored if dt == torch.float32 else stored.to(dt)
             self._dtype[plan.name] = DTYPES[plan.dtype][1]
         self._parts: dict[str, _Part] = {}
         self._reference: dict[str, Score] = {}

@@ -12,8 +12,10 @@ The tiny fine-tune is cached under the benchmark cache (``$SLIM_BENCH_CACHE`` or
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 from bench.data import Example, load_task, write_jsonl
@@ -23,6 +25,7 @@ __all__ = [
     "TINY_RECIPE",
     "TINY_TASK",
     "base_dir",
+    "bf16_copy",
     "calibration_jsonl",
     "sample_examples",
     "test_examples",
@@ -78,3 +81,41 @@ def calibration_jsonl(
     """Write ``n`` examples of ``split`` (a fixed sample) to ``path`` as calibration JSON lines
     (``{"text": ..., "label": ...}``); returns the path."""
     return write_jsonl(sample_examples(n, split, task), path, with_labels=with_labels)
+
+
+def bf16_copy(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str]) -> Path:
+    """A copy of a model directory whose weights are cast to bfloat16; returns ``dst_dir``.
+
+    Every floating-point tensor of every ``*.safetensors`` file is rounded to bfloat16 (round to
+    nearest even, as ``Tensor.to`` does); other tensors keep their dtype, the file's
+    ``__metadata__`` is kept, and ``config.json``'s ``dtype``/``torch_dtype`` (where present)
+    says ``bfloat16``. All other files are copied as they are. Written to a temporary sibling
+    and renamed into place, so an existing ``dst_dir`` is complete (and is returned as is).
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src_dir), Path(dst_dir)
+    if dst.is_dir():
+        return dst
+    tmp = dst.with_name(dst.name + ".incomplete")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    for path in sorted(tmp.rglob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata()
+            tensors = {}
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                t = f.get_tensor(name)
+                tensors[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
+        save_file(tensors, path, metadata=meta)
+    config = tmp / "config.json"
+    if config.is_file():
+        cfg = json.loads(config.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = "bfloat16"
+        config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tmp.rename(dst)
+    return dst

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from core.device import pick_device
 from core.errors import InvalidArgument
 from core.methods.base import FitContext, Fitted, Method, check_keep, from_mask, keep_count
 from core.params import DEFAULT_LOWRANK_ENERGY, DEFAULT_LOWRANK_KEEP
@@ -165,7 +166,7 @@ class LowRankMethod(Method):
         elif ctx.evaluator is not None:
             device = ctx.device
         else:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = pick_device()
         params: dict[str, Any] = {"keep": self.keep, "energy": self.energy}
         if self.max_rank is not None:
             params["max_rank"] = self.max_rank
