@@ -338,3 +338,29 @@ def test_second_push_is_a_revision_log_and_pull_by_revision(
     assert tree(tmp_path / "r1") != tree(tmp_path / "r2")
     code, _, err = run(embedded, capsys, "pull", "ft", str(tmp_path / "x"), "--revision", "0" * 7)
     assert code == 2 and "revision_not_found" in err
+
+
+
+def test_a_closed_pipe_ends_the_listing_quietly() -> None:
+    """``slim log NAME | head``: the reader leaves early; no traceback, exit status 0."""
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, cli.main as m\n"
+        "def handler(args):\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "class Parser:\n"
+        "    def parse_args(self, argv):\n"
+        "        return argparse.Namespace(handler=handler)\n"
+        "m.build_parser = Parser\n"
+        "raise SystemExit(m.main([]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
