@@ -4,7 +4,9 @@ A push (:func:`upload`) re-sends only the files whose sha256 differs from what t
 (``GET …/files``), hashing each file as it streams and checking the server stored the same
 digest. A pull (:func:`download`) continues each ``<file>.incomplete`` with ``Range`` +
 ``If-Range`` and moves it into place only once its sha256 matches the ETag (the sha256 the
-server recorded when the delta was written).
+server recorded when the delta was written). :func:`download_all` reads two files at a time,
+each hashed in a thread of its own; :class:`FollowedDownload` lets a reader (the rebuild of
+``pull --local``) use a file's bytes as they land, and learn at the end whether it matched.
 """
 
 from __future__ import annotations
