@@ -60,9 +60,14 @@ from client.models import (
     build,
 )
 from client.transfer import (
+    FollowedDownload,
+    Wanted,
     download,
+    download_all,
+    fetch,
     inside,
     manifest_sha256,
+    partial,
     quote_path,
     sha256_file,
     upload,
@@ -361,25 +366,22 @@ class SlimClient:
         report = PullReport()
         bar = progress or NoProgress()
         bar.start(f"pulling {ckpt.name}", sum(f.size for f in files))
+        wanted = [
+            Wanted(
+                f"/v1/checkpoints/{ckpt.id}/files/{quote_path(f.path)}",
+                inside(out, f.path),
+                f.path,
+                f.size,
+                f.pull_sha256 if scale == 1.0 else None,
+                params,
+            )
+            for f in files
+        ]
         try:
-            for f in files:
-                target = inside(out, f.path)
-                want = f.pull_sha256 if scale == 1.0 else None
-                got = download(
-                    self._conn,
-                    f"/v1/checkpoints/{ckpt.id}/files/{quote_path(f.path)}",
-                    target,
-                    rel=f.path,
-                    size=f.size,
-                    sha256=want,
-                    params=params,
-                    progress=bar,
-                )
-                report.files.append(got)
-                if not got.skipped:
-                    report.bytes_received += f.size - got.resumed_from
+            report.files = download_all(self._conn, wanted, bar)
         finally:
             bar.finish()
+        report.bytes_received = sum(g.size - g.resumed_from for g in report.files if not g.skipped)
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -400,7 +402,9 @@ class SlimClient:
         delta is kept under ``<cache>/deltas/<sha256>.slim``. The rebuilt files are the same
         bytes a server-side pull gives (at scale 1 each is checked against the digests recorded
         when the delta was written, and their sha256 against the server's listing). Tensors are
-        rebuilt on every core; nothing rebuilt is read back.
+        rebuilt on every core while the delta downloads (each frame checked as it is read), and
+        no rebuilt file is moved into place before the whole delta matched its sha256; nothing
+        rebuilt is read back.
         """
         # torch (for the rebuild) takes seconds to import: load it while the delta downloads
         importing = threading.Thread(
@@ -413,16 +417,30 @@ class SlimClient:
         report = PullReport(local=True)
         bar = progress or NoProgress()
         base_dir, report.base_bytes = self._cached_base(self.get_base(ckpt.base_id), cache, bar)
-        delta, report.delta_bytes = self._cached_delta(ckpt, cache, bar)
-        importing.join()
-        from core.reconstruct import reconstruct  # raises here if the import failed
-
-        bar.start(f"rebuilding {ckpt.name}", 0)
+        delta, fetched = self._delta_fetch(ckpt, cache, bar)
         digests: dict[str, str] = {}
         try:
-            written = reconstruct(base_dir, delta, out_dir, scale=scale, digests=digests)
+            importing.join()
+            from core.reconstruct import reconstruct  # raises here if the import failed
+
+            if isinstance(fetched, FollowedDownload):  # rebuilt as the delta arrives
+                written = reconstruct(
+                    base_dir, partial(delta), out_dir, scale=scale, digests=digests,
+                    arriving=fetched,
+                )  # fmt: skip
+                got = fetched.result()
+                os.replace(partial(delta), delta)
+            else:
+                bar.start(f"rebuilding {ckpt.name}", 0)
+                written = reconstruct(base_dir, delta, out_dir, scale=scale, digests=digests)
+                got = fetched
+        except BaseException:
+            if isinstance(fetched, FollowedDownload) and (error := fetched.stop()) is not None:
+                raise error from None  # what stopped the download stopped the rebuild
+            raise
         finally:
             bar.finish()
+        report.delta_bytes = 0 if got.skipped else got.size - got.resumed_from
         out = Path(out_dir)
         listed = {f.path: f.pull_sha256 for f in self.checkpoint_files(ckpt.id)}
         for path in written:
@@ -466,23 +484,22 @@ class SlimClient:
             raise IntegrityError(
                 f"the files of base {base.name!r} do not match its manifest; report this"
             )
-        received = 0
         bar.start(f"caching base {base.name}", sum(f.size for f in files))
+        wanted = [
+            Wanted(
+                f"/v1/bases/{base.id}/files/{quote_path(f.path)}",
+                inside(directory, f.path),
+                f.path,
+                f.size,
+                f.sha256,
+            )
+            for f in files
+        ]
         try:
-            for f in files:
-                got = download(
-                    self._conn,
-                    f"/v1/bases/{base.id}/files/{quote_path(f.path)}",
-                    inside(directory, f.path),
-                    rel=f.path,
-                    size=f.size,
-                    sha256=f.sha256,
-                    progress=bar,
-                )
-                if not got.skipped:
-                    received += f.size - got.resumed_from
+            got = download_all(self._conn, wanted, bar)
         finally:
             bar.finish()
+        received = sum(g.size - g.resumed_from for g in got if not g.skipped)
         doc = {
             "base_id": base.id,
             "name": base.name,
@@ -495,7 +512,12 @@ class SlimClient:
         os.replace(tmp, marker)
         return directory, received
 
-    def _cached_delta(self, ckpt: Checkpoint, cache: Path, bar: Progress) -> tuple[Path, int]:
+    def _delta_fetch(
+        self, ckpt: Checkpoint, cache: Path, bar: Progress
+    ) -> tuple[Path, PulledFile | FollowedDownload]:
+        """The delta's place in the cache, and its download: done and checked when the delta
+        was there or had to be continued from an earlier part, else still under way (only a
+        fresh download is followed by the rebuild)."""
         url = f"/v1/checkpoints/{ckpt.id}/delta"
         head = self._conn.request("HEAD", url)
         etag = head.headers.get("etag", "").strip('"')
@@ -503,12 +525,21 @@ class SlimClient:
         if not re.fullmatch(r"[0-9a-f]{64}", etag):
             raise ServerError(f"the delta of {ckpt.name!r} came without a sha256 ETag")
         target = cache / "deltas" / f"{etag}.slim"
-        bar.start(f"fetching delta of {ckpt.name}", size)
-        try:
-            got = download(self._conn, url, target, size=size, sha256=etag, progress=bar)
-        finally:
-            bar.finish()
-        return target, 0 if got.skipped else size - got.resumed_from
+        if target.is_file() or partial(target).exists():
+            bar.start(f"fetching delta of {ckpt.name}", size)
+            try:
+                got = download(self._conn, url, target, size=size, sha256=etag, progress=bar)
+            finally:
+                bar.finish()
+            return target, got
+        bar.start(f"fetching and rebuilding {ckpt.name}", size)
+        follow = FollowedDownload(
+            lambda landed: fetch(
+                self._conn, url, target, size=size, sha256=etag, progress=bar, landed=landed
+            ),
+            size,
+        )
+        return target, follow
 
     # -- PEFT adapters -------------------------------------------------------------------------
 

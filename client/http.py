@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import os
 import ssl
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -116,7 +117,11 @@ class Connection:
         self._timeout = timeout
         self._direct = transport is None
         self._ssl: ssl.SSLContext | None = None
-        self._raw: http.client.HTTPConnection | None = None
+        # one kept ``http.client`` connection per thread reading bodies (a pull reads several
+        # files at once); every one is closed by :meth:`close`
+        self._local = threading.local()
+        self._opened: set[http.client.HTTPConnection] = set()
+        self._lock = threading.Lock()
         self._http = httpx.Client(
             base_url=self.url,
             headers=headers,
@@ -126,8 +131,16 @@ class Connection:
         )
 
     def close(self) -> None:
-        self._drop_raw()
+        with self._lock:
+            opened, self._opened = self._opened, set()
+        for conn in opened:
+            conn.close()
+        self._local = threading.local()
         self._http.close()
+
+    def release(self) -> None:
+        """Close the calling thread's kept connection for bodies (a thread that ends)."""
+        self._drop_raw()
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The answer; a transport failure or an error answer raises :class:`ApiError`."""
@@ -158,7 +171,8 @@ class Connection:
         params: dict[str, str] | None = None,
     ) -> Iterator[Body]:
         """``GET path`` as a :class:`Body`, as is: the caller checks the status (:meth:`error`
-        takes the body's ``response``); transport failures raise :class:`ConnectionFailed`."""
+        takes the body's ``response``); transport failures raise :class:`ConnectionFailed`.
+        Safe to call from several threads at once (each reads on a connection of its own)."""
         if not self._direct or _proxied(self.url):
             try:
                 with self._http.stream("GET", path, headers=headers, params=params) as r:
@@ -183,10 +197,12 @@ class Connection:
         """The answer's head on the kept ``http.client`` connection (a new one if it was closed
         by the server meanwhile)."""
         for attempt in (0, 1):
-            if self._raw is not None and self._raw.sock is None:  # the server closed it
+            kept = self._raw
+            if kept is not None and kept.sock is None:  # the server closed it
                 self._drop_raw()
-            fresh = self._raw is None
-            conn = self._raw or self._connect()
+                kept = None
+            fresh = kept is None
+            conn = kept or self._connect()
             try:
                 conn.request("GET", target, headers=headers)
                 return conn.getresponse()
@@ -215,13 +231,24 @@ class Connection:
             raise self.unreachable(exc, connecting=True) from exc
         if conn.sock is not None:
             conn.sock.settimeout(self._timeout)
-        self._raw = conn
+        self._local.raw = conn
+        with self._lock:
+            self._opened.add(conn)
         return conn
 
+    @property
+    def _raw(self) -> http.client.HTTPConnection | None:
+        """This thread's kept connection for bodies."""
+        raw: http.client.HTTPConnection | None = getattr(self._local, "raw", None)
+        return raw
+
     def _drop_raw(self) -> None:
-        if self._raw is not None:
-            self._raw.close()
-            self._raw = None
+        raw = self._raw
+        if raw is not None:
+            raw.close()
+            self._local.raw = None
+            with self._lock:
+                self._opened.discard(raw)
 
     def pages(self, path: str, **params: Any) -> Iterator[dict[str, Any]]:
         """Every row of a paged listing."""

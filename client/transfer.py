@@ -4,7 +4,9 @@ A push (:func:`upload`) re-sends only the files whose sha256 differs from what t
 (``GET …/files``), hashing each file as it streams and checking the server stored the same
 digest. A pull (:func:`download`) continues each ``<file>.incomplete`` with ``Range`` +
 ``If-Range`` and moves it into place only once its sha256 matches the ETag (the sha256 the
-server recorded when the delta was written).
+server recorded when the delta was written). :func:`download_all` reads two files at a time,
+each hashed in a thread of its own; :class:`FollowedDownload` lets a reader (the rebuild of
+``pull --local``) use a file's bytes as they land, and learn at the end whether it matched.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,7 +30,9 @@ from core.files import CHUNK_SIZE, manifest_sha256, sha256_file
 
 __all__ = [
     "CHUNK_SIZE",
+    "Wanted",
     "download",
+    "download_all",
     "inside",
     "manifest_sha256",
     "quote_path",
@@ -38,6 +43,8 @@ __all__ = [
 
 #: Buffers of :data:`CHUNK_SIZE` bytes in flight in a download (read, written, hashed).
 BUFFERS = 4
+#: Files a pull reads at once.
+STREAMS = 2
 
 
 def quote_path(path: str) -> str:
@@ -139,16 +146,25 @@ class _Hasher:
         self._thread.join()
 
 
-def receive(body: Body, part: Path, h: Any, *, append: bool, progress: Progress) -> None:
+def receive(
+    body: Body,
+    part: Path,
+    h: Any,
+    *,
+    append: bool,
+    progress: Progress,
+    landed: Callable[[int], None] | None = None,
+) -> None:
     """Write ``body`` to ``part`` (appended, or from scratch) and hash it into ``h``.
 
     The body is read straight into a few reused buffers of :data:`CHUNK_SIZE` bytes; each is
     written with ``os.write`` and hashed in a second thread while the next one is read. What
     reached the file is always a prefix of the body, so an interrupted transfer resumes from
-    the file's size.
+    the file's size. ``landed(n)`` is told after each write that the file holds ``n`` bytes.
     """
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
     fd = os.open(part, flags | getattr(os, "O_BINARY", 0), 0o666)
+    at = os.fstat(fd).st_size if append else 0
     hasher = _Hasher(h, BUFFERS, CHUNK_SIZE)
     try:
         while True:
@@ -161,11 +177,19 @@ def receive(body: Body, part: Path, h: Any, *, append: bool, progress: Progress)
                 chunk = chunk[os.write(fd, chunk) :]
             hasher.hash(view, n)
             progress.advance(n)
+            at += n
+            if landed is not None:
+                landed(at)
             if n < len(view):
                 break
     finally:
         hasher.close()
         os.close(fd)
+
+
+def partial(target: Path) -> Path:
+    """Where a download of ``target`` lies until it is whole and checked."""
+    return target.with_name(target.name + INCOMPLETE)
 
 
 def download(
@@ -178,17 +202,137 @@ def download(
     sha256: str | None,
     params: dict[str, str] | None = None,
     progress: Progress,
-    _retry: bool = True,
 ) -> PulledFile:
     """Fetch ``url`` into ``target`` through ``target.incomplete`` (resumed with Range),
-    checked against ``sha256`` (or the answer's ETag) before the atomic move."""
+    checked against ``sha256`` (or the answer's ETag) before the atomic move; a ``target``
+    already there with that size and sha256 is kept."""
     rel = rel or target.name
     complete = target.is_file() and target.stat().st_size == size
     if complete and sha256 is not None and sha256_file(target) == sha256:
         progress.advance(size)
         return PulledFile(rel, size, sha256, skipped=True)
+    got = fetch(
+        conn, url, target, rel=rel, size=size, sha256=sha256, params=params, progress=progress
+    )
+    os.replace(partial(target), target)
+    return got
+
+
+class _Stopped(Exception):
+    """Whoever waits on a download gave up on it: it stops at its next buffer, and its part is
+    kept for a later resume."""
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One file of a :func:`download_all`: where it comes from and goes, and what it must be."""
+
+    url: str
+    target: Path
+    rel: str
+    size: int
+    sha256: str | None
+    params: dict[str, str] | None = None
+
+
+class _Shared:
+    """The progress of files read at once: calls serialised, and once one file failed, every
+    other stops at its next buffer (its part kept to resume from)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+        self.failed = False
+
+    def start(self, description: str, total: int) -> None:
+        with self._lock:
+            self._progress.start(description, total)
+
+    def advance(self, nbytes: int) -> None:
+        if self.failed:
+            raise _Stopped
+        with self._lock:
+            self._progress.advance(nbytes)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._progress.finish()
+
+
+def download_all(
+    conn: Connection, files: Sequence[Wanted], progress: Progress, *, streams: int = STREAMS
+) -> list[PulledFile]:
+    """:func:`download` every file, ``streams`` at a time (largest first; each on a connection
+    and with a sha256 thread of its own), so that small files come in beside a large one and
+    several shards are hashed on several cores. Returns the results in the order given; the
+    first error stops the other files at their next buffer (their parts kept) and is raised."""
+    shared = _Shared(progress)
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in sorted(range(len(files)), key=lambda i: -files[i].size):
+        todo.put(i)
+    got: list[PulledFile | None] = [None] * len(files)
+    errors: list[BaseException] = []
+
+    def lane() -> None:
+        try:
+            while not shared.failed:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                f = files[i]
+                got[i] = download(
+                    conn, f.url, f.target, rel=f.rel, size=f.size, sha256=f.sha256,
+                    params=f.params, progress=shared,
+                )  # fmt: skip
+        except BaseException as exc:  # raised by the caller's thread, below
+            if not isinstance(exc, _Stopped):
+                errors.append(exc)
+            shared.failed = True
+
+    def helper() -> None:
+        try:
+            lane()
+        finally:
+            conn.release()  # this thread's connection: the thread ends here
+
+    helpers = [
+        threading.Thread(target=helper, name="slim-pull", daemon=True)
+        for _ in range(min(streams, len(files)) - 1)
+    ]
+    for t in helpers:
+        t.start()
+    try:
+        lane()
+    finally:
+        shared.failed = shared.failed or todo.qsize() > 0 or bool(errors)
+        for t in helpers:
+            t.join()
+    if errors:
+        raise errors[0]
+    return [g for g in got if g is not None]
+
+
+def fetch(
+    conn: Connection,
+    url: str,
+    target: Path,
+    *,
+    rel: str | None = None,
+    size: int,
+    sha256: str | None,
+    params: dict[str, str] | None = None,
+    progress: Progress,
+    landed: Callable[[int], None] | None = None,
+    _retry: bool = True,
+) -> PulledFile:
+    """Bring :func:`partial` of ``target`` to the whole body of ``url`` (continuing what is
+    there with Range + If-Range), checked against ``sha256`` (or the answer's ETag), and leave
+    it there; on a mismatch nothing is kept. ``landed(n)``: told as the file grows that it
+    holds ``n`` bytes (what a reader following the download waits for)."""
+    rel = rel or target.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + INCOMPLETE)
+    part = partial(target)
     h = hashlib.sha256()
     offset = part.stat().st_size if part.is_file() else 0
     if offset > size:
@@ -197,6 +341,8 @@ def download(
         with part.open("rb") as f:
             while chunk := f.read(CHUNK_SIZE):
                 h.update(chunk)
+        if landed is not None:
+            landed(offset)
     resumed_from = offset
     etag = sha256
     if offset < size or size == 0:
@@ -208,9 +354,9 @@ def download(
         with conn.body(url, headers=headers, params=params) as r:
             if r.status_code == 416 and offset and _retry:  # the file is shorter now
                 part.unlink(missing_ok=True)
-                return download(
+                return fetch(
                     conn, url, target, rel=rel, size=size, sha256=sha256, params=params,
-                    progress=progress, _retry=False,
+                    progress=progress, landed=landed, _retry=False,
                 )  # fmt: skip
             if r.status_code >= 400:
                 raise conn.error(r)
@@ -228,7 +374,7 @@ def download(
             elif offset:
                 progress.advance(offset)
             etag = (r.headers.get("etag") or "").strip('"') or sha256
-            receive(r, part, h, append=bool(offset), progress=progress)
+            receive(r, part, h, append=bool(offset), progress=progress, landed=landed)
     else:
         progress.advance(offset)
     got_size = part.stat().st_size
@@ -238,20 +384,80 @@ def download(
         part.unlink(missing_ok=True)
         if resumed_from and _retry:  # the kept part may be stale: fetch it whole, once
             progress.advance(-got_size)
-            return download(
-                conn,
-                url,
-                target,
-                rel=rel,
-                size=size,
-                sha256=sha256,
-                params=params,
-                progress=progress,
-                _retry=False,
-            )
+            return fetch(
+                conn, url, target, rel=rel, size=size, sha256=sha256, params=params,
+                progress=progress, landed=landed, _retry=False,
+            )  # fmt: skip
         raise IntegrityError(
             f"{target.name}: got {got_size} bytes with sha256 {digest}, expected {size} "
             f"bytes with sha256 {want}; nothing was kept — pull again"
         )
-    os.replace(part, target)
     return PulledFile(rel, size, digest, resumed_from=resumed_from)
+
+
+class FollowedDownload:
+    """:func:`fetch` in a thread of its own, which a reader follows as the file grows (what
+    ``pull --local`` rebuilds from while the delta still downloads).
+
+    :meth:`wait` is the ``core.delta_format.Arriving`` protocol: it returns once the first
+    bytes asked for are written, and for the whole file only once it is complete and its
+    sha256 matched; it raises the download's own error if that stopped it.
+    """
+
+    def __init__(self, start: Callable[[Callable[[int], None]], PulledFile], size: int) -> None:
+        self.size = size
+        self._have = 0
+        self._done: PulledFile | None = None
+        self._error: BaseException | None = None
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(
+            target=self._run, args=(start,), name="slim-download", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, start: Callable[[Callable[[int], None]], PulledFile]) -> None:
+        try:
+            got = start(self._landed)
+        except BaseException as exc:  # handed to the reader
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+        else:
+            with self._cond:
+                self._done = got
+                self._have = self.size
+                self._cond.notify_all()
+
+    def _landed(self, n: int) -> None:
+        with self._cond:
+            if self._stop:
+                raise _Stopped
+            self._have = n
+            self._cond.notify_all()
+
+    def wait(self, end: int) -> None:
+        with self._cond:
+            while (
+                self._error is None
+                and self._done is None
+                and (end >= self.size or self._have < end)
+            ):
+                self._cond.wait()
+            if self._done is None and self._error is not None:
+                raise self._error
+
+    def result(self) -> PulledFile:
+        """The checked download (waits for it); raises its error."""
+        self.wait(self.size)
+        self._thread.join()
+        assert self._done is not None
+        return self._done
+
+    def stop(self) -> BaseException | None:
+        """Stop the download at its next write (its part is kept for a later resume) and
+        wait for it; returns the error that ended it, if any other than being stopped."""
+        with self._cond:
+            self._stop = True
+        self._thread.join()
+        return None if isinstance(self._error, _Stopped) else self._error

@@ -21,6 +21,7 @@ import xxhash
 from core.constants import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_HEADER_BYTES,
     METADATA_KEY,
     READABLE_VERSIONS,
 )
@@ -32,7 +33,7 @@ from core.errors import (
     UnsupportedFormatVersion,
 )
 from core.files import CHUNK_SIZE, check_path
-from core.safetensors_io import build_header, read_header
+from core.safetensors_io import Header, build_header, parse_header, read_header
 
 TENSOR_KINDS = ("sparse", "dense", "same", "lossless", "lowrank")
 
@@ -41,6 +42,25 @@ class FrameSource(Protocol):
     """Anything frames can be read from: a :class:`DeltaReader`, or a writer mid-encode."""
 
     def frame(self, name: str) -> bytes: ...
+
+
+class Arriving(Protocol):
+    """A delta file still being written from its start on (a download that a rebuild follows).
+
+    Frames lie in the order the encoder wrote them, tensor by tensor in each weight file's
+    order, so a reader waits only for the bytes of the frame it reads next.
+    """
+
+    @property
+    def size(self) -> int:
+        """The file's size once complete."""
+        ...
+
+    def wait(self, end: int) -> None:
+        """Return once bytes ``[0, end)`` are in the file; for ``end`` = :attr:`size`, once
+        the whole file is there and has passed its own check (the sha256 of a download).
+        Raises what stopped the file from arriving."""
+        ...
 
 
 #: Frames of at least this many bytes also record their xxh3-128 (format version 3), which
@@ -234,12 +254,19 @@ class DeltaWriter:
 
 
 class DeltaReader:
-    """Opens a delta, validates its container and document, reads frames with hash checks."""
+    """Opens a delta, validates its container and document, reads frames with hash checks.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    With ``arriving``, the file at ``path`` is still being written (it stays at that path
+    while it is read): the header and each frame are read once their bytes are there.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, arriving: Arriving | None = None) -> None:
         self.path = Path(path)
+        self._arriving = arriving
         try:
-            self.header = read_header(self.path)
+            self.header = (
+                read_header(self.path) if arriving is None else _arrived_header(self.path, arriving)
+            )
         except InvalidSafetensors as exc:
             raise InvalidDelta(f"{self.path.name} is not a delta container: {exc.detail}") from None
         meta = self.header.metadata or {}
@@ -265,6 +292,8 @@ class DeltaReader:
         if ref is None:
             raise InvalidDelta(f"delta has no frame {name!r}")
         info = self.header.tensors[name]
+        if self._arriving is not None:
+            self._arriving.wait(self.header.data_offset + info.end)
         if self._f is None:
             self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         self._f.seek(self.header.data_offset + info.start)
@@ -287,6 +316,20 @@ class DeltaReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _arrived_header(path: Path, arriving: Arriving) -> Header:
+    """The header of a delta being written, read once its bytes are there (one bounded read,
+    as :func:`core.safetensors_io.read_header`, checked against the final size)."""
+    arriving.wait(min(8, arriving.size))
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            n = int.from_bytes(head, "little")
+            if n <= MAX_HEADER_BYTES:
+                arriving.wait(min(8 + n, arriving.size))
+                head += f.read(n)
+    return parse_header(head, file_size=arriving.size)
 
 
 def _container_header(reader: DeltaReader, doc: DeltaDoc) -> bytes:

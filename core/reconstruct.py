@@ -29,7 +29,7 @@ import xxhash
 
 from core.checkpoint import CheckpointDir
 from core.constants import DTYPES, MAX_HEADER_BYTES, PIECE_BYTES
-from core.delta_format import DeltaReader, FileEntry, FrameSource, TensorEntry
+from core.delta_format import Arriving, DeltaReader, FileEntry, FrameSource, TensorEntry
 from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafetensors
 from core.files import CHUNK_SIZE, check_path
 from core.frames import FrameStream, zstd_decompress
@@ -413,13 +413,16 @@ def reconstruct(
     scale: float = 1.0,
     workers: int | None = None,
     digests: dict[str, str] | None = None,
+    arriving: Arriving | None = None,
 ) -> list[Path]:
     """Rebuild the fine-tune's directory from a base and a delta.
 
     Each file is written to ``<name>.incomplete``, checked against its recorded digest (at
     scale 1: xxh3-128 where recorded, else sha256) and moved into place; a mismatch raises
     and leaves no file at the final name. Tensors are rebuilt by ``workers`` threads, several
-    at once (up to :data:`AHEAD_BYTES` ahead), and written and checked in file order.
+    at once (up to :data:`AHEAD_BYTES` ahead), and written and checked in file order. Files
+    are rebuilt in the order of the frames they read, so a rebuild following a download
+    (``arriving``) waits only for the frames it needs next.
 
     Args:
         base_dir: directory of the base model the delta was made from.
@@ -429,6 +432,9 @@ def reconstruct(
         workers: threads rebuilding tensors (default :func:`default_workers`).
         digests: filled with each written file's sha256 by its path: the recorded one where
             the file was checked against the delta's record, else hashed while writing.
+        arriving: the delta at ``delta_path`` is still being written (a download): frames
+            are read as they arrive, and no file is moved into place before the whole delta
+            has arrived and passed its check (:meth:`~core.delta_format.Arriving.wait`).
 
     Returns:
         Paths of the written files.
@@ -440,9 +446,13 @@ def reconstruct(
     workers = workers or default_workers()
     base = CheckpointDir.open(base_dir)
     written: list[Path] = []
-    with DeltaReader(delta_path) as reader, base, _Rebuilders(base_dir, delta_path) as pool:
+    with (
+        DeltaReader(delta_path, arriving=arriving) as reader,
+        base,
+        _Rebuilders(base_dir, delta_path, arriving) as pool,
+    ):
         check_base(reader, base)
-        for file in reader.doc.files:
+        for file in sorted(reader.doc.files, key=lambda f: _first_frame(reader, f)):
             target = out / check_path(file.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".incomplete")
@@ -468,6 +478,12 @@ def reconstruct(
                     f"was written (sha256 {file.recon_sha256 or file.sha256}, checked by its "
                     f"{check.kind}); the base or the delta is not the one it was made with"
                 )
+            if arriving is not None:
+                try:
+                    arriving.wait(arriving.size)  # the delta itself checked, before any move
+                except BaseException:
+                    tmp.unlink()
+                    raise
             os.replace(tmp, target)
             written.append(target)
             if digests is not None:
@@ -481,9 +497,12 @@ class _Rebuilders:
     handles seek), for :func:`reconstruct`."""
 
     def __init__(
-        self, base_dir: str | os.PathLike[str], delta_path: str | os.PathLike[str]
+        self,
+        base_dir: str | os.PathLike[str],
+        delta_path: str | os.PathLike[str],
+        arriving: Arriving | None = None,
     ) -> None:
-        self._base_dir, self._delta_path = base_dir, delta_path
+        self._base_dir, self._delta_path, self._arriving = base_dir, delta_path, arriving
         self._local = threading.local()
         self._opened: list[tuple[DeltaReader, CheckpointDir]] = []
         self._lock = threading.Lock()
@@ -503,7 +522,7 @@ class _Rebuilders:
         opened = getattr(self._local, "opened", None)
         if opened is None:
             opened = self._local.opened = (
-                DeltaReader(self._delta_path),
+                DeltaReader(self._delta_path, arriving=self._arriving),
                 CheckpointDir.open(self._base_dir),
             )
             with self._lock:
@@ -539,6 +558,13 @@ class _Rebuilders:
             for future, _ in pending:
                 if not future.cancelled():
                     future.exception()  # wait: its reader and base close after it
+
+
+def _first_frame(reader: DeltaReader, file: FileEntry) -> int:
+    """Where the first frame a file's rebuild reads lies in the delta (0: it reads none)."""
+    name = file.header_frame if file.role == "weights" else file.frame
+    info = reader.header.tensors.get(name) if name is not None else None
+    return 0 if info is None else info.start
 
 
 def check_base(reader: DeltaReader, base: CheckpointDir) -> None:

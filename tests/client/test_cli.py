@@ -216,19 +216,23 @@ def test_interrupted_pull_resumes_with_range(
 ) -> None:
     out_dir = tmp_path / "pulled"
     client = sdk.SlimClient(embedded.url, TEST_ADMIN_KEY)
-    with pytest.raises(Interrupt):  # cut after config.json and part of model.safetensors
+    with pytest.raises(Interrupt):  # cut in model.safetensors (small files read beside it)
         client.pull("ft", out_dir, progress=StopAfter(100 << 10))
     part = out_dir / "model.safetensors.incomplete"
     assert part.is_file() and not (out_dir / "model.safetensors").exists()
     kept = part.stat().st_size
     assert kept > 0
+    small = ("config.json", "tokenizer/vocab.txt")
+    done = {rel for rel in small if (out_dir / rel).is_file()}
+    (out_dir / "config.json").write_text("{}")  # a wrong complete file is replaced
+    done.discard("config.json")
 
     ranged = counter(embedded.client, "GET", CKPT_FILE_ROUTE, 206)
     report = run_json(embedded, capsys, "pull", "ft", str(out_dir))
     by_path = {f["path"]: f for f in report["files"]}
     assert by_path["model.safetensors"]["resumed_from"] == kept
-    assert by_path["config.json"]["skipped"]  # done before the cut: verified, kept
-    assert not by_path["tokenizer/vocab.txt"]["skipped"]  # not reached before the cut
+    for rel in small:  # done before the cut: verified and kept; else fetched (or resumed)
+        assert by_path[rel]["skipped"] == (rel in done)
     assert settled_counter(embedded.client, "GET", CKPT_FILE_ROUTE, 206, ranged + 1) == ranged + 1
     assert not part.exists()
 

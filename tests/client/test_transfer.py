@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +34,11 @@ class Served:
     etag: str = SHA
     requests: list[dict[str, str]] = field(default_factory=list)
     cut_after: int | None = None  # close the connection after this many body bytes
+    bodies: dict[str, bytes] = field(default_factory=dict)  # by path, instead of ``body``
+    pause: float = 0.0  # seconds to wait after the first half of a body
+    active: int = 0
+    most_at_once: int = 0  # the most bodies that were being sent at once
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -53,16 +59,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             return
+        body, etag = s.body, s.etag
+        if self.path in s.bodies:
+            body = s.bodies[self.path]
+            etag = hashlib.sha256(body).hexdigest()
         start = 0
         rng = self.headers.get("Range")
-        if rng and self.headers.get("If-Range", f'"{s.etag}"') == f'"{s.etag}"':
+        if rng and self.headers.get("If-Range", f'"{etag}"') == f'"{etag}"':
             start = int(rng.removeprefix("bytes=").rstrip("-"))
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(s.body) - 1}/{len(s.body)}")
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
-        part = s.body[start:]
-        self.send_header("ETag", f'"{s.etag}"')
+        part = body[start:]
+        self.send_header("ETag", f'"{etag}"')
         self.send_header("Content-Length", str(len(part)))
         self.end_headers()
         if s.cut_after is not None:
@@ -70,7 +80,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
-        self.wfile.write(part)
+        with s.lock:
+            s.active += 1
+            s.most_at_once = max(s.most_at_once, s.active)
+        try:
+            half = len(part) // 2 if s.pause else 0
+            self.wfile.write(part[:half])
+            self.wfile.flush()
+            time.sleep(s.pause)
+            self.wfile.write(part[half:])
+        finally:
+            with s.lock:
+                s.active -= 1
 
 
 @pytest.fixture
@@ -194,3 +215,126 @@ def test_an_unreachable_server_says_so(tmp_path: Path) -> None:
     conn = Connection(f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConnectionFailed, match="cannot reach"):
         _get(conn, tmp_path / "f")
+
+
+def _wanted(tmp_path: Path, bodies: dict[str, bytes]) -> list[transfer.Wanted]:
+    return [
+        transfer.Wanted(
+            url,
+            tmp_path / "d" / url.rsplit("/", 1)[1],
+            url,
+            len(body),
+            hashlib.sha256(body).hexdigest(),
+        )
+        for url, body in bodies.items()
+    ]
+
+
+def test_files_are_read_two_at_a_time_each_checked(
+    served: tuple[str, Served], tmp_path: Path
+) -> None:
+    url, state = served
+    sizes = [100, 70_000, 5, 200_000, 0, 33_000]
+    bodies = {f"/v1/file/{i}": os.urandom(n) for i, n in enumerate(sizes)}
+    state.bodies, state.pause = dict(bodies), 0.2
+    conn = Connection(url)
+    got = transfer.download_all(conn, _wanted(tmp_path, bodies), NoProgress())
+    assert [g.path for g in got] == list(bodies)  # in the order asked, whatever finished first
+    for g, (path, body) in zip(got, bodies.items(), strict=True):
+        assert (tmp_path / "d" / path.rsplit("/", 1)[1]).read_bytes() == body
+        assert g.sha256 == hashlib.sha256(body).hexdigest() and g.size == len(body)
+    assert state.most_at_once == transfer.STREAMS == 2
+    assert not list((tmp_path / "d").glob("*.incomplete"))
+    conn.close()
+
+
+def test_a_corrupted_file_among_several_fails_the_pull_and_is_not_kept(
+    served: tuple[str, Served], tmp_path: Path
+) -> None:
+    url, state = served
+    bodies = {f"/v1/file/{i}": os.urandom(n) for i, n in enumerate([90_000, 60_000, 300])}
+    state.bodies = dict(bodies)
+    bad = bytearray(bodies["/v1/file/1"])
+    bad[30_000] ^= 1
+    state.bodies["/v1/file/1"] = bytes(bad)  # what the server sends; the listing says otherwise
+    conn = Connection(url)
+    with pytest.raises(IntegrityError, match="nothing was kept"):
+        transfer.download_all(conn, _wanted(tmp_path, bodies), NoProgress())
+    assert not (tmp_path / "d" / "1").exists() and not (tmp_path / "d" / "1.incomplete").exists()
+    for name in ("0", "2"):  # whole and checked, a prefix kept to resume, or not begun
+        whole, part = tmp_path / "d" / name, tmp_path / "d" / f"{name}.incomplete"
+        body = bodies[f"/v1/file/{name}"]
+        if whole.exists():
+            assert whole.read_bytes() == body
+        elif part.exists():
+            assert body.startswith(part.read_bytes())
+    state.bodies = dict(bodies)
+    got = transfer.download_all(conn, _wanted(tmp_path, bodies), NoProgress())
+    assert [(tmp_path / "d" / g.path.rsplit("/", 1)[1]).read_bytes() for g in got] == list(
+        bodies.values()
+    )
+    conn.close()
+
+
+def _follow(conn: Connection, target: Path) -> transfer.FollowedDownload:
+    return transfer.FollowedDownload(
+        lambda landed: transfer.fetch(
+            conn,
+            "/v1/file",
+            target,
+            size=len(DATA),
+            sha256=SHA,
+            progress=NoProgress(),
+            landed=landed,
+        ),
+        len(DATA),
+    )
+
+
+def test_a_followed_download_is_read_as_it_lands_and_checked_at_its_end(
+    served: tuple[str, Served], tmp_path: Path
+) -> None:
+    url, state = served
+    state.pause = 0.5
+    conn = Connection(url)
+    follow = _follow(conn, tmp_path / "f")
+    part = tmp_path / "f.incomplete"
+    follow.wait(20_000)  # returns once those bytes are written, while the rest is to come
+    assert 20_000 <= part.stat().st_size < len(DATA)
+    assert part.read_bytes()[:20_000] == DATA[:20_000]
+    follow.wait(len(DATA))  # the whole body, and its sha256 matched
+    assert follow.result().sha256 == SHA
+    assert part.read_bytes() == DATA and not (tmp_path / "f").exists()  # the caller moves it
+    conn.close()
+
+
+def test_a_followed_download_that_does_not_match_fails_its_reader(
+    served: tuple[str, Served], tmp_path: Path
+) -> None:
+    url, state = served
+    state.body = DATA[:60_000] + bytes([DATA[60_000] ^ 1]) + DATA[60_001:]
+    conn = Connection(url)
+    follow = _follow(conn, tmp_path / "f")
+    follow.wait(10_000)  # bytes that are there can be read ...
+    with pytest.raises(IntegrityError):  # ... but the whole never passes
+        follow.wait(len(DATA))
+    assert not (tmp_path / "f.incomplete").exists()
+    assert isinstance(follow.stop(), IntegrityError)
+    conn.close()
+
+
+def test_a_stopped_followed_download_keeps_its_part_to_resume(
+    served: tuple[str, Served], tmp_path: Path
+) -> None:
+    url, state = served
+    state.pause = 0.5
+    conn = Connection(url)
+    follow = _follow(conn, tmp_path / "f")
+    follow.wait(10_000)
+    assert follow.stop() is None  # stopped by its reader: no error of its own
+    kept = (tmp_path / "f.incomplete").read_bytes()
+    assert 10_000 <= len(kept) < len(DATA) and DATA.startswith(kept)
+    state.pause = 0.0
+    assert _get(conn, tmp_path / "f").resumed_from == len(kept)
+    assert (tmp_path / "f").read_bytes() == DATA
+    conn.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,62 @@ def test_parallel_rebuild_of_a_wrong_base_fails_and_keeps_nothing(tmp_path: Path
         reconstruct(other, tmp_path / "d.slim", tmp_path / "out", workers=2)
     left = [p.name for p in (tmp_path / "out").rglob("*")]
     assert not [n for n in left if n.endswith((".safetensors", ".incomplete"))]
+
+
+class _Trickle:
+    """A delta copied into ``part`` a few kB at a time by a thread: what a download that a
+    rebuild follows looks like (``core.delta_format.Arriving``); ``fail`` is raised by the
+    final wait, as a download whose sha256 did not match."""
+
+    def __init__(self, src: Path, part: Path, fail: Exception | None = None) -> None:
+        self.data, self.part, self.fail = src.read_bytes(), part, fail
+        self.size = len(self.data)
+        self.have = 0
+        self.early = 0  # frames read before the whole delta was there
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._copy, daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        with open(self.part, "wb") as f:
+            for at in range(0, self.size, 4096):
+                f.write(self.data[at : at + 4096])
+                f.flush()
+                with self._cond:
+                    self.have = min(at + 4096, self.size)
+                    self._cond.notify_all()
+                time.sleep(0.0005)
+
+    def wait(self, end: int) -> None:
+        with self._cond:
+            while self.have < min(end, self.size):
+                self._cond.wait()
+            if end < self.size:
+                self.early += 1
+        if end >= self.size and self.fail is not None:
+            raise self.fail
+
+
+@pytest.mark.parametrize("method", ["lossless", "magnitude"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_rebuild_follows_a_delta_as_it_arrives(tmp_path: Path, method: str, workers: int) -> None:
+    base, ft, _, _ = make_pair(tmp_path, dtype=torch.bfloat16, shards=2)
+    compress(base, ft, tmp_path / "d.slim", method=method, keep=0.1)
+    reconstruct(base, tmp_path / "d.slim", tmp_path / "whole")
+    arriving = _Trickle(tmp_path / "d.slim", tmp_path / "d.part")
+    digests: dict[str, str] = {}
+    out = tmp_path / "followed"
+    reconstruct(base, tmp_path / "d.part", out, workers=workers, digests=digests,
+                arriving=arriving)  # fmt: skip
+    assert _files(out) == _files(tmp_path / "whole") == digests
+    assert arriving.early > 2  # the header and frames were read while the rest still came
+
+
+def test_a_followed_delta_that_fails_its_check_moves_nothing_into_place(tmp_path: Path) -> None:
+    base, ft, _, _ = make_pair(tmp_path, dtype=torch.bfloat16)
+    compress(base, ft, tmp_path / "d.slim", method="lossless")
+    failed = IntegrityError("the delta's sha256 does not match")
+    arriving = _Trickle(tmp_path / "d.slim", tmp_path / "d.part", fail=failed)
+    with pytest.raises(IntegrityError, match="sha256 does not match"):
+        reconstruct(base, tmp_path / "d.part", tmp_path / "out", workers=2, arriving=arriving)
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # not even a part
