@@ -344,7 +344,6 @@ def test_second_push_is_a_revision_log_and_pull_by_revision(
     assert code == 2 and "revision_not_found" in err
 
 
-
 def test_a_closed_pipe_ends_the_listing_quietly() -> None:
     """``slim log NAME | head``: the reader leaves early; no traceback, exit status 0."""
     import subprocess
