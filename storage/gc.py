@@ -149,6 +149,10 @@ def _delete_object(
     Returns whether the object was deleted and how many rows were.
     """
     with session_factory() as session:
+        if not dry_run:
+            # the write lock first: a read transaction that later writes can fail at once
+            # ("database is locked") on SQLite when another writer committed meanwhile
+            begin_write(session)
         if referenced_blob_keys(session, among=[entry.key]):
             return False, 0
         last_modified = store.last_modified(entry.key)
@@ -183,6 +187,7 @@ def _delete_orphan_rows(
             if store.head(key) is not None:
                 continue  # young object (kept above) or one that appeared meanwhile
             if not dry_run:
+                begin_write(session)
                 session.execute(delete(Blob).where(Blob.key == key, unreferenced_blob_condition()))
                 session.commit()
             deleted += 1
