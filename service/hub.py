@@ -31,8 +31,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from storage import repo as repo_rows
-from storage import revisions
+from storage import commits, revisions
 from storage.errors import NotFound
 from storage.models import Base, Checkpoint, CheckpointState, File, Revision
 
@@ -89,6 +88,11 @@ def _header_safe(text: str) -> str:
 
 
 # -- repo ids and revisions ------------------------------------------------------------------
+
+
+def repo_id(namespace: str | None, name: str) -> str:
+    """The Hub repo id of a route's ``{namespace}/{name}`` (or bare ``{name}``)."""
+    return f"{namespace}/{name}" if namespace is not None else name
 
 
 def split_repo_id(repo_id: str, caller_namespace: str) -> tuple[str, str]:
@@ -189,10 +193,8 @@ def resolve(session: Session, repo_id: str, rev: str | None, namespace: str) -> 
         raise revisions.RevisionNotFound(
             f"revision {revision.commit_id[:12]} of {ns}/{name} holds no stored files"
         )
-    if isinstance(stored, Base):
-        rows = repo_rows.list_files(session, base_id=stored.id)
-    else:
-        rows = repo_rows.list_files(session, checkpoint_id=stored.id)
+    rows = list(commits.files_of(session, revision).values())
+    if isinstance(stored, Checkpoint):
         rebuildable = stored.state == CheckpointState.READY and stored.delta_blob_key is not None
         if not rebuildable and not all(exact_blob(r) for r in rows):
             raise revisions.RevisionNotFound(

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.files import check_path, manifest_sha256
@@ -117,7 +117,7 @@ def commit(
     revision = revisions.add_revision(
         session,
         repo,
-        manifest_sha256=_manifest(files),
+        manifest_sha256=manifest(files),
         message=message,
         checkpoint_id=exact.id,
         expected_parent=expected_parent,
@@ -193,7 +193,7 @@ def commit_reusing(
     return revisions.add_revision(
         session,
         repo,
-        manifest_sha256=_manifest(files),
+        manifest_sha256=manifest(files),
         message=message,
         checkpoint_id=checkpoint.id,
         expected_parent=expected_parent,
@@ -252,16 +252,14 @@ def _commit_whole(
     expected_parent: str | None,
     ref: str = revisions.MAIN,
 ) -> Revision:
-    number = (
-        session.scalar(select(func.max(Revision.number)).where(Revision.repo_id == repo.id)) or 0
-    ) + 1
+    number = revisions.next_number(session, repo)
     name = repo.name if number == 1 and _base_name_free(session, repo) else f"{repo.name}@{number}"
     stored = Base(
         namespace=repo.namespace,
         name=name,
         state=BaseState.READY,
         total_bytes=sum(f.size for f in files),
-        manifest_sha256=_manifest(files),
+        manifest_sha256=manifest(files),
     )
     session.add(stored)
     session.flush()
@@ -270,7 +268,7 @@ def _commit_whole(
     return revisions.add_revision(
         session,
         repo,
-        manifest_sha256=_manifest(files),
+        manifest_sha256=manifest(files),
         message=message,
         base_id=stored.id,
         expected_parent=expected_parent,
@@ -320,7 +318,8 @@ def _put(
     )
 
 
-def _manifest(files: Iterable[CommitFile]) -> str:
+def manifest(files: Iterable[CommitFile]) -> str:
+    """The identity of a commit's file set (:func:`core.files.manifest_sha256`)."""
     return manifest_sha256((f.path, f.sha256) for f in files)
 
 

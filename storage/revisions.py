@@ -301,9 +301,7 @@ def add_revision(
             f"{expected_parent or 'no commit'}; fetch it and build on the new head"
         )
     when = created_at or utcnow()
-    number = (
-        session.scalar(select(func.max(Revision.number)).where(Revision.repo_id == repo.id)) or 0
-    ) + 1
+    number = next_number(session, repo)
     revision = Revision(
         repo_id=repo.id,
         number=number,
@@ -319,6 +317,31 @@ def add_revision(
     session.flush()
     _point(session, repo, ref, revision)
     return revision
+
+
+def next_number(session: Session, repo: Repo) -> int:
+    """The number the repository's next revision gets (1, 2, 3, ...)."""
+    top = session.scalar(select(func.max(Revision.number)).where(Revision.repo_id == repo.id))
+    return (top or 0) + 1
+
+
+def delete_repo(session: Session, repo: Repo) -> None:
+    """Delete every revision of a repository, its pushes in flight, and the repository.
+
+    Raises:
+        Conflict: one of its revisions is a base other checkpoints are stored against.
+    """
+    _lock(session, repo)
+    namespace, name = repo.namespace, repo.name
+    for revision in list_revisions(session, repo, limit=1_000_000):
+        delete_revision(session, revision)  # the last one deletes the repository
+    if find_repo(session, name=name, namespace=namespace) is not None:
+        for pending in session.scalars(
+            select(Checkpoint).where(Checkpoint.namespace == namespace, Checkpoint.name == name)
+        ):
+            session.delete(pending)
+        session.flush()
+        delete_repo_if_empty(session, repo)
 
 
 def move_ref(session: Session, repo: Repo, name: str, rev: str) -> Ref:

@@ -99,10 +99,6 @@ _JSON_ERRORS = {
 }
 
 
-def _repo_id(namespace: str | None, name: str) -> str:
-    return f"{namespace}/{name}" if namespace is not None else name
-
-
 def _rev_and_path(request: Request, index: int, rev: str, path: str) -> tuple[str, str]:
     """The revision and file path of a ``…/{rev}/{path}`` URL, read from the raw (undecoded)
     path: the Hub's clients send a revision with ``/`` as ``%2F`` (``refs%2Fpr%2F1``), which the
@@ -150,7 +146,7 @@ def model_info_at(
     namespace: Namespace, name: Name, rev: Rev, session: SessionDep, caller_ns: NamespaceDep
 ) -> hub.ModelInfoPublic:
     """``HfApi().model_info(repo, revision=rev)``: the commit (`sha`) and files (`siblings`)."""
-    return _model_info(session, caller_ns, _repo_id(namespace, name), rev)
+    return _model_info(session, caller_ns, hub.repo_id(namespace, name), rev)
 
 
 @router.get("/api/models/{name}/revision/{rev:path}", responses=_JSON_ERRORS)
@@ -219,7 +215,7 @@ def list_tree(
     cursor: int = _Cursor,
 ) -> Any:
     """``HfApi().list_repo_tree``: the files (size, `lfs.oid` = sha256) and folders at ``path``."""
-    repo_id = _repo_id(namespace, name)
+    repo_id = hub.repo_id(namespace, name)
     return _tree(request, session, caller_ns, repo_id, 6, rev, path, recursive, cursor)
 
 
@@ -286,7 +282,7 @@ async def paths_info(
     """``HfApi().get_paths_info``: the tree entries of the paths asked for (form field or JSON
     ``paths``); paths that do not exist are left out, as on the Hub. A read key is enough."""
     rev, _ = _rev_and_path(request, 6, rev, "")
-    return await _paths_info(request, session, caller.namespace, _repo_id(namespace, name), rev)
+    return await _paths_info(request, session, caller.namespace, hub.repo_id(namespace, name), rev)
 
 
 @router.post("/api/models/{name}/paths-info/{rev}", responses=_JSON_ERRORS)
@@ -328,7 +324,7 @@ def list_commits(
     cursor: int = _Cursor,
 ) -> Any:
     """``HfApi().list_repo_commits``: the commits reachable from ``rev``, newest first."""
-    return _commits(request, session, caller_ns, _repo_id(namespace, name), rev, cursor)
+    return _commits(request, session, caller_ns, hub.repo_id(namespace, name), rev, cursor)
 
 
 @router.get("/api/models/{name}/commits/{rev:path}", **_COMMITS_DOC)
@@ -349,7 +345,7 @@ def list_refs(
     namespace: Namespace, name: Name, session: SessionDep, caller_ns: NamespaceDep
 ) -> hub.RefsPublic:
     """``HfApi().list_repo_refs``: every ref, as a branch."""
-    return hub.refs(session, _repo_id(namespace, name), caller_ns)
+    return hub.refs(session, hub.repo_id(namespace, name), caller_ns)
 
 
 @router.get("/api/models/{name}/refs", responses=_JSON_ERRORS)
@@ -364,7 +360,7 @@ def model_info(
     namespace: Namespace, name: Name, session: SessionDep, caller_ns: NamespaceDep
 ) -> hub.ModelInfoPublic:
     """``HfApi().model_info(repo)``: ``main``'s commit (`sha`) and files (`siblings`)."""
-    return _model_info(session, caller_ns, _repo_id(namespace, name), None)
+    return _model_info(session, caller_ns, hub.repo_id(namespace, name), None)
 
 
 @router.get("/api/models/{name}", responses=_JSON_ERRORS)
@@ -459,7 +455,7 @@ def resolve_file(
 
     `X-Repo-Commit` = the commit; `ETag` = `X-Linked-Etag` = the file's sha256 (quoted);
     `X-Linked-Size` = its size; `Range` honoured (206)."""
-    repo_id = _repo_id(namespace, name)
+    repo_id = hub.repo_id(namespace, name)
     return _resolve_file(request, session, runtime, caller_ns, repo_id, 4, rev, path)
 
 

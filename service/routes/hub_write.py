@@ -69,10 +69,6 @@ Rev = Annotated[str, Path(description="The branch to commit to (`main`).")]
 _ERRORS = errors(400, 403, 404, 409, 412, 413, 422)
 
 
-def _repo_id(namespace: str | None, name: str) -> str:
-    return f"{namespace}/{name}" if namespace is not None else name
-
-
 def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
@@ -136,17 +132,10 @@ class RepoDelete(BaseModel):
 def delete_repo(body: RepoDelete, runtime: RuntimeDep, caller: CallerDep) -> Response:
     """``HfApi().delete_repo``: every revision of the repository (409 while it holds a base
     that other repositories are stored against)."""
-    namespace, name = hub.split_repo_id(_repo_id(body.organization, body.name), caller.namespace)
+    namespace, name = hub.split_repo_id(hub.repo_id(body.organization, body.name), caller.namespace)
     with runtime.sessions() as session:
         begin_write(session)
-        repo = revisions.get_repo(session, name=name, namespace=namespace)
-        for revision in revisions.list_revisions(session, repo, limit=1_000_000):
-            revisions.delete_revision(session, revision)
-        if revisions.find_repo(session, name=name, namespace=namespace) is not None:
-            for ckpt in session.query(Checkpoint).filter_by(namespace=namespace, name=name):
-                session.delete(ckpt)
-            session.flush()
-            revisions.delete_repo_if_empty(session, repo)
+        revisions.delete_repo(session, revisions.get_repo(session, name=name, namespace=namespace))
         session.commit()
     return Response(status_code=200)
 
@@ -224,7 +213,7 @@ def preupload(
 ) -> Any:
     """Per file: ``regular`` (sent inside the commit) or ``lfs`` (uploaded first), and the
     sha256 of the file already at that path (so an unchanged file is not sent again)."""
-    return _preupload(runtime, caller, _repo_id(namespace, name), _raw_rev(request, rev), body)
+    return _preupload(runtime, caller, hub.repo_id(namespace, name), _raw_rev(request, rev), body)
 
 
 @router.post("/api/models/{name}/preupload/{rev}", responses=_ERRORS)
@@ -335,7 +324,7 @@ def lfs_batch(
 ) -> Any:
     """Git LFS's batch API (uploads): where to ``PUT`` each object (one URL, or one per part
     for a file larger than ``SLIM_HUB_PART_BYTES``) and where to verify it."""
-    return _batch(request, runtime, caller, _repo_id(namespace, name), body)
+    return _batch(request, runtime, caller, hub.repo_id(namespace, name), body)
 
 
 @router.post("/{name}.git/info/lfs/objects/batch", responses=_ERRORS)
@@ -560,7 +549,7 @@ def create_branch(
     """``create_branch``: a branch at ``startingPoint`` (default ``main``); 409 if it exists.
     Commits to it are stored like any (exact); only ``main`` gets the policy's compression."""
     return _create_branch(
-        runtime, caller, _repo_id(namespace, name), _raw_rev(request, branch), body
+        runtime, caller, hub.repo_id(namespace, name), _raw_rev(request, branch), body
     )
 
 
@@ -599,7 +588,7 @@ def delete_branch(
     caller: CallerDep,
 ) -> Response:
     """``delete_branch``: the ref goes; its revisions stay until retention expires them."""
-    return _delete_branch(runtime, caller, _repo_id(namespace, name), _raw_rev(request, branch))
+    return _delete_branch(runtime, caller, hub.repo_id(namespace, name), _raw_rev(request, branch))
 
 
 @router.delete("/api/models/{name}/branch/{branch}", responses=_ERRORS)
@@ -718,7 +707,7 @@ def _land(
             if any(f.path == "adapter_config.json" for f in commit_files):
                 # a PEFT adapter is stored as it is: its weights are no base of anything
                 commit_files = [replace(f, role=FileRole.AUX) for f in commit_files]
-            if head is not None and _same(commit_files, head):
+            if head is not None and head.manifest_sha256 == commits.manifest(commit_files):
                 return head.commit_id
             base = _base_for(runtime, session, repo, commit_files)
             in_delta = [f for f in commit_files if f.blob_key == IN_DELTA]
@@ -832,10 +821,11 @@ def _carried(
     missing: dict[str, File] = {}
     for path, row in parent.items():
         sha256 = row.recon_sha256 or row.sha256
+        exact = hub.exact_blob(row)
         if in_delta and row.role == FileRole.WEIGHTS:
             entries[path] = (sha256, row.size, IN_DELTA)
-        elif row.blob_key is not None and sha256 == row.sha256:
-            entries[path] = (sha256, row.size, row.blob_key)
+        elif exact is not None:
+            entries[path] = (sha256, row.size, exact)
         elif session.get(Blob, blob_key(sha256)) is not None:
             entries[path] = (sha256, row.size, blob_key(sha256))
         else:
@@ -892,12 +882,6 @@ def _commit_files(
             size = row.size
         out.append(commits.CommitFile(path, size, sha256, key, hub_write.role_of(path)))
     return out
-
-
-def _same(files: list[commits.CommitFile], head: Any) -> bool:
-    from core.files import manifest_sha256
-
-    return head.manifest_sha256 == manifest_sha256((f.path, f.sha256) for f in files)
 
 
 def _blob_bytes(runtime: Runtime, key: str, limit: int) -> bytes:
@@ -961,7 +945,7 @@ async def commit(
     ``parentCommit``: 412 if the branch moved past it), then ``file`` (base64),
     ``lfsFile`` (an uploaded object by sha256), ``deletedFile``, ``deletedFolder``."""
     return await _commit(
-        request, runtime, caller, _repo_id(namespace, name), _raw_rev(request, rev)
+        request, runtime, caller, hub.repo_id(namespace, name), _raw_rev(request, rev)
     )
 
 
