@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
 from core.checkpoint import CheckpointDir
 from core.delta_format import DeltaReader, FileEntry
 from core.errors import IntegrityError, InvalidDelta
@@ -38,7 +40,10 @@ from core.reconstruct import (
 )
 from service.errors import RangeNotSatisfiable
 from storage.blobstore import BlobStore, sha256_of_key
+from storage.cache import BlobCache, FileSpec
 from storage.errors import BlobNotFound
+from storage.models import Checkpoint
+from storage.repo import list_files
 
 log = logging.getLogger("slim.service")
 
@@ -195,6 +200,34 @@ def open_reconstruction(
         reader.close()
         raise
     return Reconstruction(reader, base, file, scale, file.size)
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """What rebuilding the files of a stored checkpoint needs, read while the session is open
+    (a stream then runs without a database connection): its delta and its base's files."""
+
+    delta_key: str
+    base_id: str
+    base_files: list[FileSpec]
+
+    @classmethod
+    def of(cls, session: Session, checkpoint: Checkpoint) -> Rebuild:
+        if checkpoint.delta_blob_key is None:
+            raise InvalidDelta(f"checkpoint {checkpoint.name!r} has no stored delta")
+        rows = list_files(session, base_id=checkpoint.base_id)
+        specs = [FileSpec(r.path, r.blob_key) for r in rows if r.blob_key is not None]
+        return cls(checkpoint.delta_blob_key, checkpoint.base_id, specs)
+
+    def size(self, cache: BlobCache, path: str) -> int:
+        """The size of the rebuilt file, as the delta records it (known before the first byte)."""
+        return reconstructed_size(cache.path(self.delta_key), path)
+
+    def open(self, cache: BlobCache, path: str, scale: float = 1.0) -> Reconstruction:
+        """:func:`open_reconstruction` of ``path`` (the delta and base fetched into the cache)."""
+        delta = cache.path(self.delta_key)
+        base_dir = cache.shared_dir(f"base-{self.base_id}", self.base_files)
+        return open_reconstruction(delta, base_dir, path, scale)
 
 
 def reconstructed_size(delta_path: Path, path: str) -> int:

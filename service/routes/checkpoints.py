@@ -12,10 +12,9 @@ from service import operations
 from service.deps import CheckpointRef, NamespaceDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
 from service.downloads import (
     ByteRange,
+    Rebuild,
     blob_chunks,
     blob_size,
-    open_reconstruction,
-    reconstructed_size,
 )
 from service.errors import NotReady, errors
 from service.file_answers import (
@@ -38,7 +37,6 @@ from service.schemas import (
 )
 from storage import repo
 from storage.blob_common import sha256_of_key
-from storage.cache import FileSpec
 from storage.models import Checkpoint, CheckpointState
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
@@ -188,18 +186,13 @@ def download_checkpoint_file(
     row = repo.get_file(session, path=rel, checkpoint_id=ckpt.id)
     digest = row.recon_sha256 or row.sha256
     etag = f'"{digest}"' if scale == 1.0 else None
-    delta_key, base_id = ckpt.delta_blob_key, ckpt.base_id
-    base_files = _specs(session, base_id)
+    rebuild = Rebuild.of(session, ckpt)
     session.close()  # release the connection before a long stream
-    assert delta_key is not None
     # Content-Length is what the rebuild streams: the size the delta records for the file
-    size = reconstructed_size(runtime.cache.path(delta_key), rel)
+    size = rebuild.size(runtime.cache, rel)
 
     def open_chunks(byte_range: ByteRange | None) -> Iterator[bytes | memoryview]:
-        delta = runtime.cache.path(delta_key)
-        base_dir = runtime.cache.shared_dir(f"base-{base_id}", base_files)
-        recon = open_reconstruction(delta, base_dir, rel, scale)
-        return recon.chunks(byte_range)
+        return rebuild.open(runtime.cache, rel, scale).chunks(byte_range)
 
     return file_response(request, size=size, etag=etag, open_chunks=open_chunks)
 
@@ -248,8 +241,3 @@ def _ready(session: Session, checkpoint_id: CheckpointRef, namespace: str) -> Ch
             "job has succeeded (GET /v1/jobs?checkpoint_id=...)"
         )
     return ckpt
-
-
-def _specs(session: Session, base_id: str) -> list[FileSpec]:
-    rows = repo.list_files(session, base_id=base_id)
-    return [FileSpec(r.path, r.blob_key) for r in rows if r.blob_key is not None]

@@ -28,13 +28,11 @@ from core.files import check_path
 from service import hub
 from service.auth import CallerDep, ReadCallerDep
 from service.deps import NamespaceDep, RuntimeDep, SessionDep
-from service.downloads import ByteRange, blob_chunks, open_reconstruction, reconstructed_size
+from service.downloads import ByteRange, Rebuild, blob_chunks
 from service.errors import HTTP_ERROR, STATUS_BY_CODE, RangeNotSatisfiable, errors
 from service.file_answers import FILE_ANSWER, FILE_REQUEST, HEAD_ANSWER, file_response
 from storage.blob_common import sha256_of_key
-from storage.cache import FileSpec
 from storage.models import Base
-from storage.repo import list_files
 
 #: Hub error headers on the JSON routes' error answers.
 _HUB_ERROR_HEADERS = {
@@ -405,21 +403,12 @@ def _resolve_file(
             return blob_chunks(runtime.store, key, byte_range)
 
     else:
-        delta_key, base_id = stored.delta_blob_key, stored.base_id
-        base_files = [
-            FileSpec(r.path, r.blob_key)
-            for r in list_files(session, base_id=base_id)
-            if r.blob_key is not None
-        ]
+        rebuild = Rebuild.of(session, stored)
         session.close()  # release the connection before a long stream
-        assert delta_key is not None
-        # known before the first byte: the size the delta's document records for the file
-        size = reconstructed_size(runtime.cache.path(delta_key), rel)
+        size = rebuild.size(runtime.cache, rel)  # known before the first byte
 
         def open_chunks(byte_range: ByteRange | None) -> Iterator[bytes | memoryview]:
-            delta = runtime.cache.path(delta_key)
-            base_dir = runtime.cache.shared_dir(f"base-{base_id}", base_files)
-            return open_reconstruction(delta, base_dir, rel, 1.0).chunks(byte_range)
+            return rebuild.open(runtime.cache, rel).chunks(byte_range)
 
     headers[hub.HEADER_LINKED_SIZE] = str(size)
     response = file_response(request, size=size, etag=entry.etag, open_chunks=open_chunks)

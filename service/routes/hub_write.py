@@ -31,7 +31,7 @@ from runtime.process import Runtime
 from service import hub, hub_write
 from service.auth import Caller, CallerDep
 from service.deps import RuntimeDep
-from service.downloads import open_reconstruction
+from service.downloads import Rebuild
 from service.errors import ApiError, ChecksumMismatch, errors
 from service.hub_write import (
     BadCommit,
@@ -46,7 +46,6 @@ from service.streaming import body_in_thread
 from service.uploads import UnsupportedFile, check_readable
 from storage import commits, keys, revisions
 from storage.blob_common import BlobInfo, blob_key
-from storage.cache import FileSpec
 from storage.db import begin_write
 from storage.errors import IntegrityError, NotFound, TooManyFiles
 from storage.models import (
@@ -59,7 +58,7 @@ from storage.models import (
     Repo,
     Revision,
 )
-from storage.repo import list_files, record_blob
+from storage.repo import record_blob
 
 router = APIRouter(tags=["hub"], route_class=HubRoute)
 
@@ -698,9 +697,9 @@ def _land(
             entries, missing = _carried(session, parent, in_delta=reusable is not None)
             if missing:
                 assert head is not None
-                specs = _rebuild_specs(session, head, missing)
+                rebuild, shas = _rebuild_source(session, head, missing)
                 session.rollback()
-                _rebuild(runtime, specs)
+                _rebuild(runtime, rebuild, shas)
                 continue
             files = hub_write.apply_operations(entries, payload, commit=head_commit)
             commit_files = _commit_files(session, files, payload, stored)
@@ -833,28 +832,18 @@ def _carried(
     return entries, missing
 
 
-def _rebuild_specs(session: Session, head: Revision, rows: dict[str, File]) -> dict[str, Any]:
+def _rebuild_source(session: Session, head: Revision, rows: dict[str, File]) -> Any:
+    """The parent checkpoint's delta and base, and the sha256 each of ``rows`` rebuilds to."""
     checkpoint = session.get(Checkpoint, head.checkpoint_id)
     if checkpoint is None or checkpoint.delta_blob_key is None:
         raise NotFound(f"the files of {head.commit_id[:12]} are not stored any more")
-    return {
-        "delta": checkpoint.delta_blob_key,
-        "base_id": checkpoint.base_id,
-        "base_files": [
-            FileSpec(r.path, r.blob_key)
-            for r in list_files(session, base_id=checkpoint.base_id)
-            if r.blob_key is not None
-        ],
-        "files": {p: r.recon_sha256 or r.sha256 for p, r in rows.items()},
-    }
+    return Rebuild.of(session, checkpoint), {p: r.recon_sha256 or r.sha256 for p, r in rows.items()}
 
 
-def _rebuild(runtime: Runtime, specs: dict[str, Any]) -> None:
+def _rebuild(runtime: Runtime, rebuild: Rebuild, files: dict[str, str]) -> None:
     """Rebuild files that only a delta holds into blobs of their own (a commit keeps them)."""
-    delta = runtime.cache.path(specs["delta"])
-    base_dir = runtime.cache.shared_dir(f"base-{specs['base_id']}", specs["base_files"])
-    for path, sha256 in specs["files"].items():
-        chunks = open_reconstruction(delta, base_dir, path, 1.0).chunks(None)
+    for path, sha256 in files.items():
+        chunks = rebuild.open(runtime.cache, path).chunks(None)
         info = runtime.store.put_stream((bytes(c) for c in chunks), expected_sha256=sha256)
         _record(runtime, info)
 
