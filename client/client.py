@@ -72,12 +72,19 @@ from client.transfer import (
     sha256_file,
     upload,
 )
+from core.params import Method
 from core.peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
 
 __all__ = ["SlimClient"]
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _MIN_PREFIX = 4
+
+
+def _import_all(names: tuple[str, ...]) -> None:
+    """Import modules (in a helper thread: what a later step needs, loaded ahead)."""
+    for name in names:
+        importlib.import_module(name)
 
 
 class SlimClient:
@@ -406,13 +413,19 @@ class SlimClient:
         no rebuilt file is moved into place before the whole delta matched its sha256; nothing
         rebuilt is read back.
         """
-        # torch (for the rebuild) takes seconds to import: load it while the delta downloads
-        importing = threading.Thread(
-            target=importlib.import_module, args=("core.reconstruct",), daemon=True
-        )
-        importing.start()
         t0 = time.perf_counter()
         ckpt = self._ready(ref, revision)
+        # the rebuild's modules load while the delta downloads; a lossless delta at scale 1 is
+        # rebuilt without torch (seconds to import), which other deltas need for arithmetic
+        arithmetic = scale != 1.0 or ckpt.method != Method.LOSSLESS
+        importing = threading.Thread(
+            target=_import_all,
+            args=(
+                ("core.reconstruct", "core.delta_apply") if arithmetic else ("core.reconstruct",),
+            ),
+            daemon=True,
+        )
+        importing.start()
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         report = PullReport(local=True)
         bar = progress or NoProgress()

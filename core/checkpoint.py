@@ -11,12 +11,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
-import torch
+from typing import TYPE_CHECKING
 
 from core.errors import InvalidCheckpoint, InvalidSafetensors
 from core.files import check_path
 from core.safetensors_io import Header, SafetensorsFile, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_SUFFIX = ".safetensors.index.json"
 

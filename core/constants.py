@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Any
 
 from core.params import VALUE_BITS
 
@@ -35,27 +35,51 @@ ZSTD_BULK_LEVEL = 1
 #: Largest decompressed size a single frame may claim (guards against zstd bombs).
 MAX_FRAME_BYTES = 64 * 1024 * 1024 * 1024
 
-#: safetensors dtype name -> (itemsize in bytes, torch dtype)
-DTYPES: dict[str, tuple[int, torch.dtype]] = {
-    "F64": (8, torch.float64),
-    "F32": (4, torch.float32),
-    "F16": (2, torch.float16),
-    "BF16": (2, torch.bfloat16),
-    "F8_E4M3": (1, torch.float8_e4m3fn),
-    "F8_E5M2": (1, torch.float8_e5m2),
-    "I64": (8, torch.int64),
-    "I32": (4, torch.int32),
-    "I16": (2, torch.int16),
-    "I8": (1, torch.int8),
-    "U64": (8, torch.uint64),
-    "U32": (4, torch.uint32),
-    "U16": (2, torch.uint16),
-    "U8": (1, torch.uint8),
-    "BOOL": (1, torch.bool),
+#: safetensors dtype name -> (itemsize in bytes, name of its torch dtype): the one table of
+#: dtypes. It is torch-free, so that what only reads and writes bytes (a lossless rebuild, the
+#: SDK's ``pull --local``) never imports torch; :data:`DTYPES` and :data:`TORCH_TO_ST`, built
+#: from it, import torch when first used (see ``__getattr__``).
+DTYPE_SPECS: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U64": (8, "uint64"),
+    "U32": (4, "uint32"),
+    "U16": (2, "uint16"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
 }
+#: safetensors dtype name -> itemsize in bytes (torch-free).
+ITEMSIZES: dict[str, int] = {k: v[0] for k, v in DTYPE_SPECS.items()}
+if TYPE_CHECKING:
+    import torch
+
+    #: safetensors dtype name -> (itemsize in bytes, torch dtype)
+    DTYPES: dict[str, tuple[int, torch.dtype]]
+    TORCH_TO_ST: dict[torch.dtype, str]
+
+
+def __getattr__(name: str) -> Any:
+    """:data:`DTYPES` and :data:`TORCH_TO_ST`, built from :data:`DTYPE_SPECS` on first use
+    (importing torch then, not when this module is imported)."""
+    if name not in ("DTYPES", "TORCH_TO_ST"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    dtypes = {k: (size, getattr(torch, t)) for k, (size, t) in DTYPE_SPECS.items()}
+    globals().update(DTYPES=dtypes, TORCH_TO_ST={v[1]: k for k, v in dtypes.items()})
+    return globals()[name]
+
+
 #: dtypes whose task vectors are computed (the rest are stored verbatim).
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items()}
 
 #: Value codings for kept entries.
 VALUE_CODINGS = ("f32", "f16", "bf16")

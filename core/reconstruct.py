@@ -21,21 +21,22 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 import xxhash
 
 from core.checkpoint import CheckpointDir
-from core.constants import DTYPES, MAX_HEADER_BYTES, PIECE_BYTES
+from core.constants import ITEMSIZES, MAX_HEADER_BYTES, PIECE_BYTES
 from core.delta_format import Arriving, DeltaReader, FileEntry, FrameSource, TensorEntry
 from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafetensors
 from core.files import CHUNK_SIZE, check_path
 from core.frames import FrameStream, zstd_decompress
-from core.safetensors_io import Header, TensorInfo, bytes_to_tensor, parse_header, tensor_view
-from core.tensor_codec import decode_lowrank, decode_sparse, lowrank_rows
+from core.safetensors_io import Header, TensorInfo, parse_header
 from core.xor import XorPlanes
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _base_info(base: CheckpointDir, entry: TensorEntry) -> TensorInfo:
@@ -111,7 +112,7 @@ def tensor_bytes(
     second = next(pieces, None)
     if second is None:
         return first
-    out = np.empty(entry.numel * DTYPES[entry.dtype][0], dtype=np.uint8)
+    out = np.empty(entry.numel * ITEMSIZES[entry.dtype], dtype=np.uint8)
     at = 0
     for part in chain((first, second), pieces):
         out[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
@@ -162,7 +163,7 @@ def weight_parts(
             raise InvalidDelta(
                 f"weight file {file.path!r} names a tensor the delta lacks: {name!r}"
             )
-        if entry.dtype in DTYPES and entry.numel * DTYPES[entry.dtype][0] != hi - lo:
+        if entry.dtype in ITEMSIZES and entry.numel * ITEMSIZES[entry.dtype] != hi - lo:
             raise InvalidDelta(f"tensor {name!r} rebuilds to another size than its header says")
         parts.append((entry, max(start - lo, 0), min(end, hi) - lo))
     return parts
@@ -242,9 +243,9 @@ def tensor_pieces(
     about ``piece`` bytes at a time: memory holds one piece and the tensor's stored entries
     (a lowrank tensor's factors), not the tensor (except a lossless tensor of format versions
     1–2, inflated whole once)."""
-    if entry.dtype not in DTYPES:
+    if entry.dtype not in ITEMSIZES:
         raise InvalidDelta(f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}")
-    itemsize = DTYPES[entry.dtype][0]
+    itemsize = ITEMSIZES[entry.dtype]
     nbytes = entry.numel * itemsize
     end = nbytes if end is None else end
     if not 0 <= start <= end <= nbytes:
@@ -267,9 +268,9 @@ def _nothing() -> None:
     pass
 
 
-def _items(t: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes as unsigned integers of its element width (a view, for XORing)."""
-    return np.frombuffer(tensor_view(t), dtype=f"<u{t.element_size()}")
+def _items(raw: memoryview, itemsize: int) -> np.ndarray:
+    """Bytes as unsigned integers of the element width (a view, for XORing)."""
+    return np.frombuffer(raw, dtype=f"<u{itemsize}")
 
 
 def _piece_maker(
@@ -277,8 +278,12 @@ def _piece_maker(
 ) -> tuple[Callable[[int, int], bytes | memoryview], Callable[[], None]]:
     """A function rebuilding elements ``[a, b)`` of the tensor, to be called with increasing,
     adjacent ranges from element ``first`` on, and one to call after the last element (it
-    checks that a streamed frame ended where it should)."""
-    itemsize, dtype = DTYPES[entry.dtype]
+    checks that a streamed frame ended where it should).
+
+    Bytes are rebuilt here without torch (``dense``, ``same`` in the base's dtype,
+    ``lossless`` XOR planes); :mod:`core.delta_apply`, which imports torch, is imported only
+    for a tensor needing float arithmetic (sparse, lowrank, a dtype conversion, λ ≠ 1)."""
+    itemsize = ITEMSIZES[entry.dtype]
     numel = entry.numel
     if entry.kind == "dense":
         if entry.frame is None:
@@ -295,81 +300,64 @@ def _piece_maker(
     if entry.kind not in ("same", "sparse", "lossless", "lowrank"):
         raise InvalidDelta(f"tensor {entry.name!r} has unknown kind {entry.kind!r}")
     info = _base_info(base, entry)
-    bitem = DTYPES[info.dtype][0]
+    bitem = ITEMSIZES[info.dtype]
 
-    def base_piece(a: int, b: int) -> torch.Tensor:
-        raw = base.read_bytes(info.name, a * bitem, (b - a) * bitem)
-        return bytes_to_tensor(raw, info.dtype, (b - a,))
+    def base_piece(a: int, b: int) -> memoryview:
+        return base.read_bytes(info.name, a * bitem, (b - a) * bitem)
+
+    if entry.kind == "same" and info.dtype == entry.dtype:
+        return base_piece, _nothing
+    if entry.kind == "lossless":
+        return _lossless_maker(entry, reader, info, base_piece, scale, first)
+    from core import delta_apply  # torch: only for arithmetic
 
     if entry.kind == "same":
-        return (lambda a, b: tensor_view(base_piece(a, b).to(dtype))), _nothing
-    if entry.kind == "lossless":
-        if entry.frame is None or info.dtype != entry.dtype:
-            raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
-        planes = XorPlanes(reader.frame(entry.frame), itemsize, numel, entry.planes)
-        whole: torch.Tensor | None = None
-        if planes.streamable:
-            planes.skip(first)
-        else:  # versions 1–2: all planes in one frame, one after another: inflated whole, once
-            whole = base_piece(0, numel)
-            planes.apply(_items(whole))
-            planes.finish()
-
-        def lossless(a: int, b: int) -> memoryview:
-            if whole is not None:
-                ft, before = whole[a:b], base_piece(a, b) if scale != 1.0 else None
-            else:
-                inflating = planes.inflate(b - a)  # in other threads, while the base is read
-                ft = base_piece(a, b)
-                before = ft.clone() if scale != 1.0 else None
-                planes.xor_into(_items(ft), inflating)
-            if before is None:
-                return tensor_view(ft)
-            b32 = before.to(torch.float32)
-            return tensor_view((b32 + scale * (ft.to(torch.float32) - b32)).to(dtype))
-
-        return lossless, (_nothing if whole is not None else planes.finish)
+        return delta_apply.converted(info, entry, base_piece), _nothing
     if entry.kind == "lowrank":
-        return _lowrank_maker(entry, reader, scale, base_piece), _nothing
-    positions, values = decode_sparse(entry, reader)
-    scaled = values if scale == 1.0 else scale * values
-    at = int(np.searchsorted(positions, first))
-
-    def sparse(a: int, b: int) -> memoryview:
-        nonlocal at
-        i0, at = at, at + int(np.searchsorted(positions[at:], b))
-        t = base_piece(a, b)
-        idx = torch.from_numpy(positions[i0:at] - a)
-        if info.dtype == entry.dtype:
-            t[idx] = (t[idx].to(torch.float32) + scaled[i0:at]).to(dtype)
-            return tensor_view(t)
-        full = t.to(torch.float32)
-        full[idx] += scaled[i0:at]
-        return tensor_view(full.to(dtype))
-
-    return sparse, _nothing
+        return delta_apply.lowrank_maker(entry, reader, info, base_piece, scale), _nothing
+    return delta_apply.sparse_maker(entry, reader, info, base_piece, scale, first), _nothing
 
 
-def _lowrank_maker(
+def _lossless_maker(
     entry: TensorEntry,
     reader: FrameSource,
+    info: TensorInfo,
+    base_piece: Callable[[int, int], memoryview],
     scale: float,
-    base_piece: Callable[[int, int], torch.Tensor],
-) -> Callable[[int, int], memoryview]:
-    """Elements ``[a, b)`` of a ``lowrank`` tensor: the rows of A·Bᵀ covering them (a piece
-    and at most two partial rows in memory, never the whole product) added to the base."""
-    factors = decode_lowrank(entry, reader)
-    n = entry.shape[1]
-    dtype = DTYPES[entry.dtype][1]
+    first: int,
+) -> tuple[Callable[[int, int], memoryview], Callable[[], None]]:
+    """Elements ``[a, b)`` of a ``lossless`` tensor: the base's bytes XOR the stored planes
+    (numpy and zstd, no torch), blended with the base by :func:`core.delta_apply.blend`
+    where λ ≠ 1."""
+    if entry.frame is None or info.dtype != entry.dtype:
+        raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
+    itemsize, numel = ITEMSIZES[entry.dtype], entry.numel
+    planes = XorPlanes(reader.frame(entry.frame), itemsize, numel, entry.planes)
+    whole: memoryview | None = None
+    if planes.streamable:
+        planes.skip(first)
+    else:  # versions 1–2: all planes in one frame, one after another: inflated whole, once
+        whole = base_piece(0, numel)
+        planes.apply(_items(whole, itemsize))
+        planes.finish()
+    blend: Callable[[memoryview, memoryview, str, float], memoryview] | None = None
+    if scale != 1.0:
+        from core import delta_apply  # torch: only for arithmetic
 
-    def lowrank(a: int, b: int) -> memoryview:
-        r0, r1 = a // n, -(-b // n)
-        delta = lowrank_rows(factors, r0, r1).reshape(-1)[a - r0 * n : b - r0 * n]
-        if scale != 1.0:
-            delta = scale * delta
-        return tensor_view((base_piece(a, b).to(torch.float32) + delta).to(dtype))
+        blend = delta_apply.blend
 
-    return lowrank
+    def lossless(a: int, b: int) -> memoryview:
+        if whole is not None:
+            ft = whole[a * itemsize : b * itemsize]
+            before = base_piece(a, b) if blend is not None else None
+        else:
+            inflating = planes.inflate(b - a)  # in other threads, while the base is read
+            ft = base_piece(a, b)
+            before = memoryview(bytearray(ft)) if blend is not None else None
+            planes.xor_into(_items(ft, itemsize), inflating)
+        return ft if blend is None or before is None else blend(before, ft, entry.dtype, scale)
+
+    return lossless, (_nothing if whole is not None else planes.finish)
 
 
 def weight_header(reader: FrameSource, file: FileEntry) -> tuple[bytes, Header]:
@@ -582,6 +570,8 @@ def load_state(
     base_dir: str | os.PathLike[str], delta_path: str | os.PathLike[str], *, scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
     """All reconstructed tensors in memory (for tests and small models)."""
+    from core.safetensors_io import bytes_to_tensor
+
     base = CheckpointDir.open(base_dir)
     out: dict[str, torch.Tensor] = {}
     with DeltaReader(delta_path) as reader, base:

@@ -14,12 +14,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from core.constants import DTYPES, MAX_HEADER_BYTES, MAX_TENSORS
+from core.constants import ITEMSIZES, MAX_HEADER_BYTES, MAX_TENSORS
 from core.errors import HeaderTooLarge, InvalidSafetensors
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: headers and bytes need none
+    import torch
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        from core.constants import DTYPES
+
         return DTYPES[self.dtype][1]
 
 
@@ -162,7 +167,7 @@ def _tensor_info(name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise InvalidSafetensors(f"entry of tensor {name!r} is not an object")
     dtype = entry.get("dtype")
-    if dtype not in DTYPES:
+    if dtype not in ITEMSIZES:
         raise InvalidSafetensors(f"tensor {name!r} has unknown dtype {dtype!r}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(
@@ -179,7 +184,7 @@ def _tensor_info(name: str, entry: object) -> TensorInfo:
     start, end = offsets
     if not 0 <= start <= end:
         raise InvalidSafetensors(f"tensor {name!r} has offsets out of order ({start} > {end})")
-    itemsize = DTYPES[dtype][0]
+    itemsize = ITEMSIZES[dtype]
     numel = math.prod(shape)
     if numel * itemsize != end - start:
         raise InvalidSafetensors(
@@ -254,6 +259,10 @@ def bytes_to_tensor(
     buf: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]
 ) -> torch.Tensor:
     """View little-endian bytes as a tensor of the given safetensors dtype and shape."""
+    import torch
+
+    from core.constants import DTYPES
+
     torch_dtype = DTYPES[dtype][1]
     if len(buf) == 0:
         return torch.empty(shape, dtype=torch_dtype)
@@ -264,6 +273,8 @@ def bytes_to_tensor(
 
 def tensor_view(t: torch.Tensor) -> memoryview:
     """The bytes of a tensor without copying them when it is a contiguous CPU tensor."""
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu" or not t.is_contiguous():
         t = t.to("cpu").contiguous()
@@ -274,6 +285,8 @@ def tensor_view(t: torch.Tensor) -> memoryview:
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
     """Little-endian bytes of a CPU tensor, in its own dtype."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return b""
@@ -289,7 +302,7 @@ def build_header(
         doc["__metadata__"] = metadata
     offset = 0
     for name, dtype, shape in entries:
-        size = math.prod(shape) * DTYPES[dtype][0]
+        size = math.prod(shape) * ITEMSIZES[dtype]
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     body = json.dumps(doc, separators=(",", ":")).encode()
