@@ -351,12 +351,27 @@ def local_pull(stack: Stack, ckpt: str, base: Path, out: Path) -> int:
     return n
 
 
-PULL_MODES = ("curl_null", "curl_file", "sdk_pull", "sdk_pull_local")
+PULL_MODES = ("curl_base", "curl_null", "curl_file", "sdk_pull", "sdk_pull_local")
+#: The issue's goals for each ratio of :func:`pull_phase`, by delta method (none: not a goal).
+GOALS: dict[str, dict[str, float]] = {
+    "lossless": {"pull_vs_curl_file": 0.95, "pull_local_vs_pull": 1.2, "served_vs_base": 0.5},
+    "magnitude": {"pull_vs_curl_file": 0.95, "pull_local_vs_pull": 1.2, "served_vs_base": 0.7},
+}
 
 
-def pull_phase(stack: Stack, name: str, ckpt: str, tmp: Path, repeat: int) -> dict[str, Any]:
-    """What a user gets, side by side: the checkpoint's files read by ``curl -o /dev/null``
-    (what the server sends), ``curl -o file``, ``SlimClient.pull`` (to disk, each file's
+def pull_phase(
+    stack: Stack,
+    name: str,
+    ckpt: str,
+    base_id: str,
+    tmp: Path,
+    repeat: int,
+    *,
+    method: str | None = None,
+) -> dict[str, Any]:
+    """What a user gets, side by side: the base's files read by ``curl -o /dev/null`` (the
+    server streaming stored files unchanged), the checkpoint's files read by
+    ``curl -o /dev/null`` (what the server sends, rebuilt), ``curl -o file``, ``SlimClient.pull`` (to disk, each file's
     sha256 checked against its ETag) and ``SlimClient.pull_local`` with the base already
     cached (only the delta crosses the socket; it is fetched again each time). The modes take
     turns ``repeat`` times; medians in MB/s, and each ratio against ``curl -o file`` and
@@ -364,6 +379,11 @@ def pull_phase(stack: Stack, name: str, ckpt: str, tmp: Path, repeat: int) -> di
     from client import SlimClient
 
     files = [f["path"] for f in stack.client.get(f"/v1/checkpoints/{ckpt}/files").json()["data"]]
+    base_files = [
+        f["path"]
+        for f in stack.client.get(f"/v1/bases/{base_id}/files").json()["data"]
+        if f["path"].endswith(".safetensors")
+    ]
     out, cache = tmp / f"pulled-{name}", tmp / "client-cache"
     rates: dict[str, list[float]] = {m: [] for m in PULL_MODES}
     auth = f"Authorization: Bearer {KEY}"
@@ -375,7 +395,12 @@ def pull_phase(stack: Stack, name: str, ckpt: str, tmp: Path, repeat: int) -> di
                 shutil.rmtree(cache / "deltas", ignore_errors=True)
                 out.mkdir(parents=True)
                 t = time.perf_counter()
-                if mode.startswith("curl"):
+                if mode == "curl_base":
+                    n = sum(
+                        curl_get(f"{stack.url}/v1/bases/{base_id}/files/{f}", "/dev/null", auth)
+                        for f in base_files
+                    )
+                elif mode.startswith("curl"):
                     n = sum(
                         curl_get(
                             f"{stack.url}/v1/checkpoints/{ckpt}/files/{f}",
@@ -397,6 +422,8 @@ def pull_phase(stack: Stack, name: str, ckpt: str, tmp: Path, repeat: int) -> di
         "pull_vs_curl_file": med["sdk_pull"] / med["curl_file"],
         "pull_local_vs_pull": med["sdk_pull_local"] / med["sdk_pull"],
         "curl_file_vs_null": med["curl_file"] / med["curl_null"],
+        "served_vs_base": med["curl_null"] / med["curl_base"],
+        "goals": GOALS.get(method or name, {}),
     }
 
 
@@ -425,7 +452,7 @@ def pull_only(
                 job = stack.wait_job(stack.post(f"/v1/checkpoints/{c}/commit")["id"])
                 if job["state"] != "succeeded":
                     raise RuntimeError(f"{method} job failed: {job}")
-                row["pull"][method] = pull_phase(stack, method, c, Path(tmp), args.repeat)
+                row["pull"][method] = pull_phase(stack, method, c, b, Path(tmp), args.repeat)
                 log(pull_line(method, row["pull"][method]))
         finally:
             stack.close()
@@ -433,12 +460,18 @@ def pull_only(
 
 
 def pull_line(method: str, r: dict[str, Any]) -> str:
-    m = r["mbps"]
+    m, goals = r["mbps"], r.get("goals", {})
+
+    def ratio(key: str) -> str:
+        goal = goals.get(key)
+        return f"{r[key]:.2f}" + ("" if goal is None else f" (goal ≥ {goal})")
+
     return (
-        f"  pull {method}: MB/s curl -o /dev/null {m['curl_null']:.0f}, curl -o file "
-        f"{m['curl_file']:.0f}, slim pull {m['sdk_pull']:.0f} "
-        f"({r['pull_vs_curl_file']:.2f} of curl -o file), pull --local {m['sdk_pull_local']:.0f} "
-        f"({r['pull_local_vs_pull']:.2f} of slim pull)"
+        f"  pull {method}: MB/s base file served {m['curl_base']:.0f}, curl -o /dev/null "
+        f"{m['curl_null']:.0f}, curl -o file {m['curl_file']:.0f}, slim pull "
+        f"{m['sdk_pull']:.0f}, pull --local {m['sdk_pull_local']:.0f}\n"
+        f"    pull / curl -o file {ratio('pull_vs_curl_file')}; pull --local / pull "
+        f"{ratio('pull_local_vs_pull')}; served / base file served {ratio('served_vs_base')}"
     )
 
 
@@ -538,8 +571,9 @@ def run_size(
                         local.append(n / (time.perf_counter() - t) / 1e9)
                     compress[method]["pull_local_gbps"] = statistics.median(local)
                     row.setdefault("pull", {})[method] = pull_phase(
-                        stack, f"{method}-{len(jobs) - 1}", jobs[-1], Path(tmp), args.repeat
-                    )
+                        stack, f"{method}-{len(jobs) - 1}", jobs[-1], b, Path(tmp), args.repeat,
+                        method=method,
+                    )  # fmt: skip
                     log(pull_line(method, row["pull"][method]))
             row["ingest_mbps"] = weights / statistics.median(ingest) / 1e6
             if ingest_sdk:
@@ -630,16 +664,23 @@ def write(result: dict[str, Any], out: Path, stem: str = "throughput") -> None:
         "",
         "Pulls to disk, MB/s (medians of the modes taking turns; ratios from the same run):",
         "",
-        "| params | delta | curl -o /dev/null | curl -o file | slim pull | pull / curl -o file "
+        "| params | delta | base file served | curl -o /dev/null | served / base file "
+        "| curl -o file | slim pull | pull / curl -o file "
         "| pull --local (base cached) | pull --local / pull |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["sizes"]:
         for method, x in r.get("pull", {}).items():
             m = x["mbps"]
+            g = x.get("goals", {})
+
+            def ratio(key: str, x: dict[str, Any] = x, g: dict[str, float] = g) -> str:
+                return f"{x[key]:.2f}" + (f" (≥ {g[key]})" if key in g else "")
+
             md.append(
-                f"| {r['params'] / 1e9:.2f} B | {method} | {m['curl_null']:.0f} | "
-                f"{m['curl_file']:.0f} | {m['sdk_pull']:.0f} | {x['pull_vs_curl_file']:.2f} | "
-                f"{m['sdk_pull_local']:.0f} | {x['pull_local_vs_pull']:.2f} |"
+                f"| {r['params'] / 1e9:.2f} B | {method} | {m.get('curl_base', float('nan')):.0f} | "
+                f"{m['curl_null']:.0f} | {ratio('served_vs_base') if 'served_vs_base' in x else '–'} | "
+                f"{m['curl_file']:.0f} | {m['sdk_pull']:.0f} | {ratio('pull_vs_curl_file')} | "
+                f"{m['sdk_pull_local']:.0f} | {ratio('pull_local_vs_pull')} |"
             )
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
