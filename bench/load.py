@@ -562,7 +562,17 @@ def _start_spy(
     target = out / "profiles" / f"load-{name}.txt"
     target.parent.mkdir(parents=True, exist_ok=True)
     argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1))]
-    argv += ["--format", "raw", "--rate", "50", "--gil", "--subprocesses", "--output", str(target)]
+    argv += [
+        "--format",
+        "raw",
+        "--rate",
+        "50",
+        "--gil",
+        "--nonblocking",
+        "--subprocesses",
+        "--output",
+        str(target),
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, target
 
@@ -771,14 +781,36 @@ def verdicts(stack: dict[str, Any]) -> list[dict[str, Any]]:
         ttfb = many["ttfb_p99_s"] if many["ttfb_p99_s"] is not None else float("inf")
         rows += [
             _verdict(f"{method}: {many['clients']} pulls / 1, aggregate", ratio, TARGET_RATIO, "≥"),
+            _verdict(
+                f"{method}: CPU per byte, 1 pull / {many['clients']} (efficiency)",
+                _efficiency(one, many),
+                TARGET_RATIO,
+                "≥",
+            ),
             _verdict(f"{method}: p99 first byte, {many['clients']} pulls", ttfb, TARGET_TTFB_S),
             _verdict(f"{method}: API peak RSS, {many['clients']} pulls / 1", rss, 2.0),
         ]
     if stack.get("uploads"):
         one, many = stack["uploads"]["one"], stack["uploads"]["many"]
         ratio = many["mib_s"] / one["mib_s"] if one["mib_s"] else 0.0
-        rows.append(_verdict(f"{many['clients']} uploads / 1, ingest", ratio, TARGET_RATIO, "≥"))
+        rows += [
+            _verdict(f"{many['clients']} uploads / 1, ingest", ratio, TARGET_RATIO, "≥"),
+            _verdict(
+                f"CPU per byte, 1 upload / {many['clients']} (efficiency)",
+                _efficiency(one, many),
+                TARGET_RATIO,
+                "≥",
+            ),
+        ]
     return rows
+
+
+def _efficiency(one: dict[str, Any], many: dict[str, Any]) -> float:
+    """The API's CPU seconds per GiB alone over those with many clients: the share of the
+    single-stream rate that N streams would reach on cores of their own (the aggregate itself
+    depends on how much of a shared machine the API got)."""
+    a, b = one["api_cpu_s_per_gib"], many["api_cpu_s_per_gib"]
+    return float(a / b) if a and b else 0.0
 
 
 def _verdict(what: str, value: float, target: float, sense: str = "≤") -> dict[str, Any]:
@@ -876,13 +908,15 @@ def _labelled(s: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 def _stack_table(s: dict[str, Any]) -> list[str]:
     rows = [
         "| traffic | clients | aggregate | completed (+ cut at the end) | errors "
-        "| first byte p50 / p99 | API peak RSS |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| first byte p50 / p99 | API peak RSS | API CPU per GiB (event loop) | host busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, p in _labelled(s):
+        loop = p["api_cpu_by_thread"].get("event loop", 0.0)
         rows.append(
             f"| {label} | {p['clients']} | {p['mib_s']} MiB/s | {p['completed']} "
             f"(+{p['cut_at_end']}) | {p['errors']} | {p['ttfb_p50_s']} / {p['ttfb_p99_s']} s "
-            f"| {p['api_peak_rss_mib']} MiB |"
+            f"| {p['api_peak_rss_mib']} MiB | {p['api_cpu_s_per_gib']} s "
+            f"({loop / max(p['api_cpu_s'], 1e-9):.0%}) | {p['host_busy_cores']} cores |"
         )
     return rows
