@@ -1,10 +1,12 @@
 """Capacity model: a fleet sized from the figures measured on this machine.
 
-Reads ``bench/results/throughput.json`` (per-core reconstruct, ingest, lossless ratio) and
-``bench/results/fidelity.json`` (bits per parameter at the fidelity goal) and prints the
+Reads ``bench/results/throughput.json`` (per-core reconstruct, ingest, lossless ratio),
+``bench/results/load.json`` (what many streams at once cost against one: CPU per byte and
+memory per stream) and ``bench/results/fidelity.json`` (bits per parameter at the fidelity
+goal) and prints the
 model of ``docs/scaling.md`` for a scenario (default: 10,000 fine-tunes of a 7B base, 100
 pulls a minute). Prices and service limits are list figures, stated in the output; nothing
-here is measured except what the two result files hold.
+here is measured except what the result files hold.
 
 Run: ``python -m bench capacity [--finetunes 10000 --params 7e9 --pulls-per-minute 100]``.
 """
@@ -73,8 +75,51 @@ def _measured(results: Path) -> dict[str, Any]:
     return out
 
 
+def _concurrency(results: Path) -> dict[str, Any]:
+    """From load.json (the PostgreSQL + S3 stack where it ran, else the embedded one): how
+    much more CPU a byte costs with N streams at once than alone, and the memory one more
+    stream adds to an API process. Without the file: no penalty and ~30 MB a stream."""
+    out: dict[str, Any] = {
+        "streams": 1,
+        "efficiency": {"magnitude": 1.0, "lossless": 1.0, "upload": 1.0},
+        "rss_single_mb": 430.0,
+        "rss_per_stream_mb": 30.0,
+        "source": None,
+    }
+    try:
+        load = json.loads((results / "load.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return out
+    stacks = {s["stack"]: s for s in load.get("stacks", [])}
+    stack = stacks.get("pg-s3") or stacks.get("embedded")
+    if stack is None:
+        return out
+
+    def eff(pair: dict[str, Any]) -> float:
+        one, many = pair["one"]["api_cpu_s_per_gib"], pair["many"]["api_cpu_s_per_gib"]
+        return min(1.0, one / many) if one and many else 1.0
+
+    pulls = stack["pulls"]
+    for method, pair in pulls.items():
+        out["efficiency"][method] = eff(pair)
+    if stack.get("uploads"):
+        out["efficiency"]["upload"] = eff(stack["uploads"])
+    pair = pulls.get("magnitude") or next(iter(pulls.values()))
+    n = pair["many"]["clients"]
+    out["streams"] = n
+    out["rss_single_mb"] = pair["one"]["api_peak_rss_mib"] * 1.048576
+    grown = max(
+        p["many"]["api_peak_rss_mib"] - p["one"]["api_peak_rss_mib"] for p in pulls.values()
+    )
+    out["rss_per_stream_mb"] = grown * 1.048576 / max(n - 1, 1)
+    out["source"] = f"load.json, stack {stack['stack']}, {load['when']}"
+    return out
+
+
 def model(args: argparse.Namespace) -> dict[str, Any]:
     m = _measured(Path(args.results))
+    conc = _concurrency(Path(args.results))
+    eff = conc["efficiency"]
     bpp = args.bits_per_param or m["bits_per_param"] or 0.1
     full_bytes = args.params * 2  # bf16
     delta_bytes = args.params * bpp / 8
@@ -83,7 +128,10 @@ def model(args: argparse.Namespace) -> dict[str, Any]:
     pulls_s = args.pulls_per_minute / 60
     egress_gbs = pulls_s * full_bytes / 1e9
     local_gbs = pulls_s * delta_bytes / 1e9
-    api_cores = egress_gbs / m["reconstruct_gbps_per_core"]
+    # cores of API that many streams at once need: the single-stream rate per core, times the
+    # CPU-per-byte penalty of serving many streams from one process (load.json)
+    api_cores = egress_gbs / (m["reconstruct_gbps_per_core"] * eff["magnitude"])
+    api_cores_lossless = egress_gbs / (m["reconstruct_lossless_gbps_per_core"] * eff["lossless"])
     nic_gbs = NIC_GBIT / 8 * NIC_UTILISATION
     gets_per_pull_cached = math.ceil(delta_bytes / PART_BYTES)
     gets_per_pull_uncached = gets_per_pull_cached + math.ceil(full_bytes / PART_BYTES)
@@ -97,6 +145,7 @@ def model(args: argparse.Namespace) -> dict[str, Any]:
             "bits_per_param": bpp,
         },
         "measured": m,
+        "concurrency": conc,
         "storage": {
             "full_copies_tb": n * full_bytes / 1e12,
             "lossless_tb": (full_bytes + n * lossless_bytes) / 1e12,
@@ -111,6 +160,9 @@ def model(args: argparse.Namespace) -> dict[str, Any]:
             "egress_gb_s": egress_gbs,
             "egress_gbit_s": egress_gbs * 8,
             "api_cores": api_cores,
+            "api_cores_lossless": api_cores_lossless,
+            "api_mb_per_process_at_measured_streams": conc["rss_single_mb"]
+            + (conc["streams"] - 1) * conc["rss_per_stream_mb"],
             "api_nodes_by_nic": egress_gbs / nic_gbs,
             "local_pull_gb_s": local_gbs,
             "s3_get_s_base_cached": pulls_s * gets_per_pull_cached,
@@ -121,7 +173,10 @@ def model(args: argparse.Namespace) -> dict[str, Any]:
         "searches": {
             "gpu_seconds_per_search": gpu_s,
             "gpu_hours_all": n * gpu_s / 3600,
-            "ingest_core_hours_all": n * full_bytes / (m["ingest_mbps_per_core"] * 1e6) / 3600,
+            "ingest_core_hours_all": n
+            * full_bytes
+            / (m["ingest_mbps_per_core"] * eff["upload"] * 1e6)
+            / 3600,
             "sparse_compress_core_hours_all": n
             * full_bytes
             / (m["magnitude_compress_gbps_per_core"] * 1e9)

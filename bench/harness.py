@@ -178,6 +178,17 @@ class PgDatabase:
                 server.dispose()
 
 
+class SqliteDatabase:
+    """The embedded stack's database: one SQLite file under ``root`` (the API migrates it at
+    start); :meth:`drop` has nothing to do (the file goes with the deployment's directory)."""
+
+    def __init__(self, root: Path) -> None:
+        self.url = f"sqlite:///{(root / 'slim.db').resolve()}"
+
+    def drop(self) -> None:
+        pass
+
+
 def pg_cluster() -> tuple[str, str]:
     """(version, name) of the local PostgreSQL cluster (Debian layout)."""
     version = sorted(os.listdir("/etc/postgresql"))[-1]
@@ -214,7 +225,7 @@ class Deployment:
     """Where one benchmark's metadata and blobs live; makes settings and environments."""
 
     root: Path
-    db: PgDatabase
+    db: PgDatabase | SqliteDatabase
     moto: Moto | None
     bucket: str = field(default_factory=lambda: f"slim-bench-{uuid.uuid4().hex[:10]}")
     blob_dir: Path | None = None
@@ -222,10 +233,19 @@ class Deployment:
 
     @classmethod
     def create(
-        cls, root: Path, *, s3: Moto | None, blob_dir: Path | None = None, **extra: Any
+        cls,
+        root: Path,
+        *,
+        s3: Moto | None,
+        blob_dir: Path | None = None,
+        sqlite: bool = False,
+        **extra: Any,
     ) -> Deployment:
+        """A deployment on PostgreSQL (a fresh database), or on a SQLite file with ``sqlite``
+        (the embedded stack: then ``s3`` is normally None, blobs in a local directory)."""
         root.mkdir(parents=True, exist_ok=True)
-        dep = cls(root, PgDatabase(), s3, blob_dir=blob_dir)
+        db = SqliteDatabase(root) if sqlite else PgDatabase()
+        dep = cls(root, db, s3, blob_dir=blob_dir)
         dep.extra = {f"SLIM_{k.upper()}": str(v) for k, v in extra.items()}
         if s3 is not None:
             from storage.blobstore import S3BlobStore

@@ -18,9 +18,12 @@ frame they read is still checked against its own hash.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -34,7 +37,8 @@ from core.reconstruct import (
     check_base,
     iter_file,
     rebuild_check,
-    rebuilt_ahead,
+    run_ahead,
+    tensor_pieces,
     weight_header,
     weight_parts,
 )
@@ -99,9 +103,31 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     return ByteRange(start, end, size)
 
 
-#: Bytes handed to the server per send: fewer, larger writes than CHUNK_SIZE (a bare
-#: Starlette stream on loopback sent 1.2 GB/s in 4 MiB pieces against 0.8 in 1 MiB ones).
-SEND_SIZE = 4 * CHUNK_SIZE
+#: Bytes handed to the server per send. A bare Starlette stream on loopback sent 1.2 GB/s in
+#: 4 MiB pieces against 0.8 in 1 MiB ones, but the server copies each piece with the GIL held
+#: (h11 joins it into one bytes): with 16 streams those 4 MiB copies kept the event loop on the
+#: GIL and new requests waited seconds for their first byte (bench/results/load.md).
+SEND_SIZE = CHUNK_SIZE
+#: A download's tensors are rebuilt this many bytes at a time, each piece a little ahead of the
+#: send (:data:`AHEAD`): what a stream holds is a few pieces, so 16 streams add 16 x that.
+PIECE_SIZE = 4 << 20
+AHEAD = 1
+#: Pieces this process rebuilds at once, whatever the number of downloads: one per core. More
+#: only queue for the cores and the GIL while each holds a piece's working memory (16 lossless
+#: pulls spent 1.6x the CPU per byte of one, and the API's peak RSS grew 2.9x).
+REBUILD_AT_ONCE = os.cpu_count() or 1
+REBUILD_SLOTS = threading.BoundedSemaphore(REBUILD_AT_ONCE)
+
+
+def in_turn(pieces: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+    """``pieces``, each one made while holding one of :data:`REBUILD_SLOTS` (released before
+    it is handed on, so a slow client never holds a slot; waiters are served in turn)."""
+    while True:
+        with REBUILD_SLOTS:
+            piece = next(pieces, None)
+        if piece is None:
+            return
+        yield piece
 
 
 def _slices(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
@@ -150,7 +176,12 @@ class Reconstruction:
         if start < len(raw):
             yield from _slices(raw[start : min(end, len(raw))])
         parts = weight_parts(self.reader, self.file, header, start, end)
-        for data in rebuilt_ahead(parts, self.reader, self.base, self.scale):
+        # core.reconstruct.rebuilt_ahead, with smaller pieces made in turn across streams
+        pieces = chain.from_iterable(
+            tensor_pieces(entry, self.reader, self.base, self.scale, a, b, PIECE_SIZE)
+            for entry, a, b in parts
+        )
+        for data in run_ahead(in_turn(pieces), AHEAD):
             yield from _slices(data)
             del data
 
@@ -161,6 +192,7 @@ class Reconstruction:
         return verified(
             chunks,
             check,
+            size=self.size,
             what=self.file.path,
             cause="the base or the delta is corrupted — the download was aborted; restore the "
             "blob (see `slim scrub`) and retry",
@@ -288,21 +320,36 @@ def blob_chunks(
 
 
 def verified(
-    chunks: Iterator[bytes | memoryview], check: StreamCheck, *, what: str, cause: str
+    chunks: Iterator[bytes | memoryview],
+    check: StreamCheck,
+    *,
+    what: str,
+    cause: str,
+    size: int | None = None,
 ) -> Iterator[bytes | memoryview]:
     """Pass chunks through ``check``; hold the last one back until the digest is known.
+
+    With the stream's ``size`` known, a chunk that ends before it goes on at once (only the
+    one that reaches ``size`` is held: the header of a rebuilt file is sent before its first
+    piece is rebuilt); without it, each chunk waits for the next.
 
     Raises:
         IntegrityError: the bytes do not match (after all but the last chunk went); the
             message names ``what`` and ends with ``cause``.
     """
     held: bytes | memoryview | None = None
+    pos = 0
     try:
         for chunk in chunks:
             check.update(chunk)
             if held is not None:
                 yield held
-            held = chunk
+                held = None
+            pos += len(chunk)
+            if size is not None and pos < size:
+                yield chunk
+            else:
+                held = chunk
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:

@@ -27,8 +27,9 @@ from typing import Any
 
 import anyio
 
-#: Chunks kept in flight between the producing thread and the event loop.
-DEPTH = 4
+#: Chunks kept in flight between the producing thread and the event loop (each chunk of a
+#: download may pin a rebuilt piece; 16 streams hold 16 x this many).
+DEPTH = 2
 #: Body bytes merged before the blocking consumer takes them.
 BODY_CHUNK = 4 << 20
 #: Longest a received body part waits for more to merge with (seconds).
