@@ -90,6 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--keep", type=float, default=0.02)
     s.add_argument("--bits", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
+    f = sub.add_parser("forward", help="one evaluation's forward passes: batchings side by side")
+    f.add_argument("--rounds", type=int, default=4)
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--finetune", default="", help="a fine-tune dir (default: the full recipe)")
+    f.add_argument("--costs", type=int, nargs="+", default=[48, 160, 400])
     c = sub.add_parser("calibration", help="CLI search cost: 200- vs 5,000-line calibration")
     c.add_argument("--rounds", type=int, default=1)
     c.add_argument("--threads", type=int, default=2)
@@ -169,6 +174,60 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_forward(args: argparse.Namespace) -> dict[str, Any]:
+    """Forward passes of one evaluation (search + holdout parts) under length-grouped batches
+    at several per-batch costs and under the earlier fixed cut (64 a batch in length order),
+    alternating, in one process; medians of wall and CPU seconds."""
+    import torch
+
+    import core.evaluate as evaluate
+    from bench.fidelity import calibration
+    from bench.finetune import base_model_dir, full_recipe, make_finetune
+    from core.compress import build_evaluator
+    from core.workspace import Workspace
+
+    torch.set_num_threads(args.threads)
+    ft = args.finetune or str(make_finetune(full_recipe("rotten_tomatoes")))
+    cal = calibration("rotten_tomatoes", 128, False)
+    grouped = evaluate.length_batches
+
+    def fixed(lengths: Any, max_batch: int) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        return [order[s : s + max_batch] for s in range(0, len(order), max_batch)]
+
+    evs: dict[str, Any] = {}
+    with Workspace(base_model_dir(), ft) as ws:
+        for label, split in [
+            *((f"grouped-{c}", lambda ls, m, c=c: grouped(ls, m, c)) for c in args.costs),
+            ("fixed-64", fixed),
+        ]:
+            evaluate.length_batches = split  # type: ignore[assignment]
+            try:
+                evs[label] = build_evaluator("fidelity", ws, ft, cal, calibration_limit=128)
+            finally:
+                evaluate.length_batches = grouped
+    walls: dict[str, list[float]] = {k: [] for k in evs}
+    cpus: dict[str, list[float]] = {k: [] for k in evs}
+    for r in range(args.rounds):
+        for k in list(evs) if r % 2 == 0 else list(evs)[::-1]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            for part in evs[k].parts:
+                evs[k].run(part)
+            walls[k].append(time.perf_counter() - w0)
+            cpus[k].append(time.process_time() - c0)
+    rows = {
+        k: {
+            "batches": {p: [len(b["_index"]) for b in ev._parts[p].batches] for p in ev.parts},
+            "wall_s": statistics.median(walls[k]),
+            "cpu_s": statistics.median(cpus[k]),
+        }
+        for k, ev in evs.items()
+    }
+    for k, row in rows.items():
+        print(k, json.dumps(row), flush=True)
+    return {"settings": vars(args), "summary": rows, "load": os.getloadavg()}
+
+
 def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
     from bench.data import load_task
     from bench.finetune import base_model_dir, full_recipe, make_finetune
@@ -231,7 +290,8 @@ def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_search(args) if args.what == "search" else run_calibration(args)
+    run = {"search": run_search, "forward": run_forward, "calibration": run_calibration}
+    result = run[args.what](args)
     result["machine"] = machine_note()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"search-cost-{args.what}.json"
