@@ -36,6 +36,9 @@ from core.taskvector import TensorPlan
 #: Largest calibration file accepted, in bytes.
 MAX_CALIBRATION_BYTES = 64 * 1024 * 1024
 LM_TOPK = 32
+#: What one more forward pass costs, in padded tokens' worth of compute (measured on MiniLM on
+#: a CPU: ~10 ms of per-batch overhead against ~0.2 ms a token; ``bench/results/search-cost.md``)
+BATCH_COST_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ class ModelEvaluator:
         dtype: what the model computes in; default :func:`core.device.compute_dtype` of the
             device and the fine-tune's floating-point dtypes.
         max_length: tokens per example.
-        batch_size: examples per forward pass.
+        batch_size: examples per forward pass at most (batches group similar lengths).
         given: how many calibration examples were given before a subsample (default: these).
     """
 
@@ -267,18 +270,20 @@ class ModelEvaluator:
         flat = self._params[name].view(-1)
         # back to the base: only the entries the last sparse candidate wrote, when known (a
         # whole-tensor copy per candidate cost as much as a sixth of an evaluation)
+        # (index_select / index_copy_: the same values as advanced indexing, at a fraction of
+        # its cost on a CPU)
         before = self._written.pop(name, None)
         if before is None:
             flat.copy_(self._base_stored[name])
         elif before.numel():
-            flat[before] = self._base_stored[name][before]
+            flat.index_copy_(0, before, self._base_stored[name].index_select(0, before))
         idx = index.to(self.device)
         self._written[name] = idx
         if idx.numel():
-            new = base[idx] + values.to(self.device, torch.float32)
+            new = base.index_select(0, idx) + values.to(self.device, torch.float32)
             if self._dtype[name] != torch.float32:
                 new = new.to(self._dtype[name])  # what reconstruction will store
-            flat[idx] = new.to(flat.dtype)
+            flat.index_copy_(0, idx, new.to(flat.dtype))
 
     def run(self, part: str = "search") -> Score:
         p = self._parts[part]
@@ -340,14 +345,13 @@ class ModelEvaluator:
     def _tokenise(
         self, tokenizer: Any, texts: list[str], max_length: int, batch_size: int
     ) -> list[dict[str, torch.Tensor]]:
-        """Tokenise once; batch by length so padding costs little. Keeps original order ids."""
+        """Tokenise once, into batches of similar lengths (:func:`length_batches`): padding is
+        computed by every candidate's forward pass. Keeps original order ids."""
         lengths = [
             len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts
         ]
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
         batches = []
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        for idx in length_batches(lengths, batch_size):
             enc = tokenizer(
                 [texts[i] for i in idx],
                 padding=True,
@@ -445,6 +449,34 @@ class ModelEvaluator:
         if self.kind == "accuracy":
             return Score(correct / count, metrics)
         return Score(-kl_sum / count, metrics)
+
+
+def length_batches(
+    lengths: Sequence[int], max_batch: int, batch_cost: int = BATCH_COST_TOKENS
+) -> list[list[int]]:
+    """Examples (by index) cut into batches that cost the fewest padded tokens.
+
+    Sorted by length, the examples are split where a batch's padding (every example is run at
+    its batch's longest length) would cost more than starting another batch, which costs
+    ``batch_cost`` tokens' worth of time; at most ``max_batch`` examples a batch. An exact
+    dynamic programme over the split points (n² for n examples: calibration is subsampled).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: cheapest cost of the first j examples
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(max(0, j - max_batch), j):
+            c = best[i] + batch_cost + longest * (j - i)
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    spans = []
+    j = n
+    while j > 0:
+        spans.append(order[cut[j] : j])
+        j = cut[j]
+    return spans[::-1]
 
 
 def score_with(

@@ -225,16 +225,15 @@ class Nps(Method):
         x0 = np.zeros(m) if self.parameterisation == "log" else np.ones(m)
         popsize = self.popsize or default_popsize(max(m, 2))
 
-        index = {n: PrefixIndex.build(subs.ids[n], -taus[n].abs()) for n in taus}
+        index = {n: PrefixIndex.build(subs.ids[n], -taus[n].abs(), taus[n]) for n in taus}
 
         def apply(x: np.ndarray, part: str) -> Score:
             wn = self.weights(x)
             limits = -candidate_thresholds(subs, torch.from_numpy(wn), k).numpy()  # on key = −|τ|
 
             def delta(name: str) -> Candidate:
-                idx, scale = index[name].select(limits, wn, inclusive=True)
-                assert scale is not None
-                return idx, specs[name].round(taus[name][idx] * scale)
+                idx, values = index[name].select(limits, wn, inclusive=True)
+                return idx, specs[name].round(values)
 
             return ctx.score(delta, part)
 

@@ -222,7 +222,7 @@ class NpsSeeded(Method):
                 u = torch.from_numpy(rng.uniforms(rng.tensor_key(seed, n), tau.numel())).to(
                     ctx.device
                 )
-                out[n] = PrefixIndex.build(ids[n], u)
+                out[n] = PrefixIndex.build(ids[n], u, tau)
             return out
 
         index: dict[str, PrefixIndex] = {}
@@ -231,9 +231,8 @@ class NpsSeeded(Method):
             rho, scale = rates_scales(x)
 
             def delta(name: str) -> Candidate:
-                idx, factor = index[name].select(rho, scale)
-                assert factor is not None
-                return idx, specs[name].round(taus[name][idx] * factor)
+                idx, values = index[name].select(rho, scale)
+                return idx, specs[name].round(values)
 
             return ctx.score(delta, part)
 
@@ -254,9 +253,7 @@ class NpsSeeded(Method):
             rho0, scale0 = rates_scales(x0)
             kept = {}
             for n in taus:
-                idx, factor = index[n].select(rho0, scale0)
-                assert factor is not None
-                kept[n] = (idx, taus[n][idx] * factor)
+                kept[n] = index[n].select(rho0, scale0)
             cost = subspace_costs(kept, ids, m, specs)
             target = float((sizes * cost * rho0).sum())
             del kept

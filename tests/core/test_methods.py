@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ import torch
 from core.compress import build_evaluator, compress
 from core.delta_format import DeltaReader
 from core.errors import EvaluationUnavailable, InvalidArgument, InvalidCalibration
+from core.evaluate import ModelEvaluator, length_batches, load_calibration
 from core.methods import REGISTRY, FitContext, make_method
 from core.methods.nps_seeded import budget_rates, marginal_bits, subspace_costs
+from core.methods.prefix import PrefixIndex
 from core.methods.subspaces import boundary_ranks, tensor_group
 from core.reconstruct import load_state
 from core.tensor_codec import ValueSpec
@@ -303,3 +306,59 @@ def test_magnitude_selects_from_slices_exactly_as_from_whole_task_vectors(
         assert {t.name: t.kind for t in s.doc.tensors}["t0"] == "same"
         assert all(s.frame(n) == w.frame(n) for n in w.doc.frames)
         assert s.doc.stats["kept"] == w.doc.stats["kept"] == sum(t.nnz for t in s.doc.tensors)
+
+
+def _batch_cost(lengths: list[int], batches: list[list[int]], per_batch: int) -> int:
+    return sum(per_batch + max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+def test_length_batches_cover_every_example_at_the_least_padded_cost() -> None:
+    rnd = np.random.default_rng(0)
+    for n, cap in ((1, 4), (6, 3), (8, 8), (9, 2)):
+        lengths = [int(x) for x in rnd.integers(3, 65, n)]
+        batches = length_batches(lengths, cap, batch_cost=20)
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert all(1 <= len(b) <= cap for b in batches)
+        # no split of the length order does better (the order itself is optimal to cut)
+        order = sorted(range(n), key=lambda i: lengths[i])
+        best = min(
+            _batch_cost(lengths, [order[a:b] for a, b in itertools.pairwise((0, *cuts, n))], 20)
+            for k in range(n)
+            for cuts in itertools.combinations(range(1, n), k)
+            if all(b - a <= cap for a, b in itertools.pairwise((0, *cuts, n)))
+        )
+        assert _batch_cost(lengths, batches, 20) == best
+    # a fixed cut into full batches pads short examples to long ones
+    lengths = [5] * 30 + [60] * 2
+    assert _batch_cost(lengths, length_batches(lengths, 64), 48) < 48 + 60 * 32
+
+
+def test_prefix_selection_carries_the_same_values_as_a_gather() -> None:
+    g = torch.Generator().manual_seed(0)
+    tau = torch.randn(5000, generator=g)
+    key = torch.rand(5000, generator=g)
+    limits, scales = np.array([0.1, 0.5, 0.02]), np.array([3.0, 0.7, 11.0])
+    for sid in (
+        torch.randint(0, 3, (5000,), generator=g, dtype=torch.uint8),
+        torch.full((5000,), 1, dtype=torch.uint8),
+    ):
+        idx, values = PrefixIndex.build(sid, key, tau).select(limits, scales)
+        expect = torch.nonzero(key < torch.from_numpy(limits).float()[sid.long()]).reshape(-1)
+        assert torch.equal(torch.sort(idx).values, expect)
+        factor = torch.from_numpy(scales).float()[sid[idx].long()]
+        assert torch.equal(values, tau[idx] * factor)  # bit for bit
+
+
+def test_scores_do_not_depend_on_how_examples_are_batched(tiny_models: dict[str, Path]) -> None:
+    ws = Workspace(tiny_models["base"], tiny_models["ft"])
+    examples = load_calibration(tiny_models["calibration"], need_labels=False)
+    scores = []
+    for batch_size in (64, 1):  # length-grouped batches, then every example alone (no padding)
+        ev = ModelEvaluator(
+            "fidelity", tiny_models["ft"], ws.base, ws.plans, examples, batch_size=batch_size
+        )
+        for name in ev.tensor_names:
+            ev.apply(name, None)
+        scores.append(ev.run().metrics)
+    assert scores[0]["agreement"] == scores[1]["agreement"]
+    assert scores[0]["kl"] == pytest.approx(scores[1]["kl"], rel=1e-4)
