@@ -11,9 +11,17 @@ delta-compression work on large language models stores singular vectors the same
 - Huang et al., "Seeing Delta Parameters as JPEG Images: Data-Free Delta Compression with
   Discrete Cosine Transform" (Delta-DCT), 2025, https://arxiv.org/abs/2503.06676
 
-Per 2-D tensor the rank is the smallest that retains ``energy`` of τ's squared Frobenius norm;
-``max_rank`` truncates it (a fixed rank where the energy needs more). The factors are stored only where they cost fewer values than the
-entries the tensor would otherwise keep, r·(m + n) < kept; every other tensor (1-D ones,
+Per 2-D tensor the rank is, first, the smallest whose residual ‖τ − τ_r‖² is within the
+fine-tune's own rounding, Σ ulp(w)²/2 over its weights w (half an ulp of rounding in the
+fine-tune's dtype and half in τ's subtraction, squared): an exact-rank τ — a merged LoRA, in
+fp32 or rounded to bf16 — then comes back at its own rank, not truncated by ``energy`` (a rank
+retaining 99% of a rank-8 LoRA's energy lost up to 40% of its largest entry) nor inflated by
+the bf16 rounding noise (full-rank, and often more than 1% of the energy of a small τ, so an
+energy rank would run into the cap). Where no rank under the cap gets there (a full fine-tune's
+τ), the rank is the smallest that retains ``energy`` of τ's squared Frobenius norm;
+``max_rank`` truncates it (a fixed rank where the energy needs more). The factors are stored
+only where they cost fewer values than the entries the tensor would otherwise keep,
+r·(m + n) < kept; every other tensor (1-D ones,
 full-rank ones) falls back to a sparse selection of its top ``keep`` entries of |τ| (with the
 default keep of 1, every changed entry). The singular value decomposition runs one tensor at a
 time on ``cuda`` when present: exact for small matrices, randomised (seeded) where the rank cap
@@ -25,6 +33,7 @@ rounding of one factor is not compounded by the other's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +58,17 @@ def factor_spec(spec: ValueSpec) -> ValueSpec:
     """How the factors are coded: half precision is always ``f16`` (its 10-bit mantissa, not
     bfloat16's 7: the balanced factors stay well inside its range); other widths as asked."""
     return ValueSpec("f16", 16) if spec.bits == 16 else spec
+
+
+def rounding_floor(w: torch.Tensor) -> float:
+    """Σ ulp(w)²/2 over the weights ``w`` (in their own dtype): the squared error a τ of these
+    weights carries from rounding alone (half an ulp from the weights' rounding, half from the
+    subtraction of the base), below which a rank-r residual is indistinguishable from it."""
+    info = torch.finfo(w.dtype)
+    x = w.detach().to(torch.float64).abs().clamp_min(info.tiny).reshape(-1)
+    _, exp = torch.frexp(x)  # x = mantissa · 2^exp, mantissa in [0.5, 1)
+    ulp = torch.ldexp(torch.full_like(x, info.eps), exp - 1)  # spacing of the dtype at |w|
+    return float(torch.sum(ulp**2)) / 2
 
 
 def rank_cap(shape: tuple[int, ...], kept: int) -> int:
@@ -77,6 +97,8 @@ class LowRankFitted(Fitted):
     max_rank: int | None = None
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: the fine-tune's tensor by name (for :func:`rounding_floor`); None: energy ranks only
+    weights: Callable[[str], torch.Tensor] | None = None
 
     def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection | LowRank:
         nonzero = int(torch.count_nonzero(tau))
@@ -110,9 +132,19 @@ class LowRankFitted(Fitted):
         t = tau.reshape(plan.shape).to(self.device, torch.float64)  # (m, n)
         total = float(torch.sum(t**2))
         u, s, v = _svd(t, q, self.seed)
-        energy = torch.cumsum(s[:q] ** 2, 0) / total  # (q,)
-        reached = torch.nonzero(energy >= self.energy - 1e-12).reshape(-1)
-        if reached.numel():
+        kept_energy = torch.cumsum(s[:q] ** 2, 0)  # (q,)
+        floor = None if self.weights is None else rounding_floor(self.weights(plan.name))
+        exact = (
+            torch.nonzero(total - kept_energy <= floor).reshape(-1)
+            if floor is not None
+            else torch.empty(0, dtype=torch.long)
+        )
+        reached = torch.nonzero(kept_energy / total >= self.energy - 1e-12).reshape(-1)
+        if exact.numel():
+            # τ within its own rounding at this rank: an exact-rank τ, kept whole
+            r = int(exact[0]) + 1
+            self.result["exact_rank_tensors"] = self.result.get("exact_rank_tensors", 0) + 1
+        elif reached.numel():
             r = int(reached[0]) + 1
         elif self.max_rank is not None and self.max_rank <= cap:
             r = min(self.max_rank, int(s.numel()))  # truncated at the rank asked for
@@ -172,10 +204,16 @@ class LowRankMethod(Method):
             params["max_rank"] = self.max_rank
         return LowRankFitted(
             params=params,
-            result={"ranks": {}, "factor_values": 0, "sparse_tensors": 0},
+            result={
+                "ranks": {},
+                "factor_values": 0,
+                "sparse_tensors": 0,
+                "exact_rank_tensors": 0,
+            },
             keep=self.keep,
             energy=self.energy,
             max_rank=self.max_rank,
             seed=ctx.seed,
             device=device,
+            weights=ws.ft.get,
         )

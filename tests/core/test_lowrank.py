@@ -113,13 +113,29 @@ def test_full_rank_tau_falls_back_to_no_more_than_the_sparse_encoding(tmp_path: 
 
 
 def test_rank_follows_energy_and_the_cap(tmp_path: Path) -> None:
+    """``max_rank`` caps every rank; ``energy`` picks the rank of a τ that is not exactly
+    low-rank (more energy, a higher rank), and does not truncate an exact-rank one."""
     base_dir, ft_dir, _, _ = _merged_lora(tmp_path, torch.float32)
     compress(base_dir, ft_dir, tmp_path / "c.slim", method="lowrank", options={"max_rank": 4})
     compress(base_dir, ft_dir, tmp_path / "e.slim", method="lowrank", options={"energy": 0.5})
-    for path, most in (("c.slim", 4), ("e.slim", RANK - 1)):
+    full_base, full_ft, _, _ = _merged_lora(tmp_path / "full", torch.float32, full_rank=True)
+    for energy in (0.3, 0.5):
+        compress(
+            full_base,
+            full_ft,
+            tmp_path / f"f{energy}.slim",
+            method="lowrank",
+            options={"energy": energy},
+        )
+    ranks = {}
+    for path in ("c.slim", "e.slim", "f0.3.slim", "f0.5.slim"):
         with DeltaReader(tmp_path / path) as r:
-            ranks = [t.rank for t in r.doc.tensors if t.kind == "lowrank"]
-            assert ranks and all(0 < (k or 0) <= most for k in ranks), (path, ranks)
+            ranks[path] = [t.rank or 0 for t in r.doc.tensors if t.kind == "lowrank"]
+    assert len(ranks["c.slim"]) == 2 and max(ranks["c.slim"]) == 4, ranks
+    assert ranks["e.slim"] == [RANK, RANK], ranks  # exact rank: not truncated by energy
+    low, high = ranks["f0.3.slim"], ranks["f0.5.slim"]
+    assert len(low) == len(high) == 2, ranks
+    assert all(RANK < a < b < 192 for a, b in zip(low, high, strict=True)), ranks
     with pytest.raises(InvalidArgument, match="energy"):
         make_method("lowrank", energy=1.5)
     with pytest.raises(InvalidArgument, match="max_rank"):
