@@ -319,3 +319,46 @@ def test_lowrank_deltas_merge(tmp_path: Path) -> None:
         want = fa[name] + fb[name] - base[name]
         tau = (fa[name] - base[name]).abs().max() + (fb[name] - base[name]).abs().max()
         assert float((got[name] - want).abs().max()) <= 2.0**-9 * float(tau), name
+
+
+def _steep_lora(root: Path, dtype: torch.dtype) -> tuple[Path, Path]:
+    """A rank-8 τ whose singular values fall from 1 to 1/64 of its first (its 8th holds
+    0.02% of the energy: a rank retaining 99% of it is 4), merged into a base in ``dtype``."""
+    g = torch.Generator().manual_seed(3)
+    base: dict[str, torch.Tensor] = {}
+    ft: dict[str, torch.Tensor] = {}
+    for name, (m, n) in SHAPES.items():
+        base[name] = (0.05 * torch.randn(m, n, generator=g)).to(dtype)
+        u = torch.linalg.qr(torch.randn(m, RANK, generator=g)).Q  # (m, 8)
+        v = torch.linalg.qr(torch.randn(n, RANK, generator=g)).Q  # (n, 8)
+        s = 0.5 * 2.0 ** -torch.linspace(0, 6, RANK)  # (8,)
+        ft[name] = (base[name].float() + (u * s) @ v.T).to(dtype)
+    for d, tensors in (("base", base), ("ft", ft)):
+        (root / d).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, root / d / "model.safetensors")
+    return root / "base", root / "ft"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_an_exact_rank_tau_keeps_its_rank_whatever_its_energy_or_rounding(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """The rank of an exact-rank τ is its own — not the energy rule's 4 (which loses its
+    weak components), nor more where bf16's rounding noise is large — and it rebuilds within
+    the rounding of its dtype."""
+    base_dir, ft_dir = _steep_lora(tmp_path, dtype)
+    compress(base_dir, ft_dir, tmp_path / "d.slim", method="lowrank")
+    with DeltaReader(tmp_path / "d.slim") as r:
+        assert {t.name: t.rank for t in r.doc.tensors} == dict.fromkeys(SHAPES, RANK)
+        assert r.doc.method["result"]["exact_rank_tensors"] == len(SHAPES)
+    got = load_state(base_dir, tmp_path / "d.slim")
+    base, ft = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
+    for name in SHAPES:
+        err = (got[name].float() - ft[name].float()).abs()
+        tau = (ft[name].float() - base[name].float()).abs()
+        if dtype == torch.float32:
+            assert float(err.max()) <= 2.0**-10 * float(tau.max()), name
+        else:
+            w = ft[name].float()
+            bound = 2.0**-7 * w.abs() + 2.0**-9 * w.pow(2).mean().sqrt()
+            assert bool((err <= bound).all()), name
