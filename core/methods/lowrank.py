@@ -14,15 +14,15 @@ delta-compression work on large language models stores singular vectors the same
 Per 2-D tensor the rank is, first, that of τ's signal above its own rounding noise: the count
 of singular values above ``NOISE_EDGE`` times the largest one rounding noise alone would reach
 (:func:`noise_edge` of the variances ulp(w)²/12 of the fine-tune's weights w in their dtype),
-where the residual beyond that rank is no more than ``NOISE_RESIDUAL`` times the noise's energy. An
+both after scaling τ's rows and columns by the noise's (:func:`signal_rank`), where the residual beyond that rank is no more than ``NOISE_RESIDUAL`` times the noise's energy. An
 exact-rank τ — a merged LoRA, in fp32 or rounded to bf16 — then comes back at its own rank:
 ``energy`` would truncate it in fp32 (retaining 99% of a rank-4 LoRA's energy lost up to 40% of
 its largest entry) and inflate it in bf16 wherever the full-rank rounding noise holds more than
 1 − ``energy`` of τ's energy, and a residual test cannot see a weak 8th component that still decides
 a third of the weights' last bits (on a real rank-8 MiniLM LoRA merged in bf16, its weakest σ₈
 stood at 2.0× σ·(√m + √n), while the rounding noise of the 384×1536 ``output.dense`` reached
-2.8× that: a few outlier columns of large weights round coarsely; against the row/column edge
-of :func:`noise_edge`, which accounts for them, the noise reached 0.81× and the signal 1.56×). Where that fails (a full fine-tune's
+2.8× that: a few outlier columns of large weights round coarsely; scaled, the noise reached
+0.96× :func:`noise_edge` and the weakest signal 1.97×). Where that fails (a full fine-tune's
 τ), the rank is the smallest that retains ``energy`` of τ's squared Frobenius norm;
 ``max_rank`` truncates it (a fixed rank where the energy needs more). The factors are stored
 only where they cost fewer values than the entries the tensor would otherwise keep,
@@ -56,8 +56,8 @@ from core.workspace import Workspace
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
 #: A singular value is signal above this multiple of rounding noise's reach (:func:`noise_edge`):
-#: a real rank-8 MiniLM LoRA merged in bf16 had its rounding noise's largest at ≤ 0.81× and its
-#: weakest signal at 1.56× (fp32: ≤ 0.81× and ≥ 99×).
+#: a real rank-8 MiniLM LoRA merged in bf16 had its scaled rounding noise's largest at ≤ 0.96×
+#: and its weakest signal at 1.97×.
 NOISE_EDGE = 1.1
 #: ... where the energy beyond the signal is no more than this multiple of the noise's.
 NOISE_RESIDUAL = 1.5
