@@ -14,15 +14,19 @@ delta-compression work on large language models stores singular vectors the same
 Per 2-D tensor the rank is, first, that of τ's signal above its own rounding noise: the count
 of singular values above ``NOISE_EDGE`` times the largest one rounding noise alone would reach
 (:func:`noise_edge` of the variances ulp(w)²/12 of the fine-tune's weights w in their dtype),
-both after scaling τ's rows and columns by the noise's (:func:`signal_rank`), where the residual beyond that rank is no more than ``NOISE_RESIDUAL`` times the noise's energy. An
+where the residual beyond that rank is no more than ``NOISE_RESIDUAL`` times the noise's energy. An
 exact-rank τ — a merged LoRA, in fp32 or rounded to bf16 — then comes back at its own rank:
 ``energy`` would truncate it in fp32 (retaining 99% of a rank-4 LoRA's energy lost up to 40% of
 its largest entry) and inflate it in bf16 wherever the full-rank rounding noise holds more than
 1 − ``energy`` of τ's energy, and a residual test cannot see a weak 8th component that still decides
 a third of the weights' last bits (on a real rank-8 MiniLM LoRA merged in bf16, its weakest σ₈
 stood at 2.0× σ·(√m + √n), while the rounding noise of the 384×1536 ``output.dense`` reached
-2.8× that: a few outlier columns of large weights round coarsely; scaled, the noise reached
-0.96× :func:`noise_edge` and the weakest signal 1.97×). Where that fails (a full fine-tune's
+2.8× that: a few outlier columns of large weights round coarsely; against
+:func:`noise_edge`, which accounts for them, the noise reached 0.81× and the weakest signal
+1.56×). Scaling τ's rows and columns by the noise's first (rank does not change) separated
+them further in bf16 (0.96× / 1.97×) but found up to 54 "signal" ranks in a rank-32 LoRA
+merged in fp32, whose τ carries the merge's own float32 arithmetic error beside the weights'
+rounding; not used. Where that fails (a full fine-tune's
 τ), the rank is the smallest that retains ``energy`` of τ's squared Frobenius norm;
 ``max_rank`` truncates it (a fixed rank where the energy needs more). The factors are stored
 only where they cost fewer values than the entries the tensor would otherwise keep,
@@ -56,8 +60,8 @@ from core.workspace import Workspace
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
 #: A singular value is signal above this multiple of rounding noise's reach (:func:`noise_edge`):
-#: a real rank-8 MiniLM LoRA merged in bf16 had its scaled rounding noise's largest at ≤ 0.96×
-#: and its weakest signal at 1.97×.
+#: a real rank-8 MiniLM LoRA merged in bf16 had its rounding noise's largest at ≤ 0.81× and
+#: its weakest signal at 1.56× (fp32: ≤ 0.81× and ≥ 99×).
 NOISE_EDGE = 1.1
 #: ... where the energy beyond the signal is no more than this multiple of the noise's.
 NOISE_RESIDUAL = 1.5
@@ -90,27 +94,16 @@ def noise_edge(var: torch.Tensor) -> float:
     return math.sqrt(float(var.sum(1).max())) + math.sqrt(float(var.sum(0).max()))
 
 
-def signal_rank(t: torch.Tensor, var: torch.Tensor, q: int, seed: int) -> int:
-    """The rank of τ ``t`` (m, n) above its rounding noise (entry variances ``var``), 0 where
-    it has none or more than ``q``.
-
-    Rank does not change when rows and columns are scaled, so τ is first scaled by the noise's
-    row and column scales (BERT's outlier dimensions round ~40× coarser than the rest), which
-    makes the noise near identically distributed while the signal keeps its rank; then the count
-    of singular values above ``NOISE_EDGE``·:func:`noise_edge`, if the energy left beyond them is
-    no more than ``NOISE_RESIDUAL`` times the noise's.
-    """
-    m, n = t.shape
-    var = var.to(t)
-    rows = var.mean(1, keepdim=True)  # (m, 1)
-    cols = var.mean(0, keepdim=True) / var.mean()  # (1, n)
-    scaled = t / (rows * cols).sqrt()  # (m, n)
-    var = var / (rows * cols)
-    s = _svd(scaled, min(q + 1, m, n), seed)[1]
+def signal_rank(s: torch.Tensor, total: float, var: torch.Tensor) -> int:
+    """The rank of τ's signal above its rounding noise (entry variances ``var``): the count of
+    singular values ``s`` (descending, τ's leading ones) above ``NOISE_EDGE``·:func:`noise_edge`,
+    when the energy left beyond them (of ``total``) is no more than ``NOISE_RESIDUAL`` times the
+    noise's; else 0."""
+    m, n = var.shape
     r = int(torch.count_nonzero(s > NOISE_EDGE * noise_edge(var)))
-    if r == 0 or r > q:
-        return 0  # no signal, or more than factors pay for
-    left = float(torch.sum(scaled**2)) - float(torch.sum(s[:r] ** 2))
+    if r == 0 or (r >= s.numel() and r < min(m, n)):
+        return 0  # no signal, or more than was computed: not an exact rank
+    left = total - float(torch.sum(s[:r] ** 2))
     return r if left <= NOISE_RESIDUAL * float(var.sum()) else 0
 
 
@@ -178,7 +171,7 @@ class LowRankFitted(Fitted):
         exact = 0
         if self.weights is not None:
             var = rounding_variance(self.weights(plan.name).reshape(plan.shape))  # (m, n)
-            exact = signal_rank(t, var, q, self.seed)
+            exact = signal_rank(s.to(torch.float64).cpu(), total, var)
         energy = torch.cumsum(s[:q] ** 2, 0) / total  # (q,)
         reached = torch.nonzero(energy >= self.energy - 1e-12).reshape(-1)
         if 0 < exact <= q:
