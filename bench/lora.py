@@ -406,7 +406,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 note = (
                     f"ranks {low.get('rank_min')}–{low.get('rank_max')} on {low.get('tensors')}"
                     f" matrices; factors {e['factors_vs_adapter_factors']:.3f}× the adapter's;"
-                    f" max err/max|τ| {e['error']['worst_rel_tau']:.1e}"
+                    f" max err/max\\|τ\\| {e['error']['worst_rel_tau']:.1e}"
                 )
                 if "worst_bound" in e["error"]:
                     note += f", err/bf16 bound {e['error']['worst_bound']:.2f}"
