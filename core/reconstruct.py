@@ -35,7 +35,7 @@ from core.files import CHUNK_SIZE, check_path
 from core.frames import FrameStream, zstd_decompress
 from core.safetensors_io import Header, TensorInfo, bytes_to_tensor, parse_header, tensor_view
 from core.tensor_codec import decode_lowrank, decode_sparse, lowrank_rows
-from core.xor import XorPlanes
+from core.xor import CASTS, XorPlanes, cast_base
 
 
 def _base_info(base: CheckpointDir, entry: TensorEntry) -> TensorInfo:
@@ -304,8 +304,21 @@ def _piece_maker(
     if entry.kind == "same":
         return (lambda a, b: tensor_view(base_piece(a, b).to(dtype))), _nothing
     if entry.kind == "lossless":
-        if entry.frame is None or info.dtype != entry.dtype:
+        cast = bool(entry.base_cast)  # version 5: XOR the base converted to dtype (§5b)
+        if entry.frame is None or (info.dtype != entry.dtype) != cast:
             raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
+        if cast and (info.dtype, entry.dtype) not in CASTS:
+            raise InvalidDelta(
+                f"lossless tensor {entry.name!r} casts {info.dtype} to {entry.dtype}"
+            )
+
+        def own_piece(a: int, b: int) -> torch.Tensor:
+            if not cast:
+                return base_piece(a, b)
+            raw = base.read_bytes(info.name, a * bitem, (b - a) * bitem)
+            own = cast_base(raw, info.dtype, entry.dtype).data.cast("B")
+            return bytes_to_tensor(own, entry.dtype, (b - a,))
+
         planes = XorPlanes(reader.frame(entry.frame), itemsize, numel, entry.planes)
         whole: torch.Tensor | None = None
         if planes.streamable:
@@ -320,8 +333,8 @@ def _piece_maker(
                 ft, before = whole[a:b], base_piece(a, b) if scale != 1.0 else None
             else:
                 inflating = planes.inflate(b - a)  # in other threads, while the base is read
-                ft = base_piece(a, b)
-                before = ft.clone() if scale != 1.0 else None
+                ft = own_piece(a, b)
+                before = None if scale == 1.0 else base_piece(a, b) if cast else ft.clone()
                 planes.xor_into(_items(ft), inflating)
             if before is None:
                 return tensor_view(ft)

@@ -17,6 +17,40 @@ from core.constants import ZSTD_LEVEL
 from core.errors import InvalidArgument, InvalidDelta
 from core.frames import STEP_BYTES, FrameStream, compressor
 
+#: (base dtype, fine-tune dtype) pairs whose lossless planes XOR the base converted to the
+#: fine-tune's dtype by :func:`cast_base` (format version 5, ``base_cast``). Other pairs of
+#: different dtypes are stored ``dense``.
+CASTS = frozenset({("F32", "BF16"), ("F32", "F16"), ("BF16", "F32"), ("F16", "F32")})
+
+
+def cast_base(raw: bytes | bytearray | memoryview, base_dtype: str, dtype: str) -> np.ndarray:
+    """The base's little-endian elements converted to ``dtype`` (``docs/format.md`` §5b), as
+    little-endian unsigned integers of ``dtype``'s width: float32 to bf16 or f16 rounds to
+    nearest even (what ``torch``'s ``.to`` gives every finite value; overflow gives ±inf, f16
+    keeps subnormals), a NaN becomes a quiet NaN of the same sign; bf16 or f16 to float32 is
+    exact."""
+    pair = (base_dtype, dtype)
+    if pair not in CASTS:
+        raise InvalidArgument(f"no lossless cast from {base_dtype} to {dtype}")
+    if base_dtype == "F32":
+        x = np.frombuffer(raw, dtype="<u4")  # (n,) float32 bits
+        nan = (x & 0x7FFFFFFF) > 0x7F800000
+        if dtype == "BF16":  # round to nearest even on the bits; a NaN keeps sign and payload
+            lsb = (x >> 16) & 1
+            out = ((x + (0x7FFF + lsb).astype(np.uint32)) >> 16).astype("<u2")
+            quiet = ((x >> 16) | 0x0040).astype("<u2")
+        else:
+            with np.errstate(over="ignore"):
+                out = x.view("<f4").astype("<f2").view("<u2")
+            quiet = (((x >> 16) & 0x8000) | 0x7E00).astype("<u2")
+        if nan.any():
+            out = np.where(nan, quiet, out)
+        return out
+    h = np.frombuffer(raw, dtype="<u2")  # (n,) 16-bit float bits
+    if base_dtype == "BF16":
+        return h.astype("<u4") << 16
+    return h.view("<f2").astype("<f4").view("<u4")
+
 
 class XorEncoder:
     """The lossless planes of one tensor of ``n`` elements, fed a piece at a time (so neither

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core import xor
-from core.errors import InvalidDelta
+from core.errors import InvalidArgument, InvalidDelta
 from core.frames import to_planes, zstd_compress, zstd_decompress
 from core.positions import decode_positions, encode_positions
 from core.values import (
@@ -244,3 +244,50 @@ def test_accelerator_quantisation_matches_the_host_fit(bits: int) -> None:
     host = round_values(t, "q", bits)
     device_path = _round_q_on_device(t, bits)
     assert torch.allclose(host, device_path, rtol=1e-4, atol=1e-6)
+
+
+def _torch_bits(bits: np.ndarray, src: torch.dtype, dst: torch.dtype) -> np.ndarray:
+    """What ``Tensor.to`` makes of the values whose bits are ``bits``, as unsigned bits."""
+    wide = {2: np.int16, 4: np.int32}
+    t = torch.from_numpy(bits.view(wide[bits.itemsize]).copy()).view(src).to(dst)
+    width = torch.empty(0, dtype=dst).element_size()
+    return t.view({2: torch.int16, 4: torch.int32}[width]).numpy().view(f"<u{width}")
+
+
+@pytest.mark.parametrize(("dst", "tdst"), [("BF16", torch.bfloat16), ("F16", torch.float16)])
+def test_cast_base_rounds_like_torch_and_keeps_nan_signs(dst: str, tdst: torch.dtype) -> None:
+    """float32 to bf16/f16 as format §5b says: every finite value and ±inf as ``Tensor.to``
+    (round to nearest even: random bits, exact halves and their neighbours, overflow,
+    subnormals), a NaN a quiet NaN of its sign."""
+    rng = np.random.default_rng(0)
+    rand = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    half = (rng.integers(0, 2**16, size=20_000).astype(np.uint32) << 16) | 0x8000
+    halves = half | (np.uint32(1) << np.arange(16, dtype=np.uint32)[:, None] % 14)
+    edges = np.array([0x7F7FFFFF, 0x477FF000, 0x477FEFFF, 0x33800001, 0x00000001, 0x7F800000],
+                     dtype=np.uint32)  # fmt: skip
+    bits = np.concatenate([rand, half, half - 1, halves.reshape(-1), edges, edges | 0x80000000])
+    got = xor.cast_base(bits.tobytes(), "F32", dst)
+    fin = ~np.isnan(bits.view(np.float32))
+    assert got.dtype == np.dtype("<u2") and len(got) == len(bits)
+    assert np.array_equal(got[fin], _torch_bits(bits[fin], torch.float32, tdst))
+    nans = np.array([0x7F800001, 0xFFC00000, 0x7FFFFFFF, 0xFF812345], dtype=np.uint32)
+    out = xor.cast_base(nans.tobytes(), "F32", dst).astype(np.uint32)
+    exp, quiet = (0x7F80, 0x0040) if dst == "BF16" else (0x7C00, 0x0200)
+    assert np.all(out & exp == exp) and np.all(out & quiet)  # quiet NaNs
+    assert np.array_equal(out >> 15, nans >> 31)  # of the same sign
+
+
+@pytest.mark.parametrize(("src", "tsrc"), [("BF16", torch.bfloat16), ("F16", torch.float16)])
+def test_cast_base_widens_every_16_bit_value_exactly(src: str, tsrc: torch.dtype) -> None:
+    bits = np.arange(2**16, dtype=np.uint16)
+    got = xor.cast_base(bits.tobytes(), src, "F32")
+    fin = ~np.isnan(got.view(np.float32))
+    assert np.array_equal(got[fin], _torch_bits(bits[fin], tsrc, torch.float32))
+    assert fin.sum() < len(bits)  # NaNs stay NaNs
+    assert np.isnan(got[~fin].view(np.float32)).all()
+
+
+def test_cast_base_refuses_pairs_it_does_not_define() -> None:
+    for pair in [("F64", "F32"), ("F32", "F32"), ("BF16", "F16"), ("I32", "F32")]:
+        with pytest.raises(InvalidArgument, match="no lossless cast"):
+            xor.cast_base(b"\0" * 8, *pair)
