@@ -319,7 +319,9 @@ def _piece_maker(
             own = cast_base(raw, info.dtype, entry.dtype).data.cast("B")
             return bytes_to_tensor(own, entry.dtype, (b - a,))
 
-        planes = XorPlanes(reader.frame(entry.frame), itemsize, numel, entry.planes)
+        planes = XorPlanes(
+            reader.frame(entry.frame), itemsize, numel, entry.planes, entry.residual or "xor"
+        )
         whole: torch.Tensor | None = None
         if planes.streamable:
             planes.skip(first)

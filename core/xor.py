@@ -1,4 +1,5 @@
-"""Exact (lossless) tensors: fine-tune bytes XOR base bytes, one zstd frame per byte plane.
+"""Exact (lossless) tensors: a residual of the fine-tune against the base (their bytes' XOR,
+or for floats the zigzagged distance in ulps), one zstd frame per byte plane.
 
 The encoder is fed a piece at a time and the decoder rebuilds any run of elements from a few
 steps of memory, so neither tensor is ever whole. Specified in ``docs/format.md``.
@@ -52,6 +53,51 @@ def cast_base(raw: bytes | bytearray | memoryview, base_dtype: str, dtype: str) 
     return h.view("<f2").astype("<f4").view("<u4")
 
 
+#: How a lossless tensor's elements are turned into plane bytes: ``xor`` (fine-tune XOR base)
+#: or, format version 5, ``ulp`` (the zigzagged difference of the two floats' order keys).
+RESIDUALS = ("xor", "ulp")
+
+
+def _order_key(a: np.ndarray) -> np.ndarray:
+    """Sign-magnitude float bits, viewed as signed integers, as signed integers in the floats'
+    order: the magnitude bits of a negative float flipped (an involution)."""
+    k = a >> (8 * a.itemsize - 1)  # 0, or -1 where the sign bit is set
+    k &= a.dtype.type((1 << (8 * a.itemsize - 1)) - 1)
+    k ^= a
+    return k
+
+
+def ulp_residual(ft: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """``zigzag(key(ft) - key(base))`` over unsigned float bits of one width: how many
+    representable values apart the two are, small for a small change (a change that carries
+    into the exponent or across zero stays small, where the XOR of the bits does not)."""
+    signed = np.dtype(f"<i{ft.itemsize}")
+    d = _order_key(ft.view(signed))
+    d -= _order_key(base.view(signed))  # wraps: the difference modulo 2^bits
+    z = d << 1
+    d >>= 8 * d.itemsize - 1
+    z ^= d
+    return z.view(ft.dtype)
+
+
+def undo_ulp_residual(base: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The fine-tune's float bits from the base's and :func:`ulp_residual`."""
+    signed, top = np.dtype(f"<i{base.itemsize}"), 8 * base.itemsize - 1
+    d = z.view(signed) << top
+    d >>= top  # -1 where z is odd (a negative difference), else 0
+    d ^= (z >> 1).view(signed)
+    k = _order_key(base.view(signed))
+    k += d
+    return _order_key(k).view(base.dtype)
+
+
+def _check_residual(residual: str, width: int) -> None:
+    if residual not in RESIDUALS:
+        raise InvalidDelta(f"unknown lossless residual {residual!r}")
+    if residual == "ulp" and width not in (2, 4, 8):
+        raise InvalidDelta(f"ulp residuals of {width}-byte elements are not defined")
+
+
 class XorEncoder:
     """The lossless planes of one tensor of ``n`` elements, fed a piece at a time (so neither
     tensor is ever whole in memory): each byte plane streams into its own zstd frame of
@@ -59,8 +105,9 @@ class XorEncoder:
     tensor's bytes (a bulk tensor's planes at the bulk level: deeper levels compress these
     noise-like planes worse, not better)."""
 
-    def __init__(self, width: int, n: int, level: int = ZSTD_LEVEL) -> None:
-        self.width, self.n, self.done = width, n, 0
+    def __init__(self, width: int, n: int, level: int = ZSTD_LEVEL, residual: str = "xor") -> None:
+        _check_residual(residual, width)
+        self.width, self.n, self.done, self.residual = width, n, 0, residual
         self._objs = [compressor(n * width, level).compressobj(size=n) for _ in range(width)]
         self._out: list[list[bytes]] = [[] for _ in range(width)]
         self.equal = True  # whether every byte fed so far was equal in both buffers
@@ -68,7 +115,8 @@ class XorEncoder:
     def add(
         self, ft_raw: bytes | bytearray | memoryview, base_raw: bytes | bytearray | memoryview
     ) -> None:
-        """XOR the next elements of the fine-tune and the base (equal sizes) into the planes."""
+        """Code the next elements of the fine-tune against the base's (equal sizes) into the
+        planes."""
         if len(ft_raw) != len(base_raw) or len(ft_raw) % self.width:
             raise InvalidArgument("xor coding needs two buffers of equal size")
         k = len(ft_raw) // self.width
@@ -76,6 +124,10 @@ class XorEncoder:
             raise InvalidArgument("more elements than the tensor has")
         a = np.frombuffer(ft_raw, dtype=np.uint8).reshape(k, self.width)  # (k, width)
         b = np.frombuffer(base_raw, dtype=np.uint8).reshape(k, self.width)  # (k, width)
+        if self.residual == "ulp":  # the residual's bytes, XORed with zeros below
+            wide = f"<u{self.width}"
+            z = ulp_residual(np.frombuffer(ft_raw, wide), np.frombuffer(base_raw, wide))
+            a, b = z.view(np.uint8).reshape(k, self.width), np.zeros_like(a)
         plane = np.empty(k, dtype=np.uint8)  # (k,) byte j of each element
         for j in range(self.width):
             np.bitwise_xor(a[:, j], b[:, j], out=plane)
@@ -127,7 +179,9 @@ class Inflating:
 
 
 class XorPlanes:
-    """The XOR planes of one lossless tensor of ``n`` elements, applied a piece at a time.
+    """The planes of one lossless tensor of ``n`` elements, applied a piece at a time to the
+    base's elements: XORed in, or with ``residual="ulp"`` (format version 5) their residual
+    undone (:func:`undo_ulp_residual`).
 
     With ``plane_sizes`` (format version 3) each plane is its own zstd frame and all of them
     are inflated side by side, so any run of elements is rebuilt from a few steps of memory.
@@ -135,11 +189,19 @@ class XorPlanes:
     tensor can be rebuilt (one :meth:`apply` over all ``n`` elements)."""
 
     def __init__(
-        self, frame: bytes | memoryview, width: int, n: int, plane_sizes: list[int] | None
+        self,
+        frame: bytes | memoryview,
+        width: int,
+        n: int,
+        plane_sizes: list[int] | None,
+        residual: str = "xor",
     ) -> None:
         if width not in (1, 2, 4, 8):
             raise InvalidDelta(f"lossless planes of {width}-byte elements are not a known dtype")
-        self.width, self.n, self.done = width, n, 0
+        _check_residual(residual, width)
+        if residual != "xor" and plane_sizes is None:
+            raise InvalidDelta("a lossless tensor with a residual must list its plane sizes")
+        self.width, self.n, self.done, self.residual = width, n, 0, residual
         #: Whether pieces can be rebuilt one after another (planes stored side by side).
         self.streamable = plane_sizes is not None or width == 1
         if plane_sizes is None:
@@ -165,7 +227,12 @@ class XorPlanes:
         width; little-endian byte j of an element is plane j)."""
         k = len(items)
         self._check_piece(k)
-        self._xor_inflated(items)
+        if self.residual == "xor":
+            self._xor_inflated(items)
+        else:
+            z = np.zeros_like(items)
+            self._xor_inflated(z)
+            items[:] = undo_ulp_residual(items, z)
         self.done += k
 
     def _check_piece(self, k: int) -> None:
@@ -188,12 +255,15 @@ class XorPlanes:
         )
 
     def xor_into(self, items: np.ndarray, planes: Inflating) -> None:
-        """XOR planes started by :meth:`inflate` into ``items`` (waits for them)."""
+        """Apply planes started by :meth:`inflate` to ``items`` (waits for them)."""
         got = planes.result()
         if any(len(b) != len(items) for b in got):
             raise InvalidDelta("inflated planes do not match the elements they are XORed into")
+        z = items if self.residual == "xor" else np.zeros_like(items)
         for j, buf in enumerate(got):
-            self._xor_plane(items, j, buf)
+            self._xor_plane(z, j, buf)
+        if self.residual == "ulp":
+            items[:] = undo_ulp_residual(items, z)
 
     def _xor_inflated(self, items: np.ndarray) -> None:
         """Inflate the planes a step at a time and XOR them in while in cache."""

@@ -117,7 +117,7 @@ def test_version_4_deltas_still_read(tmp_path: Path, name: str) -> None:
     assert golden.stat().st_size == OLD_MANIFEST[name]["size"]
     with DeltaReader(golden) as r:
         assert r.doc.version == 4
-        assert all(t.base_cast is None for t in r.doc.tensors)
+        assert all(t.base_cast is None and t.residual is None for t in r.doc.tensors)
     out = reconstruct(base, golden, tmp_path / "out")
     got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
     assert got == OLD_MANIFEST[name]["files"]
@@ -127,13 +127,18 @@ def test_version_4_deltas_still_read(tmp_path: Path, name: str) -> None:
             assert b"".join(tensor_pieces(t, r, b, start=3, piece=16)) == whole[3:], t.name
 
 
-def test_lossless_golden_xors_the_bf16_fine_tune_of_an_fp32_tensor_against_its_cast() -> None:
-    """Version 5: the bf16 ``layer.bias`` of the fp32 base is a lossless tensor with
-    ``base_cast`` (versions 1–4 stored such a tensor dense)."""
+def test_lossless_golden_codes_floats_in_ulps_and_casts_a_base_of_another_dtype() -> None:
+    """Version 5: every float tensor's planes hold its ``ulp`` residual (versions 1–4: XOR);
+    the bf16 ``layer.bias`` of the fp32 base is lossless against the base cast to bf16
+    (``base_cast``; versions 1–4 stored it dense)."""
     with DeltaReader(HERE / "lossless.slim") as r:
-        t = r.doc.tensor_map()["layer.bias"]
+        tensors = r.doc.tensor_map()
+        t = tensors["layer.bias"]
         assert (t.kind, t.dtype, t.base_dtype, t.base_cast) == ("lossless", "BF16", "F32", True)
         assert sum(t.planes or []) == r.doc.frames[t.frame or ""].size
+        lossless = [t for t in tensors.values() if t.kind == "lossless"]
+        assert {t.name for t in lossless} == {"layer.weight", "layer.bias", "emb.weight"}
+        assert all(t.residual == "ulp" for t in lossless)
 
 
 def test_lowrank_golden_stores_factors_and_rebuilds_in_pieces(tmp_path: Path) -> None:
