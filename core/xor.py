@@ -56,6 +56,8 @@ def cast_base(raw: bytes | bytearray | memoryview, base_dtype: str, dtype: str) 
 #: How a lossless tensor's elements are turned into plane bytes: ``xor`` (fine-tune XOR base)
 #: or, format version 5, ``ulp`` (the zigzagged difference of the two floats' order keys).
 RESIDUALS = ("xor", "ulp")
+#: Elements whose ulp residual is undone at a time (a few arrays of them stay in L2).
+ULP_STEP = 1 << 15
 
 
 def _order_key(a: np.ndarray) -> np.ndarray:
@@ -259,11 +261,23 @@ class XorPlanes:
         got = planes.result()
         if any(len(b) != len(items) for b in got):
             raise InvalidDelta("inflated planes do not match the elements they are XORed into")
-        z = items if self.residual == "xor" else np.zeros_like(items)
-        for j, buf in enumerate(got):
-            self._xor_plane(z, j, buf)
         if self.residual == "ulp":
-            items[:] = undo_ulp_residual(items, z)
+            self._undo_ulp(items, got)
+            return
+        for j, buf in enumerate(got):
+            self._xor_plane(items, j, buf)
+
+    def _undo_ulp(self, items: np.ndarray, planes: list[np.ndarray]) -> None:
+        """``items = undo_ulp_residual(items, residual)``, the residual interleaved from its
+        planes a cache-sized step at a time (its dozen passes then stay in cache)."""
+        step = min(ULP_STEP, self._wide.size)
+        z = self._wide[:step]
+        zb = z.view(np.uint8).reshape(step, self.width)  # (step, width) bytes of z
+        for i in range(0, len(items), step):
+            got = min(step, len(items) - i)
+            for j, buf in enumerate(planes):
+                zb[:got, j] = buf[i : i + got]
+            items[i : i + got] = undo_ulp_residual(items[i : i + got], z[:got])
 
     def _xor_inflated(self, items: np.ndarray) -> None:
         """Inflate the planes a step at a time and XOR them in while in cache."""
