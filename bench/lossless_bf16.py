@@ -48,6 +48,33 @@ WEIGHTS = "model.safetensors"
 FINETUNES = ("tiny", "tiny-autocast", "rotten_tomatoes", "tweets")
 
 
+NOTES = (
+    "slimstore: the whole delta file of the weight file (document, header frame, every "
+    "tensor), compressed by `core.compress.compress` and rebuilt to disk by "
+    '`core.reconstruct.reconstruct` (both hash what they read and write). "planes only": '
+    "Slimstore's lossless coder alone, in memory, over the tensors it codes against the base "
+    "(ratio and speed of those bytes): `v4 xor` is the format-4 coder (XOR planes), `v5 ulp` "
+    "this version's (zigzagged ulp distance planes), same run.",
+    "zipnn: `ZipNN(input_format='byte', bytearray_dtype='float16')` — its `bfloat16` mode does "
+    "not round trip in zipnn 0.5.4 here (the decoder returns other bytes); `float16` groups "
+    'the same two byte planes, writes as many bytes and round-trips. "delta": ZipNN on the '
+    "XOR of the fine-tune and the aligned base (what its `delta_compressed_type='byte'` "
+    "computes), decompress includes undoing the XOR.",
+    "lmz delta: archive(aligned base, fine-tune) − archive(aligned base); lmz coded all the "
+    "fine-tune's tensors as deltas (`lmz_delta_coded_bytes`); its speeds are the differences "
+    "of the two archives' times, so noisy. lmz's `level` (1, 9, 19) changes its delta by "
+    "< 0.01%.",
+    "fp32 base: neither competitor can use it for a bf16 fine-tune (ZipNN XORs equal-length "
+    "buffers, lmz pairs tensors of equal dtype); given the base cast to bf16 by hand they "
+    "get their bf16-base figures, that cast being the bf16 base.",
+    "Fine-tunes: `tiny` = `tests.fixtures.tiny_finetune_dir()` (rotten_tomatoes, 50 steps of "
+    "32, fp32 training), `tiny-autocast` = the same recipe under bf16 autocast (AMX), both "
+    "saved in fp32 and cast to bf16 as a bf16 release is. The full rotten_tomatoes and tweets "
+    "fine-tunes were still training (another process, ~15 s/step on the loaded host) and "
+    "are not in this run.",
+)
+
+
 def finetune_dir(name: str) -> Path:
     """The float32 directory of a named fine-tune (trained or reused from the cache)."""
     from bench.finetune import Recipe, full_recipe, make_finetune
@@ -354,6 +381,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['rounds']} rounds.",
         "",
     ]
+    lines += [f"- {note}" for note in NOTES] + [""]
     for r in rows:
         c = r["ceiling_MBps"]
         lines += [

@@ -57,7 +57,7 @@ def cast_base(raw: bytes | bytearray | memoryview, base_dtype: str, dtype: str) 
 #: or, format version 5, ``ulp`` (the zigzagged difference of the two floats' order keys).
 RESIDUALS = ("xor", "ulp")
 #: Elements whose ulp residual is undone at a time (a few arrays of them stay in L2).
-ULP_STEP = 1 << 15
+ULP_STEP = 1 << 16
 
 
 def _order_key(a: np.ndarray) -> np.ndarray:
@@ -84,13 +84,28 @@ def ulp_residual(ft: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 def undo_ulp_residual(base: np.ndarray, z: np.ndarray) -> np.ndarray:
     """The fine-tune's float bits from the base's and :func:`ulp_residual`."""
-    signed, top = np.dtype(f"<i{base.itemsize}"), 8 * base.itemsize - 1
-    d = z.view(signed) << top
-    d >>= top  # -1 where z is odd (a negative difference), else 0
-    d ^= (z >> 1).view(signed)
-    k = _order_key(base.view(signed))
-    k += d
-    return _order_key(k).view(base.dtype)
+    out = base.copy()
+    _undo_ulp_into(out, z.copy(), np.empty_like(z), np.empty_like(z))
+    return out
+
+
+def _undo_ulp_into(items: np.ndarray, z: np.ndarray, d: np.ndarray, k: np.ndarray) -> None:
+    """``items = undo_ulp_residual(items, z)`` in place, in a dozen numpy passes that
+    allocate nothing; ``z`` is overwritten, ``d`` and ``k`` are scratch of its size."""
+    signed, top = np.dtype(f"<i{items.itemsize}"), 8 * items.itemsize - 1
+    mag = signed.type((1 << top) - 1)
+    zs, ds, ks, b = z.view(signed), d.view(signed), k.view(signed), items.view(signed)
+    np.left_shift(zs, top, out=ds)
+    np.right_shift(ds, top, out=ds)  # -1 where z is odd (a negative difference), else 0
+    np.right_shift(z, 1, out=z)  # unsigned: a logical shift
+    np.bitwise_xor(ds, zs, out=ds)  # d, the difference of the keys
+    np.right_shift(b, top, out=ks)
+    np.bitwise_and(ks, mag, out=ks)
+    np.bitwise_xor(ks, b, out=ks)  # key(base)
+    np.add(ks, ds, out=ks)  # key(fine-tune), modulo 2^bits
+    np.right_shift(ks, top, out=ds)
+    np.bitwise_and(ds, mag, out=ds)
+    np.bitwise_xor(ks, ds, out=b)  # key is its own inverse
 
 
 def _check_residual(residual: str, width: int) -> None:
@@ -271,13 +286,17 @@ class XorPlanes:
         """``items = undo_ulp_residual(items, residual)``, the residual interleaved from its
         planes a cache-sized step at a time (its dozen passes then stay in cache)."""
         step = min(ULP_STEP, self._wide.size)
-        z = self._wide[:step]
+        z, d, k = (
+            self._wide[:step],
+            np.empty_like(self._wide[:step]),
+            np.empty_like(self._wide[:step]),
+        )
         zb = z.view(np.uint8).reshape(step, self.width)  # (step, width) bytes of z
         for i in range(0, len(items), step):
             got = min(step, len(items) - i)
             for j, buf in enumerate(planes):
                 zb[:got, j] = buf[i : i + got]
-            items[i : i + got] = undo_ulp_residual(items[i : i + got], z[:got])
+            _undo_ulp_into(items[i : i + got], z[:got], d[:got], k[:got])
 
     def _xor_inflated(self, items: np.ndarray) -> None:
         """Inflate the planes a step at a time and XOR them in while in cache."""
