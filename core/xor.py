@@ -29,28 +29,39 @@ def cast_base(raw: bytes | bytearray | memoryview, base_dtype: str, dtype: str) 
     little-endian unsigned integers of ``dtype``'s width: float32 to bf16 or f16 rounds to
     nearest even (what ``torch``'s ``.to`` gives every finite value; overflow gives ±inf, f16
     keeps subnormals), a NaN becomes a quiet NaN of the same sign; bf16 or f16 to float32 is
-    exact."""
+    exact. Converted a cache-sized step at a time."""
     pair = (base_dtype, dtype)
     if pair not in CASTS:
         raise InvalidArgument(f"no lossless cast from {base_dtype} to {dtype}")
-    if base_dtype == "F32":
-        x = np.frombuffer(raw, dtype="<u4")  # (n,) float32 bits
-        nan = (x & 0x7FFFFFFF) > 0x7F800000
-        if dtype == "BF16":  # round to nearest even on the bits; a NaN keeps sign and payload
-            lsb = (x >> 16) & 1
-            out = ((x + (0x7FFF + lsb).astype(np.uint32)) >> 16).astype("<u2")
-            quiet = ((x >> 16) | 0x0040).astype("<u2")
+    if base_dtype != "F32":  # widening: exact
+        h = np.frombuffer(raw, dtype="<u2")  # (n,) 16-bit float bits
+        if base_dtype == "BF16":
+            out = h.astype("<u4")
+            out <<= 16
+            return out
+        return h.view("<f2").astype("<f4").view("<u4")
+    x = np.frombuffer(raw, dtype="<u4")  # (n,) float32 bits
+    out = np.empty(len(x), dtype="<u2")
+    step = min(ULP_STEP, len(x))
+    t = np.empty(step, dtype="<u4")
+    for i in range(0, len(x), step):
+        xs, ts, os_ = x[i : i + step], t[: min(step, len(x) - i)], out[i : i + step]
+        if dtype == "BF16":  # round to nearest even on the bits: + 0x7FFF + the kept lsb
+            np.right_shift(xs, 16, out=ts)
+            np.bitwise_and(ts, 1, out=ts)
+            ts += 0x7FFF
+            ts += xs
+            ts >>= 16
+            np.copyto(os_, ts, casting="unsafe")
         else:
             with np.errstate(over="ignore"):
-                out = x.view("<f4").astype("<f2").view("<u2")
-            quiet = (((x >> 16) & 0x8000) | 0x7E00).astype("<u2")
-        if nan.any():
-            out = np.where(nan, quiet, out)
-        return out
-    h = np.frombuffer(raw, dtype="<u2")  # (n,) 16-bit float bits
-    if base_dtype == "BF16":
-        return h.astype("<u4") << 16
-    return h.view("<f2").astype("<f4").view("<u4")
+                np.copyto(os_.view("<f2"), xs.view("<f4"), casting="same_kind")
+        np.bitwise_and(xs, 0x7FFFFFFF, out=ts)
+        nan = ts > 0x7F800000
+        if nan.any():  # a quiet NaN of the same sign (bf16: sign and payload kept)
+            hi = xs[nan] >> 16
+            os_[nan] = hi | 0x0040 if dtype == "BF16" else (hi & 0x8000) | 0x7E00
+    return out
 
 
 #: How a lossless tensor's elements are turned into plane bytes: ``xor`` (fine-tune XOR base)
