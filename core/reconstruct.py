@@ -304,7 +304,7 @@ def _piece_maker(
     if entry.kind == "same":
         return (lambda a, b: tensor_view(base_piece(a, b).to(dtype))), _nothing
     if entry.kind == "lossless":
-        cast = bool(entry.base_cast)  # version 5: XOR the base converted to dtype (§5b)
+        cast = bool(entry.base_cast)  # version 5: against the base converted to dtype (§5b)
         if entry.frame is None or (info.dtype != entry.dtype) != cast:
             raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
         if cast and (info.dtype, entry.dtype) not in CASTS:
