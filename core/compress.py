@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from core.checkpoint import CheckpointDir
-from core.constants import DTYPES, PIECE_BYTES, ZSTD_LEVEL
+from core.constants import DTYPES, FLOAT_DTYPES, PIECE_BYTES, ZSTD_LEVEL
 from core.delta_format import DeltaDoc, DeltaWriter, FileEntry, TensorEntry
 from core.errors import InvalidArgument
 from core.evaluate import (
@@ -63,7 +63,7 @@ from core.tensor_codec import (
     lowrank_rows,
 )
 from core.workspace import Workspace
-from core.xor import XorEncoder
+from core.xor import CASTS, XorEncoder, cast_base
 
 
 def build_evaluator(
@@ -483,30 +483,36 @@ def _encode(
 def _encode_lossless(
     ws: Workspace, te: TensorEntry, prefix: str, writer: DeltaWriter, level: int
 ) -> None:
-    """Exact coding of one tensor: XOR planes fed a piece at a time (neither tensor is ever
-    whole), ``same`` where the bytes are equal, or dense when the base's dtype differs."""
+    """Exact coding of one tensor: planes of its residual against the base (floats: ``ulp``,
+    else XOR) fed a piece at a time (neither tensor is ever whole), ``same`` where the bytes
+    are equal. When the base's dtype differs, the residual is against the base converted to
+    the fine-tune's dtype (``base_cast``, pairs of :data:`core.xor.CASTS`), or it is dense."""
     plan_dtype = te.dtype
     base_info = ws.base.tensors[te.base_name or ""].info
-    if base_info.dtype != plan_dtype:
+    cast = base_info.dtype != plan_dtype
+    if cast and (base_info.dtype, plan_dtype) not in CASTS:
         te.kind = "dense"
         te.base_name = te.base_dtype = None
         ft_t = ws.ft.get(te.name).reshape(-1)
         te.frame = writer.add(prefix, zstd_compress(tensor_to_bytes(ft_t), level))
         return
-    width = DTYPES[plan_dtype][0]
+    width, bwidth = DTYPES[plan_dtype][0], DTYPES[base_info.dtype][0]
     n = ws.ft.tensors[te.name].info.numel
-    enc = XorEncoder(width, n, level)
-    step = max(PIECE_BYTES // width, 1)
+    residual = "ulp" if plan_dtype in FLOAT_DTYPES else "xor"
+    enc = XorEncoder(width, n, level, residual)
+    step = max(PIECE_BYTES // max(width, bwidth), 1)
     for i in range(0, n, step):
         k = min(step, n - i)
-        enc.add(
-            ws.ft.read_bytes(te.name, i * width, k * width),
-            ws.base.read_bytes(base_info.name, i * width, k * width),
-        )
+        base_raw = ws.base.read_bytes(base_info.name, i * bwidth, k * bwidth)
+        if cast:
+            base_raw = cast_base(base_raw, base_info.dtype, plan_dtype).data.cast("B")
+        enc.add(ws.ft.read_bytes(te.name, i * width, k * width), base_raw)
     frame, planes = enc.finish()
-    if enc.equal:
+    if enc.equal and not cast:  # a cast stays lossless: `same` casts by torch's NaN rules
         te.kind = "same"
         return
     te.kind = "lossless"
     te.planes = planes
+    te.base_cast = True if cast else None
+    te.residual = None if residual == "xor" else residual
     te.frame = writer.add(prefix, frame)

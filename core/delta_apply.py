@@ -35,9 +35,12 @@ def converted(
     return lambda a, b: tensor_view(_tensor(base(a, b), info.dtype).to(dtype))
 
 
-def blend(before: memoryview, ft: memoryview, dtype: str, scale: float) -> memoryview:
-    """θ_pre + λ·(θ_ft − θ_pre) of one piece, both given as bytes of ``dtype``."""
-    b32 = _tensor(before, dtype).to(torch.float32)
+def blend(
+    before: memoryview, ft: memoryview, dtype: str, scale: float, before_dtype: str | None = None
+) -> memoryview:
+    """θ_pre + λ·(θ_ft − θ_pre) of one piece in ``dtype``; ``before`` is given as bytes of
+    ``before_dtype`` (the base's, default ``dtype``), ``ft`` as bytes of ``dtype``."""
+    b32 = _tensor(before, before_dtype or dtype).to(torch.float32)
     f32 = _tensor(ft, dtype).to(torch.float32)
     return tensor_view((b32 + scale * (f32 - b32)).to(DTYPES[dtype][1]))
 

@@ -100,6 +100,8 @@ class TensorEntry:
     values: dict[str, Any] | None = None  # sparse: how values are coded (+ section size)
     frame: str | None = None  # the tensor's one frame (sparse sections, dense or lossless data)
     planes: list[int] | None = None  # lossless (version 3): size of each plane's zstd frame
+    base_cast: bool | None = None  # lossless (version 5): the base is cast to dtype first
+    residual: str | None = None  # lossless (version 5): "ulp", or (absent) the planes are XOR
     rank: int | None = None  # lowrank (version 4): r, the factors' width
     factors: dict[str, Any] | None = None  # lowrank: how A and B are coded (+ section sizes)
 

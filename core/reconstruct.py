@@ -33,7 +33,7 @@ from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafet
 from core.files import CHUNK_SIZE, check_path
 from core.frames import FrameStream, zstd_decompress
 from core.safetensors_io import Header, TensorInfo, parse_header
-from core.xor import XorPlanes
+from core.xor import CASTS, XorPlanes, cast_base
 
 if TYPE_CHECKING:
     import torch
@@ -326,36 +326,52 @@ def _lossless_maker(
     scale: float,
     first: int,
 ) -> tuple[Callable[[int, int], memoryview], Callable[[], None]]:
-    """Elements ``[a, b)`` of a ``lossless`` tensor: the base's bytes XOR the stored planes
-    (numpy and zstd, no torch), blended with the base by :func:`core.delta_apply.blend`
-    where λ ≠ 1."""
-    if entry.frame is None or info.dtype != entry.dtype:
+    """Elements ``[a, b)`` of a ``lossless`` tensor: the base's bytes (converted to the
+    fine-tune's dtype where ``base_cast`` says so, version 5, §5b) undone by the stored planes
+    (XOR or ulp residual; numpy and zstd, no torch), blended with the base by
+    :func:`core.delta_apply.blend` where λ ≠ 1."""
+    cast = bool(entry.base_cast)
+    if entry.frame is None or (info.dtype != entry.dtype) != cast:
         raise InvalidDelta(f"lossless tensor {entry.name!r} is malformed")
+    if cast and (info.dtype, entry.dtype) not in CASTS:
+        raise InvalidDelta(f"lossless tensor {entry.name!r} casts {info.dtype} to {entry.dtype}")
     itemsize, numel = ITEMSIZES[entry.dtype], entry.numel
-    planes = XorPlanes(reader.frame(entry.frame), itemsize, numel, entry.planes)
+
+    def own_piece(a: int, b: int) -> memoryview:
+        raw = base_piece(a, b)
+        return cast_base(raw, info.dtype, entry.dtype).data.cast("B") if cast else raw
+
+    planes = XorPlanes(
+        reader.frame(entry.frame), itemsize, numel, entry.planes, entry.residual or "xor"
+    )
     whole: memoryview | None = None
     if planes.streamable:
         planes.skip(first)
     else:  # versions 1–2: all planes in one frame, one after another: inflated whole, once
-        whole = base_piece(0, numel)
+        whole = own_piece(0, numel)
         planes.apply(_items(whole, itemsize))
         planes.finish()
-    blend: Callable[[memoryview, memoryview, str, float], memoryview] | None = None
+    blend: Callable[..., memoryview] | None = None
     if scale != 1.0:
         from core import delta_apply  # torch: only for arithmetic
 
         blend = delta_apply.blend
 
     def lossless(a: int, b: int) -> memoryview:
+        before: memoryview | None = None
         if whole is not None:
             ft = whole[a * itemsize : b * itemsize]
-            before = base_piece(a, b) if blend is not None else None
+            if blend is not None:
+                before = base_piece(a, b)
         else:
             inflating = planes.inflate(b - a)  # in other threads, while the base is read
-            ft = base_piece(a, b)
-            before = memoryview(bytearray(ft)) if blend is not None else None
+            ft = own_piece(a, b)
+            if blend is not None:  # interpolation starts from the base as stored
+                before = base_piece(a, b) if cast else memoryview(bytearray(ft))
             planes.xor_into(_items(ft, itemsize), inflating)
-        return ft if blend is None or before is None else blend(before, ft, entry.dtype, scale)
+        if blend is None or before is None:
+            return ft
+        return blend(before, ft, entry.dtype, scale, before_dtype=info.dtype)
 
     return lossless, (_nothing if whole is not None else planes.finish)
 

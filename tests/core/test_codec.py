@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core import xor
-from core.errors import InvalidDelta
+from core.errors import InvalidArgument, InvalidDelta
 from core.frames import to_planes, zstd_compress, zstd_decompress
 from core.positions import decode_positions, encode_positions
+from core.safetensors_io import tensor_to_bytes
 from core.values import (
     _round_q_on_device,
     decode_values,
@@ -114,7 +115,6 @@ def test_code_packing_round_trip(n: int, bits: int, seed: int) -> None:
 
 def _pair(n: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> tuple[bytes, bytes]:
     """Base and fine-tune bytes of ``n`` elements that differ a little."""
-    from core.safetensors_io import tensor_to_bytes
 
     g = torch.Generator().manual_seed(seed)
     a = (torch.randn(n, generator=g) * 10).to(dtype)
@@ -221,7 +221,6 @@ def test_xor_refuses_frames_of_the_wrong_size_or_damaged() -> None:
 def test_non_contiguous_tensors_encode_like_their_contiguous_copy() -> None:
     t = torch.randn(10, 12).t()[::2]  # a strided view
     assert not t.is_contiguous()
-    from core.safetensors_io import tensor_to_bytes
 
     assert tensor_to_bytes(t) == tensor_to_bytes(t.contiguous())
     f1, _ = encode_values(t.reshape(-1), "f16", 16)
@@ -244,3 +243,116 @@ def test_accelerator_quantisation_matches_the_host_fit(bits: int) -> None:
     host = round_values(t, "q", bits)
     device_path = _round_q_on_device(t, bits)
     assert torch.allclose(host, device_path, rtol=1e-4, atol=1e-6)
+
+
+def _torch_bits(bits: np.ndarray, src: torch.dtype, dst: torch.dtype) -> np.ndarray:
+    """What ``Tensor.to`` makes of the values whose bits are ``bits``, as unsigned bits."""
+    wide = {2: np.int16, 4: np.int32}
+    t = torch.from_numpy(bits.view(wide[bits.itemsize]).copy()).view(src).to(dst)
+    width = torch.empty(0, dtype=dst).element_size()
+    return t.view({2: torch.int16, 4: torch.int32}[width]).numpy().view(f"<u{width}")
+
+
+@pytest.mark.parametrize(("dst", "tdst"), [("BF16", torch.bfloat16), ("F16", torch.float16)])
+def test_cast_base_rounds_like_torch_and_keeps_nan_signs(dst: str, tdst: torch.dtype) -> None:
+    """float32 to bf16/f16 as format §5b says: every finite value and ±inf as ``Tensor.to``
+    (round to nearest even: random bits, exact halves and their neighbours, overflow,
+    subnormals), a NaN a quiet NaN of its sign."""
+    rng = np.random.default_rng(0)
+    rand = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    half = (rng.integers(0, 2**16, size=20_000).astype(np.uint32) << 16) | 0x8000
+    halves = half | (np.uint32(1) << np.arange(16, dtype=np.uint32)[:, None] % 14)
+    edges = np.array([0x7F7FFFFF, 0x477FF000, 0x477FEFFF, 0x33800001, 0x00000001, 0x7F800000],
+                     dtype=np.uint32)  # fmt: skip
+    bits = np.concatenate([rand, half, half - 1, halves.reshape(-1), edges, edges | 0x80000000])
+    got = xor.cast_base(bits.tobytes(), "F32", dst)
+    fin = ~np.isnan(bits.view(np.float32))
+    assert got.dtype == np.dtype("<u2") and len(got) == len(bits)
+    assert np.array_equal(got[fin], _torch_bits(bits[fin], torch.float32, tdst))
+    nans = np.array([0x7F800001, 0xFFC00000, 0x7FFFFFFF, 0xFF812345], dtype=np.uint32)
+    out = xor.cast_base(nans.tobytes(), "F32", dst).astype(np.uint32)
+    exp, quiet = (0x7F80, 0x0040) if dst == "BF16" else (0x7C00, 0x0200)
+    assert np.all(out & exp == exp) and np.all(out & quiet)  # quiet NaNs
+    assert np.array_equal(out >> 15, nans >> 31)  # of the same sign
+
+
+@pytest.mark.parametrize(("src", "tsrc"), [("BF16", torch.bfloat16), ("F16", torch.float16)])
+def test_cast_base_widens_every_16_bit_value_exactly(src: str, tsrc: torch.dtype) -> None:
+    bits = np.arange(2**16, dtype=np.uint16)
+    got = xor.cast_base(bits.tobytes(), src, "F32")
+    fin = ~np.isnan(got.view(np.float32))
+    assert np.array_equal(got[fin], _torch_bits(bits[fin], tsrc, torch.float32))
+    assert fin.sum() < len(bits)  # NaNs stay NaNs
+    assert np.isnan(got[~fin].view(np.float32)).all()
+
+
+def test_cast_base_refuses_pairs_it_does_not_define() -> None:
+    for pair in [("F64", "F32"), ("F32", "F32"), ("BF16", "F16"), ("I32", "F32")]:
+        with pytest.raises(InvalidArgument, match="no lossless cast"):
+            xor.cast_base(b"\0" * 8, *pair)
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+def test_ulp_residual_round_trips_every_bit_pattern_and_counts_ulps(width: int) -> None:
+    """Any two bit patterns (NaNs, ±0, ±inf included) come back; neighbours in float order
+    are residual 1 or 2 apart, across a power of two and across zero too (where XOR is wide)."""
+    u = np.dtype(f"<u{width}")
+    rng = np.random.default_rng(width)
+    hi = np.iinfo(u).max
+    a = rng.integers(0, hi, size=50_000, dtype=u, endpoint=True)
+    b = rng.integers(0, hi, size=50_000, dtype=u, endpoint=True)
+    special = np.array([0, 1, hi, hi >> 1, (hi >> 1) + 1, (hi >> 1) + 2], dtype=u)
+    a, b = np.concatenate([a, special, special[::-1]]), np.concatenate([b, special, special])
+    z = xor.ulp_residual(a, b)
+    assert z.dtype == u and np.array_equal(xor.undo_ulp_residual(b, z), a)
+    f = {2: np.float16, 4: np.float32, 8: np.float64}[width]
+    one, zero = np.array([1.0, 0.0], dtype=f).view(u)
+    below_one = np.nextafter(f(1), f(0)).view(u)
+    neg_tiny = np.nextafter(f(-0.0), f(-1)).view(u)
+    # (ft, base, z): one step down, one step up, two steps up from −tiny to +0 (past −0)
+    pairs = [(below_one, one, 1), (one, below_one, 2), (zero, neg_tiny, 4)]
+    for ft, base, want in pairs:
+        got = xor.ulp_residual(np.array([ft], u), np.array([base], u))
+        assert int(got[0]) == want, (ft, base)
+
+
+def test_ulp_planes_rebuild_pieces_and_beat_xor_on_a_small_change() -> None:
+    n = 6000
+    ab, bb = _pair(n, torch.bfloat16, seed=3)
+    enc = XorEncoder(2, n, residual="ulp")
+    enc.add(bb[:2000], ab[:2000])
+    enc.add(bb[2000:], ab[2000:])
+    frame, sizes = enc.finish()
+    for first, step in [(0, n), (17, 999), (5999, 1)]:
+        planes = XorPlanes(frame, 2, n, sizes, "ulp")
+        planes.skip(first)
+        got = np.frombuffer(bytearray(ab[first * 2 :]), dtype="<u2")
+        for i in range(0, n - first, step):
+            if i % 2:  # both ways of applying a piece
+                planes.xor_into(got[i : i + step], planes.inflate(len(got[i : i + step])))
+            else:
+                planes.apply(got[i : i + step])
+        planes.finish()
+        assert got.tobytes() == bb[first * 2 :]
+    a = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    small = tensor_to_bytes(
+        (a + 1e-3 * torch.randn(n, generator=torch.Generator().manual_seed(5))).to(torch.bfloat16)
+    )
+    base = tensor_to_bytes(a.to(torch.bfloat16))
+    assert len(_encode_xor(small, base, 2)[0]) > 1.05 * len(_encode_ulp(small, base, 2))
+
+
+def _encode_ulp(ft: bytes, base: bytes, width: int) -> bytes:
+    enc = XorEncoder(width, len(ft) // width, residual="ulp")
+    enc.add(ft, base)
+    return enc.finish()[0]
+
+
+def test_unknown_residuals_are_refused() -> None:
+    frame, sizes = _encode_xor(b"\1\2" * 8, b"\0\0" * 8, 2)
+    with pytest.raises(InvalidDelta, match="unknown lossless residual"):
+        XorPlanes(frame, 2, 8, sizes, "sub")
+    with pytest.raises(InvalidDelta, match="not defined"):
+        XorPlanes(zstd_compress(b"\0" * 8), 1, 8, [17], "ulp")
+    with pytest.raises(InvalidDelta, match="plane sizes"):
+        XorPlanes(frame, 2, 8, None, "ulp")  # versions 1–2 have no residual

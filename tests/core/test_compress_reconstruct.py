@@ -12,13 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.checkpoint import CheckpointDir
 from core.compress import compress
 from core.constants import FORMAT_VERSION
 from core.delta_format import DeltaReader
-from core.errors import BaseMismatch, IntegrityError, InvalidCheckpoint, UnsupportedFormatVersion
+from core.errors import (
+    BaseMismatch,
+    IntegrityError,
+    InvalidCheckpoint,
+    InvalidDelta,
+    UnsupportedFormatVersion,
+)
 from core.files import sha256_file
-from core.reconstruct import load_state, reconstruct
-from core.safetensors_io import SafetensorsFile, save_file
+from core.reconstruct import load_state, reconstruct, tensor_bytes, tensor_pieces
+from core.safetensors_io import SafetensorsFile, save_file, tensor_to_bytes
 from tests.core.conftest import make_pair
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -38,6 +45,61 @@ def test_lossless_is_bit_identical(tmp_path: Path, dtype: torch.dtype, shards: i
     reconstruct(base, tmp_path / "d.slim", tmp_path / "out")
     assert _files(tmp_path / "out") == _files(ft)
     assert result.stored_bytes > 0
+
+
+@pytest.mark.parametrize(
+    ("base_dtype", "ft_dtype"),
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+    ],
+)
+def test_lossless_across_dtypes_xors_the_base_cast_to_the_fine_tunes_dtype(
+    tmp_path: Path, base_dtype: torch.dtype, ft_dtype: torch.dtype
+) -> None:
+    """A fine-tune of another dtype than its base XORs the base converted to its own dtype
+    (format version 5, ``base_cast``): bit-exact, from any offset in any piece size, and far
+    smaller than the tensors stored dense (a narrow fine-tune of an unchanged base tensor is
+    its rounding: all-zero planes)."""
+    base, ft, base_t, ft_t = make_pair(tmp_path, dtype=base_dtype)
+    cast = {k: v.to(ft_dtype) for k, v in ft_t.items() if v.is_floating_point()}
+    save_file({**ft_t, **cast}, ft / "model.safetensors")
+    compress(base, ft, tmp_path / "d.slim", method="lossless")
+    reconstruct(base, tmp_path / "d.slim", tmp_path / "out")
+    assert _files(tmp_path / "out") == _files(ft)
+    with DeltaReader(tmp_path / "d.slim") as r, CheckpointDir.open(base) as b:
+        kinds = {t.name: (t.kind, t.base_cast) for t in r.doc.tensors}
+        for name in ("m.enc.a.weight", "m.enc.b.weight", "m.enc.frozen"):
+            assert kinds[name] == ("lossless", True), name
+        frozen = next(t for t in r.doc.tensors if t.name == "m.enc.frozen")
+        if base_dtype == torch.float32:  # the fine-tune's tensor is the base's, rounded
+            assert r.doc.frames[frozen.frame].size < 40  # two all-zero plane frames
+        for t in r.doc.tensors:
+            whole = bytes(tensor_bytes(t, r, b))
+            for start, piece in ((3, 16), (41, 6)):
+                start = min(start, len(whole))
+                parts = b"".join(tensor_pieces(t, r, b, start=start, piece=piece))
+                assert parts == whole[start:], (t.name, start, piece)
+        zero = tensor_bytes(next(t for t in r.doc.tensors if t.name == "m.enc.a.weight"), r, b, 0.0)
+        assert bytes(zero) == tensor_to_bytes(base_t["enc.a.weight"].to(ft_dtype))
+    stored = sum(ref.size for ref in DeltaReader(tmp_path / "d.slim").doc.frames.values())
+    dense = sum(v.numel() * v.element_size() for v in cast.values())
+    assert stored < 0.8 * dense
+
+
+def test_a_cast_lossless_tensor_must_be_of_another_dtype(tmp_path: Path) -> None:
+    base, ft, _, _ = make_pair(tmp_path)
+    compress(base, ft, tmp_path / "d.slim", method="lossless")
+    with DeltaReader(tmp_path / "d.slim") as r, CheckpointDir.open(base) as b:
+        t = next(t for t in r.doc.tensors if t.kind == "lossless")
+        t.base_cast = True  # fp32 against fp32: no cast to undo
+        with pytest.raises(InvalidDelta, match="malformed"):
+            bytes(tensor_bytes(t, r, b))
+        t.base_cast, t.dtype = True, "F64"
+        with pytest.raises(InvalidDelta, match="casts F32 to F64"):
+            bytes(tensor_bytes(t, r, b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

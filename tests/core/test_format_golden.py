@@ -21,6 +21,8 @@ from core.safetensors_io import save_file
 from tests.core.golden.make_golden import CASES, HERE, OLD_CASES, write_pair
 
 MANIFEST = json.loads((HERE / "manifest.json").read_text())
+#: What the deltas of versions 1–4 rebuild (their fine-tune's ``layer.bias`` was float32).
+OLD_MANIFEST = json.loads((HERE / "v4" / "manifest.json").read_text())
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -55,7 +57,7 @@ def test_version_1_deltas_still_read_and_are_checked_by_sha256(tmp_path: Path, n
         assert rebuild_check(weights[0], 1.0).kind == "sha256"
     out = reconstruct(base, golden, tmp_path / "out")
     got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
-    assert got == MANIFEST[name]["files"]
+    assert got == OLD_MANIFEST[name]["files"]
     with DeltaReader(HERE / f"{name}.slim") as r:
         assert (
             rebuild_check(next(f for f in r.doc.files if f.role == "weights"), 1.0).kind == "xxh3"
@@ -80,7 +82,7 @@ def test_version_2_deltas_still_read(tmp_path: Path, name: str) -> None:
         assert all(t.planes is None for t in r.doc.tensors)
     out = reconstruct(base, golden, tmp_path / "out")
     got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
-    assert got == MANIFEST[name]["files"]
+    assert got == OLD_MANIFEST[name]["files"]
     with DeltaReader(golden) as r, CheckpointDir.open(base) as b:
         for t in r.doc.tensors:
             whole = bytes(tensor_bytes(t, r, b))
@@ -99,11 +101,44 @@ def test_version_3_deltas_still_read(tmp_path: Path, name: str) -> None:
         assert all(t.kind != "lowrank" and t.rank is None for t in r.doc.tensors)
     out = reconstruct(base, golden, tmp_path / "out")
     got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
-    assert got == MANIFEST[name]["files"]
+    assert got == OLD_MANIFEST[name]["files"]
     with DeltaReader(golden) as r, CheckpointDir.open(base) as b:
         for t in r.doc.tensors:
             whole = bytes(tensor_bytes(t, r, b))
             assert b"".join(tensor_pieces(t, r, b, start=3, piece=16)) == whole[3:], t.name
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_version_4_deltas_still_read(tmp_path: Path, name: str) -> None:
+    """Deltas written before ``base_cast`` (version 4) rebuild to the same bytes, whole and in
+    pieces."""
+    base, _ = write_pair(tmp_path)
+    golden = HERE / "v4" / f"{name}.slim"
+    assert golden.stat().st_size == OLD_MANIFEST[name]["size"]
+    with DeltaReader(golden) as r:
+        assert r.doc.version == 4
+        assert all(t.base_cast is None and t.residual is None for t in r.doc.tensors)
+    out = reconstruct(base, golden, tmp_path / "out")
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
+    assert got == OLD_MANIFEST[name]["files"]
+    with DeltaReader(golden) as r, CheckpointDir.open(base) as b:
+        for t in r.doc.tensors:
+            whole = bytes(tensor_bytes(t, r, b))
+            assert b"".join(tensor_pieces(t, r, b, start=3, piece=16)) == whole[3:], t.name
+
+
+def test_lossless_golden_codes_floats_in_ulps_and_casts_a_base_of_another_dtype() -> None:
+    """Version 5: every float tensor's planes hold its ``ulp`` residual (versions 1–4: XOR);
+    the bf16 ``layer.bias`` of the fp32 base is lossless against the base cast to bf16
+    (``base_cast``; versions 1–4 stored it dense)."""
+    with DeltaReader(HERE / "lossless.slim") as r:
+        tensors = r.doc.tensor_map()
+        t = tensors["layer.bias"]
+        assert (t.kind, t.dtype, t.base_dtype, t.base_cast) == ("lossless", "BF16", "F32", True)
+        assert sum(t.planes or []) == r.doc.frames[t.frame or ""].size
+        lossless = [t for t in tensors.values() if t.kind == "lossless"]
+        assert {t.name for t in lossless} == {"layer.weight", "layer.bias", "emb.weight"}
+        assert all(t.residual == "ulp" for t in lossless)
 
 
 def test_lowrank_golden_stores_factors_and_rebuilds_in_pieces(tmp_path: Path) -> None:

@@ -26,7 +26,9 @@ CASES = {
     # version 4: the sine waves' task vectors are rank 2 (a rank-2 τ, a bf16 one, a 1-D one)
     "lowrank_f16": dict(method="lowrank", options={"device": "cpu"}),
 }
-#: The cases of each older version kept under ``v<version>/`` (written before ``lowrank``).
+#: The cases of each older version kept under ``v<version>/`` (written before ``lowrank``;
+#: ``v4/`` also holds ``lowrank_f16``). Their fine-tune is :func:`write_pair`'s before version
+#: 5 made ``layer.bias`` bf16; only the base matters to them, and it is unchanged.
 OLD_CASES = ("magnitude_f16", "dare_q4", "nps_seeded_q2", "lossless")
 
 
@@ -44,10 +46,11 @@ def write_pair(root: Path) -> tuple[Path, Path]:
     }
     ft = {k: v.clone() for k, v in base.items()}
     ft["layer.weight"] = base["layer.weight"] + 0.05 * _wave(96, 2.71, 0.3).reshape(12, 8)
-    ft["layer.bias"] = base["layer.bias"] + 0.1 * _wave(12, 0.9, 1.1)
     ft["emb.weight"] = (base["emb.weight"].float() + 0.03 * _wave(40, 1.7, 0.2).reshape(5, 8)).to(
         torch.bfloat16
     )
+    # version 5: a bf16 fine-tune of an fp32 tensor (lossless XORs the base cast to bf16)
+    ft["layer.bias"] = (base["layer.bias"] + 0.1 * _wave(12, 0.9, 1.1)).to(torch.bfloat16)
     ft["head.weight"] = _wave(16, 0.77, 0.0).reshape(2, 8)
     (root / "base").mkdir(parents=True, exist_ok=True)
     (root / "ft").mkdir(parents=True, exist_ok=True)
