@@ -8,10 +8,14 @@ from core.params import VALUE_BITS
 
 #: Version of the delta container document; readers refuse versions they do not know.
 FORMAT_VERSION = 4
+#: The version a delta with ``hybrid`` tensors (low-rank factors plus a sparse residual) is
+#: written as; a delta without them is still written as :data:`FORMAT_VERSION`, so readers
+#: of version 4 read it.
+HYBRID_VERSION = 5
 #: Versions this reader reads (1: before ``recon_xxh3``, checked by sha256 instead; 1–2:
 #: lossless planes in one zstd frame, rebuilt a whole tensor at a time; 1–3: no ``lowrank``
-#: tensors).
-READABLE_VERSIONS = (1, 2, 3, 4)
+#: tensors; 1–4: no ``hybrid`` tensors).
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 #: ``__metadata__`` key of a delta container that holds the JSON document.
 METADATA_KEY = "slimstore"
 #: Magic value of the document's ``format`` field.

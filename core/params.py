@@ -42,6 +42,7 @@ class Method(StrEnum):
     DARE = "dare"
     LOSSLESS = "lossless"
     LOWRANK = "lowrank"
+    HYBRID = "hybrid"
     AUTO = "auto"
 
 

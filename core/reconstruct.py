@@ -34,7 +34,13 @@ from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafet
 from core.files import CHUNK_SIZE, check_path
 from core.frames import FrameStream, zstd_decompress
 from core.safetensors_io import Header, TensorInfo, bytes_to_tensor, parse_header, tensor_view
-from core.tensor_codec import decode_lowrank, decode_sparse, lowrank_rows
+from core.tensor_codec import (
+    decode_hybrid,
+    decode_lowrank,
+    decode_sparse,
+    hybrid_rows,
+    lowrank_rows,
+)
 from core.xor import XorPlanes
 
 
@@ -292,7 +298,7 @@ def _piece_maker(
             return buf
 
         return dense, stream.finish
-    if entry.kind not in ("same", "sparse", "lossless", "lowrank"):
+    if entry.kind not in ("same", "sparse", "lossless", "lowrank", "hybrid"):
         raise InvalidDelta(f"tensor {entry.name!r} has unknown kind {entry.kind!r}")
     info = _base_info(base, entry)
     bitem = DTYPES[info.dtype][0]
@@ -329,7 +335,7 @@ def _piece_maker(
             return tensor_view((b32 + scale * (ft.to(torch.float32) - b32)).to(dtype))
 
         return lossless, (_nothing if whole is not None else planes.finish)
-    if entry.kind == "lowrank":
+    if entry.kind in ("lowrank", "hybrid"):
         return _lowrank_maker(entry, reader, scale, base_piece), _nothing
     positions, values = decode_sparse(entry, reader)
     scaled = values if scale == 1.0 else scale * values
@@ -357,14 +363,20 @@ def _lowrank_maker(
     base_piece: Callable[[int, int], torch.Tensor],
 ) -> Callable[[int, int], memoryview]:
     """Elements ``[a, b)`` of a ``lowrank`` tensor: the rows of A·Bᵀ covering them (a piece
-    and at most two partial rows in memory, never the whole product) added to the base."""
-    factors = decode_lowrank(entry, reader)
+    and at most two partial rows in memory, never the whole product) added to the base; of a
+    ``hybrid`` tensor, those rows plus its residual's entries there."""
     n = entry.shape[1]
     dtype = DTYPES[entry.dtype][1]
+    if entry.kind == "hybrid":
+        factors, positions, values = decode_hybrid(entry, reader)
+        rows = lambda r0, r1: hybrid_rows(factors, positions, values, r0, r1)  # noqa: E731
+    else:
+        factors = decode_lowrank(entry, reader)
+        rows = lambda r0, r1: lowrank_rows(factors, r0, r1)  # noqa: E731
 
     def lowrank(a: int, b: int) -> memoryview:
         r0, r1 = a // n, -(-b // n)
-        delta = lowrank_rows(factors, r0, r1).reshape(-1)[a - r0 * n : b - r0 * n]
+        delta = rows(r0, r1).reshape(-1)[a - r0 * n : b - r0 * n]
         if scale != 1.0:
             delta = scale * delta
         return tensor_view((base_piece(a, b).to(torch.float32) + delta).to(dtype))

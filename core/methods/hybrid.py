@@ -1,0 +1,155 @@
+"""``hybrid``: low-rank factors plus a DARE residual, both paid from the same budget.
+
+A full fine-tune's τ is neither low-rank nor sparse: a few directions carry a large share of
+each matrix's energy (MiniLM, 770 steps: bench/results/hybrid.md) and the rest is spread
+thin. ``hybrid`` stores, per 2-D tensor, the leading singular directions as quantised factors
+A·Bᵀ (as ``lowrank``, format §5a) and the residual R = τ − A·Bᵀ as DARE does: entries kept at
+seeded positions with rate ρ, rescaled by 1/ρ (Yu et al., https://arxiv.org/abs/2311.03099).
+Factored, a tensor is the ``hybrid`` kind (format version 5); otherwise plain seeded sparse.
+
+``keep`` is the budget, in DARE's terms: a tensor of D entries may store ``keep``·D values of
+``value_bits`` each. Factors of rank r cost r·(m + n)·``factor_bits``; what is left pays the
+residual's rate, ρ_r = keep − r·(m + n)·factor_bits / (D·value_bits). The rank is chosen
+tensor by tensor, up to ``rank``, to minimise the DARE error the tensor is left with: a
+residual kept at rate ρ with rescale 1/ρ has expected squared error (1/ρ − 1)·‖R‖², so the
+rank taken is the argmin over r of (1/ρ_r − 1)·‖τ − A_r·B_rᵀ‖² (r = 0: DARE itself, kept as a
+plain sparse tensor). The hybrid stores what DARE at the same ``keep`` stores, give or take the
+coding of the values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from core import rng
+from core.errors import InvalidArgument
+from core.methods.base import FitContext, Fitted, Method, check_keep
+from core.params import DEFAULT_KEEP
+from core.taskvector import TensorPlan
+from core.tensor_codec import Hybrid, LowRank, Seeded, Selection, ValueSpec, lowrank_rows
+from core.workspace import Workspace
+
+#: Largest rank tried per tensor, and the factors' bits per value, when nothing is asked: at
+#: 0.04–0.06 bits/param a MiniLM matrix affords rank 1–2 at 4 bits (bench/results/hybrid.md).
+DEFAULT_RANK = 4
+DEFAULT_FACTOR_BITS = (2, 3, 4)
+#: The factors' widths one may ask for.
+FACTOR_BITS = (2, 3, 4, 8, 16)
+#: Factored matrices are at least this wide in both dimensions (biases, heads stay sparse).
+MIN_SIDE = 64
+
+
+def factorise(
+    tau: torch.Tensor, rank: int, widths: tuple[int, ...], dtype: str
+) -> Iterator[tuple[int, ValueSpec, LowRank, float]]:
+    """Rounded factors of each rank 1..``rank`` and width of ``widths`` of a matrix τ, with the
+    squared norm of what each leaves (τ − A·Bᵀ as the decoder rebuilds it). A = U·√S rounded,
+    B refitted to the rounded A by least squares and rounded (as ``lowrank``).
+    # tau: (m, n) float32"""
+    t = tau.to(torch.float64)
+    u, s, vh = torch.linalg.svd(t, full_matrices=False)
+    for r in range(1, min(rank, int(s.numel())) + 1):
+        root = s[:r].sqrt()
+        for bits in widths:
+            spec = ValueSpec.from_bits(bits, dtype)
+            a = spec.round((u[:, :r] * root).reshape(-1).float()).reshape(-1, r).double()
+            b = torch.linalg.lstsq(a, t).solution.mT  # (n, r)
+            if not bool(torch.isfinite(b).all()):
+                b = vh[:r].mT * root
+            f = LowRank(a.float(), spec.round(b.reshape(-1).float()).reshape(-1, r))
+            left = float(torch.sum((tau - lowrank_rows(f, 0, tau.shape[0])) ** 2))
+            yield r, spec, f, left
+
+
+def residual_rate(keep: float, rank: int, shape: tuple[int, int], fbits: int, vbits: int) -> float:
+    """The residual's keep rate once rank-``rank`` factors are paid from the budget."""
+    m, n = shape
+    return keep - rank * (m + n) * fbits / (m * n * vbits)
+
+
+def dare_selection(seed: int, name: str, tau: torch.Tensor, rate: float) -> Selection:
+    """DARE's seeded selection of a flat τ at ``rate``, rescaled by 1/rate."""
+    key = rng.tensor_key(seed, name)
+    limit = rng.rate_limit(rate)
+    positions, _ = rng.seeded_positions(key, tau.numel(), limit, limit)
+    idx = torch.from_numpy(positions)
+    values = tau.cpu()[idx] * (1.0 / rate)
+    return Selection(
+        positions.astype(np.int64), values.to(torch.float32), Seeded(key, limit, limit)
+    )
+
+
+@dataclass
+class HybridFitted(Fitted):
+    keep: float = DEFAULT_KEEP
+    rank: int = DEFAULT_RANK
+    widths: tuple[int, ...] = DEFAULT_FACTOR_BITS
+    seed: int = 0
+
+    def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection | Hybrid:
+        err = (1 / self.keep - 1) * float(torch.sum(tau.double() ** 2))  # DARE's, r = 0
+        best: tuple[int, ValueSpec, LowRank, float] | None = None
+        shape = plan.shape
+        if len(shape) == 2 and min(shape) >= MIN_SIDE and self.rank > 0:
+            m, n = int(shape[0]), int(shape[1])
+            for r, fspec, f, left in factorise(
+                tau.reshape(m, n), self.rank, self.widths, plan.dtype
+            ):
+                rate = residual_rate(self.keep, r, (m, n), fspec.bits, spec.bits)
+                if rate > 0 and (1 / rate - 1) * left < err:
+                    err, best = (1 / rate - 1) * left, (r, fspec, f, rate)
+        if best is None:
+            return dare_selection(self.seed, plan.name, tau, self.keep)
+        r, fspec, factors, rate = best
+        self.result.setdefault("factored", {})[plan.name] = {
+            "rank": r,
+            "bits": fspec.bits,
+            "rate": rate,
+        }
+        residual = tau - lowrank_rows(factors, 0, shape[0]).reshape(-1)
+        return Hybrid(factors, dare_selection(self.seed, plan.name, residual, rate), fspec)
+
+
+class HybridMethod(Method):
+    """τ ≈ A·Bᵀ + DARE(τ − A·Bᵀ) per matrix, the rank chosen by the error it leaves."""
+
+    name = "hybrid"
+    paper = "https://arxiv.org/abs/2311.03099"
+
+    def __init__(
+        self,
+        keep: float = DEFAULT_KEEP,
+        rank: int = DEFAULT_RANK,
+        factor_bits: tuple[int, ...] | list[int] | int = DEFAULT_FACTOR_BITS,
+    ) -> None:
+        self.keep = check_keep(keep)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise InvalidArgument(f"`rank` must be a whole number ≥ 0 (got {rank!r})")
+        widths = (factor_bits,) if isinstance(factor_bits, int) else tuple(factor_bits)
+        if not widths or any(b not in FACTOR_BITS for b in widths):
+            raise InvalidArgument(
+                f"`factor_bits` must be among {FACTOR_BITS}, one or several (got {factor_bits!r})"
+            )
+        self.rank = rank
+        self.widths = tuple(sorted(set(widths)))
+
+    def fit(self, ws: Workspace, ctx: FitContext) -> Fitted:
+        params: dict[str, Any] = {
+            "keep": self.keep,
+            "rank": self.rank,
+            "factor_bits": list(self.widths),
+            "seed": ctx.seed,
+        }
+        return HybridFitted(
+            params=params,
+            result={"factored": {}},
+            keep=self.keep,
+            rank=self.rank,
+            widths=self.widths,
+            seed=ctx.seed,
+        )
