@@ -7,14 +7,14 @@ A·Bᵀ (as ``lowrank``, format §5a) and the residual R = τ − A·Bᵀ as DAR
 seeded positions with rate ρ, rescaled by 1/ρ (Yu et al., https://arxiv.org/abs/2311.03099).
 Factored, a tensor is the ``hybrid`` kind (format version 5); otherwise plain seeded sparse.
 
-``keep`` is the budget, in DARE's terms: a tensor of D entries may store ``keep``·D values of
-``value_bits`` each. Factors of rank r cost r·(m + n)·``factor_bits``; what is left pays the
-residual's rate, ρ_r = keep − r·(m + n)·factor_bits / (D·value_bits). The rank is chosen
-tensor by tensor, up to ``rank``, to minimise the DARE error the tensor is left with: a
-residual kept at rate ρ with rescale 1/ρ has expected squared error (1/ρ − 1)·‖R‖², so the
-rank taken is the argmin over r of (1/ρ_r − 1)·‖τ − A_r·B_rᵀ‖² (r = 0: DARE itself, kept as a
-plain sparse tensor). The hybrid stores what DARE at the same ``keep`` stores, give or take the
-coding of the values.
+``keep`` is the budget, in DARE's terms: each tensor may store what DARE at that keep stores
+there (its values section, measured). Factors of rank r and width w cost their own coded
+sections; what is left pays the residual's rate ρ_{r,w}, each value priced at what one of
+DARE's costs. The rank (up to ``rank``) and the width (among ``factor_bits``) are chosen
+tensor by tensor to minimise the error the tensor is left with: a residual kept at rate ρ and
+rescaled by 1/ρ has expected squared error (1/ρ − 1)·‖R‖², so the choice is the argmin of
+(1/ρ_{r,w} − 1)·‖τ − A·Bᵀ‖², r = 0 being DARE itself (a plain sparse tensor). The hybrid
+thus stores what DARE at the same ``keep`` stores, give or take zstd on the residual.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from core.methods.base import FitContext, Fitted, Method, check_keep
 from core.params import DEFAULT_KEEP
 from core.taskvector import TensorPlan
 from core.tensor_codec import Hybrid, LowRank, Seeded, Selection, ValueSpec, lowrank_rows
+from core.values import encode_values
 from core.workspace import Workspace
 
 #: Largest rank tried per tensor, and the factors' bits per value, when nothing is asked: at
@@ -40,6 +41,9 @@ DEFAULT_RANK = 4
 DEFAULT_FACTOR_BITS = (2, 3, 4)
 #: The factors' widths one may ask for.
 FACTOR_BITS = (2, 3, 4, 8, 16)
+#: The randomised decomposition's extra columns and power iterations (exact below 4× its width).
+OVERSAMPLE = 10
+POWER_ITERATIONS = 4
 #: Factored matrices are at least this wide in both dimensions (biases, heads stay sparse).
 MIN_SIDE = 64
 
@@ -52,24 +56,41 @@ def factorise(
     B refitted to the rounded A by least squares and rounded (as ``lowrank``).
     # tau: (m, n) float32"""
     t = tau.to(torch.float64)
-    u, s, vh = torch.linalg.svd(t, full_matrices=False)
+    q = rank + OVERSAMPLE
+    if 4 * q > min(t.shape):
+        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        v = vh.mT
+    else:  # randomised, seeded: the decomposition is the encoder's alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(t, q=q, niter=POWER_ITERATIONS)
+    total = float(torch.sum(t**2))
     for r in range(1, min(rank, int(s.numel())) + 1):
         root = s[:r].sqrt()
         for bits in widths:
             spec = ValueSpec.from_bits(bits, dtype)
             a = spec.round((u[:, :r] * root).reshape(-1).float()).reshape(-1, r).double()
-            b = torch.linalg.lstsq(a, t).solution.mT  # (n, r)
+            gram = a.mT @ a  # (r, r)
+            ta = t.mT @ a  # (n, r)
+            # B refitted to the rounded A: the normal equations of argmin ‖A·Bᵀ − τ‖
+            b = torch.linalg.solve(gram, ta.mT).mT if bool(gram.diagonal().all()) else v[:, :r]
             if not bool(torch.isfinite(b).all()):
-                b = vh[:r].mT * root
-            f = LowRank(a.float(), spec.round(b.reshape(-1).float()).reshape(-1, r))
-            left = float(torch.sum((tau - lowrank_rows(f, 0, tau.shape[0])) ** 2))
-            yield r, spec, f, left
+                b = v[:, :r] * root
+            b = spec.round(b.reshape(-1).float()).reshape(-1, r).double()
+            # ‖τ − A·Bᵀ‖² = ‖τ‖² − 2·⟨τᵀA, B⟩ + ⟨AᵀA, BᵀB⟩, without the m×n product
+            left = total - 2 * float(torch.sum(ta * b)) + float(torch.sum(gram * (b.mT @ b)))
+            yield r, spec, LowRank(a.float(), b.float()), max(left, 0.0)
 
 
-def residual_rate(keep: float, rank: int, shape: tuple[int, int], fbits: int, vbits: int) -> float:
-    """The residual's keep rate once rank-``rank`` factors are paid from the budget."""
-    m, n = shape
-    return keep - rank * (m + n) * fbits / (m * n * vbits)
+def residual_rate(budget: float, factor_bits: float, numel: int, value_bits: float) -> float:
+    """The residual's keep rate once ``factor_bits`` of factors are paid from a tensor's
+    ``budget`` (stored bits), each kept value costing ``value_bits``."""
+    return (budget - factor_bits) / (numel * value_bits)
+
+
+def section_bits(values: torch.Tensor, spec: ValueSpec) -> int:
+    """Stored bits of one values section (codebook and zstd included)."""
+    return 8 * len(encode_values(values.reshape(-1), spec.coding, spec.bits)[0])
 
 
 def dare_selection(seed: int, name: str, tau: torch.Tensor, rate: float) -> Selection:
@@ -92,26 +113,30 @@ class HybridFitted(Fitted):
     seed: int = 0
 
     def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection | Hybrid:
+        dare = dare_selection(self.seed, plan.name, tau, self.keep)
+        shape = plan.shape
+        if len(shape) != 2 or min(shape) < MIN_SIDE or self.rank < 1 or dare.values.numel() == 0:
+            return dare
+        # the budget is what DARE at this keep stores; a kept value costs what DARE's do
+        budget = section_bits(dare.values, spec)
+        per_value = budget / dare.values.numel()
         err = (1 / self.keep - 1) * float(torch.sum(tau.double() ** 2))  # DARE's, r = 0
         best: tuple[int, ValueSpec, LowRank, float] | None = None
-        shape = plan.shape
-        if len(shape) == 2 and min(shape) >= MIN_SIDE and self.rank > 0:
-            m, n = int(shape[0]), int(shape[1])
-            for r, fspec, f, left in factorise(
-                tau.reshape(m, n), self.rank, self.widths, plan.dtype
-            ):
-                rate = residual_rate(self.keep, r, (m, n), fspec.bits, spec.bits)
-                if rate > 0 and (1 / rate - 1) * left < err:
-                    err, best = (1 / rate - 1) * left, (r, fspec, f, rate)
+        m, n = int(shape[0]), int(shape[1])
+        for r, fspec, f, left in factorise(tau.reshape(m, n), self.rank, self.widths, plan.dtype):
+            cost = section_bits(f.a, fspec) + section_bits(f.b, fspec)
+            rate = residual_rate(budget, cost, m * n, per_value)
+            if rate > 0 and (1 / rate - 1) * left < err:
+                err, best = (1 / rate - 1) * left, (r, fspec, f, rate)
         if best is None:
-            return dare_selection(self.seed, plan.name, tau, self.keep)
+            return dare
         r, fspec, factors, rate = best
         self.result.setdefault("factored", {})[plan.name] = {
             "rank": r,
             "bits": fspec.bits,
-            "rate": rate,
+            "rate": round(rate, 6),
         }
-        residual = tau - lowrank_rows(factors, 0, shape[0]).reshape(-1)
+        residual = tau - lowrank_rows(factors, 0, m).reshape(-1)
         return Hybrid(factors, dare_selection(self.seed, plan.name, residual, rate), fspec)
 
 
