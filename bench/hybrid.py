@@ -26,8 +26,9 @@ from bench.finetune import Recipe, base_model_dir, full_recipe, make_finetune
 from core.methods.hybrid import MIN_SIDE
 from core.workspace import Workspace
 
-#: The tiny recipe of the tests (50 steps): ready when the full fine-tunes are not.
-TINY = {"steps": 50, "train_subset": 3000}
+#: The tiny recipe of the tests (50 steps, tests/fixtures.py): ready when the full
+#: fine-tunes are not.
+TINY_STEPS, TINY_SUBSET = 50, 3000
 RANKS = (1, 2, 4, 8)
 
 
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
 
         for task in args.tasks:
             recipe = (
-                Recipe(task=task, seed=0, **TINY) if args.recipe == "tiny" else full_recipe(task)
+                Recipe(task=task, steps=TINY_STEPS, train_subset=TINY_SUBSET, seed=0)
+                if args.recipe == "tiny"
+                else full_recipe(task)
             )
             ft = make_finetune(recipe)
             spec = spectrum(base_model_dir(), ft)

@@ -7,11 +7,13 @@ the fine-tune's (``accuracy``). docs/auto.md says it for users.
 
 Candidates (method, keep ratio, value bits) are scored in memory, nothing written:
 
-1. **DARE screen.** DARE fits nothing, so every calibration example is fair evidence: it is
-   judged on ``all`` of them. Fidelity rises with the keep ratio at a fixed value width, so
-   each width is bisected over the keep ladder (≤ 4 evaluations for 8 keeps), widths that can
-   only cost more than the best passing candidate so far are skipped, and the cheapest passing
-   candidate (by estimated stored bits) bounds the rest.
+1. **Screen of the unsearched families** (``dare``, then ``hybrid`` when asked: low-rank
+   factors plus a DARE residual at DARE's stored bits). They fit nothing, so every
+   calibration example is fair evidence: they are judged on ``all`` of them. Fidelity rises
+   with the keep ratio at a fixed value width, so each width is bisected over the keep ladder
+   (≤ 4 evaluations for 8 keeps), widths that can only cost more than the best passing
+   candidate so far are skipped, and a later family is judged only below the cheapest pass
+   of the earlier ones. That pass (by estimated stored bits) bounds the rest.
 2. **Searched candidates** (``nps-seeded``, a short search each) below that bound, from the
    largest down, judged on the **held-out** part only (never the part their search fitted);
    at most :data:`MAX_SEARCHED`, stopping at the first miss, and only while the search's
@@ -24,7 +26,8 @@ Candidates (method, keep ratio, value bits) are scored in memory, nothing writte
 
 The trail (``method.auto`` of the delta's document, and the first element of the result's
 ``trace``) says, for each judged candidate, its fidelity against the floor, on which part and
-how many examples, and the seconds it took; its final step says what was encoded and why.
+how many examples, and the seconds it took; its final step says what was encoded and why,
+and per family judged its cheapest pass (or none) and how many of its candidates failed.
 Progress is reported as one dict per candidate (docs/auto.md, "progress").
 """
 
@@ -43,6 +46,7 @@ from core.errors import InvalidArgument
 from core.evaluate import Evaluator, combined, part_label, relative_fidelity
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
+from core.methods.hybrid import HybridFitted
 from core.methods.nps import default_popsize
 from core.params import (
     AUTO_CALIBRATION_LIMIT,
@@ -52,7 +56,7 @@ from core.params import (
     Evaluation,
     Method,
 )
-from core.tensor_codec import Selection, ValueSpec
+from core.tensor_codec import Hybrid, Selection, ValueSpec, lowrank_rows
 from core.workspace import Workspace
 
 #: 0.3 and 0.5 reach floors of top-1 agreement ≥ 0.99, which DARE at 20% may miss on a
@@ -146,6 +150,7 @@ class _Run:
     current_start: float = 0.0
     search_seconds: float = 0.0  # from auto's start to the encoding of its choice
     notes: list[str] = field(default_factory=list)
+    factor_cache: dict[str, Any] = field(default_factory=dict)  # hybrid's, see HybridFitted
 
     @property
     def elapsed(self) -> float:
@@ -225,13 +230,23 @@ class _Run:
         )
         fitted = method.fit(self.ws, ctx)
         assert fitted is not None
+        if isinstance(fitted, HybridFitted):
+            fitted.cache = self.factor_cache  # the factors do not depend on the keep
         for plan in self.ws.delta_plans:
             if plan.name not in self.ev.tensor_names:
                 continue
             spec = ValueSpec.from_bits(cand.value_bits, plan.dtype)
             sel = fitted.select(plan, self.ws.tau(plan), spec)
-            assert isinstance(sel, Selection)  # auto searches the sparse methods only
-            self.ev.apply_sparse(plan.name, torch.from_numpy(sel.positions), spec.round(sel.values))
+            if isinstance(sel, Selection):
+                idx = torch.from_numpy(sel.positions)
+                self.ev.apply_sparse(plan.name, idx, spec.round(sel.values))
+            elif isinstance(sel, Hybrid):  # factors already rounded as stored
+                res = sel.residual
+                delta = lowrank_rows(sel.factors, 0, plan.shape[0]).reshape(-1)
+                delta[torch.from_numpy(res.positions)] += spec.round(res.values)
+                self.ev.apply(plan.name, delta)
+            else:
+                self.ev.apply(plan.name, lowrank_rows(sel, 0, plan.shape[0]).reshape(-1))
         # searched candidates are judged on the held-out part only; DARE on every example
         parts = ("holdout",) if cand.searches and "holdout" in self.ev.parts else self.ev.parts
         t_eval = time.perf_counter()
@@ -262,8 +277,9 @@ class _Run:
         return judged
 
 
-def _screen(run: _Run, dare: list[Candidate]) -> Candidate | None:
-    """The cheapest passing DARE candidate (None if none passes), judging few.
+def _screen(run: _Run, dare: list[Candidate], bound: float = math.inf) -> Candidate | None:
+    """The cheapest passing candidate of one unsearched family (DARE, the hybrid) that stores
+    less than ``bound`` (None if none passes), judging few.
 
     Fidelity is taken to rise with the keep ratio at a width, and with the width at a keep
     (fewer value bits only add rounding). Widths are visited from the widest down; at each,
@@ -280,8 +296,8 @@ def _screen(run: _Run, dare: list[Candidate]) -> Candidate | None:
     failed_keep = 0.0  # the largest keep seen to fail (at this width or a wider one)
 
     def open_(b: int) -> list[Candidate]:
-        bound = best.estimated_bits if best is not None else math.inf
-        return [c for c in by_width[b] if c.keep > failed_keep and c.estimated_bits < bound - 1e-12]
+        limit = best.estimated_bits if best is not None else bound
+        return [c for c in by_width[b] if c.keep > failed_keep and c.estimated_bits < limit - 1e-12]
 
     def plan(rest: list[int]) -> int:
         return sum(1 + _bisection_steps(len(open_(b)) - 1) for b in rest if open_(b))
@@ -306,6 +322,18 @@ def _screen(run: _Run, dare: list[Candidate]) -> Candidate | None:
         best = cands[hi]
     run.remaining_screen = 0
     return best
+
+
+def _screen_families(run: _Run, unsearched: list[Candidate]) -> float:
+    """Screen each unsearched family in the order given (DARE, then the hybrid), each below
+    the cheapest pass so far — a later family is judged only where it would store less than
+    what already passed; returns that cheapest pass's estimated bits (inf: none passed)."""
+    bound = math.inf
+    for family in dict.fromkeys(c.method for c in unsearched):
+        best = _screen(run, [c for c in unsearched if c.method == family], bound)
+        if best is not None:
+            bound = best.estimated_bits
+    return bound
 
 
 def _searched_below(
@@ -400,8 +428,7 @@ def auto_compress(
         unsearched = [c for c in cands if not c.searches]
         searched = [c for c in cands if c.searches]
         run.remaining_searched = min(MAX_SEARCHED, len(searched))
-        best = _screen(run, unsearched)
-        bound = best.estimated_bits if best is not None else math.inf
+        bound = _screen_families(run, unsearched)
         below = _searched_below(searched, run.judged, bound)
         run.remaining_screen, run.remaining_searched = 0, len(below)
         for c in below:
@@ -468,6 +495,7 @@ def _encode_best(
                     "value_bits": c.value_bits,
                     "fidelity": fid,
                     "bits_per_param": result.bits_per_param,
+                    "families": _families(run),
                     "reason": (
                         f"the smallest candidate that met the floor {run.floor}: fidelity "
                         f"{fid:.4f} as stored, on {part_label(run.ev, j.parts)} "
@@ -513,6 +541,7 @@ def _encode_best(
             "value_bits": None,
             "fidelity": result.fidelity,
             "bits_per_param": result.bits_per_param,
+            "families": _families(run),
             "reason": reason,
         }
     )
@@ -525,6 +554,21 @@ def _encode_best(
             "smaller delta",
         ],
     )
+
+
+def _families(run: _Run) -> dict[str, Any]:
+    """Per family judged, its cheapest passing candidate in memory (``estimated_bits``,
+    fidelity), or None with how many of its candidates failed: why one family won."""
+    out: dict[str, Any] = {}
+    for j in run.judged:
+        c = j.candidate
+        entry = out.setdefault(c.method, {"passed": None, "failed": 0})
+        if not j.passed:
+            entry["failed"] += 1
+        elif entry["passed"] is None or c.estimated_bits < entry["passed"]["estimated_bits"]:
+            entry["passed"] = {**c.describe(), "estimated_bits": round(c.estimated_bits, 6)}
+            entry["passed"]["fidelity"] = j.fidelity
+    return out
 
 
 def _record_trail(

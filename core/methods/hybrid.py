@@ -44,8 +44,9 @@ FACTOR_BITS = (2, 3, 4, 8, 16)
 #: The randomised decomposition's extra columns and power iterations (exact below 4× its width).
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
-#: Factored matrices are at least this wide in both dimensions (biases, heads stay sparse).
-MIN_SIDE = 64
+#: Factored matrices are at least this wide in both dimensions (heads of a few labels stay
+#: sparse; the budget rule decides the rest).
+MIN_SIDE = 16
 
 
 def factorise(
@@ -111,6 +112,25 @@ class HybridFitted(Fitted):
     rank: int = DEFAULT_RANK
     widths: tuple[int, ...] = DEFAULT_FACTOR_BITS
     seed: int = 0
+    #: per tensor, each (rank, width)'s factors, the norm they leave and their coded bits:
+    #: they do not depend on the keep, so ``auto`` shares one cache across its candidates
+    cache: dict[str, list[tuple[int, ValueSpec, LowRank, float, int]]] | None = None
+
+    def _choices(
+        self, plan: TensorPlan, tau: torch.Tensor
+    ) -> list[tuple[int, ValueSpec, LowRank, float, int]]:
+        if self.cache is not None and plan.name in self.cache:
+            return self.cache[plan.name]
+        m, n = int(plan.shape[0]), int(plan.shape[1])
+        out = [
+            (r, fspec, f, left, section_bits(f.a, fspec) + section_bits(f.b, fspec))
+            for r, fspec, f, left in factorise(
+                tau.reshape(m, n), self.rank, self.widths, plan.dtype
+            )
+        ]
+        if self.cache is not None:
+            self.cache[plan.name] = out
+        return out
 
     def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection | Hybrid:
         dare = dare_selection(self.seed, plan.name, tau, self.keep)
@@ -123,8 +143,7 @@ class HybridFitted(Fitted):
         err = (1 / self.keep - 1) * float(torch.sum(tau.double() ** 2))  # DARE's, r = 0
         best: tuple[int, ValueSpec, LowRank, float] | None = None
         m, n = int(shape[0]), int(shape[1])
-        for r, fspec, f, left in factorise(tau.reshape(m, n), self.rank, self.widths, plan.dtype):
-            cost = section_bits(f.a, fspec) + section_bits(f.b, fspec)
+        for r, fspec, f, left, cost in self._choices(plan, tau):
             rate = residual_rate(budget, cost, m * n, per_value)
             if rate > 0 and (1 / rate - 1) * left < err:
                 err, best = (1 / rate - 1) * left, (r, fspec, f, rate)
