@@ -39,7 +39,10 @@ def grid(seeds: tuple[int, ...], searched: bool) -> list[Series]:
         Series("hybrid", "hybrid", (0.015, 0.02), (2,), seeds),
     ]
     if searched:
-        rows.append(Series("nps-seeded", "nps-seeded", (0.02,), (2,), seeds[:1], "fidelity"))
+        rows += [
+            Series("nps-seeded", "nps-seeded", (0.02,), (2,), seeds[:1], "fidelity"),
+            Series("hybrid-seeded", "hybrid-seeded", (0.02,), (2,), seeds[:1], "fidelity"),
+        ]
     return rows
 
 
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", nargs="+", default=["rotten_tomatoes"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--no-searched", action="store_true", help="skip the nps-seeded row")
+    ap.add_argument("--series", nargs="+", help="measure only these series")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 log=log,
                 save=save,
                 recipe=recipe,
+                measure=set(args.series) if args.series else None,
             )
             results["tasks"].append(dict(summary, spectrum=spec))
             results["seconds"] = time.time() - t0

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from core import rng
 from core.errors import InvalidArgument
+from core.evaluate import Evaluator
 from core.methods.base import FitContext, Fitted, Method, check_keep
+from core.methods.nps_seeded import NpsSeeded
 from core.params import DEFAULT_KEEP
 from core.taskvector import TensorPlan
 from core.tensor_codec import Hybrid, LowRank, Seeded, Selection, ValueSpec, lowrank_rows
@@ -132,11 +134,14 @@ class HybridFitted(Fitted):
             self.cache[plan.name] = out
         return out
 
-    def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection | Hybrid:
-        dare = dare_selection(self.seed, plan.name, tau, self.keep)
+    def plan_factors(
+        self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec, dare: Selection
+    ) -> tuple[ValueSpec, LowRank, float] | None:
+        """The factors worth storing for one tensor and the residual's rate they leave (None:
+        DARE's selection ``dare`` at the keep does better). # tau: (numel,)"""
         shape = plan.shape
         if len(shape) != 2 or min(shape) < MIN_SIDE or self.rank < 1 or dare.values.numel() == 0:
-            return dare
+            return None
         # the budget is what DARE at this keep stores; a kept value costs what DARE's do
         budget = section_bits(dare.values, spec)
         per_value = budget / dare.values.numel()
@@ -148,14 +153,22 @@ class HybridFitted(Fitted):
             if rate > 0 and (1 / rate - 1) * left < err:
                 err, best = (1 / rate - 1) * left, (r, fspec, f, rate)
         if best is None:
-            return dare
+            return None
         r, fspec, factors, rate = best
         self.result.setdefault("factored", {})[plan.name] = {
             "rank": r,
             "bits": fspec.bits,
             "rate": round(rate, 6),
         }
-        residual = tau - lowrank_rows(factors, 0, m).reshape(-1)
+        return fspec, factors, rate
+
+    def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection | Hybrid:
+        dare = dare_selection(self.seed, plan.name, tau, self.keep)
+        planned = self.plan_factors(plan, tau, spec, dare)
+        if planned is None:
+            return dare
+        fspec, factors, rate = planned
+        residual = tau - lowrank_rows(factors, 0, plan.shape[0]).reshape(-1)
         return Hybrid(factors, dare_selection(self.seed, plan.name, residual, rate), fspec)
 
 
@@ -197,3 +210,139 @@ class HybridMethod(Method):
             widths=self.widths,
             seed=ctx.seed,
         )
+
+
+class _Residuals:
+    """The workspace as ``nps-seeded`` sees it under the factors: τ − A·Bᵀ where factored."""
+
+    def __init__(self, ws: Workspace, residuals: dict[str, torch.Tensor]) -> None:
+        self.delta_plans = ws.delta_plans
+        self._residuals = residuals
+
+    def load_taus(self) -> dict[str, torch.Tensor]:
+        return self._residuals
+
+
+class _OnFactors:
+    """The evaluator as ``nps-seeded`` sees it under the factors: each delta it applies lands
+    on A·Bᵀ (a factored tensor is then written whole, as a dense delta)."""
+
+    def __init__(self, ev: Evaluator, low: dict[str, torch.Tensor]) -> None:
+        self._ev = ev
+        self._low = low
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ev, name)
+
+    def apply(self, name: str, delta: torch.Tensor | None) -> None:
+        low = self._low.get(name)
+        if low is None:
+            self._ev.apply(name, delta)
+        else:
+            self._ev.apply(name, low if delta is None else low + delta.to(low))
+
+    def apply_sparse(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        low = self._low.get(name)
+        if low is None:
+            self._ev.apply_sparse(name, index, values)
+            return
+        delta = low.clone()
+        delta[index.to(delta.device)] += values.to(delta)
+        self._ev.apply(name, delta)
+
+
+@dataclass
+class HybridSeededFitted(Fitted):
+    planned: dict[str, tuple[ValueSpec, LowRank]] | None = None
+    residual: Fitted | None = None
+
+    def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection | Hybrid:
+        assert self.planned is not None and self.residual is not None
+        got = self.planned.get(plan.name)
+        if got is None:
+            sel = self.residual.select(plan, tau, spec)
+            assert isinstance(sel, Selection)
+            return sel
+        fspec, factors = got
+        residual = tau - lowrank_rows(factors, 0, plan.shape[0]).reshape(-1)
+        sel = self.residual.select(plan, residual, spec)
+        assert isinstance(sel, Selection)
+        return Hybrid(factors, sel, fspec)
+
+
+class HybridSeeded(Method):
+    """``hybrid``'s factors, then ``nps-seeded``'s search on what they leave.
+
+    The factors are chosen tensor by tensor as ``hybrid`` chooses them (at DARE's budget for
+    ``keep``); the residual gets the rest of the budget, r' = keep − (factor bits)/(D·value
+    bits) overall, and ``nps-seeded`` searches its per-group rates and scales at r' with every
+    candidate evaluated on top of the factors. ``options`` go to ``nps-seeded``."""
+
+    name = "hybrid-seeded"
+    paper = "https://arxiv.org/abs/2505.18713"
+    searches = True
+
+    def __init__(
+        self,
+        keep: float = DEFAULT_KEEP,
+        rank: int = DEFAULT_RANK,
+        factor_bits: tuple[int, ...] | list[int] | int = DEFAULT_FACTOR_BITS,
+        **options: Any,
+    ) -> None:
+        self.factors = HybridMethod(keep, rank, factor_bits)
+        self.keep = self.factors.keep
+        NpsSeeded(keep=self.keep, **options)  # the options are checked now, not after the SVDs
+        self.options = options
+
+    def fit(self, ws: Workspace, ctx: FitContext) -> Fitted:
+        chooser = self.factors.fit(ws, ctx)
+        assert isinstance(chooser, HybridFitted)
+        taus = ws.load_taus()
+        planned: dict[str, tuple[ValueSpec, LowRank]] = {}
+        residuals: dict[str, torch.Tensor] = {}
+        low: dict[str, torch.Tensor] = {}
+        spent = 0.0  # value bits the factors take from the budget
+        total = 0
+        for plan in ws.delta_plans:
+            tau = taus[plan.name]
+            total += tau.numel()
+            spec = ValueSpec.from_bits(ctx.value_bits, plan.dtype)
+            dare = dare_selection(ctx.seed, plan.name, tau, self.keep)
+            got = chooser.plan_factors(plan, tau, spec, dare)
+            if got is None:
+                residuals[plan.name] = tau
+                continue
+            fspec, factors, rate = got
+            planned[plan.name] = (fspec, factors)
+            lr = lowrank_rows(factors, 0, plan.shape[0]).reshape(-1)
+            residuals[plan.name] = tau - lr
+            low[plan.name] = lr.to(ctx.device)
+            spent += (self.keep - rate) * tau.numel()  # in kept entries at DARE's value cost
+        keep = max((self.keep * total - spent) / total, 1e-6)
+        inner = FitContext(
+            keep=keep,
+            value_bits=ctx.value_bits,
+            seed=ctx.seed,
+            evaluator=None if ctx.evaluator is None else _OnFactors(ctx.evaluator, low),
+            progress=ctx.progress,
+        )
+        residual = NpsSeeded(keep=keep, **self.options).fit(
+            cast(Workspace, _Residuals(ws, residuals)), inner
+        )
+        ctx.evaluations += inner.evaluations
+        return HybridSeededFitted(
+            params={**self.factors_params(ctx), "residual": residual.params},
+            result={
+                "factored": chooser.result.get("factored", {}),
+                "residual_keep": keep,
+                "residual": residual.result,
+            },
+            trace=residual.trace,
+            notes=residual.notes,
+            planned=planned,
+            residual=residual,
+        )
+
+    def factors_params(self, ctx: FitContext) -> dict[str, Any]:
+        f = self.factors
+        return {"keep": self.keep, "rank": f.rank, "factor_bits": list(f.widths), "seed": ctx.seed}

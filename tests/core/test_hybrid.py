@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -179,3 +180,36 @@ def test_rows_of_the_factors_are_the_lowrank_rows(tmp_path: Path) -> None:
         factors, positions, values = decode_hybrid(r.doc.tensor_map()["attn.weight"], r)
     empty = positions[:0]
     assert torch.equal(hybrid_rows(factors, empty, values[:0], 3, 9), lowrank_rows(factors, 3, 9))
+
+
+def test_hybrid_seeded_searches_the_residual_on_top_of_the_factors(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """``hybrid-seeded`` keeps ``hybrid``'s factors and searches ``nps-seeded``'s rates and
+    scales for what they leave, at the budget they leave; its stored fidelity is measured on
+    the written delta (factors and residual) and it stores about what DARE does."""
+    common: dict[str, Any] = {
+        "keep": 0.05,
+        "value_bits": 4,
+        "evaluation": "fidelity",
+        "calibration": tiny_models["calibration"],
+    }
+    out = tmp_path / "s.slim"
+    r = compress(
+        tiny_models["base"],
+        tiny_models["ft"],
+        out,
+        method="hybrid-seeded",
+        options={"generations": 1},
+        **common,
+    )
+    dare = compress(
+        tiny_models["base"], tiny_models["ft"], tmp_path / "d.slim", method="dare", **common
+    )
+    with DeltaReader(out) as reader:
+        assert "hybrid" in {t.kind for t in reader.doc.tensors}
+        result = reader.doc.method["result"]
+        assert 0 < result["residual_keep"] < 0.05 and result["factored"]
+        assert result["residual"]["subspaces"]  # nps-seeded's own record
+    assert r.fidelity is not None and r.evaluations > 1
+    assert r.stored_bytes <= 1.1 * dare.stored_bytes
