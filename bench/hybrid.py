@@ -30,13 +30,14 @@ from core.workspace import Workspace
 #: fine-tunes are not.
 TINY_STEPS, TINY_SUBSET = 50, 3000
 RANKS = (1, 2, 4, 8)
+KEEPS = (0.015, 0.02)
 
 
-def grid(seeds: tuple[int, ...], searched: bool) -> list[Series]:
+def grid(seeds: tuple[int, ...], searched: bool, keeps: tuple[float, ...] = KEEPS) -> list[Series]:
     """Equal-bit pairs at 2-bit values around 0.04–0.06 bits/param."""
     rows = [
-        Series("dare", "dare", (0.015, 0.02), (2,), seeds),
-        Series("hybrid", "hybrid", (0.015, 0.02), (2,), seeds),
+        Series("dare", "dare", keeps, (2,), seeds),
+        Series("hybrid", "hybrid", keeps, (2,), seeds),
     ]
     if searched:
         rows += [
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--no-searched", action="store_true", help="skip the nps-seeded row")
     ap.add_argument("--series", nargs="+", help="measure only these series")
+    ap.add_argument("--keeps", nargs="+", type=float, default=list(KEEPS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
 
             summary = run_task(
                 task,
-                grid(tuple(args.seeds), not args.no_searched),
+                grid(tuple(args.seeds), not args.no_searched, tuple(args.keeps)),
                 n_cal=128,
                 workdir=Path(tmp),
                 log=log,
