@@ -50,13 +50,14 @@ from core.methods.hybrid import HybridFitted
 from core.methods.nps import default_popsize
 from core.params import (
     AUTO_CALIBRATION_LIMIT,
+    DEFAULT_LOWRANK_KEEP,
     DEFAULT_MIN_FIDELITY,
     DEFAULT_SEED,
     CompressOutcome,
     Evaluation,
     Method,
 )
-from core.tensor_codec import Hybrid, Selection, ValueSpec, lowrank_rows
+from core.tensor_codec import Hybrid, LowRank, Selection, ValueSpec, lowrank_rows
 from core.workspace import Workspace
 
 #: 0.3 and 0.5 reach floors of top-1 agreement ≥ 0.99, which DARE at 20% may miss on a
@@ -65,6 +66,8 @@ KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 #: 3-bit values: at 2.5% keep they stored what 4-bit values at 2% did and kept more of the
 #: gain on both benchmark tasks (bench/NOTES.md, third sitting); 3% is the nearby keep step
 BITS = (1, 2, 3, 4, 8, 16)
+#: ``lowrank``'s factor widths auto tries (each judged once: its rank rule is its own).
+LOWRANK_BITS = (8, 16)
 #: Seconds auto may spend judging before it stops trying searched candidates (the DARE
 #: screen always completes; model loading and the final encoding come on top).
 TIME_BUDGET = 180.0
@@ -78,10 +81,17 @@ class Candidate:
     method: str
     keep: float
     value_bits: int
+    #: bits per parameter counted from the candidate's own selections once judged (``lowrank``,
+    #: whose ranks, and so size, are known only then)
+    measured_bits: float | None = field(default=None, compare=False)
 
     @property
     def estimated_bits(self) -> float:
         """Stored bits per parameter, before zstd: values, plus positions if explicit."""
+        if self.measured_bits is not None:
+            return self.measured_bits
+        if self.method == Method.LOWRANK:
+            return math.inf  # not known before it is judged
         per_value = self.value_bits
         if self.method in ("magnitude", "magnitude-scaled", "nps"):
             r = self.keep
@@ -232,11 +242,16 @@ class _Run:
         assert fitted is not None
         if isinstance(fitted, HybridFitted):
             fitted.cache = self.factor_cache  # the factors do not depend on the keep
+        stored = 0.0  # value bits of what is selected (lowrank's size)
         for plan in self.ws.delta_plans:
-            if plan.name not in self.ev.tensor_names:
-                continue
             spec = ValueSpec.from_bits(cand.value_bits, plan.dtype)
+            if plan.name not in self.ev.tensor_names:
+                if cand.method == Method.LOWRANK:
+                    sel = fitted.select(plan, self.ws.tau(plan), spec)
+                    stored += _stored_values(sel) * cand.value_bits
+                continue
             sel = fitted.select(plan, self.ws.tau(plan), spec)
+            stored += _stored_values(sel) * cand.value_bits
             if isinstance(sel, Selection):
                 idx = torch.from_numpy(sel.positions)
                 self.ev.apply_sparse(plan.name, idx, spec.round(sel.values))
@@ -272,9 +287,21 @@ class _Run:
             }
         )
         self.report(cand, fid, passed)
+        if cand.method == Method.LOWRANK:
+            cand = replace(cand, measured_bits=stored / max(self.ws.delta_numel, 1))
+            self.trail[-1]["estimated_bits"] = round(cand.estimated_bits, 6)
         judged = _Judged(cand, fitted, tuple(parts), fid, passed)
         self.judged.append(judged)
         return judged
+
+
+def _stored_values(sel: Selection | LowRank | Hybrid) -> int:
+    """Values a selection stores (kept entries, factor entries, or both)."""
+    if isinstance(sel, Selection):
+        return int(sel.positions.size)
+    if isinstance(sel, Hybrid):
+        return int(sel.factors.a.numel() + sel.factors.b.numel() + sel.residual.positions.size)
+    return int(sel.a.numel() + sel.b.numel())
 
 
 def _screen(run: _Run, dare: list[Candidate], bound: float = math.inf) -> Candidate | None:
@@ -324,11 +351,11 @@ def _screen(run: _Run, dare: list[Candidate], bound: float = math.inf) -> Candid
     return best
 
 
-def _screen_families(run: _Run, unsearched: list[Candidate]) -> float:
+def _screen_families(run: _Run, unsearched: list[Candidate], bound: float = math.inf) -> float:
     """Screen each unsearched family in the order given (DARE, then the hybrid), each below
     the cheapest pass so far — a later family is judged only where it would store less than
-    what already passed; returns that cheapest pass's estimated bits (inf: none passed)."""
-    bound = math.inf
+    what already passed (and than ``bound``); returns the cheapest pass's estimated bits
+    (``bound`` when none is cheaper)."""
     for family in dict.fromkeys(c.method for c in unsearched):
         best = _screen(run, [c for c in unsearched if c.method == family], bound)
         if best is not None:
@@ -357,7 +384,11 @@ def _candidates(
 ) -> list[Candidate]:
     keeps = KEEPS if keep is None else (keep,)
     bits = BITS if value_bits is None else (value_bits,)
-    return ladder(methods, keeps, bits)
+    cands = ladder(tuple(m for m in methods if m != Method.LOWRANK), keeps, bits)
+    if Method.LOWRANK in methods:  # its own keep and rank rule; half precision or 8 bits
+        lr_keep = DEFAULT_LOWRANK_KEEP if keep is None else keep
+        cands += [Candidate(Method.LOWRANK, lr_keep, b) for b in LOWRANK_BITS if b in bits]
+    return cands
 
 
 def auto_compress(
@@ -425,10 +456,19 @@ def auto_compress(
             ws, ev, evaluation, min_fidelity, seed, generations, time_budget, progress, t0=t0
         )
         cands = _candidates(methods, keep, value_bits)
-        unsearched = [c for c in cands if not c.searches]
+        factored = [c for c in cands if c.method == Method.LOWRANK]
+        unsearched = [c for c in cands if not c.searches and c.method != Method.LOWRANK]
         searched = [c for c in cands if c.searches]
         run.remaining_searched = min(MAX_SEARCHED, len(searched))
-        bound = _screen_families(run, unsearched)
+        # lowrank first, each width once: its size is counted from what it selected, and
+        # a pass bounds every family after it (a merged LoRA's τ: far under any sparse one)
+        bound = math.inf
+        for c in factored:
+            run.remaining_screen = 1
+            j = run.judge(c)
+            if j.passed:
+                bound = min(bound, j.candidate.estimated_bits)
+        bound = _screen_families(run, unsearched, bound)
         below = _searched_below(searched, run.judged, bound)
         run.remaining_screen, run.remaining_searched = 0, len(below)
         for c in below:

@@ -321,3 +321,32 @@ def test_auto_judges_and_stores_the_hybrid_as_it_judged_it(
         kinds = {t.kind for t in reader.doc.tensors}
         assert "hybrid" in kinds and reader.doc.version == 5  # the tiny τ is low-rank + sparse
     assert r.method == "auto:hybrid"
+
+
+def test_lowrank_is_judged_once_per_width_and_sized_by_what_it_selected(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """``lowrank`` is judged first, at 8 and 16 bits, its size counted from its own factors
+    and entries (a rank is known only then); the stored candidate is the cheapest pass of
+    every family, and the trail's last step names each family's."""
+    out = tmp_path / "f.slim"
+    auto_compress(
+        tiny_models["base"],
+        tiny_models["ft"],
+        out,
+        min_fidelity=0.2,
+        keep=0.05,
+        methods=("lowrank", "dare"),
+        calibration=tiny_models["calibration"],
+    )
+    trail = _trail(out)
+    judged, final = trail[:-1], trail[-1]
+    low = [s for s in judged if s["method"] == "lowrank"]
+    assert [s["value_bits"] for s in low] == [8, 16] and judged[:2] == low
+    for s in low:  # its factors and its fallback's entries, at its width: never 0, never inf
+        assert 0 < s["estimated_bits"] < 16
+    assert low[1]["estimated_bits"] == pytest.approx(2 * low[0]["estimated_bits"])
+    passed = [s for s in judged if s["passed"]]
+    cheapest = min(passed, key=lambda s: s["estimated_bits"])
+    assert (final["encoded"], final["value_bits"]) == (cheapest["method"], cheapest["value_bits"])
+    assert set(final["families"]) == {"lowrank", "dare"}
