@@ -1,7 +1,7 @@
 """``hybrid``: low-rank factors plus a DARE residual, both paid from the same budget.
 
 A full fine-tune's τ is neither low-rank nor sparse: a few directions carry a large share of
-each matrix's energy (MiniLM, 770 steps: bench/results/hybrid.md) and the rest is spread
+some matrices' energy (MiniLM, 50 steps: bench/results/hybrid.md) and the rest is spread
 thin. ``hybrid`` stores, per 2-D tensor, the leading singular directions as quantised factors
 A·Bᵀ (as ``lowrank``, format §5a) and the residual R = τ − A·Bᵀ as DARE does: entries kept at
 seeded positions with rate ρ, rescaled by 1/ρ (Yu et al., https://arxiv.org/abs/2311.03099).
