@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from bench.data import Example, load_task
-from bench.finetune import base_model_dir, full_recipe, load_finetune, make_finetune, read_marker
+from bench.finetune import (
+    Recipe,
+    base_model_dir,
+    full_recipe,
+    load_finetune,
+    make_finetune,
+    read_marker,
+)
 from core.auto import auto_compress
 from core.compress import build_evaluator, compress
 from core.evaluate import Example as CalExample
@@ -219,13 +226,15 @@ def run_task(
     save: Any = None,
     earlier: dict[str, Any] | None = None,
     measure: set[str] | None = None,
+    recipe: Recipe | None = None,
 ) -> dict[str, Any]:
     """Run the grid on one task (torch's thread count as the caller set it). ``earlier`` is
     this task's result from an interrupted run: its rows are reused when the fine-tune recipe
     and the calibration size are the same. ``measure``: labels of the series to measure now
-    (None: all); the others only keep their reused rows."""
+    (None: all); the others only keep their reused rows. ``recipe``: the fine-tune to measure
+    (default :func:`bench.finetune.full_recipe`)."""
     task = load_task(task_name)
-    recipe = full_recipe(task_name)
+    recipe = recipe or full_recipe(task_name)
     ft_dir = make_finetune(recipe)
     base = base_model_dir()
     harness = TestHarness(ft_dir, list(task.test))

@@ -7,11 +7,13 @@ the fine-tune's (``accuracy``). docs/auto.md says it for users.
 
 Candidates (method, keep ratio, value bits) are scored in memory, nothing written:
 
-1. **DARE screen.** DARE fits nothing, so every calibration example is fair evidence: it is
-   judged on ``all`` of them. Fidelity rises with the keep ratio at a fixed value width, so
-   each width is bisected over the keep ladder (≤ 4 evaluations for 8 keeps), widths that can
-   only cost more than the best passing candidate so far are skipped, and the cheapest passing
-   candidate (by estimated stored bits) bounds the rest.
+1. **Screen of the unsearched families** (``dare``, then ``hybrid`` when asked: low-rank
+   factors plus a DARE residual at DARE's stored bits). They fit nothing, so every
+   calibration example is fair evidence: they are judged on ``all`` of them. Fidelity rises
+   with the keep ratio at a fixed value width, so each width is bisected over the keep ladder
+   (≤ 4 evaluations for 8 keeps), widths that can only cost more than the best passing
+   candidate so far are skipped, and a later family is judged only below the cheapest pass
+   of the earlier ones. That pass (by estimated stored bits) bounds the rest.
 2. **Searched candidates** (``nps-seeded``, a short search each) below that bound, from the
    largest down, judged on the **held-out** part only (never the part their search fitted);
    at most :data:`MAX_SEARCHED`, stopping at the first miss, and only while the search's
@@ -24,7 +26,8 @@ Candidates (method, keep ratio, value bits) are scored in memory, nothing writte
 
 The trail (``method.auto`` of the delta's document, and the first element of the result's
 ``trace``) says, for each judged candidate, its fidelity against the floor, on which part and
-how many examples, and the seconds it took; its final step says what was encoded and why.
+how many examples, and the seconds it took; its final step says what was encoded and why,
+and per family judged its cheapest pass (or none) and how many of its candidates failed.
 Progress is reported as one dict per candidate (docs/auto.md, "progress").
 """
 
@@ -43,16 +46,18 @@ from core.errors import InvalidArgument
 from core.evaluate import Evaluator, combined, part_label, relative_fidelity
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
+from core.methods.hybrid import HybridFitted
 from core.methods.nps import default_popsize
 from core.params import (
     AUTO_CALIBRATION_LIMIT,
+    DEFAULT_LOWRANK_KEEP,
     DEFAULT_MIN_FIDELITY,
     DEFAULT_SEED,
     CompressOutcome,
     Evaluation,
     Method,
 )
-from core.tensor_codec import Selection, ValueSpec
+from core.tensor_codec import Hybrid, LowRank, Selection, ValueSpec, lowrank_rows
 from core.workspace import Workspace
 
 #: 0.3 and 0.5 reach floors of top-1 agreement ≥ 0.99, which DARE at 20% may miss on a
@@ -61,6 +66,8 @@ KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 #: 3-bit values: at 2.5% keep they stored what 4-bit values at 2% did and kept more of the
 #: gain on both benchmark tasks (bench/NOTES.md, third sitting); 3% is the nearby keep step
 BITS = (1, 2, 3, 4, 8, 16)
+#: ``lowrank``'s factor widths auto tries (each judged once: its rank rule is its own).
+LOWRANK_BITS = (8, 16)
 #: Seconds auto may spend judging before it stops trying searched candidates (the DARE
 #: screen always completes; model loading and the final encoding come on top).
 TIME_BUDGET = 180.0
@@ -74,10 +81,17 @@ class Candidate:
     method: str
     keep: float
     value_bits: int
+    #: bits per parameter counted from the candidate's own selections once judged (``lowrank``,
+    #: whose ranks, and so size, are known only then)
+    measured_bits: float | None = field(default=None, compare=False)
 
     @property
     def estimated_bits(self) -> float:
         """Stored bits per parameter, before zstd: values, plus positions if explicit."""
+        if self.measured_bits is not None:
+            return self.measured_bits
+        if self.method == Method.LOWRANK:
+            return math.inf  # not known before it is judged
         per_value = self.value_bits
         if self.method in ("magnitude", "magnitude-scaled", "nps"):
             r = self.keep
@@ -146,6 +160,7 @@ class _Run:
     current_start: float = 0.0
     search_seconds: float = 0.0  # from auto's start to the encoding of its choice
     notes: list[str] = field(default_factory=list)
+    factor_cache: dict[str, Any] = field(default_factory=dict)  # hybrid's, see HybridFitted
 
     @property
     def elapsed(self) -> float:
@@ -225,13 +240,28 @@ class _Run:
         )
         fitted = method.fit(self.ws, ctx)
         assert fitted is not None
+        if isinstance(fitted, HybridFitted):
+            fitted.cache = self.factor_cache  # the factors do not depend on the keep
+        stored = 0.0  # value bits of what is selected (lowrank's size)
         for plan in self.ws.delta_plans:
-            if plan.name not in self.ev.tensor_names:
-                continue
             spec = ValueSpec.from_bits(cand.value_bits, plan.dtype)
+            if plan.name not in self.ev.tensor_names:
+                if cand.method == Method.LOWRANK:
+                    sel = fitted.select(plan, self.ws.tau(plan), spec)
+                    stored += _stored_values(sel) * cand.value_bits
+                continue
             sel = fitted.select(plan, self.ws.tau(plan), spec)
-            assert isinstance(sel, Selection)  # auto searches the sparse methods only
-            self.ev.apply_sparse(plan.name, torch.from_numpy(sel.positions), spec.round(sel.values))
+            stored += _stored_values(sel) * cand.value_bits
+            if isinstance(sel, Selection):
+                idx = torch.from_numpy(sel.positions)
+                self.ev.apply_sparse(plan.name, idx, spec.round(sel.values))
+            elif isinstance(sel, Hybrid):  # factors already rounded as stored
+                res = sel.residual
+                delta = lowrank_rows(sel.factors, 0, plan.shape[0]).reshape(-1)
+                delta[torch.from_numpy(res.positions)] += spec.round(res.values)
+                self.ev.apply(plan.name, delta)
+            else:
+                self.ev.apply(plan.name, lowrank_rows(sel, 0, plan.shape[0]).reshape(-1))
         # searched candidates are judged on the held-out part only; DARE on every example
         parts = ("holdout",) if cand.searches and "holdout" in self.ev.parts else self.ev.parts
         t_eval = time.perf_counter()
@@ -257,13 +287,26 @@ class _Run:
             }
         )
         self.report(cand, fid, passed)
+        if cand.method == Method.LOWRANK:
+            cand = replace(cand, measured_bits=stored / max(self.ws.delta_numel, 1))
+            self.trail[-1]["estimated_bits"] = round(cand.estimated_bits, 6)
         judged = _Judged(cand, fitted, tuple(parts), fid, passed)
         self.judged.append(judged)
         return judged
 
 
-def _screen(run: _Run, dare: list[Candidate]) -> Candidate | None:
-    """The cheapest passing DARE candidate (None if none passes), judging few.
+def _stored_values(sel: Selection | LowRank | Hybrid) -> int:
+    """Values a selection stores (kept entries, factor entries, or both)."""
+    if isinstance(sel, Selection):
+        return int(sel.positions.size)
+    if isinstance(sel, Hybrid):
+        return int(sel.factors.a.numel() + sel.factors.b.numel() + sel.residual.positions.size)
+    return int(sel.a.numel() + sel.b.numel())
+
+
+def _screen(run: _Run, dare: list[Candidate], bound: float = math.inf) -> Candidate | None:
+    """The cheapest passing candidate of one unsearched family (DARE, the hybrid) that stores
+    less than ``bound`` (None if none passes), judging few.
 
     Fidelity is taken to rise with the keep ratio at a width, and with the width at a keep
     (fewer value bits only add rounding). Widths are visited from the widest down; at each,
@@ -280,8 +323,8 @@ def _screen(run: _Run, dare: list[Candidate]) -> Candidate | None:
     failed_keep = 0.0  # the largest keep seen to fail (at this width or a wider one)
 
     def open_(b: int) -> list[Candidate]:
-        bound = best.estimated_bits if best is not None else math.inf
-        return [c for c in by_width[b] if c.keep > failed_keep and c.estimated_bits < bound - 1e-12]
+        limit = best.estimated_bits if best is not None else bound
+        return [c for c in by_width[b] if c.keep > failed_keep and c.estimated_bits < limit - 1e-12]
 
     def plan(rest: list[int]) -> int:
         return sum(1 + _bisection_steps(len(open_(b)) - 1) for b in rest if open_(b))
@@ -308,6 +351,18 @@ def _screen(run: _Run, dare: list[Candidate]) -> Candidate | None:
     return best
 
 
+def _screen_families(run: _Run, unsearched: list[Candidate], bound: float = math.inf) -> float:
+    """Screen each unsearched family in the order given (DARE, then the hybrid), each below
+    the cheapest pass so far — a later family is judged only where it would store less than
+    what already passed (and than ``bound``); returns the cheapest pass's estimated bits
+    (``bound`` when none is cheaper)."""
+    for family in dict.fromkeys(c.method for c in unsearched):
+        best = _screen(run, [c for c in unsearched if c.method == family], bound)
+        if best is not None:
+            bound = best.estimated_bits
+    return bound
+
+
 def _searched_below(
     searched: list[Candidate], judged: list[_Judged], bound: float
 ) -> list[Candidate]:
@@ -329,7 +384,11 @@ def _candidates(
 ) -> list[Candidate]:
     keeps = KEEPS if keep is None else (keep,)
     bits = BITS if value_bits is None else (value_bits,)
-    return ladder(methods, keeps, bits)
+    cands = ladder(tuple(m for m in methods if m != Method.LOWRANK), keeps, bits)
+    if Method.LOWRANK in methods:  # its own keep and rank rule; half precision or 8 bits
+        lr_keep = DEFAULT_LOWRANK_KEEP if keep is None else keep
+        cands += [Candidate(Method.LOWRANK, lr_keep, b) for b in LOWRANK_BITS if b in bits]
+    return cands
 
 
 def auto_compress(
@@ -397,11 +456,19 @@ def auto_compress(
             ws, ev, evaluation, min_fidelity, seed, generations, time_budget, progress, t0=t0
         )
         cands = _candidates(methods, keep, value_bits)
-        unsearched = [c for c in cands if not c.searches]
+        factored = [c for c in cands if c.method == Method.LOWRANK]
+        unsearched = [c for c in cands if not c.searches and c.method != Method.LOWRANK]
         searched = [c for c in cands if c.searches]
         run.remaining_searched = min(MAX_SEARCHED, len(searched))
-        best = _screen(run, unsearched)
-        bound = best.estimated_bits if best is not None else math.inf
+        # lowrank first, each width once: its size is counted from what it selected, and
+        # a pass bounds every family after it (a merged LoRA's τ: far under any sparse one)
+        bound = math.inf
+        for c in factored:
+            run.remaining_screen = 1
+            j = run.judge(c)
+            if j.passed:
+                bound = min(bound, j.candidate.estimated_bits)
+        bound = _screen_families(run, unsearched, bound)
         below = _searched_below(searched, run.judged, bound)
         run.remaining_screen, run.remaining_searched = 0, len(below)
         for c in below:
@@ -468,6 +535,7 @@ def _encode_best(
                     "value_bits": c.value_bits,
                     "fidelity": fid,
                     "bits_per_param": result.bits_per_param,
+                    "families": _families(run),
                     "reason": (
                         f"the smallest candidate that met the floor {run.floor}: fidelity "
                         f"{fid:.4f} as stored, on {part_label(run.ev, j.parts)} "
@@ -513,6 +581,7 @@ def _encode_best(
             "value_bits": None,
             "fidelity": result.fidelity,
             "bits_per_param": result.bits_per_param,
+            "families": _families(run),
             "reason": reason,
         }
     )
@@ -525,6 +594,21 @@ def _encode_best(
             "smaller delta",
         ],
     )
+
+
+def _families(run: _Run) -> dict[str, Any]:
+    """Per family judged, its cheapest passing candidate in memory (``estimated_bits``,
+    fidelity), or None with how many of its candidates failed: why one family won."""
+    out: dict[str, Any] = {}
+    for j in run.judged:
+        c = j.candidate
+        entry = out.setdefault(c.method, {"passed": None, "failed": 0})
+        if not j.passed:
+            entry["failed"] += 1
+        elif entry["passed"] is None or c.estimated_bits < entry["passed"]["estimated_bits"]:
+            entry["passed"] = {**c.describe(), "estimated_bits": round(c.estimated_bits, 6)}
+            entry["passed"]["fidelity"] = j.fidelity
+    return out
 
 
 def _record_trail(

@@ -53,13 +53,17 @@ from core.reconstruct import RebuildHasher, tensor_pieces
 from core.safetensors_io import tensor_to_bytes
 from core.summary import delta_sizes
 from core.tensor_codec import (
+    Hybrid,
     LowRank,
     Selection,
     ValueSpec,
+    decode_hybrid,
     decode_lowrank,
     decode_sparse,
+    encode_hybrid,
     encode_lowrank,
     encode_sparse,
+    hybrid_rows,
     lowrank_rows,
 )
 from core.workspace import Workspace
@@ -408,7 +412,7 @@ def _encode(
             else:
                 base_ref = ws.base.tensors[plan.base_name or ""]
                 te.base_name, te.base_dtype = plan.base_name, base_ref.info.dtype
-                sel: Selection | LowRank | None = None
+                sel: Selection | LowRank | Hybrid | None = None
                 if fitted is None:  # lossless
                     _encode_lossless(ws, te, prefix, writer, level)
                 else:
@@ -421,7 +425,15 @@ def _encode(
                         del tau  # not held while the tensor is rebuilt and hashed below
                     if sel is None:
                         te.kind = "same"  # τ is all zero
-                if isinstance(sel, LowRank):
+                if isinstance(sel, Hybrid):
+                    encode_hybrid(te, prefix, sel, spec, writer, level)
+                    kept += (te.rank or 0) * sum(plan.shape) + te.nnz
+                    sel = None
+                    if ctx.evaluator is not None:
+                        delta_for_eval = hybrid_rows(
+                            *decode_hybrid(te, writer), 0, plan.shape[0]
+                        ).reshape(-1)
+                elif isinstance(sel, LowRank):
                     encode_lowrank(te, prefix, sel, factor_spec(spec), writer, level)
                     sel = None
                     kept += (te.rank or 0) * sum(plan.shape)  # stored factor values

@@ -8,9 +8,13 @@ from core.params import VALUE_BITS
 
 #: Version of the delta container document; readers refuse versions they do not know.
 FORMAT_VERSION = 5
+#: The first version with ``hybrid`` tensors (low-rank factors plus a sparse residual); a
+#: reader refuses them in an older document.
+HYBRID_VERSION = 5
 #: Versions this reader reads (1: before ``recon_xxh3``, checked by sha256 instead; 1–2:
 #: lossless planes in one zstd frame, rebuilt a whole tensor at a time; 1–3: no ``lowrank``
-#: tensors; 1–4: no lossless tensor XORs a base of another dtype, ``base_cast``).
+#: tensors; 1–4: no ``hybrid`` tensors, no lossless tensor XORs a base of another dtype
+#: (``base_cast``) or stores ulp residuals).
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
 #: ``__metadata__`` key of a delta container that holds the JSON document.
 METADATA_KEY = "slimstore"

@@ -17,7 +17,13 @@ import torch
 from core.constants import DTYPES
 from core.delta_format import FrameSource, TensorEntry
 from core.safetensors_io import TensorInfo, bytes_to_tensor, tensor_view
-from core.tensor_codec import decode_lowrank, decode_sparse, lowrank_rows
+from core.tensor_codec import (
+    decode_hybrid,
+    decode_lowrank,
+    decode_sparse,
+    hybrid_rows,
+    lowrank_rows,
+)
 
 #: Raw bytes of elements ``[a, b)`` of a base tensor, in a fresh writable buffer.
 BaseBytes = Callable[[int, int], memoryview]
@@ -79,14 +85,21 @@ def lowrank_maker(
     entry: TensorEntry, reader: FrameSource, info: TensorInfo, base: BaseBytes, scale: float
 ) -> Callable[[int, int], memoryview]:
     """Elements ``[a, b)`` of a ``lowrank`` tensor: the rows of A·Bᵀ covering them (a piece
-    and at most two partial rows in memory, never the whole product) added to the base."""
-    factors = decode_lowrank(entry, reader)
+    and at most two partial rows in memory, never the whole product) added to the base; of a
+    ``hybrid`` tensor, those rows plus its residual's entries there."""
     n = entry.shape[1]
     dtype = DTYPES[entry.dtype][1]
+    rows: Callable[[int, int], torch.Tensor]
+    if entry.kind == "hybrid":
+        factors, positions, values = decode_hybrid(entry, reader)
+        rows = lambda r0, r1: hybrid_rows(factors, positions, values, r0, r1)  # noqa: E731
+    else:
+        low = decode_lowrank(entry, reader)
+        rows = lambda r0, r1: lowrank_rows(low, r0, r1)  # noqa: E731
 
     def lowrank(a: int, b: int) -> memoryview:
         r0, r1 = a // n, -(-b // n)
-        delta = lowrank_rows(factors, r0, r1).reshape(-1)[a - r0 * n : b - r0 * n]
+        delta = rows(r0, r1).reshape(-1)[a - r0 * n : b - r0 * n]
         if scale != 1.0:
             delta = scale * delta
         return tensor_view((_tensor(base(a, b), info.dtype).to(torch.float32) + delta).to(dtype))

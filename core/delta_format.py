@@ -21,6 +21,7 @@ import xxhash
 from core.constants import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    HYBRID_VERSION,
     MAX_HEADER_BYTES,
     METADATA_KEY,
     READABLE_VERSIONS,
@@ -35,7 +36,7 @@ from core.errors import (
 from core.files import CHUNK_SIZE, check_path
 from core.safetensors_io import Header, build_header, parse_header, read_header
 
-TENSOR_KINDS = ("sparse", "dense", "same", "lossless", "lowrank")
+TENSOR_KINDS = ("sparse", "dense", "same", "lossless", "lowrank", "hybrid")
 
 
 class FrameSource(Protocol):
@@ -90,7 +91,7 @@ class TensorEntry:
     """How to rebuild one tensor of the fine-tune."""
 
     name: str
-    kind: str  # sparse | dense | same | lossless | lowrank
+    kind: str  # sparse | dense | same | lossless | lowrank | hybrid (version 5)
     dtype: str  # the fine-tune's dtype
     shape: list[int]
     base_name: str | None = None
@@ -102,8 +103,8 @@ class TensorEntry:
     planes: list[int] | None = None  # lossless (version 3): size of each plane's zstd frame
     base_cast: bool | None = None  # lossless (version 5): the base is cast to dtype first
     residual: str | None = None  # lossless (version 5): "ulp", or (absent) the planes are XOR
-    rank: int | None = None  # lowrank (version 4): r, the factors' width
-    factors: dict[str, Any] | None = None  # lowrank: how A and B are coded (+ section sizes)
+    rank: int | None = None  # lowrank (version 4), hybrid (5): r, the factors' width
+    factors: dict[str, Any] | None = None  # lowrank, hybrid: how A and B are coded (+ sizes)
 
     @property
     def numel(self) -> int:
@@ -174,6 +175,10 @@ class DeltaDoc:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidDelta(f"delta document is malformed ({exc})") from None
+        if version < HYBRID_VERSION and any(t.kind == "hybrid" for t in doc.tensors):
+            raise InvalidDelta(
+                f"hybrid tensors need format version {HYBRID_VERSION} (got {version})"
+            )
         for f in doc.files:
             try:
                 check_path(f.path)

@@ -34,9 +34,11 @@ from core.safetensors_io import bytes_to_tensor
 from core.tensor_codec import (
     Selection,
     ValueSpec,
+    decode_hybrid,
     decode_lowrank,
     dense_delta,
     encode_sparse,
+    hybrid_rows,
     lowrank_rows,
 )
 
@@ -60,6 +62,8 @@ def task_delta(entry: TensorEntry, reader: DeltaReader, base: CheckpointDir) -> 
         return torch.zeros(entry.numel, dtype=torch.float32)
     if entry.kind == "lowrank":
         return lowrank_rows(decode_lowrank(entry, reader), 0, entry.shape[0]).reshape(-1)
+    if entry.kind == "hybrid":
+        return hybrid_rows(*decode_hybrid(entry, reader), 0, entry.shape[0]).reshape(-1)
     if entry.kind == "lossless":
         ft = bytes_to_tensor(tensor_bytes(entry, reader, base), entry.dtype, (entry.numel,))
         assert entry.base_name is not None

@@ -42,6 +42,8 @@ class Method(StrEnum):
     DARE = "dare"
     LOSSLESS = "lossless"
     LOWRANK = "lowrank"
+    HYBRID = "hybrid"
+    HYBRID_SEEDED = "hybrid-seeded"
     AUTO = "auto"
 
 
@@ -63,7 +65,7 @@ METHODS: tuple[str, ...] = tuple(str(m) for m in Method if m is not Method.AUTO)
 #: Methods whose CMA-ES search takes a ``generations`` option (``magnitude-scaled`` searches a
 #: single scale by golden section: no generations; which methods search at all is
 #: :attr:`core.methods.base.Method.searches`).
-GENERATIONS_METHODS = frozenset({Method.NPS, Method.NPS_SEEDED, Method.AUTO})
+GENERATIONS_METHODS = frozenset({Method.NPS, Method.NPS_SEEDED, Method.HYBRID_SEEDED, Method.AUTO})
 #: Evaluation kinds, as plain strings.
 EVAL_KINDS: tuple[str, ...] = tuple(str(e) for e in Evaluation)
 #: Merge methods, as plain strings.

@@ -297,7 +297,7 @@ def _piece_maker(
             return buf
 
         return dense, stream.finish
-    if entry.kind not in ("same", "sparse", "lossless", "lowrank"):
+    if entry.kind not in ("same", "sparse", "lossless", "lowrank", "hybrid"):
         raise InvalidDelta(f"tensor {entry.name!r} has unknown kind {entry.kind!r}")
     info = _base_info(base, entry)
     bitem = ITEMSIZES[info.dtype]
@@ -313,7 +313,7 @@ def _piece_maker(
 
     if entry.kind == "same":
         return delta_apply.converted(info, entry, base_piece), _nothing
-    if entry.kind == "lowrank":
+    if entry.kind in ("lowrank", "hybrid"):
         return delta_apply.lowrank_maker(entry, reader, info, base_piece, scale), _nothing
     return delta_apply.sparse_maker(entry, reader, info, base_piece, scale, first), _nothing
 

@@ -33,9 +33,10 @@ def delta_sizes(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def lowrank_summary(doc: DeltaDoc) -> dict[str, Any] | None:
-    """The factored tensors of a delta: how many, their ranks, the bytes of their factors and
-    the values a dense τ of the same tensors would hold (None when there are none)."""
-    low = [t for t in doc.tensors if t.kind == "lowrank" and t.rank]
+    """The factored tensors of a delta (``lowrank`` and ``hybrid``): how many, their ranks, the
+    bytes of their frames (a hybrid's residual included) and the values a dense τ of the same
+    tensors would hold (None when there are none)."""
+    low = [t for t in doc.tensors if t.kind in ("lowrank", "hybrid") and t.rank]
     if not low:
         return None
     ranks = sorted(int(t.rank or 0) for t in low)
@@ -102,7 +103,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             ],
             "tensors": {
                 k: sum(1 for t in doc.tensors if t.kind == k)
-                for k in ("sparse", "dense", "same", "lossless", "lowrank")
+                for k in ("sparse", "dense", "same", "lossless", "lowrank", "hybrid")
             },
             "lowrank": lowrank_summary(doc),
             "result": doc.method.get("result", {}),

@@ -67,6 +67,14 @@ def encode_sparse(
     one), then the values. Each section's size is recorded with its parameters.
     """
     entry.kind = "sparse"
+    entry.frame = writer.add(prefix, b"".join(_sparse_sections(entry, sel, spec, level)))
+
+
+def _sparse_sections(
+    entry: TensorEntry, sel: Selection, spec: ValueSpec, level: int
+) -> list[bytes]:
+    """The sections of a selection (positions or ambiguous bitmap, values); fills ``entry``'s
+    nnz, positions and values."""
     entry.nnz = int(sel.positions.size)
     sections: list[bytes] = []
     if sel.seeded is None:
@@ -91,7 +99,7 @@ def encode_sparse(
     section, vparams = encode_values(sel.values, spec.coding, spec.bits, level)
     entry.values = {"coding": spec.coding, "size": len(section), **vparams}
     sections.append(section)
-    entry.frame = writer.add(prefix, b"".join(sections))
+    return sections
 
 
 def _sections(entry: TensorEntry, frame: bytes) -> tuple[bytes, bytes]:
@@ -114,7 +122,13 @@ def decode_sparse(entry: TensorEntry, reader: FrameSource) -> tuple[np.ndarray, 
         raise InvalidDelta(f"sparse tensor {entry.name!r} lacks positions, values or its frame")
     if entry.nnz < 0 or entry.nnz > entry.numel:
         raise InvalidDelta(f"sparse tensor {entry.name!r} keeps more entries than it has")
-    first, values_section = _sections(entry, reader.frame(entry.frame))
+    return _decode_sparse_frame(entry, reader.frame(entry.frame))
+
+
+def _decode_sparse_frame(entry: TensorEntry, frame: bytes) -> tuple[np.ndarray, torch.Tensor]:
+    """Positions and values from a sparse frame's bytes (checked against ``entry``)."""
+    pos, vals = entry.positions or {}, entry.values or {}
+    first, values_section = _sections(entry, frame)
     numel = entry.numel
     if pos.get("mode") == "explicit":
         positions = decode_positions(str(pos.get("coding")), first, pos, entry.nnz, numel)
@@ -158,6 +172,16 @@ class LowRank:
     b: torch.Tensor  # (n, r) float32
 
 
+@dataclass
+class Hybrid:
+    """A 2-D tensor's τ as low-rank factors plus a sparse selection of what they leave:
+    τ ≈ A·Bᵀ + R, R kept at the selection's positions (format version 5)."""
+
+    factors: LowRank
+    residual: Selection
+    factor_spec: ValueSpec  # how A and B are coded (the residual: the method's value spec)
+
+
 def encode_lowrank(
     entry: TensorEntry,
     prefix: str,
@@ -168,11 +192,35 @@ def encode_lowrank(
 ) -> None:
     """Write a low-rank tensor's one frame (A's values, then B's, each a values section as in
     :func:`encode_sparse`, row-major) and fill ``entry``'s ``rank`` and ``factors``."""
+    entry.kind = "lowrank"
+    entry.frame = writer.add(prefix, b"".join(_factor_sections(entry, factors, spec, level)))
+
+
+def encode_hybrid(
+    entry: TensorEntry,
+    prefix: str,
+    hybrid: Hybrid,
+    spec: ValueSpec,
+    writer: DeltaWriter,
+    level: int,
+) -> None:
+    """Write a hybrid tensor's one frame: the factor sections of :func:`encode_lowrank` (coded
+    as ``hybrid.factor_spec``), then the residual's sections of :func:`encode_sparse`
+    (coded as ``spec``)."""
+    entry.kind = "hybrid"
+    sections = _factor_sections(entry, hybrid.factors, hybrid.factor_spec, level)
+    sections += _sparse_sections(entry, hybrid.residual, spec, level)
+    entry.frame = writer.add(prefix, b"".join(sections))
+
+
+def _factor_sections(
+    entry: TensorEntry, factors: LowRank, spec: ValueSpec, level: int
+) -> list[bytes]:
+    """A's and B's values sections; fills ``entry``'s ``rank`` and ``factors``."""
     m, n = entry.shape
     r = int(factors.a.shape[1])
     if tuple(factors.a.shape) != (m, r) or tuple(factors.b.shape) != (n, r):
         raise ValueError(f"factors of {entry.name!r} do not match its shape {entry.shape}")
-    entry.kind = "lowrank"
     entry.rank = r
     sections: list[bytes] = []
     coded: dict[str, dict[str, object]] = {}
@@ -181,15 +229,40 @@ def encode_lowrank(
         coded[key] = {"coding": spec.coding, "size": len(section), **params}
         sections.append(section)
     entry.factors = coded
-    entry.frame = writer.add(prefix, b"".join(sections))
+    return sections
 
 
 def decode_lowrank(entry: TensorEntry, reader: FrameSource) -> LowRank:
     """The float32 factors of a ``lowrank`` tensor (checked against its shape and frame)."""
+    if entry.frame is None:
+        raise InvalidDelta(f"lowrank tensor {entry.name!r} lacks its rank, factors or frame")
+    frame = reader.frame(entry.frame)
+    factors, at = _decode_factors(entry, frame)
+    if at != len(frame):
+        raise InvalidDelta(f"the factor sections of {entry.name!r} do not add up to its frame")
+    return factors
+
+
+def decode_hybrid(
+    entry: TensorEntry, reader: FrameSource
+) -> tuple[LowRank, np.ndarray, torch.Tensor]:
+    """The float32 factors of a ``hybrid`` tensor, and its residual's positions (int64, sorted)
+    and float32 values."""
+    if entry.frame is None or entry.positions is None or entry.values is None:
+        raise InvalidDelta(f"hybrid tensor {entry.name!r} lacks its residual or its frame")
+    if entry.nnz < 0 or entry.nnz > entry.numel:
+        raise InvalidDelta(f"hybrid tensor {entry.name!r} keeps more entries than it has")
+    frame = reader.frame(entry.frame)
+    factors, at = _decode_factors(entry, frame)
+    positions, values = _decode_sparse_frame(entry, frame[at:])
+    return factors, positions, values
+
+
+def _decode_factors(entry: TensorEntry, frame: bytes) -> tuple[LowRank, int]:
+    """The factors coded at the start of ``frame``, and where their sections end."""
     f, r = entry.factors, entry.rank
     if (
         f is None
-        or entry.frame is None
         or len(entry.shape) != 2
         or not isinstance(r, int)
         or isinstance(r, bool)
@@ -197,7 +270,6 @@ def decode_lowrank(entry: TensorEntry, reader: FrameSource) -> LowRank:
     ):
         raise InvalidDelta(f"lowrank tensor {entry.name!r} lacks its rank, factors or frame")
     m, n = entry.shape
-    frame = reader.frame(entry.frame)
     out: list[torch.Tensor] = []
     at = 0
     for key, rows in (("a", m), ("b", n)):
@@ -212,9 +284,7 @@ def decode_lowrank(entry: TensorEntry, reader: FrameSource) -> LowRank:
         values = decode_values(str(part.get("coding")), frame[at : at + size], part, rows * r)
         out.append(values.reshape(rows, r))
         at += size
-    if at != len(frame):
-        raise InvalidDelta(f"the factor sections of {entry.name!r} do not add up to its frame")
-    return LowRank(out[0], out[1])
+    return LowRank(out[0], out[1]), at
 
 
 def lowrank_rows(factors: LowRank, lo: int, hi: int) -> torch.Tensor:
@@ -230,4 +300,17 @@ def lowrank_rows(factors: LowRank, lo: int, hi: int) -> torch.Tensor:
     out = torch.zeros(hi - lo, b.shape[0], dtype=torch.float32)
     for k in range(a.shape[1]):
         out += a[:, k : k + 1] * b[:, k]
+    return out
+
+
+def hybrid_rows(
+    factors: LowRank, positions: np.ndarray, values: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of a hybrid tensor's delta: A·Bᵀ (as :func:`lowrank_rows`) plus the
+    residual's kept entries there. # (hi - lo, n)"""
+    out = lowrank_rows(factors, lo, hi)
+    n = factors.b.shape[0]
+    i0, i1 = np.searchsorted(positions, [lo * n, hi * n])
+    flat = out.reshape(-1)
+    flat[torch.from_numpy(positions[i0:i1] - lo * n)] += values[i0:i1]
     return out

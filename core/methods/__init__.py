@@ -7,6 +7,7 @@ from typing import Any
 from core.errors import InvalidArgument
 from core.methods.base import FitContext, Fitted, Method
 from core.methods.dare import Dare
+from core.methods.hybrid import HybridMethod, HybridSeeded
 from core.methods.lossless import Lossless
 from core.methods.lowrank import LowRankMethod
 from core.methods.magnitude import Magnitude, MagnitudeScaled
@@ -22,6 +23,8 @@ REGISTRY: dict[str, type[Method]] = {
     MethodName.DARE: Dare,
     MethodName.LOSSLESS: Lossless,
     MethodName.LOWRANK: LowRankMethod,
+    MethodName.HYBRID: HybridMethod,
+    MethodName.HYBRID_SEEDED: HybridSeeded,
 }
 
 

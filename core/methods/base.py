@@ -14,7 +14,7 @@ import torch
 from core.errors import Cancelled, InvalidArgument
 from core.evaluate import Evaluator, Score
 from core.taskvector import TensorPlan
-from core.tensor_codec import LowRank, Selection, ValueSpec
+from core.tensor_codec import Hybrid, LowRank, Selection, ValueSpec
 from core.workspace import Workspace
 
 Progress = Callable[[dict[str, Any]], None]
@@ -86,9 +86,11 @@ class Fitted(ABC):
     streams: ClassVar[bool] = False
 
     @abstractmethod
-    def select(self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec) -> Selection | LowRank:
-        """The kept positions and values of one tensor, or its factors (``lowrank``); called
-        in file order, once each."""
+    def select(
+        self, plan: TensorPlan, tau: torch.Tensor, spec: ValueSpec
+    ) -> Selection | LowRank | Hybrid:
+        """The kept positions and values of one tensor, its factors (``lowrank``), or both
+        (``hybrid``); called in file order, once each."""
 
     def select_slices(
         self, plan: TensorPlan, slices: Iterable[tuple[int, torch.Tensor]], spec: ValueSpec

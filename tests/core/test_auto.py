@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import core.auto
-from core.auto import Candidate, _screen, auto_compress, ladder
+from core.auto import Candidate, _screen, _screen_families, auto_compress, ladder
 from core.compress import compress
 from core.delta_format import DeltaReader
 from core.summary import describe
@@ -29,8 +29,8 @@ JUDGED = {
     "examples",
     "seconds",
 }
-FINAL = {"encoded", "keep", "value_bits", "fidelity", "bits_per_param", "reason"}
-LOSSLESS_FINAL = {"encoded", "fidelity", "bits_per_param", "reason"}  # keep/bits: None
+FINAL = {"encoded", "keep", "value_bits", "fidelity", "bits_per_param", "families", "reason"}
+LOSSLESS_FINAL = {"encoded", "fidelity", "bits_per_param", "families", "reason"}  # keep/bits: None
 PROGRESS = {
     "phase",
     "candidate_index",
@@ -259,3 +259,94 @@ def test_searches_go_below_the_bound_at_widths_where_dare_passed() -> None:
     # nothing passed: the largest searched candidates of any width
     anywhere = _searched_below(searched, [failed], float("inf"))
     assert anywhere[0] == Candidate("nps-seeded", 0.5, 16)
+
+
+def test_each_family_is_screened_below_the_cheapest_pass_so_far() -> None:
+    """DARE first, then the hybrid only where it would store less than DARE's pass: the bound
+    is the cheapest pass of either family, and no hybrid candidate at or above DARE's pass is
+    judged."""
+
+    def rule(c: Candidate) -> bool:
+        if c.method == "dare":
+            return c.keep >= 0.05 and c.value_bits >= 4
+        return c.keep >= 0.02 and c.value_bits >= 2
+
+    oracle = _Oracle(rule)
+    bound = _screen_families(oracle, ladder(("dare", "hybrid")))  # type: ignore[arg-type]
+    assert bound == pytest.approx(Candidate("hybrid", 0.02, 2).estimated_bits)
+    dare_best = Candidate("dare", 0.05, 4).estimated_bits
+    hybrid_asked = [c for c in oracle.asked if c.method == "hybrid"]
+    assert hybrid_asked and all(c.estimated_bits < dare_best for c in hybrid_asked)
+    assert [c.method for c in oracle.asked] == sorted(
+        (c.method for c in oracle.asked), key=("dare", "hybrid").index
+    )
+    # a hybrid that never passes leaves DARE's bound, after a few judgements
+    oracle = _Oracle(lambda c: c.method == "dare" and rule(c))
+    assert _screen_families(oracle, ladder(("dare", "hybrid"))) == dare_best  # type: ignore[arg-type]
+    assert 1 <= sum(c.method == "hybrid" for c in oracle.asked) <= 6
+
+
+def test_auto_judges_and_stores_the_hybrid_as_it_judged_it(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A hybrid candidate is judged with its factors and residual applied (on every example,
+    as DARE is: it fits nothing), stored as judged (the fitted factors reused; version 5),
+    and the trail's last step says, per family, its cheapest pass."""
+    out = tmp_path / "h.slim"
+    r = auto_compress(
+        tiny_models["base"],
+        tiny_models["ft"],
+        out,
+        min_fidelity=0.2,
+        keep=0.05,
+        value_bits=4,  # where the word embeddings' rank-2 factors are worth their cost
+        methods=("hybrid",),
+        calibration=tiny_models["calibration"],
+    )
+    trail = _trail(out)
+    judged, final = trail[:-1], trail[-1]
+    assert judged and all(s["method"] == "hybrid" and s["part"] == "all" for s in judged)
+    assert set(final) == FINAL and final["encoded"] == "hybrid"
+    fam = final["families"]["hybrid"]
+    assert fam["failed"] == sum(not s["passed"] for s in judged)
+    assert (fam["passed"]["keep"], fam["passed"]["value_bits"]) == (
+        final["keep"],
+        final["value_bits"],
+    )
+    chosen = [
+        s for s in judged if (s["keep"], s["value_bits"]) == (final["keep"], final["value_bits"])
+    ]
+    assert r.fidelity == pytest.approx(chosen[0]["fidelity"], abs=1e-9) and r.fidelity >= 0.2
+    with DeltaReader(out) as reader:
+        kinds = {t.kind for t in reader.doc.tensors}
+        assert "hybrid" in kinds and reader.doc.version == 5  # the tiny τ is low-rank + sparse
+    assert r.method == "auto:hybrid"
+
+
+def test_lowrank_is_judged_once_per_width_and_sized_by_what_it_selected(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """``lowrank`` is judged first, at 8 and 16 bits, its size counted from its own factors
+    and entries (a rank is known only then); the stored candidate is the cheapest pass of
+    every family, and the trail's last step names each family's."""
+    out = tmp_path / "f.slim"
+    auto_compress(
+        tiny_models["base"],
+        tiny_models["ft"],
+        out,
+        min_fidelity=0.2,
+        keep=0.05,
+        methods=("lowrank", "dare"),
+        calibration=tiny_models["calibration"],
+    )
+    trail = _trail(out)
+    judged, final = trail[:-1], trail[-1]
+    low = [s for s in judged if s["method"] == "lowrank"]
+    assert [s["value_bits"] for s in low] == [8, 16] and judged[:2] == low
+    for s in low:  # its factors and its fallback's entries, at its width: never 0, never inf
+        assert 0 < s["estimated_bits"] < 16
+    assert low[1]["estimated_bits"] == pytest.approx(2 * low[0]["estimated_bits"])
+    passed = [s for s in judged if s["passed"]]
+    cheapest = min(passed, key=lambda s: s["estimated_bits"])
+    assert (final["encoded"], final["value_bits"]) == (cheapest["method"], cheapest["value_bits"])
+    assert set(final["families"]) == {"lowrank", "dare"}

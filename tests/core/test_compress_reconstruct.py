@@ -14,7 +14,7 @@ import torch
 
 from core.checkpoint import CheckpointDir
 from core.compress import compress
-from core.constants import FORMAT_VERSION
+from core.constants import READABLE_VERSIONS
 from core.delta_format import DeltaReader
 from core.errors import (
     BaseMismatch,
@@ -232,12 +232,12 @@ def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
     doc = json.loads(header["__metadata__"]["slimstore"])
-    doc["version"] = FORMAT_VERSION + 1
+    doc["version"] = max(READABLE_VERSIONS) + 1
     header["__metadata__"]["slimstore"] = json.dumps(doc)
     body = json.dumps(header).encode()
     body += b" " * (-len(body) % 8)
     (tmp_path / "future.slim").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
-    with pytest.raises(UnsupportedFormatVersion, match=f"version {FORMAT_VERSION + 1}"):
+    with pytest.raises(UnsupportedFormatVersion, match=f"version {max(READABLE_VERSIONS) + 1}"):
         DeltaReader(tmp_path / "future.slim")
 
 

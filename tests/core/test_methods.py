@@ -31,6 +31,8 @@ def test_registry_names_papers_and_params() -> None:
         "dare",
         "lossless",
         "lowrank",
+        "hybrid",
+        "hybrid-seeded",
     }
     for cls in REGISTRY.values():
         assert cls.paper.startswith("https://arxiv.org/abs/")
