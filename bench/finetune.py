@@ -113,13 +113,7 @@ class Recipe:
 
     def key(self) -> str:
         """Short hash of the recipe (and of the data split and base model it depends on)."""
-        payload = {
-            "recipe": asdict(self),
-            "split_seed": SPLIT_SEED,
-            "base": f"{_BASE_DIST}=={_base_version()}",
-            "train_format": _TRAIN_FORMAT,
-        }
-        return _key(payload, self.bf16)
+        return _key("recipe", asdict(self), self.bf16)
 
     def dirname(self) -> str:
         return f"{self.task}-{self.key()}"
@@ -152,19 +146,19 @@ class LoraRecipe:
 
     def key(self) -> str:
         """Short hash of the recipe, the data split and the base model (as :meth:`Recipe.key`)."""
-        payload = {
-            "lora": asdict(self),
-            "split_seed": SPLIT_SEED,
-            "base": f"{_BASE_DIST}=={_base_version()}",
-            "train_format": _TRAIN_FORMAT,
-        }
-        return _key(payload, self.bf16)
+        return _key("lora", asdict(self), self.bf16)
 
     def dirname(self) -> str:
         return f"{self.task}-lora{self.rank}-{self.key()}"
 
 
-def _key(payload: dict, bf16: bool) -> str:
+def _key(kind: str, recipe: dict, bf16: bool) -> str:
+    payload = {
+        kind: recipe,
+        "split_seed": SPLIT_SEED,
+        "base": f"{_BASE_DIST}=={_base_version()}",
+        "train_format": _TRAIN_FORMAT,
+    }
     if bf16 and not cpu_has_bf16():
         # trained in fp32 here: another fixture than a bf16-trained one (recipes that do not
         # ask for bf16 keep the key they always had)

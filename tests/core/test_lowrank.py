@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.finetune import LORA_TARGETS
 from core.checkpoint import CheckpointDir
 from core.compress import compress
 from core.delta_format import DeltaReader, TensorEntry
@@ -198,16 +199,6 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-ADAPTED = (
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
-
-
 @pytest.mark.slow
 def test_merged_lora_of_the_real_base_round_trips_through_the_cli(tmp_path: Path) -> None:
     """The real MiniLM base + B·A (rank 8) on every attention and MLP matrix, through
@@ -219,7 +210,7 @@ def test_merged_lora_of_the_real_base_round_trips_through_the_cli(tmp_path: Path
     ft = dict(base)
     adapter_bytes = 0
     for name, w in base.items():
-        if w.ndim == 2 and name.startswith("encoder.") and any(a in name for a in ADAPTED):
+        if w.ndim == 2 and name.startswith("encoder.") and any(a in name for a in LORA_TARGETS):
             m, n = w.shape
             b_, a_ = (
                 0.02 * torch.randn(m, RANK, generator=g),
