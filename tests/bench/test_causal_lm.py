@@ -67,7 +67,7 @@ def test_training_lowers_the_loss() -> None:
     tok = train_tokenizer(TEXTS, TINY.vocab)
     model = LlamaForCausalLM(_config(TINY))
     losses = train(model, _stream(tok, TEXTS), TINY, 25, 3e-3, "tiny")
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
 def test_held_out_measures_against_the_reference(tmp_path: Path) -> None:
