@@ -166,9 +166,11 @@ def train(
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: (s + 1) / warm
-        if s < warm
-        else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
+        lambda s: (
+            (s + 1) / warm
+            if s < warm
+            else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+        ),
     )
     model.train()
     losses = []
@@ -440,10 +442,13 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="causal-lm-") as tmp:
         for fixture in args.fixtures:
-            methods = args.methods if fixture == "full" else [m for m in args.methods if m != "auto"]
+            methods = (
+                args.methods if fixture == "full" else [m for m in args.methods if m != "auto"]
+            )
             rows.append(measure(dirs, fixture, methods, Path(tmp), args.test, args.calibration))
     doc = {
-        "command": "python -m bench causal-lm " + " ".join(
+        "command": "python -m bench causal-lm "
+        + " ".join(
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()
             if k in ("methods", "fixtures", "test", "calibration")
