@@ -13,7 +13,8 @@ last, so a directory with one is complete):
 Measured on held-out text of the fine-tune domain (the test split; calibration for the
 searches comes from the validation split, never the test split): the base's and the
 fine-tune's perplexity (the gap), then per compression of the fine-tune (``lossless``,
-``dare``, ``nps-seeded``, ``lowrank`` at ≤ :data:`BITS` bits/param, and ``auto`` at its
+``dare``, ``magnitude``, ``nps-seeded`` at DARE's keep, ``lowrank`` (rank ≤
+:data:`LOWRANK_RANK`) at ≤ :data:`BITS` bits/param, and ``auto`` at its
 floor): bits/param, next-token top-1 agreement with the fine-tune, KL(fine-tune ‖ rebuilt)
 over the full vocabulary, perplexity, and gain kept = (ppl_base − ppl) / (ppl_base − ppl_ft).
 
@@ -56,7 +57,9 @@ BITS = 0.25
 GOAL_AGREEMENT = 0.99
 GOAL_GAIN = 0.95
 AUTO_FLOOR = 0.99
-METHODS = ("lossless", "dare", "nps-seeded", "lowrank", "auto")
+METHODS = ("lossless", "dare", "magnitude", "nps-seeded", "lowrank", "auto")
+#: ``lowrank``'s rank cap: rank 2 of a 256×256 matrix in fp16 factors is 0.25 bits/param.
+LOWRANK_RANK = 2
 RESULTS = Path(__file__).resolve().parent / "results"
 _FORMAT = 1
 
@@ -303,12 +306,12 @@ def _compress(
             base, ft, out, min_fidelity=AUTO_FLOOR, evaluation="fidelity", calibration=cal
         )
     kwargs: dict[str, Any] = {}
-    if method in ("dare", "nps-seeded"):
+    if method in ("dare", "magnitude", "nps-seeded"):
         kwargs = {"keep": keep, "value_bits": 4}
     if method == "nps-seeded":
         kwargs |= {"evaluation": "fidelity", "calibration": cal}
     if method == "lowrank":
-        kwargs = {"keep": 0.01, "value_bits": 16, "options": {"max_rank": 1}}
+        kwargs = {"keep": 0.01, "value_bits": 16, "options": {"max_rank": LOWRANK_RANK}}
     return compress(base, ft, out, method=method, **kwargs)
 
 
@@ -339,14 +342,18 @@ def measure(
         f"{ref_ft['perplexity']:.2f}; base agreement {ref_base['agreement']:.3f}",
         flush=True,
     )
-    keep = 0.05  # DARE's keep at BITS, found by one proportional step below
+    # DARE's keep at BITS, found by one proportional step (nps-seeded searches at DARE's keep)
+    keep = dare_keep = 0.05
     for method in methods:
         delta = work / f"{fixture}-{method}.slim"
         t = time.perf_counter()
+        keep = dare_keep if method == "nps-seeded" else 0.05
         out = _compress(method, base, ft, delta, cal, keep)
-        if method == "dare":
+        if method in ("dare", "magnitude"):
             keep = min(keep * BITS / out.bits_per_param, 1.0) * 0.98
             out = _compress(method, base, ft, delta, cal, keep)
+            if method == "dare":
+                dare_keep = keep
         seconds = time.perf_counter() - t
         rebuilt = work / f"{fixture}-{method}-rebuilt"
         reconstruct(base, delta, rebuilt)
