@@ -365,6 +365,9 @@ def measure(
             "value_bits": out.value_bits,
             "chosen": out.method,
             "compress_seconds": round(seconds, 1),
+            # what the search measured on calibration text (None without a model evaluation)
+            "calibration_fidelity": out.fidelity,
+            "notes": out.notes,
             **got,
             "gain_kept": _gain(ref_base["perplexity"], got["perplexity"], ref_ft["perplexity"]),
         }
