@@ -116,3 +116,18 @@ def test_lossless_and_auto_on_a_tiny_causal_fine_tune(tmp_path: Path) -> None:
     reconstruct(base, tmp_path / "a.slim", tmp_path / "a")
     assert held.measure(tmp_path / "a")["agreement"] >= 0.99
     assert out.bits_per_param > 0
+
+
+def test_the_subcommand_is_registered() -> None:
+    import argparse
+
+    from bench import causal_lm
+    from bench.__main__ import MODULES
+
+    assert MODULES["causal-lm"] == "causal_lm"
+    p = argparse.ArgumentParser()
+    causal_lm.add_arguments(p)
+    args = p.parse_args(["--methods", "dare", "auto", "--fixtures", "full", "--test", "8"])
+    assert (args.methods, args.fixtures, args.test) == (["dare", "auto"], ["full"], 8)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--methods", "zip"])
