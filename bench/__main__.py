@@ -14,6 +14,7 @@ MODULES = {
     "calibration": "calibration_size",
     "capacity": "capacity",
     "lora": "lora",
+    "causal-lm": "causal_lm",
 }
 
 
