@@ -219,15 +219,20 @@ def rebuilt_ahead(
     reader: FrameSource,
     base: CheckpointDir,
     scale: float = 1.0,
+    *,
+    piece: int = PIECE_BYTES,
+    depth: int = 2,
+    gate: Callable[[Iterator[bytes | memoryview]], Iterator[bytes | memoryview]] | None = None,
 ) -> Iterator[bytes | memoryview]:
     """Bytes ``[start, end)`` of each ``(entry, start, end)`` in order (``end`` None: to the
-    tensor's end), as :func:`tensor_pieces` rebuilt ahead in a helper thread. Memory holds a
-    few pieces, not tensors; the reader and the base are only used by the helper."""
-    return run_ahead(
-        chain.from_iterable(
-            tensor_pieces(entry, reader, base, scale, start, end) for entry, start, end in parts
-        )
+    tensor's end), as :func:`tensor_pieces` rebuilt about ``piece`` bytes at a time, ``depth``
+    pieces ahead in a helper thread. Memory holds a few pieces, not tensors; the reader and the
+    base are only used by the helper. ``gate`` wraps the pieces as they are made (a server
+    limits how many are rebuilt at once across its streams)."""
+    pieces = chain.from_iterable(
+        tensor_pieces(entry, reader, base, scale, start, end, piece) for entry, start, end in parts
     )
+    return run_ahead(gate(pieces) if gate is not None else pieces, depth)
 
 
 def tensor_pieces(

@@ -23,7 +23,6 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -37,8 +36,7 @@ from core.reconstruct import (
     check_base,
     iter_file,
     rebuild_check,
-    run_ahead,
-    tensor_pieces,
+    rebuilt_ahead,
     weight_header,
     weight_parts,
 )
@@ -176,12 +174,10 @@ class Reconstruction:
         if start < len(raw):
             yield from _slices(raw[start : min(end, len(raw))])
         parts = weight_parts(self.reader, self.file, header, start, end)
-        # core.reconstruct.rebuilt_ahead, with smaller pieces made in turn across streams
-        pieces = chain.from_iterable(
-            tensor_pieces(entry, self.reader, self.base, self.scale, a, b, PIECE_SIZE)
-            for entry, a, b in parts
+        rebuilt = rebuilt_ahead(
+            parts, self.reader, self.base, self.scale, piece=PIECE_SIZE, depth=AHEAD, gate=in_turn
         )
-        for data in run_ahead(in_turn(pieces), AHEAD):
+        for data in rebuilt:
             yield from _slices(data)
             del data
 
