@@ -53,6 +53,7 @@ from bench.finetune import (
     predict,
     read_marker,
 )
+from core.auto import auto_compress
 from core.compress import compress
 from core.device import cpu_has_bf16
 from core.evaluate import Example as CalExample
@@ -62,7 +63,9 @@ from core.summary import describe
 TASKS = ("rotten_tomatoes", "tweets")
 RANKS = (8, 32)
 PRECISIONS = ("fp32", "bf16")
-METHODS = ("lowrank", "lossless", "dare", "nps-seeded")
+METHODS = ("lowrank", "lossless", "dare", "nps-seeded", "auto")
+#: ``auto``'s floor here: its default, top-1 agreement with the merged fine-tune on calibration
+AUTO_FLOOR = 0.99
 #: The goal: stored ≤ 1.1× the adapter's fp16 size with ≥ 99.9% top-1 agreement.
 GOAL_RATIO = 1.1
 GOAL_AGREEMENT = 0.999
@@ -269,8 +272,18 @@ def measure(
             kwargs["calibration"] = [
                 CalExample(e.text, e.label) for e in task.validation[:NPS_CALIBRATION]
             ]
+        if method == "auto":  # its default families and calibration, nothing pinned
+            kwargs = {
+                "min_fidelity": AUTO_FLOOR,
+                "calibration": [
+                    CalExample(e.text, e.label) for e in task.validation[:NPS_CALIBRATION]
+                ],
+            }
         t = time.perf_counter()
-        out = compress(base, merged, delta, method=method, **kwargs)
+        if method == "auto":
+            out = auto_compress(base, merged, delta, **kwargs)
+        else:
+            out = compress(base, merged, delta, method=method, **kwargs)
         if method == "dare" and low_bytes:
             # τ is zero outside the adapted matrices, so ``keep`` applies to a third of the
             # parameters: one proportional step puts DARE at lowrank's bytes
@@ -287,6 +300,9 @@ def measure(
             "compress_seconds": round(seconds, 1),
             "vs_adapter_fp16": out.weight_bytes / adapter_fp16,
         }
+        if method == "auto":
+            entry["chosen"] = out.method
+            entry["probe"] = _probe(delta)
         if method == "lowrank":
             bits = out.bits_per_param
             low_bytes = out.weight_bytes
@@ -321,6 +337,15 @@ def measure(
         )
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def _probe(delta: Path) -> dict[str, Any] | None:
+    """What ``auto``'s low-rank probe found (its ranks and whether lowrank was judged)."""
+    from core.delta_format import DeltaReader
+
+    with DeltaReader(delta) as r:
+        probe = r.doc.method.get("auto", {}).get("lowrank_probe")
+    return dict(probe) if probe else None
 
 
 def _ranks(delta: Path) -> dict[str, int]:
@@ -391,7 +416,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Goal: `lowrank` ≤ {doc['goal']['ratio']}× the adapter's fp16 size (its safetensors "
         f"file in fp16, head included) with ≥ {doc['goal']['agreement']:.1%} top-1 agreement "
         "with the merged fine-tune (whole test split). `dare` runs at `lowrank`'s stored bytes, "
-        "`nps-seeded` at `dare`'s keep; `lossless` is bit-identical.",
+        "`nps-seeded` at `dare`'s keep; `lossless` is bit-identical; `auto` with its defaults "
+        f"(floor {AUTO_FLOOR} on {NPS_CALIBRATION} validation texts, nothing pinned).",
         "",
         "| fixture | prec | merged acc | adapter fp16 | method | stored | × adapter | "
         "bits/param | agreement | acc | ranks / note |",
@@ -411,6 +437,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 if "worst_bound" in e["error"]:
                     note += f", err/bf16 bound {e['error']['worst_bound']:.2f}"
                 note += f", {e['error']['exact']:.1%} bit-exact"
+            if method == "auto":
+                probe = e.get("probe") or {}
+                note = f"chose `{e['chosen']}`; probe: {probe.get('reason', 'not run')}"
             acc = e.get("accuracy")
             lines.append(
                 f"| {name} | {row['precision']} | {row['merged_accuracy']:.4f} | "

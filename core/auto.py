@@ -47,6 +47,7 @@ from core.evaluate import Evaluator, combined, part_label, relative_fidelity
 from core.methods import FitContext, Fitted, make_method
 from core.methods.base import Progress
 from core.methods.hybrid import HybridFitted
+from core.methods.lowrank import PROBE_RANK, looks_low_rank, probe_ranks
 from core.methods.nps import default_popsize
 from core.params import (
     AUTO_CALIBRATION_LIMIT,
@@ -68,6 +69,11 @@ KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 BITS = (1, 2, 3, 4, 8, 16)
 #: ``lowrank``'s factor widths auto tries (each judged once: its rank rule is its own).
 LOWRANK_BITS = (8, 16)
+#: The families auto judges unless told otherwise: ``lowrank`` first where τ looks exactly
+#: low-rank (a merged LoRA: :func:`core.methods.lowrank.looks_low_rank`; never otherwise), then
+#: the DARE screen and the searched ``nps-seeded`` below it. ``hybrid`` is judged only when named:
+#: on the real fine-tunes measured it stored what DARE did within noise (bench/results/hybrid.md).
+METHODS = ("lowrank", "dare", "nps-seeded")
 #: Seconds auto may spend judging before it stops trying searched candidates (the DARE
 #: screen always completes; model loading and the final encoding come on top).
 TIME_BUDGET = 180.0
@@ -108,7 +114,7 @@ class Candidate:
 
 
 def ladder(
-    methods: tuple[str, ...] = ("dare", "nps-seeded"),
+    methods: tuple[str, ...] = ("dare", "nps-seeded"),  # the ladder of sparse candidates
     keeps: tuple[float, ...] = KEEPS,
     bits: tuple[int, ...] = BITS,
 ) -> list[Candidate]:
@@ -161,6 +167,7 @@ class _Run:
     search_seconds: float = 0.0  # from auto's start to the encoding of its choice
     notes: list[str] = field(default_factory=list)
     factor_cache: dict[str, Any] = field(default_factory=dict)  # hybrid's, see HybridFitted
+    probe: dict[str, Any] | None = None  # lowrank's probe (:func:`_low_rank`), when it ran
 
     @property
     def elapsed(self) -> float:
@@ -295,6 +302,25 @@ class _Run:
         return judged
 
 
+def _low_rank(run: _Run) -> bool:
+    """Whether τ looks exactly low-rank (then ``lowrank`` is judged); ``run.probe`` says why."""
+    t = time.perf_counter()
+    ranks = probe_ranks(run.ws, seed=run.seed, device=run.ev.device)
+    found = looks_low_rank(ranks)
+    exact = sum(1 for r in ranks.values() if r > 0)
+    run.probe = {
+        "ranks": ranks,
+        "judged": found,
+        "reason": (
+            f"{exact} of the {len(ranks)} matrices with the largest τ have an exact rank "
+            f"≤ {PROBE_RANK} above rounding noise"
+            + (": lowrank is judged" if found else "; fewer than half: lowrank is not judged")
+        ),
+        "seconds": round(time.perf_counter() - t, 2),
+    }
+    return found
+
+
 def _stored_values(sel: Selection | LowRank | Hybrid) -> int:
     """Values a selection stores (kept entries, factor entries, or both)."""
     if isinstance(sel, Selection):
@@ -405,7 +431,7 @@ def auto_compress(
     options: dict[str, Any] | None = None,
     device: str | None = None,
     progress: Progress | None = None,
-    methods: tuple[str, ...] = ("dare", "nps-seeded"),
+    methods: tuple[str, ...] = METHODS,
     generations: int = GENERATIONS,
     time_budget: float = TIME_BUDGET,
     evaluator: Evaluator | None = None,
@@ -456,6 +482,8 @@ def auto_compress(
             ws, ev, evaluation, min_fidelity, seed, generations, time_budget, progress, t0=t0
         )
         cands = _candidates(methods, keep, value_bits)
+        if any(c.method == Method.LOWRANK for c in cands) and not _low_rank(run):
+            cands = [c for c in cands if c.method != Method.LOWRANK]
         factored = [c for c in cands if c.method == Method.LOWRANK]
         unsearched = [c for c in cands if not c.searches and c.method != Method.LOWRANK]
         searched = [c for c in cands if c.searches]
@@ -636,6 +664,8 @@ def _record_trail(
             "search_seconds": result.search_seconds,
             "candidates": len(run.judged),
         }
+        if run.probe is not None:
+            doc.method["auto"]["lowrank_probe"] = run.probe
         doc.evaluation["search_seconds"] = result.search_seconds
         doc.evaluation["evaluations"] = result.evaluations
         doc.evaluation["notes"] = result.notes

@@ -126,6 +126,43 @@ def _svd(t: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return u, s, v
 
 
+#: ``auto`` judges ``lowrank`` only where τ looks exactly low-rank (:func:`looks_low_rank`): of the
+#: ``PROBE_TENSORS`` matrices holding most of τ's energy, at least half have a signal rank above
+#: rounding noise (:func:`signal_rank`) of at most ``PROBE_RANK``. A full fine-tune's τ has none
+#: (its singular values decay smoothly into the rounding noise, far past 64 on MiniLM's 384×384
+#: matrices); a merged LoRA's adapted matrices all have one (the adapter's rank).
+PROBE_RANK = 64
+PROBE_TENSORS = 8
+
+
+def probe_ranks(
+    ws: Workspace, *, seed: int = 0, device: torch.device | None = None
+) -> dict[str, int]:
+    """Signal ranks (:func:`signal_rank`; 0: none found up to ``PROBE_RANK``) of the
+    ``PROBE_TENSORS`` 2-D delta tensors with the largest ‖τ‖, one decomposition each of
+    ``PROBE_RANK`` leading triplets (randomised where the matrix is large): a cheap look, tensor
+    at a time, before any factor is fitted."""
+    energy = {}
+    plans = [p for p in ws.delta_plans if len(p.shape) == 2]
+    for plan in plans:
+        energy[plan.name] = sum(float(torch.sum(t.double() ** 2)) for _, t in ws.tau_slices(plan))
+    top = sorted((p for p in plans if energy[p.name] > 0), key=lambda p: -energy[p.name])
+    ranks: dict[str, int] = {}
+    for plan in top[:PROBE_TENSORS]:
+        t = ws.tau(plan).reshape(plan.shape).to(device or "cpu", torch.float64)  # (m, n)
+        q = min(PROBE_RANK, *plan.shape)
+        _, s, _ = _svd(t, q, seed)
+        var = rounding_variance(ws.ft.get(plan.name).reshape(plan.shape))  # (m, n)
+        r = signal_rank(s.to(torch.float64).cpu(), energy[plan.name], var)
+        ranks[plan.name] = r if r <= PROBE_RANK and r < min(plan.shape) else 0
+    return ranks
+
+
+def looks_low_rank(ranks: dict[str, int]) -> bool:
+    """Whether :func:`probe_ranks`' answer says τ is a low-rank update (a merged LoRA)."""
+    return bool(ranks) and 2 * sum(1 for r in ranks.values() if r > 0) >= len(ranks)
+
+
 @dataclass
 class LowRankFitted(Fitted):
     keep: float = DEFAULT_LOWRANK_KEEP

@@ -109,6 +109,34 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny fine-tune as a merged LoRA makes it: every 2-D encoder tensor the base's plus an
+    exact rank-2 update B·A (in float32, as ``merge_and_unload`` adds it), every other encoder
+    tensor the base's own; the classifier head the tiny fine-tune's (new, dense)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("tiny-lora")
+    shutil.copytree(tiny_models["ft"], root, dirs_exist_ok=True)
+    base = load_file(tiny_models["base"] / "model.safetensors")
+    ft = load_file(tiny_models["ft"] / "model.safetensors")
+    g = torch.Generator().manual_seed(2)
+    for name in ft:
+        if not name.startswith("bert.") or name[len("bert.") :] not in base:
+            continue
+        w = base[name[len("bert.") :]]
+        if w.ndim == 2:
+            b = 0.004 * torch.randn(w.shape[0], 2, generator=g)
+            a = torch.randn(2, w.shape[1], generator=g)
+            ft[name] = w + b @ a
+        else:
+            ft[name] = w.clone()
+    save_file(ft, root / "model.safetensors")
+    return root
+
+
 def make_pair(
     root: Path,
     *,

@@ -353,3 +353,23 @@ def test_an_exact_rank_tau_keeps_its_rank_whatever_its_energy_or_rounding(
             w = ft[name].float()
             bound = 2.0**-7 * w.abs() + 2.0**-9 * w.pow(2).mean().sqrt()
             assert bool((err <= bound).all()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_the_probe_finds_a_merged_loras_rank_and_no_rank_in_a_full_tau(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """``auto``'s probe: a merged LoRA's matrices at the adapter's rank (through bf16 rounding),
+    a full-rank τ none; a τ-free tensor is not probed."""
+    from core.methods.lowrank import looks_low_rank, probe_ranks
+    from core.workspace import Workspace
+
+    base_dir, ft_dir, _, _ = _merged_lora(tmp_path / "lora", dtype)
+    with Workspace(base_dir, ft_dir) as ws:
+        ranks = probe_ranks(ws)
+    assert ranks == dict.fromkeys(SHAPES, RANK) and looks_low_rank(ranks)
+    base_dir, ft_dir, _, _ = _merged_lora(tmp_path / "full", dtype, full_rank=True)
+    with Workspace(base_dir, ft_dir) as ws:
+        ranks = probe_ranks(ws)
+    assert ranks == dict.fromkeys(SHAPES, 0) and not looks_low_rank(ranks)
+    assert not looks_low_rank({})
