@@ -79,10 +79,12 @@ def rounding_variance(w: torch.Tensor) -> torch.Tensor:
     """ulp(w)²/12 for each weight of ``w`` (in its own dtype), float64 of w's shape: the variance
     of rounding a value to it (uniform within half an ulp), which a τ of these weights carries."""
     info = torch.finfo(w.dtype)
-    x = w.detach().to(torch.float64).abs().clamp_min(info.tiny)
+    wide = torch.float64 if w.dtype == torch.float64 else torch.float32  # exact for w's values
+    x = w.detach().to(wide).abs().clamp_min(info.tiny)
     _, exp = torch.frexp(x)  # x = mantissa · 2^exp, mantissa in [0.5, 1)
-    ulp = torch.ldexp(torch.full_like(x, info.eps), exp - 1)  # spacing of the dtype at |w|
-    return ulp**2 / 12
+    # ulp = eps · 2^(exp-1), the spacing of the dtype at |w|; ulp²/12 as (eps²/12) · 4^(exp-1),
+    # the same float64 values as squaring ulp (scaling by a power of two does not round)
+    return torch.exp2((2 * (exp - 1)).to(torch.float64)) * (info.eps**2 / 12)
 
 
 def noise_edge(var: torch.Tensor) -> float:
@@ -133,6 +135,9 @@ def _svd(t: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
 #: matrices); a merged LoRA's adapted matrices all have one (the adapter's rank).
 PROBE_RANK = 64
 PROBE_TENSORS = 8
+#: ... each decomposition randomised above this many entries (an exact one of MiniLM's
+#: 30522×384 word embeddings took seconds; its 384×1536 matrices, a tenth of one)
+PROBE_EXACT_MAX = 1 << 22
 
 
 def probe_ranks(
@@ -151,7 +156,13 @@ def probe_ranks(
     for plan in top[:PROBE_TENSORS]:
         t = ws.tau(plan).reshape(plan.shape).to(device or "cpu", torch.float64)  # (m, n)
         q = min(PROBE_RANK, *plan.shape)
-        _, s, _ = _svd(t, q, seed)
+        if t.numel() > PROBE_EXACT_MAX and 4 * (q + OVERSAMPLE) <= min(plan.shape):
+            devices = [t.device] if t.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                _, s, _ = torch.svd_lowrank(t, q=q + OVERSAMPLE, niter=POWER_ITERATIONS)
+        else:
+            _, s, _ = _svd(t, q, seed)
         var = rounding_variance(ws.ft.get(plan.name).reshape(plan.shape))  # (m, n)
         r = signal_rank(s.to(torch.float64).cpu(), energy[plan.name], var)
         ranks[plan.name] = r if r <= PROBE_RANK and r < min(plan.shape) else 0
