@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BufferedReader
@@ -194,16 +196,44 @@ def _tensor_info(name: str, entry: object) -> TensorInfo:
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=start, end=end)
 
 
+#: Headers already parsed, by the file's identity (device, inode, size, modification time):
+#: a server opens the same base and delta files for every download, and sixteen pulls
+#: starting together parsed the same headers dozens of times on one GIL. A file rewritten
+#: in place gets a new modification time, so it is parsed again. At most this many headers
+#: and bytes of them are kept, the least recently read dropped first.
+HEADER_CACHE_SIZE = 256
+HEADER_CACHE_BYTES = 64 << 20
+_headers: OrderedDict[tuple[object, ...], Header] = OrderedDict()
+_headers_bytes = 0
+_headers_lock = threading.Lock()
+
+
 def read_header(path: str | os.PathLike[str], *, max_header: int = MAX_HEADER_BYTES) -> Header:
-    """Read and validate the header of a safetensors file on disk (one bounded read)."""
-    size = os.path.getsize(path)
+    """Read and validate the header of a safetensors file on disk (one bounded read; a file
+    whose identity is unchanged since it was last read here is not read again)."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, max_header)
+    with _headers_lock:
+        hit = _headers.get(key)
+        if hit is not None:
+            _headers.move_to_end(key)
+            return hit
+    size = st.st_size
     with open(path, "rb") as f:
         first = f.read(8)
         if len(first) == 8:
             n = int.from_bytes(first, "little")
             if n <= max_header:
                 first += f.read(min(n, max(size - 8, 0)))
-    return parse_header(first, file_size=size, max_header=max_header)
+    header = parse_header(first, file_size=size, max_header=max_header)
+    global _headers_bytes
+    with _headers_lock:
+        if key not in _headers and len(header.raw) <= HEADER_CACHE_BYTES:
+            _headers[key] = header
+            _headers_bytes += len(header.raw)
+            while len(_headers) > HEADER_CACHE_SIZE or _headers_bytes > HEADER_CACHE_BYTES:
+                _headers_bytes -= len(_headers.popitem(last=False)[1].raw)
+    return header
 
 
 class SafetensorsFile:

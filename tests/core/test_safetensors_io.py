@@ -98,3 +98,19 @@ def test_duplicate_tensor_across_shards_is_refused(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(2)}, tmp_path / "b.safetensors")
     with pytest.raises(InvalidCheckpoint, match="both"):
         CheckpointDir.open(tmp_path)
+
+
+def test_read_header_reuses_a_parse_until_the_file_changes(tmp_path: Path) -> None:
+    """An unchanged file's header is parsed once; rewriting the file in place (same name,
+    even the same size) is seen at once."""
+    import os
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(4)}, path)
+    first = read_header(path)
+    assert read_header(path) is first
+    save_file({"b": torch.ones(4)}, path)  # same size, another tensor name
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # even within one clock tick
+    again = read_header(path)
+    assert again is not first and list(again.tensors) == ["b"]
