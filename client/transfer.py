@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import xxhash
+
 from client.errors import BadRequest, IntegrityError, ServerError
 from client.files import INCOMPLETE
 from client.http import Body, Connection
 from client.models import FileInfo, NoProgress, Progress, PulledFile, PushReport, build
-from core.files import CHUNK_SIZE, manifest_sha256, sha256_file
+from core.files import CHUNK_SIZE, HEADER_XXH3, manifest_sha256, sha256_file
 
 __all__ = [
     "CHUNK_SIZE",
@@ -333,18 +335,15 @@ def fetch(
     rel = rel or target.name
     target.parent.mkdir(parents=True, exist_ok=True)
     part = partial(target)
-    h = hashlib.sha256()
+    h: Any = hashlib.sha256()
     offset = part.stat().st_size if part.is_file() else 0
     if offset > size:
         offset = 0
-    if offset:
-        with part.open("rb") as f:
-            while chunk := f.read(CHUNK_SIZE):
-                h.update(chunk)
-        if landed is not None:
-            landed(offset)
+    if offset and landed is not None:
+        landed(offset)
     resumed_from = offset
     etag = sha256
+    fast: str | None = None  # the xxh3-128 the server recorded for the whole body
     if offset < size or size == 0:
         headers = {}
         if offset:
@@ -370,16 +369,22 @@ def fetch(
             if r.status_code == 200 and offset:
                 progress.advance(-offset)
                 offset = resumed_from = 0  # the server sent it whole
-                h = hashlib.sha256()
             elif offset:
                 progress.advance(offset)
             etag = (r.headers.get("etag") or "").strip('"') or sha256
+            if (sha256 or etag) and (fast := r.headers.get(HEADER_XXH3, "").strip('"') or None):
+                h = xxhash.xxh3_128()  # checked by the digest the server recorded beside
+            _hash_part(part, offset, h)
             receive(r, part, h, append=bool(offset), progress=progress, landed=landed)
     else:
+        _hash_part(part, offset, h)
         progress.advance(offset)
     got_size = part.stat().st_size
     digest = h.hexdigest()
     want = sha256 or etag
+    kind = "sha256"
+    if fast is not None:
+        kind, want, digest = "xxh3-128", fast, digest
     if got_size != size or (want is not None and digest != want):
         part.unlink(missing_ok=True)
         if resumed_from and _retry:  # the kept part may be stale: fetch it whole, once
@@ -389,10 +394,23 @@ def fetch(
                 progress=progress, landed=landed, _retry=False,
             )  # fmt: skip
         raise IntegrityError(
-            f"{target.name}: got {got_size} bytes with sha256 {digest}, expected {size} "
-            f"bytes with sha256 {want}; nothing was kept — pull again"
+            f"{target.name}: got {got_size} bytes with {kind} {digest}, expected {size} "
+            f"bytes with {kind} {want}; nothing was kept — pull again"
         )
+    if fast is not None:  # the body is the one whose sha256 the server recorded
+        digest = sha256 or etag or ""
     return PulledFile(rel, size, digest, resumed_from=resumed_from)
+
+
+def _hash_part(part: Path, offset: int, h: Any) -> None:
+    """Hash the first ``offset`` bytes already in ``part`` (what a resumed download kept)."""
+    if not offset:
+        return
+    with part.open("rb") as f:
+        left = offset
+        while left and (chunk := f.read(min(CHUNK_SIZE, left))):
+            h.update(chunk)
+            left -= len(chunk)
 
 
 class FollowedDownload:

@@ -15,6 +15,11 @@ from core.errors import InvalidPath
 
 #: Bytes per read and write of every streamed transfer and hash (1 MiB).
 CHUNK_SIZE = 1 << 20
+
+#: The HTTP header naming a rebuilt file's xxh3-128 (hex) beside its sha256 ETag: the digest
+#: recorded when the delta was written, which the SDK checks a pulled body against (the server
+#: checks the same digest as it streams; sha256 costs ~16× the CPU per byte).
+HEADER_XXH3 = "X-Slim-Xxh3"
 #: Longest file path accepted, in UTF-8 bytes (the database column holds 1024 characters).
 MAX_PATH_BYTES = 1024
 #: File name endings of formats Slimstore never reads: pickled weights (torch ``.bin``, ``.pt``,

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from core.checkpoint import CheckpointDir
 from core.delta_format import DeltaReader, FileEntry
 from core.errors import IntegrityError, InvalidDelta
-from core.files import CHUNK_SIZE
+from core.files import CHUNK_SIZE, HEADER_XXH3
 from core.reconstruct import (
     StreamCheck,
     check_base,
@@ -247,9 +247,16 @@ class Rebuild:
         specs = [FileSpec(r.path, r.blob_key) for r in rows if r.blob_key is not None]
         return cls(checkpoint.delta_blob_key, checkpoint.base_id, specs)
 
-    def size(self, cache: BlobCache, path: str) -> int:
-        """The size of the rebuilt file, as the delta records it (known before the first byte)."""
-        return reconstructed_size(cache.path(self.delta_key), path)
+    def headers(
+        self, cache: BlobCache, path: str, scale: float = 1.0
+    ) -> tuple[int, dict[str, str]]:
+        """The rebuilt file's size, and the headers that say what it is before its first
+        byte: at scale 1, :data:`HEADER_XXH3` — the xxh3-128 recorded when the delta was
+        written, which a client can check the whole body against at a fraction of sha256's
+        cost (the ETag stays the sha256)."""
+        file = reconstructed_file(cache.path(self.delta_key), path)
+        fast = file.recon_xxh3 if scale == 1.0 else None
+        return file.size, ({HEADER_XXH3: fast} if fast else {})
 
     def open(self, cache: BlobCache, path: str, scale: float = 1.0) -> Reconstruction:
         """:func:`open_reconstruction` of ``path`` (the delta and base fetched into the cache)."""
@@ -258,10 +265,10 @@ class Rebuild:
         return open_reconstruction(delta, base_dir, path, scale)
 
 
-def reconstructed_size(delta_path: Path, path: str) -> int:
-    """How many bytes the rebuilt file ``path`` streams: the size the delta records for it (the
-    same at every scale — a rebuilt tensor keeps its dtype and shape), read from the delta's
-    document, never from a database row.
+def reconstructed_file(delta_path: Path, path: str) -> FileEntry:
+    """The delta's record of the rebuilt file ``path``: the bytes it streams are ``.size``
+    (the same at every scale — a rebuilt tensor keeps its dtype and shape), read from the
+    delta's document, never from a database row.
 
     Raises:
         InvalidDelta: the delta has no such file.
@@ -273,7 +280,7 @@ def reconstructed_size(delta_path: Path, path: str) -> int:
             f"the stored delta has no file {path!r}; list what it rebuilds with "
             "GET /v1/checkpoints/{id}/files"
         )
-    return file.size
+    return file
 
 
 def blob_size(store: BlobStore, key: str, what: str) -> int:

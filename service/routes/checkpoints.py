@@ -189,12 +189,14 @@ def download_checkpoint_file(
     rebuild = Rebuild.of(session, ckpt)
     session.close()  # release the connection before a long stream
     # Content-Length is what the rebuild streams: the size the delta records for the file
-    size = rebuild.size(runtime.cache, rel)
+    size, digests = rebuild.headers(runtime.cache, rel, scale)
 
     def open_chunks(byte_range: ByteRange | None) -> Iterator[bytes | memoryview]:
         return rebuild.open(runtime.cache, rel, scale).chunks(byte_range)
 
-    return file_response(request, size=size, etag=etag, open_chunks=open_chunks)
+    response = file_response(request, size=size, etag=etag, open_chunks=open_chunks)
+    response.headers.update(digests)
+    return response
 
 
 @router.head(

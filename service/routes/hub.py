@@ -405,7 +405,8 @@ def _resolve_file(
     else:
         rebuild = Rebuild.of(session, stored)
         session.close()  # release the connection before a long stream
-        size = rebuild.size(runtime.cache, rel)  # known before the first byte
+        size, digests = rebuild.headers(runtime.cache, rel)  # known before the first byte
+        headers.update(digests)
 
         def open_chunks(byte_range: ByteRange | None) -> Iterator[bytes | memoryview]:
             return rebuild.open(runtime.cache, rel).chunks(byte_range)

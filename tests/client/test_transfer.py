@@ -16,11 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import xxhash
 
 from client import transfer
 from client.errors import ConnectionFailed, IntegrityError, NotFound
 from client.http import Connection
 from client.models import NoProgress
+from core.files import HEADER_XXH3
 
 DATA = os.urandom(5 * (16 << 10) + 123)  # several 16 kB buffers and a partial one
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -39,6 +41,7 @@ class Served:
     active: int = 0
     most_at_once: int = 0  # the most bodies that were being sent at once
     lock: threading.Lock = field(default_factory=threading.Lock)
+    xxh3: str | None = None  # sent as X-Slim-Xxh3 when set (what the service sends)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -73,6 +76,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
         part = body[start:]
         self.send_header("ETag", f'"{etag}"')
+        if s.xxh3 is not None:
+            self.send_header(HEADER_XXH3, s.xxh3)
         self.send_header("Content-Length", str(len(part)))
         self.end_headers()
         if s.cut_after is not None:
@@ -169,6 +174,36 @@ def test_a_corrupted_byte_is_caught_and_nothing_kept(
         assert not (tmp_path / f"f{i}").exists()
         assert not (tmp_path / f"f{i}.incomplete").exists()
         conn.close()
+
+
+def test_an_xxh3_the_server_names_checks_the_body_instead_of_sha256(
+    served: tuple[str, Served], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With X-Slim-Xxh3 (a rebuilt file's recorded digest) the body, resumed or whole, is
+    checked by xxh3-128 and never hashed by sha256; the file's sha256 reported is the one the
+    server recorded. A flipped byte is still caught and nothing kept."""
+    url, state = served
+    state.xxh3 = xxhash.xxh3_128_hexdigest(DATA)
+    hashed: list[int] = []
+    real = hashlib.sha256
+
+    def counting(data: bytes = b"") -> object:
+        hashed.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(transfer.hashlib, "sha256", counting)
+    for i, conn in enumerate(_connections(url)):
+        got = _get(conn, tmp_path / f"f{i}")
+        assert got.sha256 == SHA and (tmp_path / f"f{i}").read_bytes() == DATA
+        (tmp_path / f"r{i}.incomplete").write_bytes(DATA[:40_000])
+        got = _get(conn, tmp_path / f"r{i}")
+        assert got.resumed_from == 40_000 and (tmp_path / f"r{i}").read_bytes() == DATA
+        conn.close()
+    assert hashed == [0] * 4  # created (unused) before the answer named its xxh3
+    state.body = DATA[:70_000] + bytes([DATA[70_000] ^ 1]) + DATA[70_001:]
+    with pytest.raises(IntegrityError, match="xxh3-128"):
+        _get(Connection(url), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.incomplete").exists()
 
 
 def test_a_stale_partial_file_is_fetched_whole_again(

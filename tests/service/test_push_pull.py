@@ -6,9 +6,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from core.delta_format import DeltaReader
-from core.files import sha256_file
+from core.files import HEADER_XXH3, sha256_file
 from core.reconstruct import reconstruct
 from core.safetensors_io import SafetensorsFile
 from tests.conftest import Models, Stack
@@ -55,6 +56,8 @@ def test_push_commit_pull_magnitude(stack: Stack, models: Models) -> None:
         assert r.status_code == 200
         assert r.headers["etag"] == f'"{f["recon_sha256"]}"'
         assert hashlib.sha256(r.content).hexdigest() == f["recon_sha256"]
+        if f["role"] == "weights":  # rebuilt: the recorded xxh3-128 too, for a cheap check
+            assert r.headers[HEADER_XXH3] == xxhash.xxh3_128_hexdigest(r.content)
         if f["role"] == "aux":  # carried byte for byte
             assert f["recon_sha256"] == f["sha256"]
     weights = pull(stack, ckpt["id"], "model.safetensors")
@@ -116,8 +119,10 @@ def test_head_and_scale(stack: Stack, models: Models) -> None:
     assert head.status_code == 200 and head.content == b""
     size = int(head.headers["content-length"])
     assert size == (models.finetune / "model.safetensors").stat().st_size
+    assert head.headers[HEADER_XXH3] == stack.client.get(url).headers[HEADER_XXH3]
     scaled = stack.client.get(url, params={"scale": 0})
     assert scaled.status_code == 200 and "etag" not in scaled.headers
+    assert HEADER_XXH3 not in scaled.headers  # recorded for the fine-tune only
     assert len(scaled.content) == size
     # λ = 0 gives the base's weights for every tensor the base has.
     st_scaled = _tensors(scaled.content)
