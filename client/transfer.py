@@ -28,7 +28,7 @@ from client.errors import BadRequest, IntegrityError, ServerError
 from client.files import INCOMPLETE
 from client.http import Body, Connection
 from client.models import FileInfo, NoProgress, Progress, PulledFile, PushReport, build
-from core.files import CHUNK_SIZE, HEADER_XXH3, manifest_sha256, sha256_file
+from core.files import CHUNK_SIZE, HEADER_XXH3, manifest_sha256, sha256_file, write_all
 
 __all__ = [
     "CHUNK_SIZE",
@@ -174,9 +174,7 @@ def receive(
             n = body.readinto(view)
             if not n:
                 break
-            chunk = view[:n]
-            while chunk:
-                chunk = chunk[os.write(fd, chunk) :]
+            write_all(fd, view[:n])
             hasher.hash(view, n)
             progress.advance(n)
             at += n

@@ -20,6 +20,23 @@ CHUNK_SIZE = 1 << 20
 #: recorded when the delta was written, which the SDK checks a pulled body against (the server
 #: checks the same digest as it streams; sha256 costs ~16× the CPU per byte).
 HEADER_XXH3 = "X-Slim-Xxh3"
+#: Bytes per write system call of a large write (:func:`write_all`). Measured on a 2-core
+#: host, kernel 6.18 (a 1 GB download, server on the same host, four rounds taking turns with
+#: curl -o file): 1 MiB writes spent 1.6–1.8 s of kernel time per GB in three rounds of four
+#: (the SDK's pull 0.4–0.45× curl's); 64 KiB writes 0.4–0.6 s (0.97–1.11× curl); 256 KiB in
+#: between and noisier. curl itself writes 16 KiB at a time.
+WRITE_SIZE = 64 << 10
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of ``data`` to the file descriptor ``fd``, :data:`WRITE_SIZE` at a time."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), WRITE_SIZE):
+        chunk = view[start : start + WRITE_SIZE]
+        while chunk:
+            chunk = chunk[os.write(fd, chunk) :]
+
+
 #: Longest file path accepted, in UTF-8 bytes (the database column holds 1024 characters).
 MAX_PATH_BYTES = 1024
 #: File name endings of formats Slimstore never reads: pickled weights (torch ``.bin``, ``.pt``,

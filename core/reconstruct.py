@@ -30,7 +30,7 @@ from core.checkpoint import CheckpointDir
 from core.constants import ITEMSIZES, MAX_HEADER_BYTES, PIECE_BYTES
 from core.delta_format import Arriving, DeltaReader, FileEntry, FrameSource, TensorEntry
 from core.errors import BaseMismatch, IntegrityError, InvalidDelta, InvalidSafetensors
-from core.files import CHUNK_SIZE, check_path
+from core.files import CHUNK_SIZE, check_path, write_all
 from core.frames import FrameStream, zstd_decompress
 from core.safetensors_io import Header, TensorInfo, parse_header
 from core.xor import CASTS, XorPlanes, cast_base
@@ -479,7 +479,7 @@ def reconstruct(
                         check.update(chunk)
                     if sha is not None:
                         sha.update(chunk)
-                    f.write(chunk)
+                    write_all(f.fileno(), chunk)
             if check is not None and not check.ok():
                 tmp.unlink()
                 raise IntegrityError(
