@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from core.files import CHUNK_SIZE, write_all
+from core.files import CHUNK_SIZE
 from storage.errors import BlobTooLarge, IntegrityError, InvalidKey
 
 TMP_PREFIX = "tmp/"
@@ -136,7 +136,7 @@ def download_to_file(chunks: Iterator[bytes], key: str, path: Path) -> BlobInfo:
         with tmp.open("xb") as f:
             for chunk in chunks:
                 hasher.update(chunk)
-                write_all(f.fileno(), chunk)
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         digest = hasher.hexdigest()

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from core.files import CHUNK_SIZE, write_all
+from core.files import CHUNK_SIZE
 from storage.blob_common import (
     TMP_PREFIX,
     BlobEntry,
@@ -59,7 +59,7 @@ class LocalBlobStore:
             with _space_errors(), tmp.open("xb") as f:
                 for chunk in chunks:
                     hasher.update(chunk)
-                    write_all(f.fileno(), chunk)
+                    f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
             info = hasher.finish(expected_sha256)
