@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -73,7 +74,7 @@ def write(results: dict[str, Any], out_dir: Path) -> None:
         "# `hybrid` (low rank + DARE residual) at equal bits",
         "",
         f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']} (shared with other sessions: wall times are loaded)  ",
+        f"Machine: {results['machine']}; {results.get('load', 'host load not recorded')}  ",
         f"Wall time: {results.get('seconds', 0) / 60:.1f} min",
         "",
     ]
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     results: dict[str, Any] = {"command": cmd.strip(), "machine": machine_note(), "tasks": []}
     t0 = time.time()
+    load0 = os.getloadavg()[0]
     log_path = args.out / "hybrid.log"
     with open(log_path, "a") as logf, tempfile.TemporaryDirectory() as tmp:
 
@@ -169,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             results["tasks"].append(dict(summary, spectrum=spec))
             results["seconds"] = time.time() - t0
+            results["load"] = (
+                f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+            )
             write(results, args.out)
 
 
