@@ -7,6 +7,7 @@ at most one bounded read.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -65,8 +66,9 @@ class Header:
     def data_offset(self) -> int:
         return 8 + self.header_len
 
-    @property
+    @functools.cached_property
     def data_size(self) -> int:
+        # computed once: an upload checks the body it receives against it at every chunk
         return max((t.end for t in self.tensors.values()), default=0)
 
     @property
