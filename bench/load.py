@@ -166,8 +166,8 @@ def run(args: argparse.Namespace, models: tuple[Path, Path] | None = None) -> di
 def machine() -> str:
     load1 = os.getloadavg()[0]
     return (
-        f"{platform.machine()} Linux, {os.cpu_count()} cores (shared with other jobs: load "
-        f"average {load1:.1f} at the start), python {platform.python_version()}"
+        f"{platform.machine()} Linux, {os.cpu_count()} cores (1-minute load average "
+        f"{load1:.1f} at the start), python {platform.python_version()}"
     )
 
 
