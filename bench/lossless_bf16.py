@@ -69,9 +69,8 @@ NOTES = (
     "get their bf16-base figures, that cast being the bf16 base.",
     "Fine-tunes: `tiny` = `tests.fixtures.tiny_finetune_dir()` (rotten_tomatoes, 50 steps of "
     "32, fp32 training), `tiny-autocast` = the same recipe under bf16 autocast (AMX), both "
-    "saved in fp32 and cast to bf16 as a bf16 release is. The full rotten_tomatoes and tweets "
-    "fine-tunes were still training (another process, ~15 s/step on the loaded host) and "
-    "are not in this run.",
+    "saved in fp32 and cast to bf16 as a bf16 release is; `rotten_tomatoes` and `tweets` = "
+    "the benchmark's 770-step fine-tunes (`bench.finetune.full_recipe`), cast the same way.",
 )
 
 
@@ -373,8 +372,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Machine: {meta['machine']}. Shared by other jobs while it ran: speeds are indicative;",
-        "compare them with the ceilings measured in the same rounds.",
+        f"Machine: {meta['machine']}; {meta.get('load', 'host load not recorded')}. Compare",
+        "speeds with the ceilings measured in the same rounds.",
         "",
         "Ratio = the bf16 weight file's bytes / the stored bytes (bigger is better); bits/param",
         "= stored bits / parameters. Speeds: MB/s of the bf16 weight file, medians of "
@@ -426,6 +425,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
         f"({platform.platform()})",
         "rounds": args.rounds,
+        "load": f"1-minute load average {os.getloadavg()[0]:.1f} when it ended",
         "zipnn": tools.zipnn_version,
         "lmz": getattr(tools, "lmz_version", tools.lmz_why),
     }
