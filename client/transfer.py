@@ -382,7 +382,7 @@ def fetch(
     want = sha256 or etag
     kind = "sha256"
     if fast is not None:
-        kind, want, digest = "xxh3-128", fast, digest
+        kind, want = "xxh3-128", fast
     if got_size != size or (want is not None and digest != want):
         part.unlink(missing_ok=True)
         if resumed_from and _retry:  # the kept part may be stale: fetch it whole, once

@@ -121,11 +121,17 @@ def _svd(t: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     if min(m, n) <= EXACT_SVD_MAX or 4 * q > min(m, n):
         u, s, vh = torch.linalg.svd(t, full_matrices=False)
         return u, s, vh.mH
+    return _svd_randomised(t, q, seed)
+
+
+def _svd_randomised(
+    t: torch.Tensor, q: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_svd`'s randomised decomposition (seeded; ``OVERSAMPLE`` extra columns)."""
     devices = [t.device] if t.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(t, q=min(q + OVERSAMPLE, min(m, n)), niter=POWER_ITERATIONS)
-    return u, s, v
+        return torch.svd_lowrank(t, q=min(q + OVERSAMPLE, *t.shape), niter=POWER_ITERATIONS)
 
 
 #: ``auto`` judges ``lowrank`` only where τ looks exactly low-rank (:func:`looks_low_rank`): of the
@@ -156,13 +162,8 @@ def probe_ranks(
     for plan in top[:PROBE_TENSORS]:
         t = ws.tau(plan).reshape(plan.shape).to(device or "cpu", torch.float64)  # (m, n)
         q = min(PROBE_RANK, *plan.shape)
-        if t.numel() > PROBE_EXACT_MAX and 4 * (q + OVERSAMPLE) <= min(plan.shape):
-            devices = [t.device] if t.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                _, s, _ = torch.svd_lowrank(t, q=q + OVERSAMPLE, niter=POWER_ITERATIONS)
-        else:
-            _, s, _ = _svd(t, q, seed)
+        large = t.numel() > PROBE_EXACT_MAX and 4 * (q + OVERSAMPLE) <= min(plan.shape)
+        _, s, _ = _svd_randomised(t, q, seed) if large else _svd(t, q, seed)
         var = rounding_variance(ws.ft.get(plan.name).reshape(plan.shape))  # (m, n)
         r = signal_rank(s.to(torch.float64).cpu(), energy[plan.name], var)
         ranks[plan.name] = r if r <= PROBE_RANK and r < min(plan.shape) else 0
