@@ -56,20 +56,8 @@ def stored(params: float, workdir: Path) -> Iterator[tuple[Stack, dict[str, str]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         stack = Stack(Path(tmp) / "data")
         try:
-            b = stack.post("/v1/bases", json={"name": "base"})["id"]
-            stack.put_dir("bases", b, base)
-            stack.post(f"/v1/bases/{b}/commit")
-            ids = {}
-            for m in METHODS:
-                c = stack.post(
-                    "/v1/checkpoints",
-                    json={"name": m, "base_id": b, "method": m, "keep": 0.01, "value_bits": 16},
-                )["id"]
-                stack.put_dir("checkpoints", c, ft)
-                job = stack.wait_job(stack.post(f"/v1/checkpoints/{c}/commit")["id"])
-                if job["state"] != "succeeded":
-                    raise RuntimeError(f"{m} job failed: {job}")
-                ids[m] = c
+            b = stack.store_base(base)
+            ids = {m: stack.store_checkpoint(m, b, ft, m) for m in METHODS}
             yield stack, ids
         finally:
             stack.close()

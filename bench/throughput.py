@@ -264,6 +264,27 @@ class Stack:
             total += f.stat().st_size
         return total
 
+    def store_base(self, directory: Path, name: str = "base") -> str:
+        """Upload and commit a base; its id."""
+        b = self.post("/v1/bases", json={"name": name})["id"]
+        self.put_dir("bases", b, directory)
+        self.post(f"/v1/bases/{b}/commit")
+        return str(b)
+
+    def store_checkpoint(self, name: str, base_id: str, directory: Path, method: str) -> str:
+        """Upload a fine-tune as ``method`` (1% keep, 16-bit values where they apply), wait
+        for its compression job; its id (raises if the job failed)."""
+        c = self.post(
+            "/v1/checkpoints",
+            json={"name": name, "base_id": base_id, "method": method, "keep": 0.01,
+                  "value_bits": 16},
+        )["id"]  # fmt: skip
+        self.put_dir("checkpoints", c, directory)
+        job = self.wait_job(self.post(f"/v1/checkpoints/{c}/commit")["id"])
+        if job["state"] != "succeeded":
+            raise RuntimeError(f"{method} job failed: {job}")
+        return str(c)
+
     def put_dir_curl(self, kind: str, rid: str, directory: Path) -> int:
         """Upload a directory's files with curl: what the server ingests when the client
         keeps up (the SDK's own rate is ``put_dir``)."""
@@ -439,19 +460,9 @@ def pull_only(
     with tempfile.TemporaryDirectory(dir=fixtures) as tmp:
         stack = Stack(Path(tmp) / "data")
         try:
-            b = stack.post("/v1/bases", json={"name": "base"})["id"]
-            stack.put_dir("bases", b, base)
-            stack.post(f"/v1/bases/{b}/commit")
+            b = stack.store_base(base)
             for method in ("lossless", "magnitude"):
-                c = stack.post(
-                    "/v1/checkpoints",
-                    json={"name": method, "base_id": b, "method": method, "keep": 0.01,
-                          "value_bits": 16},
-                )["id"]  # fmt: skip
-                stack.put_dir("checkpoints", c, ft)
-                job = stack.wait_job(stack.post(f"/v1/checkpoints/{c}/commit")["id"])
-                if job["state"] != "succeeded":
-                    raise RuntimeError(f"{method} job failed: {job}")
+                c = stack.store_checkpoint(method, b, ft, method)
                 row["pull"][method] = pull_phase(stack, method, c, b, Path(tmp), args.repeat)
                 log(pull_line(method, row["pull"][method]))
         finally:
