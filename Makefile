@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench fidelity
+	$(PY) -m bench fidelity --grid tasks
 	$(PY) -m bench lora
 
 lint: $(STAMP)

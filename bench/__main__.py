@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from bench.data import TASKS
+
 #: subcommand -> module under bench/
 MODULES = {
     "throughput": "throughput",
@@ -23,7 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="name", required=True)
     p = sub.add_parser("fidelity", help="accuracy vs stored bits on real fine-tunes")
     p.add_argument("--quick", action="store_true", help="one task, fewer points, one seed")
-    p.add_argument("--tasks", nargs="+", default=None, choices=["rotten_tomatoes", "tweets"])
+    p.add_argument(
+        "--grid",
+        choices=["full", "tasks", "quick"],
+        default=None,
+        help="full: every keep/preset on the shared tasks (default); tasks: every method at "
+        "0.04-0.1 bits/param on the multi-class tasks; quick: as --quick",
+    )
+    p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS))
     p.add_argument(
         "--calibration",
         type=int,
@@ -54,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             fresh=args.fresh,
             series=args.series,
             threads=args.threads,
+            grid_name=args.grid,
         )
         return 0
     module = importlib.import_module(f"bench.{MODULES[args.name]}")

@@ -63,7 +63,12 @@ def test_multiclass_tasks(name):
     assert 0.6 * n < len(task.train) < 0.8 * n and 0.12 * n < len(task.test) < 0.28 * n
     by_text = {e.text: task.labels[e.label] for e in examples}
     if name == "wordnet_verbs":
-        assert by_text["run: move fast by using one's feet, with one foot off the ground at any given time"] == "motion"
+        assert (
+            by_text[
+                "run: move fast by using one's feet, with one foot off the ground at any given time"
+            ]
+            == "motion"
+        )
     else:
         assert "Tops" not in task.labels and {"animal", "artifact", "food"} <= set(task.labels)
 

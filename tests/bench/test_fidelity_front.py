@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.fidelity import front_comparison
+from bench.fidelity import (
+    BASELINES,
+    CANDIDATES,
+    GRID_TASKS,
+    first_at_goal,
+    front_comparison,
+    tasks_grid,
+)
 
 
 def row(
@@ -62,3 +69,51 @@ def test_worse_needs_the_spreads_apart() -> None:
         "worse",
     )
     assert (dare.label, none) == ("dare 0.02/4 ×3", None)
+
+
+def test_low_rank_codecs_are_candidates() -> None:
+    rows = [
+        *(row("dare", "dare", 0.02, 0.060, a, s) for s, a in enumerate((0.80, 0.81, 0.805))),
+        *(row("hybrid", "hybrid", 0.02, 0.061, a, s) for s, a in enumerate((0.82, 0.83, 0.825))),
+        row("lowrank", "lowrank", 0.02, 0.09, 0.70),
+    ]
+    got = {(p.label, None if r is None else r.label): v for p, r, v in front_comparison(rows)}
+    assert got[("hybrid 0.02/4 ×3", "dare 0.02/4 ×3")] == "better"
+    assert got[("lowrank 0.02/4 ×1", "dare 0.02/4 ×3")] == "worse"
+
+
+def test_first_point_at_goal_needs_both_medians() -> None:
+    def goal_row(series, method, bpp, norm, gain, seed=0):
+        return {
+            **row(series, method, 0.02, bpp, 0.8, seed),
+            "normalised_accuracy": norm,
+            "gain_kept": gain,
+        }
+
+    rows = [
+        goal_row("dare", "dare", 0.05, 0.995, 0.94),  # gain short
+        goal_row("dare", "dare", 0.09, 0.991, 0.96),
+        goal_row("nps-seeded", "nps-seeded", 0.06, 0.992, 0.97, 0),
+        goal_row("nps-seeded", "nps-seeded", 0.06, 0.985, 0.93, 1),  # median of two: short
+        goal_row("hybrid", "hybrid", 0.07, 0.99, 0.95),
+        goal_row("auto (floor 0.99)", "dare", 0.01, 1.0, 1.0),  # auto rows never count
+    ]
+    rows[1]["keep"] = 0.05  # a second dare point
+    assert first_at_goal(rows, CANDIDATES).label == "hybrid 0.02/4 ×1"
+    assert first_at_goal(rows, BASELINES).label == "dare 0.05/4 ×1"
+    assert first_at_goal(rows[:1], BASELINES) is None
+
+
+def test_tasks_grid_judges_every_method_on_the_multiclass_tasks() -> None:
+    from bench.data import MULTICLASS_TASKS
+    from core.methods import REGISTRY
+
+    methods = {s.method for s in tasks_grid()}
+    assert set(REGISTRY) | {"auto"} <= methods
+    assert GRID_TASKS["tasks"] == MULTICLASS_TASKS
+    seeded = [
+        s
+        for s in tasks_grid()
+        if s.method not in ("lossless", "magnitude", "magnitude-scaled", "lowrank", "auto")
+    ]
+    assert all(len(s.seeds) == 3 for s in seeded)
