@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS))
     p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: the bf16 casts of the fine-tunes and of the base",
+    )
+    p.add_argument(
         "--calibration",
         type=int,
         default=None,
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             series=args.series,
             threads=args.threads,
             grid_name=args.grid,
+            precision=args.precision,
         )
         return 0
     module = importlib.import_module(f"bench.{MODULES[args.name]}")

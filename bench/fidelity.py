@@ -31,7 +31,10 @@ import torch
 from bench.data import MULTICLASS_TASKS, SHARED_TASKS, Example, load_task
 from bench.finetune import (
     Recipe,
+    base_bf16,
     base_model_dir,
+    bf16_cast,
+    cached_dir,
     full_recipe,
     load_finetune,
     make_finetune,
@@ -209,7 +212,9 @@ class TestHarness:
         from bench.finetune import _load_tokenizer, predict
 
         self.ft_dir = ft_dir
-        self.model = load_finetune(ft_dir)
+        # computed in float32 whatever the weights' dtype: a bf16 checkpoint's values are exact
+        # in it, and the figures do not depend on whether the CPU has bf16 instructions
+        self.model = load_finetune(ft_dir).float()
         self.original = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.tokenizer = _load_tokenizer(ft_dir)
         self.test = test
@@ -249,31 +254,39 @@ def run_task(
     earlier: dict[str, Any] | None = None,
     measure: set[str] | None = None,
     recipe: Recipe | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run the grid on one task (torch's thread count as the caller set it). ``earlier`` is
     this task's result from an interrupted run: its rows are reused when the fine-tune recipe
     and the calibration size are the same. ``measure``: labels of the series to measure now
     (None: all); the others only keep their reused rows. ``recipe``: the fine-tune to measure
-    (default :func:`bench.finetune.full_recipe`)."""
+    (default :func:`bench.finetune.full_recipe`). ``precision`` ``bf16``: the fine-tune and
+    the base cast to bf16 (what a user holding bf16 checkpoints uploads), the result keyed
+    :func:`task_key`."""
     task = load_task(task_name)
     recipe = recipe or full_recipe(task_name)
-    ft_dir = make_finetune(recipe)
+    ft_dir = made = make_finetune(recipe)
     base = base_model_dir()
+    if precision == "bf16":
+        ft_dir, base = bf16_finetune(ft_dir), base_bf16()
+    elif precision != "fp32":
+        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     harness = TestHarness(ft_dir, list(task.test))
     acc_ft = harness.accuracy()
     acc_removed = harness.removed_accuracy(base)
     log(
-        f"[{task_name}] fine-tuned {acc_ft:.4f}, τ removed {acc_removed:.4f}, test n={len(task.test)}"
+        f"[{task_key(task_name, precision)}] fine-tuned {acc_ft:.4f}, τ removed {acc_removed:.4f}, test n={len(task.test)}"
     )
     evaluators: dict[str, ModelEvaluator] = {}
     rows: list[Row] = []
     summary: dict[str, Any] = {
-        "task": task_name,
+        "task": task_key(task_name, precision),
+        "precision": precision,
         "fine_tuned_accuracy": acc_ft,
         "removed_accuracy": acc_removed,
         "test_examples": len(task.test),
         "calibration_examples": n_cal,
-        "recipe": read_marker(ft_dir),
+        "recipe": read_marker(made),
         "rows": [],
     }
     reusable: dict[str, dict[str, Any]] = {}
@@ -293,7 +306,7 @@ def run_task(
     ]
     summary["rows"] = [reusable[p] for p in points if p in reusable]
     if summary["rows"]:
-        log(f"[{task_name}] {len(summary['rows'])} rows reused from the earlier run")
+        log(f"[{summary['task']}] {len(summary['rows'])} rows reused from the earlier run")
     for series in grid:
         for keep in series.keeps:
             for bits in series.bits:
@@ -366,7 +379,7 @@ def run_task(
                     )
                     rows.append(row)
                     log(
-                        f"[{task_name}] {series.label:<22} keep={keep:<6} bits={bits:<2} seed={seed} "
+                        f"[{summary['task']}] {series.label:<22} keep={keep:<6} bits={bits:<2} seed={seed} "
                         f"bpp={res.bits_per_param:.4f} acc={acc:.4f} norm={acc / acc_ft:.4f} "
                         f"gain={gain:.3f} search={res.search_seconds:.0f}s"
                     )
@@ -375,6 +388,16 @@ def run_task(
                     if save is not None:
                         save(summary)
     return summary
+
+
+def task_key(task: str, precision: str) -> str:
+    """How the results name ``task`` measured at ``precision`` (``"tweets (bf16 cast)"``)."""
+    return task if precision == "fp32" else f"{task} ({precision} cast)"
+
+
+def bf16_finetune(ft_dir: Path) -> Path:
+    """The bf16 cast of the fine-tune ``ft_dir`` (cached beside it)."""
+    return cached_dir(ft_dir.with_name(ft_dir.name + "-bf16"), lambda tmp: bf16_cast(ft_dir, tmp))
 
 
 def machine_note() -> dict[str, Any]:
@@ -407,9 +430,12 @@ def run(
     series: list[str] | None = None,
     threads: int = 2,
     grid_name: str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run the grid ``grid_name`` (one of :data:`GRIDS`; default ``quick`` when ``quick``, else
-    ``full``); the quick grid writes ``fidelity-quick.*``, the others ``fidelity.*``. Rows an interrupted earlier run already measured are reused unless
+    ``full``); the quick grid writes ``fidelity-quick.*``, the others ``fidelity.*``.
+    ``precision`` ``bf16`` measures the bf16 casts of the fine-tunes against the base's
+    (:func:`run_task`), results keyed apart from the fp32 ones. Rows an interrupted earlier run already measured are reused unless
     ``fresh``. ``series`` measures only the series with these labels (rows of the others
     already measured are kept; the rest are left for a later run). Runs of different tasks
     may go on at the same time (each with ``threads`` torch threads): each save merges the
@@ -429,6 +455,7 @@ def run(
         "command": "python -m bench fidelity"
         + (" --quick" if quick else "")
         + (f" --grid {grid_name}" if grid_name not in ("full", "quick") else "")
+        + (f" --precision {precision}" if precision != "fp32" else "")
         + (f" --tasks {' '.join(tasks)}" if tasks else "")
         + (" --series " + " ".join(f"'{label}'" for label in series) if series else "")
         + (f" --calibration {n_cal}" if n_cal != DEFAULT_CALIBRATION else "")
@@ -439,7 +466,11 @@ def run(
         "grid": [asdict(s) for s in grid],
         "tasks": [],
     }
-    log_path = out_dir / (("fidelity-quick" if quick else "fidelity") + f"-{'-'.join(tasks)}.log")
+    keys = [task_key(t, precision) for t in tasks]
+    log_path = out_dir / (
+        ("fidelity-quick" if quick else "fidelity")
+        + f"-{'-'.join(tasks)}{'' if precision == 'fp32' else '-' + precision}.log"
+    )
     with open(log_path, "a") as logf, tempfile.TemporaryDirectory() as tmp:
 
         def log(msg: str) -> None:
@@ -453,11 +484,11 @@ def run(
             for t in mine:
                 t["command"], t["machine"] = results["command"], results["machine"]
             with _locked(out_dir):
-                others = _previous(out_dir, quick, tasks)
+                others = _previous(out_dir, quick, keys)
                 write_outputs(dict(results, tasks=[*others, *mine]), out_dir, quick)
 
         earlier = {} if fresh else _earlier(out_dir, quick)
-        for task in tasks:
+        for task, key in zip(tasks, keys, strict=True):
             results["tasks"].append(
                 run_task(
                     task,
@@ -466,8 +497,9 @@ def run(
                     workdir=Path(tmp),
                     log=log,
                     save=lambda partial: publish([*results["tasks"], partial]),
-                    earlier=earlier.get(task),
+                    earlier=earlier.get(key),
                     measure=set(series) if series else None,
+                    precision=precision,
                 )
             )
             publish(results["tasks"])

@@ -35,7 +35,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from bench.data import SPLIT_SEED, Example, _atomic_write_text, cache_dir, load_task
 from core.device import cpu_has_bf16
@@ -54,7 +54,10 @@ __all__ = [
     "LORA_TARGETS",
     "LoraRecipe",
     "Recipe",
+    "base_bf16",
     "base_model_dir",
+    "bf16_cast",
+    "cached_dir",
     "default_out_dir",
     "evaluate",
     "full_recipe",
@@ -256,6 +259,54 @@ def load_finetune(path: str | os.PathLike):
     auto = _transformers().AutoModelForSequenceClassification
     model = _quiet_load(auto.from_pretrained, str(path))
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 casts
+
+
+def cached_dir(dest: Path, write: Callable[[Path], None]) -> Path:
+    """``dest`` if it exists, else written by ``write`` into a temporary sibling and renamed
+    into place (a directory that exists is complete)."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.exists():
+            raise
+    return dest
+
+
+def bf16_cast(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Copy the model directory ``src`` to ``dest`` with every floating-point tensor of its
+    ``model.safetensors`` rounded to bf16 (``config.json``'s dtype says so)."""
+    src, dest = Path(src), Path(dest)
+    for item in src.iterdir():
+        if item.name == "model.safetensors":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dest / item.name)
+        else:
+            shutil.copy2(item, dest / item.name)
+    tensors = load_file(str(src / "model.safetensors"))
+    cast = {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in tensors.items()}
+    save_file(cast, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    config.pop("torch_dtype", None)
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def base_bf16() -> Path:
+    """The bf16 cast of the benchmark's base (cached)."""
+    dest = cache_dir() / "lora" / f"base-{_base_version()}-bf16"
+    return cached_dir(dest, lambda tmp: bf16_cast(base_model_dir(), tmp))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +44,12 @@ from bench.data import cache_dir, load_task
 from bench.finetune import (
     NUM_THREADS,
     LoraRecipe,
-    _base_version,
     _quiet,
     _quiet_load,
+    base_bf16,
     base_model_dir,
+    bf16_cast,
+    cached_dir,
     lora_recipe,
     make_finetune,
     predict,
@@ -92,50 +94,6 @@ class LoraFixture:
         return base_model_dir() if precision == "fp32" else base_bf16()
 
 
-def _build(dest: Path, write: Callable[[Path], None]) -> Path:
-    """``dest`` if it exists, else written by ``write`` into a temporary sibling and renamed
-    into place (a directory that exists is complete)."""
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not dest.exists():
-            raise
-    return dest
-
-
-def bf16_cast(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
-    """Copy the model directory ``src`` to ``dest`` with every floating-point tensor of its
-    ``model.safetensors`` rounded to bf16 (``config.json``'s dtype says so)."""
-    src, dest = Path(src), Path(dest)
-    for item in src.iterdir():
-        if item.name == "model.safetensors":
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dest / item.name)
-        else:
-            shutil.copy2(item, dest / item.name)
-    tensors = load_file(str(src / "model.safetensors"))
-    cast = {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in tensors.items()}
-    save_file(cast, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
-    config["dtype"] = "bfloat16"
-    config.pop("torch_dtype", None)
-    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def base_bf16() -> Path:
-    """The bf16 cast of the benchmark's base (cached)."""
-    dest = cache_dir() / "lora" / f"base-{_base_version()}-bf16"
-    return _build(dest, lambda tmp: bf16_cast(base_model_dir(), tmp))
-
-
 def merge_with_peft(adapter: Path, dest: Path, dtype: torch.dtype) -> None:
     """``merge_and_unload()`` of ``adapter`` on the base loaded in ``dtype``; saved in it."""
     import peft
@@ -169,7 +127,7 @@ def lora_fixture(task: str, rank: int, verbose: bool = True) -> LoraFixture:
     recipe = lora_recipe(task, rank)
     adapter = make_finetune(recipe, verbose=verbose)
     merged = {
-        p: _build(
+        p: cached_dir(
             cache_dir() / "lora" / f"{adapter.name}-merged-{p}",
             functools.partial(_merge_into, adapter, _DTYPES[p]),
         )

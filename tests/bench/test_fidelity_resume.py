@@ -17,3 +17,29 @@ def test_a_remade_fine_tune_is_the_same_one() -> None:
     assert not same_finetune(made, dict(again, final_loss=0.25))
     assert not same_finetune(made, dict(again, key="0123456789ab"))
     assert not same_finetune({}, made)
+
+
+def test_bf16_casts_are_measured_apart(tmp_path) -> None:
+    """``--precision bf16`` compresses the fine-tune's bf16 cast against the base's: lossless
+    then stores under 16 bits/param (against a float32 base it stores ~20) and rebuilds the
+    cast exactly; the result is keyed apart from the float32 one."""
+    from bench.fidelity import Series, run_task
+    from tests.fixtures import TINY_RECIPE, tiny_finetune_dir
+
+    tiny_finetune_dir()
+    grid = [Series("lossless", "lossless", (1.0,), (16,)), Series("dare", "dare", (0.1,), (16,))]
+    out = run_task(
+        TINY_RECIPE.task,
+        grid,
+        n_cal=32,
+        workdir=tmp_path,
+        log=lambda msg: None,
+        recipe=TINY_RECIPE,
+        precision="bf16",
+    )
+    assert (out["task"], out["precision"]) == (f"{TINY_RECIPE.task} (bf16 cast)", "bf16")
+    lossless, dare = out["rows"]
+    assert lossless["normalised_accuracy"] == 1.0 and lossless["gain_kept"] == 1.0
+    assert 6 < lossless["bits_per_param"] < 16
+    assert dare["bits_per_param"] < lossless["bits_per_param"]
+    assert out["recipe"]["key"] == TINY_RECIPE.key()  # resumes against the fine-tune made
