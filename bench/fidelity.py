@@ -409,6 +409,8 @@ def machine_note() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor(),
         "cuda": torch.cuda.is_available(),
+        # search seconds depend on it; sizes and accuracies do not
+        "load_1min_at_start": round(os.getloadavg()[0], 1),
     }
 
 
