@@ -128,7 +128,7 @@ def tasks_grid() -> list[Series]:
     """Every method of the registry (and ``auto``) at 0.04–0.1 bits/param, plus one DARE point
     above: the grid run on the multi-class tasks, which were kept apart from the settings'
     tuning (the full grid's sweep of keep ratios and presets stays on the shared tasks).
-    Most telling rows first, three seeds for every random or searched series."""
+    Most telling rows first, three seeds for every random or searched series but plain ``nps``."""
     return [
         Series("lossless", "lossless", (1.0,), (16,)),
         Series("nps-seeded", "nps-seeded", (0.02,), (2, 4), SEEDS, "fidelity"),
@@ -141,8 +141,10 @@ def tasks_grid() -> list[Series]:
         Series("dare", "dare", (0.025,), (3,), SEEDS),
         Series("magnitude", "magnitude", (0.02,), (4,)),
         Series("magnitude-scaled", "magnitude-scaled", (0.02,), (4,), evaluation="fidelity"),
-        Series("nps", "nps", (0.02,), (4,), SEEDS, "fidelity"),
         Series("dare", "dare", (0.05,), (4,), SEEDS),
+        # explicit positions put plain nps at ~0.14 bits/param for 1% (above the range asked
+        # about), and nps-seeded dominated it on both shared tasks: one seed, as a reference
+        Series("nps", "nps", (0.01,), (4,), (0,), "fidelity"),
     ]
 
 

@@ -116,4 +116,4 @@ def test_tasks_grid_judges_every_method_on_the_multiclass_tasks() -> None:
         for s in tasks_grid()
         if s.method not in ("lossless", "magnitude", "magnitude-scaled", "lowrank", "auto")
     ]
-    assert all(len(s.seeds) == 3 for s in seeded)
+    assert all(len(s.seeds) == 3 for s in seeded if s.method != "nps")
