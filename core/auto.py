@@ -22,7 +22,9 @@ Candidates (method, keep ratio, value bits) are scored in memory, nothing writte
    searched again), and the encoded delta's fidelity is measured again on the same examples.
    Under the floor (a rounding difference between the in-memory candidate and the codec), the
    next passing candidate is tried; when none is left, the exact ``lossless`` delta is stored
-   and the trail and notes say the floor could not be met lossily.
+   and the trail and notes say the floor could not be met lossily. A choice of at least
+   :data:`LOSSLESS_RIVAL_BITS` bits/param is encoded beside the exact delta too, and the exact
+   one is kept when it stores no more (the trail says so).
 
 The trail (``method.auto`` of the delta's document, and the first element of the result's
 ``trace``) says, for each judged candidate, its fidelity against the floor, on which part and
@@ -64,6 +66,15 @@ from core.workspace import Workspace
 #: 0.3 and 0.5 reach floors of top-1 agreement ≥ 0.99, which DARE at 20% may miss on a
 #: fine-tune (tweets: 0.984 at 20%/4-bit, 0.998 at 50%/8-bit) — still 3–8× under lossless.
 KEEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
+#: The ladder's top rung, for DARE only: every entry kept, the values rounded to the width
+#: (no drop, no rescale). DARE's drop is unbiased but adds noise as large as the dropped
+#: entries; on a fine-tune whose predictions sit near ties (a 15-class WordNet task, test
+#: accuracy 0.61) DARE at 50%/16-bit missed a 0.99 agreement floor and auto stored the
+#: exact delta at 17 bits/param, where rounding every entry to a few bits passes.
+FULL_KEEP = 1.0
+#: A lossy choice storing at least this many bits/param is encoded beside the exact delta,
+#: and the exact one is kept when it is no larger (a bf16 fine-tune's exact delta takes ~5).
+LOSSLESS_RIVAL_BITS = 1.0
 #: 3-bit values: at 2.5% keep they stored what 4-bit values at 2% did and kept more of the
 #: gain on both benchmark tasks (bench/NOTES.md, third sitting); 3% is the nearby keep step
 BITS = (1, 2, 3, 4, 8, 16)
@@ -411,6 +422,8 @@ def _candidates(
     keeps = KEEPS if keep is None else (keep,)
     bits = BITS if value_bits is None else (value_bits,)
     cands = ladder(tuple(m for m in methods if m != Method.LOWRANK), keeps, bits)
+    if keep is None and Method.DARE in methods:
+        cands += [Candidate(Method.DARE, FULL_KEEP, b) for b in bits]
     if Method.LOWRANK in methods:  # its own keep and rank rule; half precision or 8 bits
         lr_keep = DEFAULT_LOWRANK_KEEP if keep is None else keep
         cands += [Candidate(Method.LOWRANK, lr_keep, b) for b in LOWRANK_BITS if b in bits]
@@ -523,6 +536,51 @@ def auto_compress(
     return _record_trail(out_path, run, result)
 
 
+def _lossless(
+    run: _Run,
+    base_dir: str | os.PathLike[str],
+    ft_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    device: str | None,
+) -> CompressOutcome:
+    """The exact delta, its fidelity (1.0) recorded on every calibration part."""
+    return compress(
+        base_dir,
+        ft_dir,
+        out_path,
+        method=Method.LOSSLESS,
+        evaluation=run.evaluation,
+        device=device,
+        progress=run.progress,
+        evaluator=run.ev,
+        judge_parts=run.ev.parts,
+    )
+
+
+def _exact_if_smaller(
+    run: _Run,
+    lossy: CompressOutcome,
+    base_dir: str | os.PathLike[str],
+    ft_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    device: str | None,
+) -> CompressOutcome | None:
+    """The exact delta, written over ``out_path``, when it stores no more than ``lossy`` (a
+    choice of at least :data:`LOSSLESS_RIVAL_BITS` bits/param); else None."""
+    if lossy.bits_per_param < LOSSLESS_RIVAL_BITS:
+        return None
+    rival = f"{os.fspath(out_path)}.exact.tmp"
+    try:
+        exact = _lossless(run, base_dir, ft_dir, rival, device)
+        if exact.stored_bytes > lossy.stored_bytes:
+            return None
+        os.replace(rival, out_path)
+        return replace(exact, path=os.fspath(out_path))
+    finally:
+        if os.path.exists(rival):
+            os.unlink(rival)
+
+
 def _encode_best(
     run: _Run,
     base_dir: str | os.PathLike[str],
@@ -532,7 +590,7 @@ def _encode_best(
 ) -> CompressOutcome:
     """Encode the cheapest passing candidate (its fitted result, not a fresh search) and check
     the encoded delta on the examples that judged it; the next one if it falls under the floor;
-    lossless when none is left."""
+    lossless when none is left, or when the exact delta stores no more than the choice."""
     passing = sorted(
         (j for j in run.judged if j.passed), key=lambda j: round(j.candidate.estimated_bits, 9)
     )
@@ -555,53 +613,61 @@ def _encode_best(
             judge_parts=j.parts,
         )
         fid = result.fidelity if result.fidelity is not None else math.nan
-        if fid >= run.floor:
-            run.trail.append(
-                {
-                    "encoded": c.method,
-                    "keep": c.keep,
-                    "value_bits": c.value_bits,
-                    "fidelity": fid,
-                    "bits_per_param": result.bits_per_param,
-                    "families": _families(run),
-                    "reason": (
-                        f"the smallest candidate that met the floor {run.floor}: fidelity "
-                        f"{fid:.4f} as stored, on {part_label(run.ev, j.parts)} "
-                        f"({sum(run.ev.part_size(p) for p in j.parts)} examples)"
-                    ),
-                }
+        if fid < run.floor:
+            run.notes.append(
+                f"auto: {c.method} at keep {c.keep:g}, {c.value_bits}-bit passed in memory "
+                f"({j.fidelity:.4f}) but {fid:.4f} as encoded, under the floor; next candidate"
             )
-            return replace(
-                result,
-                notes=[
-                    *result.notes,
-                    f"auto chose {c.method} at keep {c.keep:g}, {c.value_bits}-bit values: "
-                    f"fidelity {fid:.4f} ≥ floor {run.floor} as stored, measured on "
-                    f"{part_label(run.ev, j.parts)} ({sum(run.ev.part_size(p) for p in j.parts)} "
-                    f"examples); {len(run.judged)} candidates judged in {run.search_seconds:.1f} s",
-                ],
+            continue
+        exact = _exact_if_smaller(run, result, base_dir, ft_dir, out_path, device)
+        if exact is not None:
+            reason = (
+                f"the smallest candidate that met the floor, {c.method} at keep {c.keep:g}, "
+                f"{c.value_bits}-bit, stored {result.bits_per_param:.3f} bits/param; the exact "
+                f"delta stores {exact.bits_per_param:.3f}: the exact one is kept"
             )
-        run.notes.append(
-            f"auto: {c.method} at keep {c.keep:g}, {c.value_bits}-bit passed in memory "
-            f"({j.fidelity:.4f}) but {fid:.4f} as encoded, under the floor; next candidate"
+            return _stored_exact(run, exact, reason, f"auto: {reason}")
+        run.trail.append(
+            {
+                "encoded": c.method,
+                "keep": c.keep,
+                "value_bits": c.value_bits,
+                "fidelity": fid,
+                "bits_per_param": result.bits_per_param,
+                "families": _families(run),
+                "reason": (
+                    f"the smallest candidate that met the floor {run.floor}: fidelity "
+                    f"{fid:.4f} as stored, on {part_label(run.ev, j.parts)} "
+                    f"({sum(run.ev.part_size(p) for p in j.parts)} examples)"
+                ),
+            }
         )
-    parts = run.ev.parts
-    result = compress(
-        base_dir,
-        ft_dir,
-        out_path,
-        method=Method.LOSSLESS,
-        evaluation=run.evaluation,
-        device=device,
-        progress=run.progress,
-        evaluator=run.ev,
-        judge_parts=parts,
-    )
+        return replace(
+            result,
+            notes=[
+                *result.notes,
+                f"auto chose {c.method} at keep {c.keep:g}, {c.value_bits}-bit values: "
+                f"fidelity {fid:.4f} ≥ floor {run.floor} as stored, measured on "
+                f"{part_label(run.ev, j.parts)} ({sum(run.ev.part_size(p) for p in j.parts)} "
+                f"examples); {len(run.judged)} candidates judged in {run.search_seconds:.1f} s",
+            ],
+        )
     reason = (
         f"no lossy candidate met the floor {run.floor} "
         f"(best {max((j.fidelity for j in run.judged), default=math.nan):.4f}): "
         "the exact (lossless) delta is stored"
     )
+    return _stored_exact(
+        run,
+        _lossless(run, base_dir, ft_dir, out_path, device),
+        reason,
+        f"auto: the floor {run.floor} could not be met lossily ({len(run.judged)} candidates "
+        f"judged in {run.search_seconds:.1f} s); stored exact. Lower `min_fidelity` for a "
+        "smaller delta",
+    )
+
+
+def _stored_exact(run: _Run, result: CompressOutcome, reason: str, note: str) -> CompressOutcome:
     run.trail.append(
         {
             "encoded": "lossless",
@@ -613,15 +679,7 @@ def _encode_best(
             "reason": reason,
         }
     )
-    return replace(
-        result,
-        notes=[
-            *result.notes,
-            f"auto: the floor {run.floor} could not be met lossily ({len(run.judged)} candidates "
-            f"judged in {run.search_seconds:.1f} s); stored exact. Lower `min_fidelity` for a "
-            "smaller delta",
-        ],
-    )
+    return replace(result, notes=[*result.notes, note])
 
 
 def _families(run: _Run) -> dict[str, Any]:

@@ -5,11 +5,14 @@ file's, and the screen reaches passing candidates by bisection."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 import core.auto
 from core.auto import Candidate, _screen, _screen_families, auto_compress, ladder
@@ -231,6 +234,93 @@ def test_screen_reaches_high_keeps_when_only_they_pass() -> None:
     best = _screen(oracle, ladder(("dare",)))  # type: ignore[arg-type]
     assert best == Candidate("dare", 0.5, 8)
     assert len(oracle.asked) <= 8
+
+
+def test_screen_keeps_every_entry_when_no_drop_passes() -> None:
+    """DARE's drop adds noise as large as what it drops: where even 50% misses the floor (a
+    15-class fine-tune near ties: wordnet_verbs at 0.99 agreement), every entry rounded to 8
+    bits may pass — 4.95 bits/param there against the exact delta's 17.1."""
+
+    def rule(c: Candidate) -> bool:
+        return c.keep == core.auto.FULL_KEEP and c.value_bits >= 8
+
+    oracle = _Oracle(rule)
+    cands = core.auto._candidates(("dare", "nps-seeded"), None, None)
+    assert [c for c in cands if c.keep == 1.0] == [
+        Candidate("dare", 1.0, b) for b in core.auto.BITS
+    ]
+    best = _screen(oracle, [c for c in cands if c.method == "dare"])  # type: ignore[arg-type]
+    assert best == Candidate("dare", 1.0, 8)
+    assert best.estimated_bits == 8
+    assert len(oracle.asked) <= 8
+    # a pinned keep or a ladder without DARE adds no full-keep rung
+    assert all(c.keep == 0.05 for c in core.auto._candidates(("dare",), 0.05, None))
+    assert all(c.keep < 1 for c in core.auto._candidates(("nps-seeded",), None, None))
+
+
+def _bf16_ulp_finetune(tiny: dict[str, Path], root: Path) -> tuple[Path, Path]:
+    """The tiny pair in bf16, the fine-tune's encoder one ulp off the base's in a third of its
+    entries (what a short bf16 fine-tune mostly is: most weights move by a rounding step or
+    not at all), its head kept."""
+    g = torch.Generator().manual_seed(0)
+    dirs = []
+    for name in ("base", "ft"):
+        dest = root / name
+        dest.mkdir()
+        for item in tiny[name].iterdir():
+            if item.name != "model.safetensors":
+                shutil.copy2(item, dest / item.name)
+        dirs.append(dest)
+    base = {
+        k: v.to(torch.bfloat16) for k, v in load_file(tiny["base"] / "model.safetensors").items()
+    }
+    ft = {k: v.to(torch.bfloat16) for k, v in load_file(tiny["ft"] / "model.safetensors").items()}
+    for name, b in base.items():
+        if b.is_floating_point():
+            step = torch.nextafter(b, torch.full_like(b, float("inf")))
+            ft["bert." + name] = torch.where(torch.rand(b.shape, generator=g) < 1 / 3, step, b)
+    save_file(base, dirs[0] / "model.safetensors")
+    save_file(ft, dirs[1] / "model.safetensors")
+    return dirs[0], dirs[1]
+
+
+def test_the_exact_delta_is_kept_where_it_stores_no_more(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A bf16 fine-tune's exact delta takes a few bits/param (rounding residuals); a lossy
+    choice at 16-bit values every entry takes more: auto stores the exact one and says why."""
+    base, ft = _bf16_ulp_finetune(tiny_models, tmp_path)
+    out = tmp_path / "x.slim"
+    r = auto_compress(
+        base,
+        ft,
+        out,
+        min_fidelity=0.5,
+        keep=1.0,
+        value_bits=16,
+        methods=("dare",),
+        calibration=tiny_models["calibration"],
+    )
+    trail = _trail(out)
+    assert trail[0]["method"] == "dare" and trail[0]["passed"]
+    assert trail[-1]["encoded"] == "lossless" and "the exact one is kept" in trail[-1]["reason"]
+    lossy_bits = float(trail[-1]["reason"].split("stored ")[1].split(" ")[0])
+    assert r.method == "auto:lossless" and r.fidelity == 1.0
+    assert r.bits_per_param < lossy_bits
+    assert r.stored_bytes == out.stat().st_size
+    assert not list(tmp_path.glob("*.tmp"))
+    # at 4-bit values the lossy choice stores less than the exact delta and is kept
+    lossy = auto_compress(
+        base,
+        ft,
+        tmp_path / "y.slim",
+        min_fidelity=0.5,
+        keep=1.0,
+        value_bits=4,
+        methods=("dare",),
+        calibration=tiny_models["calibration"],
+    )
+    assert lossy.method == "auto:dare"
 
 
 def test_compress_records_where_its_fidelity_was_measured(
