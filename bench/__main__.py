@@ -35,9 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS))
     p.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
+        choices=["fp32", "bf16", "bf16-trained"],
         default="fp32",
-        help="bf16: the bf16 casts of the fine-tunes and of the base",
+        help="bf16: the bf16 casts of the fine-tunes and of the base; bf16-trained: the "
+        "fine-tunes trained with bf16 autocast, then cast",
     )
     p.add_argument(
         "--calibration",

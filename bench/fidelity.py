@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -263,16 +263,20 @@ def run_task(
     and the calibration size are the same. ``measure``: labels of the series to measure now
     (None: all); the others only keep their reused rows. ``recipe``: the fine-tune to measure
     (default :func:`bench.finetune.full_recipe`). ``precision`` ``bf16``: the fine-tune and
-    the base cast to bf16 (what a user holding bf16 checkpoints uploads), the result keyed
-    :func:`task_key`."""
+    the base cast to bf16 (what a user holding bf16 checkpoints uploads); ``bf16-trained``:
+    the default recipe trained with bf16 autocast (where the CPU has bf16 instructions, else in
+    float32: the recipe's record says which), then cast. The result is keyed :func:`task_key`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     task = load_task(task_name)
-    recipe = recipe or full_recipe(task_name)
+    if recipe is None:
+        recipe = full_recipe(task_name)
+        if precision == "bf16-trained":
+            recipe = replace(recipe, bf16=True)
     ft_dir = made = make_finetune(recipe)
     base = base_model_dir()
-    if precision == "bf16":
+    if precision != "fp32":
         ft_dir, base = bf16_finetune(ft_dir), base_bf16()
-    elif precision != "fp32":
-        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     harness = TestHarness(ft_dir, list(task.test))
     acc_ft = harness.accuracy()
     acc_removed = harness.removed_accuracy(base)
@@ -392,9 +396,17 @@ def run_task(
     return summary
 
 
+#: The precisions ``--precision`` names, and how the results' task names mark them.
+PRECISIONS = {
+    "fp32": "",
+    "bf16": " (bf16 cast)",
+    "bf16-trained": " (trained with bf16 autocast, bf16 cast)",
+}
+
+
 def task_key(task: str, precision: str) -> str:
     """How the results name ``task`` measured at ``precision`` (``"tweets (bf16 cast)"``)."""
-    return task if precision == "fp32" else f"{task} ({precision} cast)"
+    return task + PRECISIONS[precision]
 
 
 def bf16_finetune(ft_dir: Path) -> Path:

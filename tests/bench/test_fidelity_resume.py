@@ -43,3 +43,14 @@ def test_bf16_casts_are_measured_apart(tmp_path) -> None:
     assert 0 < lossless["bits_per_param"] < 16, lossless["bits_per_param"]
     assert dare["bits_per_param"] < lossless["bits_per_param"]
     assert out["recipe"]["key"] == TINY_RECIPE.key()  # resumes against the fine-tune made
+
+
+def test_each_precision_is_keyed_apart() -> None:
+    import pytest
+
+    from bench.fidelity import PRECISIONS, run_task, task_key
+
+    keys = {task_key("tweets", p) for p in PRECISIONS}
+    assert len(keys) == len(PRECISIONS) and task_key("tweets", "fp32") == "tweets"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        run_task("tweets", [], n_cal=8, workdir=None, log=print, precision="fp8")  # type: ignore[arg-type]
