@@ -165,6 +165,10 @@ class _Run:
     generations: int
     time_budget: float
     progress: Progress | None
+    #: what the chosen candidate is encoded from, and where (constant for the run)
+    base_dir: str | os.PathLike[str] = ""
+    ft_dir: str | os.PathLike[str] = ""
+    device: str | None = None
     t0: float = field(default_factory=time.perf_counter)
     trail: list[dict[str, Any]] = field(default_factory=list)
     judged: list[_Judged] = field(default_factory=list)
@@ -492,7 +496,18 @@ def auto_compress(
         assert ev is not None
         ws.load_taus()
         run = _Run(
-            ws, ev, evaluation, min_fidelity, seed, generations, time_budget, progress, t0=t0
+            ws,
+            ev,
+            evaluation,
+            min_fidelity,
+            seed,
+            generations,
+            time_budget,
+            progress,
+            base_dir=base_dir,
+            ft_dir=ft_dir,
+            device=device,
+            t0=t0,
         )
         cands = _candidates(methods, keep, value_bits)
         if any(c.method == Method.LOWRANK for c in cands) and not _low_rank(run):
@@ -526,7 +541,7 @@ def auto_compress(
                 break
         run.remaining_searched = 0
         run.search_seconds = run.elapsed
-        result = _encode_best(run, base_dir, ft_dir, out_path, device)
+        result = _encode_best(run, out_path)
     result = replace(
         result,
         search_seconds=run.search_seconds,
@@ -536,21 +551,15 @@ def auto_compress(
     return _record_trail(out_path, run, result)
 
 
-def _lossless(
-    run: _Run,
-    base_dir: str | os.PathLike[str],
-    ft_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    device: str | None,
-) -> CompressOutcome:
+def _lossless(run: _Run, out_path: str | os.PathLike[str]) -> CompressOutcome:
     """The exact delta, its fidelity (1.0) recorded on every calibration part."""
     return compress(
-        base_dir,
-        ft_dir,
+        run.base_dir,
+        run.ft_dir,
         out_path,
         method=Method.LOSSLESS,
         evaluation=run.evaluation,
-        device=device,
+        device=run.device,
         progress=run.progress,
         evaluator=run.ev,
         judge_parts=run.ev.parts,
@@ -558,12 +567,7 @@ def _lossless(
 
 
 def _exact_if_smaller(
-    run: _Run,
-    lossy: CompressOutcome,
-    base_dir: str | os.PathLike[str],
-    ft_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    device: str | None,
+    run: _Run, lossy: CompressOutcome, out_path: str | os.PathLike[str]
 ) -> CompressOutcome | None:
     """The exact delta, written over ``out_path``, when it stores no more than ``lossy`` (a
     choice of at least :data:`LOSSLESS_RIVAL_BITS` bits/param); else None."""
@@ -571,7 +575,7 @@ def _exact_if_smaller(
         return None
     rival = f"{os.fspath(out_path)}.exact.tmp"
     try:
-        exact = _lossless(run, base_dir, ft_dir, rival, device)
+        exact = _lossless(run, rival)
         if exact.stored_bytes > lossy.stored_bytes:
             return None
         os.replace(rival, out_path)
@@ -581,13 +585,7 @@ def _exact_if_smaller(
             os.unlink(rival)
 
 
-def _encode_best(
-    run: _Run,
-    base_dir: str | os.PathLike[str],
-    ft_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    device: str | None,
-) -> CompressOutcome:
+def _encode_best(run: _Run, out_path: str | os.PathLike[str]) -> CompressOutcome:
     """Encode the cheapest passing candidate (its fitted result, not a fresh search) and check
     the encoded delta on the examples that judged it; the next one if it falls under the floor;
     lossless when none is left, or when the exact delta stores no more than the choice."""
@@ -597,8 +595,8 @@ def _encode_best(
     for j in passing:
         c = j.candidate
         result = compress(
-            base_dir,
-            ft_dir,
+            run.base_dir,
+            run.ft_dir,
             out_path,
             method=c.method,
             keep=c.keep,
@@ -606,7 +604,7 @@ def _encode_best(
             evaluation=run.evaluation,
             seed=run.seed,
             options=_options(c.method, run.generations),
-            device=device,
+            device=run.device,
             progress=run.progress,  # "encode": the job shows it, and a cancel stops it
             evaluator=run.ev,
             fitted=j.fitted,
@@ -619,7 +617,7 @@ def _encode_best(
                 f"({j.fidelity:.4f}) but {fid:.4f} as encoded, under the floor; next candidate"
             )
             continue
-        exact = _exact_if_smaller(run, result, base_dir, ft_dir, out_path, device)
+        exact = _exact_if_smaller(run, result, out_path)
         if exact is not None:
             reason = (
                 f"the smallest candidate that met the floor, {c.method} at keep {c.keep:g}, "
@@ -659,7 +657,7 @@ def _encode_best(
     )
     return _stored_exact(
         run,
-        _lossless(run, base_dir, ft_dir, out_path, device),
+        _lossless(run, out_path),
         reason,
         f"auto: the floor {run.floor} could not be met lossily ({len(run.judged)} candidates "
         f"judged in {run.search_seconds:.1f} s); stored exact. Lower `min_fidelity` for a "
