@@ -725,10 +725,14 @@ def _record_trail(
         doc.evaluation["search_seconds"] = result.search_seconds
         doc.evaluation["evaluations"] = result.evaluations
         doc.evaluation["notes"] = result.notes
-        for _ in range(4):  # a fixed point: bits/param's digits change the length it reports
-            sizes = sizes_of(doc, rewritten_size(reader, doc))
-            if final.get("bits_per_param") == sizes["bits_per_param"]:
+        # bits/param's digits change the (compressed) length it reports: the size only grows
+        # until the document fits in it, and the header is padded to it
+        size = rewritten_size(reader, doc)
+        for _ in range(8):
+            final["bits_per_param"] = sizes_of(doc, size)["bits_per_param"]
+            natural = rewritten_size(reader, doc)
+            if natural <= size:
                 break
-            final["bits_per_param"] = sizes["bits_per_param"]
-    rewrite_document(path, doc)
+            size = natural
+    rewrite_document(path, doc, min_size=size)
     return replace(result, **delta_sizes(path))  # the file's own, whatever the loop settled

@@ -1,17 +1,22 @@
 """The delta container: a safetensors file of U8 byte frames plus a JSON document.
 
 Any safetensors reader can list a delta and read one frame; S3 ranged GETs can fetch one
-tensor's frames. The document (``__metadata__["slimstore"]``) says how to rebuild every file of
-the fine-tune from the base. ``docs/format.md`` is the full specification.
+tensor's frames. The document says how to rebuild every file of the fine-tune from the base:
+plain JSON in ``__metadata__["slimstore"]`` up to version 5, zstd-compressed and base64-coded
+in ``__metadata__["slimstore.zst"]`` from version 6 (``"slimstore"`` then holds a stub naming
+it). ``docs/format.md`` is the full specification.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -19,11 +24,14 @@ from typing import Any, BinaryIO, Protocol
 import xxhash
 
 from core.constants import (
+    DOCUMENT_ZSTD_LEVEL,
     FORMAT_NAME,
     FORMAT_VERSION,
     HYBRID_VERSION,
     MAX_HEADER_BYTES,
     METADATA_KEY,
+    PACKED_KEY,
+    PACKED_VERSION,
     READABLE_VERSIONS,
 )
 from core.errors import (
@@ -34,6 +42,7 @@ from core.errors import (
     UnsupportedFormatVersion,
 )
 from core.files import CHUNK_SIZE, check_path
+from core.frames import zstd_compress, zstd_decompress
 from core.safetensors_io import Header, build_header, parse_header, read_header
 
 TENSOR_KINDS = ("sparse", "dense", "same", "lossless", "lowrank", "hybrid")
@@ -148,20 +157,10 @@ class DeltaDoc:
 
     @classmethod
     def from_json(cls, text: str) -> DeltaDoc:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidDelta(f"delta document is not valid JSON ({exc.msg})") from None
-        except RecursionError:
-            raise InvalidDelta("delta document is nested too deeply") from None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-            raise InvalidDelta("not a Slimstore delta (no slimstore-delta document)")
-        version = raw.get("version")
-        if type(version) is not int or version not in READABLE_VERSIONS:
-            raise UnsupportedFormatVersion(
-                f"delta format version {version!r} is not supported by this reader (it reads "
-                f"versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade Slimstore to read it"
-            )
+        raw = _versioned_json(text)
+        version = raw["version"]
+        if "document" in raw:
+            raise InvalidDelta("a packed document's stub is not a document")
         try:
             doc = cls(
                 base=dict(raw["base"]),
@@ -190,6 +189,78 @@ class DeltaDoc:
 
     def tensor_map(self) -> dict[str, TensorEntry]:
         return {t.name: t for t in self.tensors}
+
+
+def _versioned_json(text: str) -> dict[str, Any]:
+    """A document or a stub, parsed: a JSON object of format ``slimstore-delta`` and a version
+    this reader knows (else :class:`UnsupportedFormatVersion`, which says to upgrade)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidDelta(f"delta document is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InvalidDelta("delta document is nested too deeply") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise InvalidDelta("not a Slimstore delta (no slimstore-delta document)")
+    version = raw.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise UnsupportedFormatVersion(
+            f"delta format version {version!r} is not supported by this reader (it reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade Slimstore to read it"
+        )
+    return raw
+
+
+def pack_document(text: str, version: int) -> dict[str, str]:
+    """The container's ``__metadata__`` for a document's JSON ``text`` of ``version``: the
+    plain JSON up to version 5; from version 6 a stub under ``slimstore`` (format, version and
+    where the document is, so that an older reader still says which version it met) and the
+    document zstd-compressed, base64-coded, under ``slimstore.zst``."""
+    if version < PACKED_VERSION:
+        return {METADATA_KEY: text}
+    data = text.encode()
+    packed = base64.b64encode(zstd_compress(data, DOCUMENT_ZSTD_LEVEL)).decode("ascii")
+    stub = {
+        "format": FORMAT_NAME,
+        "version": version,
+        "document": {"key": PACKED_KEY, "coding": "zstd+base64", "size": len(data)},
+    }
+    return {
+        METADATA_KEY: json.dumps(stub, separators=(",", ":"), sort_keys=True),
+        PACKED_KEY: packed,
+    }
+
+
+def unpack_document(meta: Mapping[str, str], name: str) -> tuple[str, int | None]:
+    """The document's JSON text from a container's ``__metadata__`` (inverse of
+    :func:`pack_document`) and the version its stub states (None for versions 1–5, whose
+    text is the document itself); ``name`` is the file's, for the messages."""
+    if METADATA_KEY not in meta:
+        raise InvalidDelta(
+            f"{name} is a safetensors file but not a Slimstore delta "
+            "(no slimstore document); pass a file written by `slim compress`"
+        )
+    text = meta[METADATA_KEY]
+    if PACKED_KEY not in meta:
+        return text, None
+    stub = _versioned_json(text)
+    where = stub.get("document")
+    if (
+        stub["version"] < PACKED_VERSION
+        or not isinstance(where, dict)
+        or where.get("key") != PACKED_KEY
+        or where.get("coding") != "zstd+base64"
+        or type(where.get("size")) is not int
+    ):
+        raise InvalidDelta(f"{name}: the stub of its packed document is malformed")
+    try:
+        packed = base64.b64decode(meta[PACKED_KEY], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidDelta(f"{name}: the packed document is not base64") from None
+    try:
+        return zstd_decompress(packed, where["size"]).decode(), stub["version"]
+    except UnicodeDecodeError:
+        raise InvalidDelta(f"{name}: the packed document is not UTF-8") from None
 
 
 def _drop_none(obj: Any) -> Any:
@@ -244,7 +315,7 @@ class DeltaWriter:
         """Write the container; returns its size in bytes."""
         doc.frames = self.frames
         entries = [(n, "U8", (self.frames[n].size,)) for n in self._order]
-        header = build_header(entries, {METADATA_KEY: doc.to_json()})
+        header = build_header(entries, pack_document(doc.to_json(), doc.version))
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as out:
             out.write(header)
@@ -276,13 +347,10 @@ class DeltaReader:
             )
         except InvalidSafetensors as exc:
             raise InvalidDelta(f"{self.path.name} is not a delta container: {exc.detail}") from None
-        meta = self.header.metadata or {}
-        if METADATA_KEY not in meta:
-            raise InvalidDelta(
-                f"{self.path.name} is a safetensors file but not a Slimstore delta "
-                "(no slimstore document); pass a file written by `slim compress`"
-            )
-        self.doc = DeltaDoc.from_json(meta[METADATA_KEY])
+        text, stated = unpack_document(self.header.metadata or {}, self.path.name)
+        self.doc = DeltaDoc.from_json(text)
+        if stated is not None and self.doc.version != stated:
+            raise InvalidDelta(f"{self.path.name}: its stub and its document state other versions")
         for name, ref in self.doc.frames.items():
             info = self.header.tensors.get(name)
             if info is None or info.dtype != "U8" or info.nbytes != ref.size:
@@ -339,12 +407,14 @@ def _arrived_header(path: Path, arriving: Arriving) -> Header:
     return parse_header(head, file_size=arriving.size)
 
 
-def _container_header(reader: DeltaReader, doc: DeltaDoc) -> bytes:
-    """The container header ``reader``'s frames would have under the document ``doc``."""
+def _container_header(reader: DeltaReader, doc: DeltaDoc, min_size: int = 0) -> bytes:
+    """The container header ``reader``'s frames would have under the document ``doc``, padded
+    so that the container is at least ``min_size`` bytes."""
     if set(doc.frames) != set(reader.doc.frames):
         raise InvalidDelta("a rewritten document must list the same frames")
     entries = [(n, "U8", (info.nbytes,)) for n, info in reader.header.tensors.items()]
-    return build_header(entries, {METADATA_KEY: doc.to_json()})
+    data = reader.size - reader.header.data_offset
+    return build_header(entries, pack_document(doc.to_json(), doc.version), min_size - data)
 
 
 def rewritten_size(reader: DeltaReader, doc: DeltaDoc) -> int:
@@ -353,16 +423,18 @@ def rewritten_size(reader: DeltaReader, doc: DeltaDoc) -> int:
     return len(_container_header(reader, doc)) + reader.size - reader.header.data_offset
 
 
-def rewrite_document(path: str | os.PathLike[str], doc: DeltaDoc) -> None:
+def rewrite_document(path: str | os.PathLike[str], doc: DeltaDoc, min_size: int = 0) -> None:
     """Replace a delta's document, keeping its frames (the container is rewritten atomically).
 
     Only informative parts (method, evaluation, stats) may change: the frames must stay the
-    ones the document lists.
+    ones the document lists. ``min_size``: pad the header with spaces so that the file is at
+    least that long (a document that states the file's own size settles on one; sizes of one
+    delta's containers differ by multiples of 8 bytes).
     """
     path = Path(path)
     reader = DeltaReader(path)
     try:
-        header = _container_header(reader, doc)
+        header = _container_header(reader, doc, min_size)
         tmp = path.with_name(path.name + ".tmp")
         with open(path, "rb") as src, open(tmp, "wb") as out:
             out.write(header)

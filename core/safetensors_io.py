@@ -326,9 +326,12 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 
 
 def build_header(
-    entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    entries: Sequence[tuple[str, str, tuple[int, ...]]],
+    metadata: dict[str, str] | None = None,
+    min_size: int = 0,
 ) -> bytes:
-    """Header bytes (length + JSON, space-padded to 8 bytes) for tensors laid out in order."""
+    """Header bytes (length + JSON, space-padded to 8 bytes) for tensors laid out in order;
+    padded with more spaces to ``min_size`` bytes (length included) where that is longer."""
     doc: dict[str, object] = {}
     if metadata is not None:
         doc["__metadata__"] = metadata
@@ -339,6 +342,7 @@ def build_header(
         offset += size
     body = json.dumps(doc, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)
+    body += b" " * max(0, min_size - 8 - len(body))
     return len(body).to_bytes(8, "little") + body
 
 

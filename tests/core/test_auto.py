@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import core.auto
 from core.auto import Candidate, _screen, _screen_families, auto_compress, ladder
 from core.compress import compress
+from core.constants import FORMAT_VERSION
 from core.delta_format import DeltaReader
 from core.summary import describe
 
@@ -415,7 +416,9 @@ def test_auto_judges_and_stores_the_hybrid_as_it_judged_it(
     assert r.fidelity == pytest.approx(chosen[0]["fidelity"], abs=1e-9) and r.fidelity >= 0.2
     with DeltaReader(out) as reader:
         kinds = {t.kind for t in reader.doc.tensors}
-        assert "hybrid" in kinds and reader.doc.version == 5  # the tiny τ is low-rank + sparse
+        assert (
+            "hybrid" in kinds and reader.doc.version == FORMAT_VERSION
+        )  # the tiny τ is low-rank + sparse
     assert r.method == "auto:hybrid"
 
 

@@ -14,8 +14,20 @@ import torch
 
 from core.checkpoint import CheckpointDir
 from core.compress import compress
-from core.constants import READABLE_VERSIONS
-from core.delta_format import DeltaReader
+from core.constants import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    PACKED_KEY,
+    PACKED_VERSION,
+    READABLE_VERSIONS,
+)
+from core.delta_format import (
+    DeltaReader,
+    pack_document,
+    rewrite_document,
+    rewritten_size,
+    unpack_document,
+)
 from core.errors import (
     BaseMismatch,
     IntegrityError,
@@ -231,9 +243,9 @@ def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
     raw = (tmp_path / "d.slim").read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
-    doc = json.loads(header["__metadata__"]["slimstore"])
+    doc = json.loads(unpack_document(header["__metadata__"], "d.slim")[0])
     doc["version"] = max(READABLE_VERSIONS) + 1
-    header["__metadata__"]["slimstore"] = json.dumps(doc)
+    header["__metadata__"] = pack_document(json.dumps(doc), doc["version"])
     body = json.dumps(header).encode()
     body += b" " * (-len(body) % 8)
     (tmp_path / "future.slim").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
@@ -385,3 +397,34 @@ def test_a_followed_delta_that_fails_its_check_moves_nothing_into_place(tmp_path
     with pytest.raises(IntegrityError, match="sha256 does not match"):
         reconstruct(base, tmp_path / "d.part", tmp_path / "out", workers=2, arriving=arriving)
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # not even a part
+
+
+def test_the_document_is_packed_and_a_rewrite_can_pad_to_a_size(tmp_path: Path) -> None:
+    """Version 6: ``slimstore`` holds a stub naming the zstd+base64 document, which is several
+    times smaller than the plain JSON a version-5 container held; rewriting the document with
+    ``min_size`` pads the header so the file is exactly that long, and it still reads."""
+    base, ft, _, _ = make_pair(tmp_path)
+    path = tmp_path / "d.slim"
+    compress(base, ft, path, method="dare", keep=0.1, value_bits=2)
+    with DeltaReader(path) as r:
+        meta = dict(r.header.metadata or {})
+        doc = r.doc
+        natural = rewritten_size(r, doc)
+    assert set(meta) == {METADATA_KEY, PACKED_KEY} and natural == path.stat().st_size
+    stub = json.loads(meta[METADATA_KEY])
+    text = doc.to_json()
+    assert stub == {
+        "format": "slimstore-delta",
+        "version": FORMAT_VERSION,
+        "document": {"key": PACKED_KEY, "coding": "zstd+base64", "size": len(text.encode())},
+    }
+    assert unpack_document(meta, "d.slim") == (text, FORMAT_VERSION)
+    assert len(meta[PACKED_KEY]) < len(text)  # base64 of the zstd frame (sha256s dominate here)
+    plain = pack_document(text, PACKED_VERSION - 1)  # what version 5 stored
+    assert plain == {METADATA_KEY: text} and unpack_document(plain, "d.slim") == (text, None)
+    rewrite_document(path, doc, min_size=natural + 64)
+    assert path.stat().st_size == natural + 64
+    with DeltaReader(path) as r:
+        assert r.doc.to_json() == text
+    out = reconstruct(base, path, tmp_path / "out")
+    assert out

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from core.checkpoint import CheckpointDir
 from core.compress import compress
-from core.constants import FORMAT_VERSION
+from core.constants import FORMAT_VERSION, PACKED_KEY
 from core.delta_format import DeltaReader
 from core.errors import IntegrityError
 from core.reconstruct import rebuild_check, reconstruct, tensor_bytes, tensor_pieces
@@ -127,6 +127,28 @@ def test_version_4_deltas_still_read(tmp_path: Path, name: str) -> None:
             assert b"".join(tensor_pieces(t, r, b, start=3, piece=16)) == whole[3:], t.name
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_version_5_deltas_still_read(tmp_path: Path, name: str) -> None:
+    """Deltas written before the document was packed (version 5: plain JSON under
+    ``slimstore``) rebuild to the same bytes as today's, whole and in pieces; today's store the
+    same document in fewer bytes."""
+    base, _ = write_pair(tmp_path)
+    golden = HERE / "v5" / f"{name}.slim"
+    old_manifest = json.loads((HERE / "v5" / "manifest.json").read_text())
+    assert golden.stat().st_size == old_manifest[name]["size"] > MANIFEST[name]["size"]
+    with DeltaReader(golden) as r, DeltaReader(HERE / f"{name}.slim") as new:
+        assert r.doc.version == 5 and PACKED_KEY not in (r.header.metadata or {})
+        assert PACKED_KEY in (new.header.metadata or {})
+        assert [t.name for t in r.doc.tensors] == [t.name for t in new.doc.tensors]
+    out = reconstruct(base, golden, tmp_path / "out")
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out}
+    assert got == old_manifest[name]["files"] == MANIFEST[name]["files"]
+    with DeltaReader(golden) as r, CheckpointDir.open(base) as b:
+        for t in r.doc.tensors:
+            whole = bytes(tensor_bytes(t, r, b))
+            assert b"".join(tensor_pieces(t, r, b, start=3, piece=16)) == whole[3:], t.name
+
+
 def test_lossless_golden_codes_floats_in_ulps_and_casts_a_base_of_another_dtype() -> None:
     """Version 5: every float tensor's planes hold its ``ulp`` residual (versions 1–4: XOR);
     the bf16 ``layer.bias`` of the fp32 base is lossless against the base cast to bf16
@@ -142,7 +164,7 @@ def test_lossless_golden_codes_floats_in_ulps_and_casts_a_base_of_another_dtype(
 
 
 def test_lowrank_golden_stores_factors_and_rebuilds_in_pieces(tmp_path: Path) -> None:
-    """The version-4 golden delta factors the two rank-2 task vectors (fp32 and bf16) and keeps
+    """The golden delta factors the two rank-2 task vectors (fp32 and bf16) and keeps
     the 1-D one sparse; every tensor rebuilds the same from any offset, in any piece size."""
     base, _ = write_pair(tmp_path)
     with DeltaReader(HERE / "lowrank_f16.slim") as r, CheckpointDir.open(base) as b:

@@ -12,8 +12,8 @@ import torch
 
 from core.checkpoint import CheckpointDir
 from core.compress import compress
-from core.constants import FORMAT_VERSION, HYBRID_VERSION, METADATA_KEY
-from core.delta_format import DeltaReader, TensorEntry
+from core.constants import FORMAT_VERSION, HYBRID_VERSION
+from core.delta_format import DeltaReader, TensorEntry, pack_document, unpack_document
 from core.errors import InvalidArgument, InvalidDelta, UnsupportedFormatVersion
 from core.merge import task_delta
 from core.methods import make_method
@@ -68,7 +68,7 @@ def test_hybrid_round_trip_factors_the_low_rank_matrices_only(tmp_path: Path) ->
     got_h = load_state(base_dir, tmp_path / "h.slim")
     got_d = load_state(base_dir, tmp_path / "d.slim")
     with DeltaReader(tmp_path / "h.slim") as r:
-        assert r.doc.version == HYBRID_VERSION
+        assert r.doc.version == FORMAT_VERSION >= HYBRID_VERSION
         kinds = {t.name: t.kind for t in r.doc.tensors}
         assert kinds == {
             "attn.weight": "hybrid",
@@ -112,9 +112,9 @@ def _with_document(path: Path, out: Path, change: dict[str, object]) -> None:
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
-    doc = json.loads(header["__metadata__"][METADATA_KEY])
+    doc = json.loads(unpack_document(header["__metadata__"], path.name)[0])
     doc.update(change)
-    header["__metadata__"][METADATA_KEY] = json.dumps(doc)
+    header["__metadata__"] = pack_document(json.dumps(doc), doc["version"])
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     out.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
@@ -145,16 +145,16 @@ def test_a_hybrid_tensor_needs_version_5_and_a_whole_residual(tmp_path: Path) ->
 
 
 def test_older_versions_still_read(tmp_path: Path) -> None:
-    """Every version up to 5 is read, and one past it refused."""
+    """Every version up to 6 is read, and one past it refused."""
     base_dir, ft_dir = _finetune(tmp_path)
     compress(base_dir, ft_dir, tmp_path / "d.slim", method="dare", keep=0.02)
-    for v in (1, 2, 3, 4, 5):
+    for v in (1, 2, 3, 4, 5, 6):
         _with_document(tmp_path / "d.slim", tmp_path / f"v{v}.slim", {"version": v})
         with DeltaReader(tmp_path / f"v{v}.slim") as r:
             assert r.doc.version == v
-    _with_document(tmp_path / "d.slim", tmp_path / "v6.slim", {"version": 6})
-    with pytest.raises(UnsupportedFormatVersion, match="version 6"):
-        DeltaReader(tmp_path / "v6.slim")
+    _with_document(tmp_path / "d.slim", tmp_path / "v7.slim", {"version": 7})
+    with pytest.raises(UnsupportedFormatVersion, match="version 7"):
+        DeltaReader(tmp_path / "v7.slim")
 
 
 def test_rank_pays_for_itself_from_the_budget(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ Kinds:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import struct
@@ -33,6 +34,8 @@ import torch
 import zstandard
 
 from core.compress import compress
+from core.constants import PACKED_KEY
+from core.delta_format import pack_document, unpack_document
 from core.safetensors_io import save_file
 
 
@@ -311,13 +314,19 @@ def delta_cases(root: Path) -> dict[str, tuple[bytes, str]]:
     raw = good.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
-    doc = json.loads(header["__metadata__"]["slimstore"])
+    doc = json.loads(unpack_document(header["__metadata__"], good.name)[0])
     data = raw[8 + n :]
 
     def rebuild(new_doc: dict, new_data: bytes = data, entries: dict | None = None) -> bytes:
         h = dict(entries if entries is not None else header)
-        h["__metadata__"] = {"slimstore": json.dumps(new_doc)}
+        version = new_doc.get("version")
+        h["__metadata__"] = pack_document(
+            json.dumps(new_doc), version if isinstance(version, int) else doc["version"]
+        )
         return _header(h) + new_data
+
+    def repacked(meta: dict) -> bytes:
+        return _header({**header, "__metadata__": {**header["__metadata__"], **meta}}) + data
 
     cases: dict[str, tuple[bytes, str]] = {}
     cases["delta_future_version"] = (rebuild({**doc, "version": 99}), "unsupported_format_version")
@@ -335,6 +344,18 @@ def delta_cases(root: Path) -> dict[str, tuple[bytes, str]]:
     )
     cases["delta_no_document"] = (
         _header({k: v for k, v in header.items() if k != "__metadata__"}) + data,
+        "invalid_delta",
+    )
+    # the packed document (version 6): not base64, a zstd bomb, or missing
+    cases["delta_packed_not_base64"] = (repacked({PACKED_KEY: "%%%"}), "invalid_delta")
+    packed_bomb = zstandard.ZstdCompressor(level=19).compress(b" " * (64 * 1024 * 1024))
+    cases["delta_packed_bomb"] = (
+        repacked({PACKED_KEY: base64.b64encode(packed_bomb).decode()}),
+        "invalid_delta",
+    )
+    no_packed = {k: v for k, v in header["__metadata__"].items() if k != PACKED_KEY}
+    cases["delta_packed_missing"] = (
+        _header({**header, "__metadata__": no_packed}) + data,
         "invalid_delta",
     )
     missing = dict(doc)
