@@ -42,6 +42,7 @@ from bench.finetune import (
 )
 from core.auto import auto_compress
 from core.compress import build_evaluator, compress
+from core.constants import FORMAT_VERSION
 from core.evaluate import Example as CalExample
 from core.evaluate import ModelEvaluator
 from core.reconstruct import load_state
@@ -190,12 +191,26 @@ class Row:
     evaluations: int
     notes: list[str] = field(default_factory=list)
     grid_point: str = ""
+    #: the delta format the row's delta was written in (its size depends on it; rows from
+    #: before this field were written in versions up to 5)
+    format_version: int = FORMAT_VERSION
 
 
 def grid_point(series: Series, keep: float, bits: int, seed: int) -> str:
     """The key of one grid point (what was asked, not what auto chose), for resuming runs."""
     opts = ",".join(f"{k}={v}" for k, v in sorted(series.options.items()))
     return f"{series.label}|{series.method}|{series.evaluation}|{opts}|{keep}|{bits}|{seed}"
+
+
+def reusable_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier run of the same fine-tune a run keeps, by grid point: those
+    written in today's delta format (an older format's stored size is not today's, so its
+    point is measured again)."""
+    return {
+        r["grid_point"]: r
+        for r in rows
+        if r.get("grid_point") and r.get("format_version") == FORMAT_VERSION
+    }
 
 
 def same_finetune(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -301,7 +316,7 @@ def run_task(
         and same_finetune(earlier.get("recipe") or {}, summary["recipe"])
         and earlier.get("calibration_examples") == n_cal
     ):
-        reusable = {r["grid_point"]: r for r in earlier.get("rows", []) if r.get("grid_point")}
+        reusable = reusable_rows(earlier.get("rows", []))
     # Rows measured before go in first, so a run cut short never loses them.
     points = [
         grid_point(series, keep, bits, seed)
@@ -716,6 +731,8 @@ def write_outputs(results: dict[str, Any], out_dir: Path, quick: bool) -> None:
             "[min–max].",
             "",
             *([f"Last run on this task: `{t['command']}`", ""] if t.get("command") else []),
+            f"Deltas written in {_formats(t['rows'])}.",
+            "",
             "| series | fitness | keep | value bits | seeds | bits/param | test acc | norm. acc | gain kept | search s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -733,6 +750,18 @@ def write_outputs(results: dict[str, Any], out_dir: Path, quick: bool) -> None:
         lines += ["", *_front_lines(t["rows"])]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(results, out_dir / f"{stem}.png")
+
+
+def _formats(rows: list[dict[str, Any]]) -> str:
+    """Which delta formats a section's sizes are of (``docs/format.md``)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        v = r.get("format_version")
+        name = f"format {v}" if v else "format 5 or earlier"
+        counts[name] = counts.get(name, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{k} ({n} rows)" for k, n in sorted(counts.items()))
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from bench.fidelity import same_finetune
+from dataclasses import asdict
+
+from bench.fidelity import Row, _formats, reusable_rows, same_finetune
+from core.constants import FORMAT_VERSION
 
 
 def test_a_remade_fine_tune_is_the_same_one() -> None:
@@ -54,3 +57,35 @@ def test_each_precision_is_keyed_apart() -> None:
     assert len(keys) == len(PRECISIONS) and task_key("tweets", "fp32") == "tweets"
     with pytest.raises(ValueError, match="precision must be one of"):
         run_task("tweets", [], n_cal=8, workdir=None, log=print, precision="fp8")  # type: ignore[arg-type]
+
+
+def test_rows_of_an_older_delta_format_are_measured_again() -> None:
+    """A row's size depends on the format its delta was written in: a resumed run keeps only
+    today's rows, and a section names the formats of its rows."""
+    today = asdict(
+        Row(
+            "t",
+            "dare",
+            "dare",
+            0.02,
+            2,
+            0,
+            "weights",
+            10,
+            0.05,
+            0.8,
+            0.99,
+            0.95,
+            None,
+            0.0,
+            0,
+            grid_point="dare|a",
+        )
+    )
+    old = {k: v for k, v in today.items() if k != "format_version"} | {"grid_point": "dare|b"}
+    assert today["format_version"] == FORMAT_VERSION
+    assert reusable_rows([today, old, {**today, "grid_point": ""}]) == {"dare|a": today}
+    assert _formats([today]) == f"format {FORMAT_VERSION}"
+    assert _formats([today, old]) == (
+        f"format 5 or earlier (1 rows), format {FORMAT_VERSION} (1 rows)"
+    )
