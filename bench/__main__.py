@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from bench.data import TASKS
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="measure every row again (default: resume)")
     p.add_argument("--series", nargs="+", default=None, help="run only these series (labels)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (per task run)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     for name, module_name in MODULES.items():
         try:
             module = importlib.import_module(f"bench.{module_name}")
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             grid_name=args.grid,
             precision=args.precision,
+            **({"out_dir": args.out} if args.out else {}),
         )
         return 0
     module = importlib.import_module(f"bench.{MODULES[args.name]}")

@@ -311,21 +311,30 @@ def run_task(
         "rows": [],
     }
     reusable: dict[str, dict[str, Any]] = {}
+    measured_before: dict[str, dict[str, Any]] = {}
     if (
         earlier
         and same_finetune(earlier.get("recipe") or {}, summary["recipe"])
         and earlier.get("calibration_examples") == n_cal
     ):
         reusable = reusable_rows(earlier.get("rows", []))
-    # Rows measured before go in first, so a run cut short never loses them.
+        measured_before = {
+            r["grid_point"]: r for r in earlier.get("rows", []) if r.get("grid_point")
+        }
+    # Rows measured before go in first, so a run cut short never loses them; an older
+    # format's row stays (marked by its format) only where this run does not measure its series.
     points = [
-        grid_point(series, keep, bits, seed)
+        (series.label, grid_point(series, keep, bits, seed))
         for series in grid
         for keep in series.keeps
         for bits in series.bits
         for seed in series.seeds
     ]
-    summary["rows"] = [reusable[p] for p in points if p in reusable]
+    summary["rows"] = [
+        reusable.get(p) or measured_before[p]
+        for label, p in points
+        if p in reusable or (p in measured_before and measure is not None and label not in measure)
+    ]
     if summary["rows"]:
         log(f"[{summary['task']}] {len(summary['rows'])} rows reused from the earlier run")
     for series in grid:
@@ -490,7 +499,8 @@ def run(
         + (f" --tasks {' '.join(tasks)}" if tasks else "")
         + (" --series " + " ".join(f"'{label}'" for label in series) if series else "")
         + (f" --calibration {n_cal}" if n_cal != DEFAULT_CALIBRATION else "")
-        + (f" --threads {threads}" if threads != 2 else ""),
+        + (f" --threads {threads}" if threads != 2 else "")
+        + (f" --out {_shown(out_dir)}" if out_dir != RESULTS else ""),
         "machine": machine_note(),
         "quick": quick,
         "grid_name": grid_name,
@@ -750,6 +760,14 @@ def write_outputs(results: dict[str, Any], out_dir: Path, quick: bool) -> None:
         lines += ["", *_front_lines(t["rows"])]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(results, out_dir / f"{stem}.png")
+
+
+def _shown(path: Path) -> str:
+    """A path as a command line would name it from the repository root."""
+    try:
+        return path.resolve().relative_to(Path(__file__).resolve().parent.parent).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _formats(rows: list[dict[str, Any]]) -> str:
