@@ -18,6 +18,7 @@ MODULES = {
     "capacity": "capacity",
     "lora": "lora",
     "causal-lm": "causal_lm",
+    "document-size": "document_size",
 }
 
 
