@@ -92,7 +92,6 @@ def measure(
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.data import load_task
     from bench.fidelity import calibration, machine_note
     from bench.finetune import base_model_dir, full_recipe, make_finetune
 
@@ -104,7 +103,6 @@ def main(args: argparse.Namespace) -> int:
     base = base_model_dir()
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
-            load_task(task)
             ft = make_finetune(full_recipe(task))
             cal = calibration(task, args.calibration, False)
             results["tasks"][task] = measure(base, ft, Path(tmp), cal)
