@@ -3,7 +3,8 @@ pieces, merges and the rank the method chooses."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from core.checkpoint import CheckpointDir
 from core.compress import compress
 from core.constants import FORMAT_VERSION, HYBRID_VERSION
-from core.delta_format import DeltaReader, TensorEntry, pack_document, unpack_document
+from core.delta_format import DeltaReader, TensorEntry, rewrite_document
 from core.errors import InvalidArgument, InvalidDelta, UnsupportedFormatVersion
 from core.merge import task_delta
 from core.methods import make_method
@@ -109,15 +110,10 @@ def test_hybrid_pieces_offsets_and_merge_rebuild_the_same(tmp_path: Path) -> Non
 
 def _with_document(path: Path, out: Path, change: dict[str, object]) -> None:
     """A copy of the delta at ``path`` with top-level fields of its document replaced."""
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    doc = json.loads(unpack_document(header["__metadata__"], path.name)[0])
-    doc.update(change)
-    header["__metadata__"] = pack_document(json.dumps(doc), doc["version"])
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    out.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+    shutil.copyfile(path, out)
+    with DeltaReader(out) as r:
+        doc = dataclasses.replace(r.doc, **change)  # type: ignore[arg-type]
+    rewrite_document(out, doc)
 
 
 def test_a_hybrid_tensor_needs_version_5_and_a_whole_residual(tmp_path: Path) -> None:
