@@ -33,10 +33,17 @@ test: $(STAMP) system-deps
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
+# Every fixture's recipe and table (hours on two cores; each step resumes where it stopped):
+# full fine-tunes (fp32, their bf16 casts, one trained under bf16 autocast), LoRA adapters,
+# a causal LM, and lossless on bf16 against ZipNN and lmz.
 bench: $(STAMP)
 	$(PY) -m bench fidelity
 	$(PY) -m bench fidelity --grid tasks
+	$(PY) -m bench fidelity --grid tasks --precision bf16 --tasks tweets rotten_tomatoes wordnet_nouns wordnet_verbs
+	$(PY) -m bench fidelity --grid tasks --precision bf16-trained --tasks wordnet_nouns
 	$(PY) -m bench lora
+	$(PY) -m bench causal-lm
+	$(PY) -m bench lossless-bf16 --out bench/results/lossless-bf16-full
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -19,6 +19,7 @@ MODULES = {
     "lora": "lora",
     "causal-lm": "causal_lm",
     "document-size": "document_size",
+    "lossless-bf16": "lossless_bf16",
 }
 
 

@@ -23,8 +23,7 @@ Speeds are MB/s of the fine-tune's weight file, medians of ``--rounds`` alternat
 beside the host's ceilings measured in the same rounds (numpy copy; zstd level 1 on one
 thread over the same bytes). Usage::
 
-    SLIM_BENCH_CACHE=/work/bench-cache PYTHONPATH=. python -m bench.lossless_bf16 \\
-        --lmz-path .venv-extra --out bench/results/lossless-bf16
+    python -m bench lossless-bf16 --out bench/results/lossless-bf16-full
 """
 
 from __future__ import annotations
@@ -402,14 +401,19 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetunes", default=",".join(FINETUNES))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--lmz-path", default=None, help="directory lmzip was pip-installed into")
+    p.add_argument(
+        "--lmz-path",
+        default=None,
+        help="a directory lmzip was pip-installed into (default: the venv's)",
+    )
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
-    args = p.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
     tools = Tools(args.lmz_path)
     import torch
 
@@ -421,7 +425,7 @@ def main() -> None:
         print(json.dumps(row, indent=1), flush=True)
         rows.append(row)
     meta = {
-        "command": "python -m bench.lossless_bf16 " + " ".join(sys.argv[1:]),
+        "command": "python -m bench lossless-bf16 " + " ".join(sys.argv[2:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
         f"({platform.platform()})",
         "rounds": args.rounds,
@@ -435,7 +439,4 @@ def main() -> None:
     print(markdown(rows, meta))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    main()
+    return 0
