@@ -10,7 +10,12 @@
     DARE's draws against the label-free KL fitness on the 128 calibration texts and on 768
     more validation texts: does the fitness pick the draw that does best on the test split?
 
-Both print one JSON line per point and append them to ``bench/results/explore-*.jsonl``.
+``python -m bench.explore points TASK --point 'nps-seeded 0.04 2 0' 'dare 0.04 2 0' ...``
+    Points off the fidelity grids (method, keep, value bits, seed), measured as the grids
+    measure theirs (``bench.fidelity.run_task``: the delta written in today's format, the
+    whole test split; searched methods on the label-free fidelity fitness).
+
+Each prints one JSON line per point and appends them to ``bench/results/explore-*.jsonl``.
 The fine-tunes are the benchmark's (``bench/finetune.py``); test accuracy on the full split.
 """
 
@@ -28,7 +33,16 @@ import numpy as np
 import torch
 
 from bench.data import load_task
-from bench.fidelity import DEFAULT_CALIBRATION, RESULTS, TestHarness, calibration
+from bench.fidelity import (
+    DEFAULT_CALIBRATION,
+    PRECISIONS,
+    RESULTS,
+    Series,
+    TestHarness,
+    calibration,
+    run_task,
+    tasks_grid,
+)
 from bench.finetune import base_model_dir, full_recipe, make_finetune
 from core import rng
 from core.compress import compress
@@ -156,6 +170,36 @@ def explore_draws(args: argparse.Namespace) -> None:
             fx.record("draws", args, fields, fx.harness.accuracy(state), t0)
 
 
+def point_series(spec: str) -> Series:
+    """``"method keep bits seed"`` as a one-point series, evaluated as the tasks grid's series
+    of that method are (searched methods on the label-free fidelity fitness)."""
+    evaluation = {s.method: s.evaluation for s in tasks_grid()}
+    try:
+        method, keep, bits, seed = spec.split()
+        point = (float(keep),), (int(bits),), (int(seed),)
+    except ValueError:
+        raise SystemExit(f"a point is 'method keep bits seed', not {spec!r}") from None
+    if method not in evaluation:
+        raise SystemExit(f"unknown method {method!r}; known: {sorted(evaluation)}")
+    return Series(f"{method} {keep}/{bits}", method, *point, evaluation[method])
+
+
+def explore_points(args: argparse.Namespace) -> None:
+    grid = [point_series(spec) for spec in args.point]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_task(
+            args.task,
+            grid,
+            n_cal=DEFAULT_CALIBRATION,
+            workdir=Path(tmp),
+            log=lambda msg: print(msg, flush=True),
+            precision=args.precision,
+        )
+    with open(RESULTS / "explore-points.jsonl", "a") as f:
+        for row in result["rows"]:
+            f.write(json.dumps({"task": result["task"], **row}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.explore")
     sub = ap.add_subparsers(dest="what", required=True)
@@ -169,9 +213,15 @@ def main(argv: list[str] | None = None) -> None:
     rows.add_argument("--gammas", type=lambda s: [float(x) for x in s.split(",")], default=[0, 1])
     rows.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     draws.add_argument("--seeds", type=int, default=12)
+    points = sub.add_parser("points")
+    points.add_argument("task")
+    points.add_argument("--point", nargs="+", required=True, help="'method keep bits seed'")
+    points.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    points.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"row-rates": explore_row_rates, "draws": explore_draws}[args.what](args)
+    run = {"row-rates": explore_row_rates, "draws": explore_draws, "points": explore_points}
+    run[args.what](args)
 
 
 if __name__ == "__main__":
