@@ -612,6 +612,8 @@ class Point:
     label: str
     bpp: float
     accs: tuple[float, ...]
+    #: the delta format its sizes are of (None: rows from before rows recorded it, format ≤ 5)
+    format_version: int | None = None
 
     @property
     def acc(self) -> float:
@@ -633,6 +635,7 @@ class Point:
             f"{name} ×{len(rows)}",
             statistics.median(r["bits_per_param"] for r in rows),
             tuple(r["test_accuracy"] for r in rows),
+            max((r.get("format_version") or 0 for r in rows), default=0) or None,
         )
 
 
@@ -649,12 +652,18 @@ def front_comparison(rows: list[dict[str, Any]]) -> list[tuple[Point, Point | No
     """Each point of one family against the other family's best point that stores no more
     (candidates: series whose method is one of :data:`CANDIDATES`; baselines: :data:`BASELINES`),
     inside :data:`FRONT_RANGE`. Returns (point, best rival at ≤ its bits, verdict of the
-    candidates against it), candidates first."""
+    candidates against it), candidates first. Sizes are compared within one delta format only:
+    where a section holds rows of several formats (a partial re-measure), each point meets the
+    rivals of its own format, and points of older formats say which they are."""
+    formats = {r.get("format_version") for r in rows}
     nps: list[Point] = []
     base: list[Point] = []
     for key, rs in _group(rows):
         method = rs[0]["method"]
         pt = Point.of(key, rs)
+        if len(formats) > 1 and pt.format_version != max(f or 0 for f in formats):
+            shown = f"format {pt.format_version}" if pt.format_version else "format ≤ 5"
+            pt = replace(pt, label=f"{pt.label} ({shown})")
         if not FRONT_RANGE[0] <= pt.bpp <= FRONT_RANGE[1]:
             continue
         if method in CANDIDATES and not key[0].startswith("auto"):
@@ -662,16 +671,17 @@ def front_comparison(rows: list[dict[str, Any]]) -> list[tuple[Point, Point | No
         elif key[0] in BASELINES:
             base.append(pt)
 
-    def best(pts: list[Point], bpp: float) -> Point | None:
-        fit = [p for p in pts if p.bpp <= bpp]
+    def best(pts: list[Point], mine: Point) -> Point | None:
+        fit = [p for p in pts if p.bpp <= mine.bpp and p.format_version == mine.format_version]
         return max(fit, key=lambda p: p.acc) if fit else None
 
     out: list[tuple[Point, Point | None, str]] = []
     for mine, rivals, flip in ((nps, base, False), (base, nps, True)):
         for p in sorted(mine, key=lambda p: p.bpp):
-            rival = best(rivals, p.bpp)
+            rival = best(rivals, p)
             if rival is None:
-                out.append((p, None, "no rival stores as little"))
+                alone = "no rival of its format" if len(formats) > 1 else "no rival"
+                out.append((p, None, f"{alone} stores as little"))
             else:
                 out.append((p, rival, verdict(rival, p) if flip else verdict(p, rival)))
     return out
@@ -704,7 +714,8 @@ def _front_lines(rows: list[dict[str, Any]]) -> list[str]:
         "",
         f"### NPS and low-rank families against the baselines' front ({lo}–{hi} bits/param)",
         "",
-        "Each point against the best point of the other family that stores no more bits "
+        "Each point against the best point of the other family that stores no more bits in "
+        "the same delta format "
         f"(candidates: {', '.join(CANDIDATES)}; baselines: {', '.join(BASELINES)}). The "
         "verdict is the candidates': better/worse only when the seed spreads do not overlap "
         "(single-seed points: their one value).",

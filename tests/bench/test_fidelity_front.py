@@ -117,3 +117,42 @@ def test_tasks_grid_judges_every_method_on_the_multiclass_tasks() -> None:
         if s.method not in ("lossless", "magnitude", "magnitude-scaled", "lowrank", "auto")
     ]
     assert all(len(s.seeds) == 3 for s in seeded if s.method != "nps")
+
+
+def test_sizes_of_different_formats_are_not_compared() -> None:
+    """A partial re-measure leaves rows of an older format beside today's: a point meets only
+    rivals whose sizes are of its own format, and older points say which format they are."""
+
+    def fmt(r: dict[str, Any], version: int | None) -> dict[str, Any]:
+        return {**r, "format_version": version} if version else r
+
+    rows = [
+        # today's DARE re-measured: 0.016 bits/param smaller than its old self
+        *(
+            fmt(row("dare", "dare", 0.02, 0.057, a, s), 6)
+            for s, a in enumerate((0.79, 0.80, 0.795))
+        ),
+        # format 5 rows of both families, as they were measured
+        *(
+            fmt(row("hybrid", "hybrid", 0.015, 0.063, a, s), None)
+            for s, a in enumerate((0.77, 0.78, 0.775))
+        ),
+        *(
+            fmt(row("dare", "dare", 0.015, 0.063, a, s), None)
+            for s, a in enumerate((0.77, 0.78, 0.776))
+        ),
+    ]
+    got = {(p.label, None if r is None else r.label): v for p, r, v in front_comparison(rows)}
+    assert got == {
+        # not against the cheaper format-6 DARE point, which it would "lose" to by format alone
+        ("hybrid 0.015/4 ×3 (format ≤ 5)", "dare 0.015/4 ×3 (format ≤ 5)"): "within spread",
+        ("dare 0.02/4 ×3", None): "no rival of its format stores as little",
+        ("dare 0.015/4 ×3 (format ≤ 5)", "hybrid 0.015/4 ×3 (format ≤ 5)"): "within spread",
+    }
+    # one format throughout: labels and wording as before
+    same = [fmt(r, 6) for r in rows]
+    assert {p.label for p, _, _ in front_comparison(same)} == {
+        "dare 0.02/4 ×3",
+        "hybrid 0.015/4 ×3",
+        "dare 0.015/4 ×3",
+    }
