@@ -33,7 +33,8 @@ test: $(STAMP) system-deps
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# Every fixture's recipe and table (hours on two cores; each step resumes where it stopped):
+# Every fixture's recipe and table (hours on two cores; fixtures are cached in
+# $SLIM_BENCH_CACHE and the fidelity grids resume from the rows they have):
 # full fine-tunes (fp32, their bf16 casts, one trained under bf16 autocast), LoRA adapters,
 # a causal LM, and lossless on bf16 against ZipNN and lmz.
 bench: $(STAMP)
