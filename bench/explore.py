@@ -196,8 +196,13 @@ def explore_points(args: argparse.Namespace) -> None:
             precision=args.precision,
         )
     with open(RESULTS / "explore-points.jsonl", "a") as f:
-        for row in result["rows"]:
-            f.write(json.dumps({"task": result["task"], **row}) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in point_rows(result))
+
+
+def point_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """``run_task``'s rows, each keyed by the result's task (a row names the task alone; the
+    result's key also names the precision: ``"wordnet_nouns (bf16 cast)"``)."""
+    return [{**row, "task": result["task"]} for row in result["rows"]]
 
 
 def main(argv: list[str] | None = None) -> None:
