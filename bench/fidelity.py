@@ -612,7 +612,7 @@ class Point:
     label: str
     bpp: float
     accs: tuple[float, ...]
-    #: the delta format its sizes are of (None: rows from before rows recorded it, format ≤ 5)
+    #: the delta format its sizes are of (None: rows from before rows recorded it, :func:`format_name`)
     format_version: int | None = None
 
     @property
@@ -635,7 +635,7 @@ class Point:
             f"{name} ×{len(rows)}",
             statistics.median(r["bits_per_param"] for r in rows),
             tuple(r["test_accuracy"] for r in rows),
-            max((r.get("format_version") or 0 for r in rows), default=0) or None,
+            max(r.get("format_version") or 0 for r in rows) or None,
         )
 
 
@@ -656,14 +656,14 @@ def front_comparison(rows: list[dict[str, Any]]) -> list[tuple[Point, Point | No
     where a section holds rows of several formats (a partial re-measure), each point meets the
     rivals of its own format, and points of older formats say which they are."""
     formats = {r.get("format_version") for r in rows}
+    mixed, newest = len(formats) > 1, max(f or 0 for f in formats) or None
     nps: list[Point] = []
     base: list[Point] = []
     for key, rs in _group(rows):
         method = rs[0]["method"]
         pt = Point.of(key, rs)
-        if len(formats) > 1 and pt.format_version != max(f or 0 for f in formats):
-            shown = f"format {pt.format_version}" if pt.format_version else "format ≤ 5"
-            pt = replace(pt, label=f"{pt.label} ({shown})")
+        if pt.format_version != newest:
+            pt = replace(pt, label=f"{pt.label} ({format_name(pt.format_version)})")
         if not FRONT_RANGE[0] <= pt.bpp <= FRONT_RANGE[1]:
             continue
         if method in CANDIDATES and not key[0].startswith("auto"):
@@ -680,7 +680,7 @@ def front_comparison(rows: list[dict[str, Any]]) -> list[tuple[Point, Point | No
         for p in sorted(mine, key=lambda p: p.bpp):
             rival = best(rivals, p)
             if rival is None:
-                alone = "no rival of its format" if len(formats) > 1 else "no rival"
+                alone = "no rival of its format" if mixed else "no rival"
                 out.append((p, None, f"{alone} stores as little"))
             else:
                 out.append((p, rival, verdict(rival, p) if flip else verdict(p, rival)))
@@ -783,12 +783,16 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def format_name(version: int | None) -> str:
+    """How the report names a row's delta format (rows from before rows recorded it: ≤ 5)."""
+    return f"format {version}" if version else "format 5 or earlier"
+
+
 def _formats(rows: list[dict[str, Any]]) -> str:
     """Which delta formats a section's sizes are of (``docs/format.md``)."""
     counts: dict[str, int] = {}
     for r in rows:
-        v = r.get("format_version")
-        name = f"format {v}" if v else "format 5 or earlier"
+        name = format_name(r.get("format_version"))
         counts[name] = counts.get(name, 0) + 1
     if len(counts) == 1:
         return next(iter(counts))

@@ -145,9 +145,15 @@ def test_sizes_of_different_formats_are_not_compared() -> None:
     got = {(p.label, None if r is None else r.label): v for p, r, v in front_comparison(rows)}
     assert got == {
         # not against the cheaper format-6 DARE point, which it would "lose" to by format alone
-        ("hybrid 0.015/4 ×3 (format ≤ 5)", "dare 0.015/4 ×3 (format ≤ 5)"): "within spread",
+        (
+            "hybrid 0.015/4 ×3 (format 5 or earlier)",
+            "dare 0.015/4 ×3 (format 5 or earlier)",
+        ): "within spread",
         ("dare 0.02/4 ×3", None): "no rival of its format stores as little",
-        ("dare 0.015/4 ×3 (format ≤ 5)", "hybrid 0.015/4 ×3 (format ≤ 5)"): "within spread",
+        (
+            "dare 0.015/4 ×3 (format 5 or earlier)",
+            "hybrid 0.015/4 ×3 (format 5 or earlier)",
+        ): "within spread",
     }
     # one format throughout: labels and wording as before
     same = [fmt(r, 6) for r in rows]
